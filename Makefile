@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each creates .venv and installs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+# glibc's allocator returns freed pages to the OS after every big free; small-CNN training then spends
+# up to half its CPU time in page faults. Keeping the pages (documented in docs/troubleshooting.md)
+# makes CPU training about 2x faster. Benchmarks state the allocator they ran with.
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
+export WANDB_MODE ?= disabled
+
+.PHONY: install data demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package when we are root with apt; otherwise the data module
+# looks in data_dir / LBO_DATA_DIR and explains how to get the files.
+data: $(STAMP)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "apt-get could not install dataset-fashion-mnist; see README.md for other ways to get the data"; \
+	fi
+	$(VENV)/bin/lbo data
+
+demo: data
+	$(VENV)/bin/lbo compare $(DEMO_ARGS)
+
+test: data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_lbo tests benchmarks examples
+
+bench: data
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs lbo_runs

@@ -1,0 +1,1 @@
+"""Hessian spectrum tools: HVPs, top eigenvalues, trace, density (pure torch)."""

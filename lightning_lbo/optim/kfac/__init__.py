@@ -1,0 +1,1 @@
+"""K-FAC / SP-NGD natural-gradient preconditioner and optimizer (pure torch)."""

@@ -9,16 +9,17 @@ check :func:`capture_paused` (a Python bool, no device sync) before recording an
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_state = threading.local()
+# Process-wide, not thread-local: on GPUs autograd runs backward hooks in its own device threads,
+# which must see the pause set by the thread that called backward.
+_depth = 0
 
 
 def capture_paused() -> bool:
-    """True inside a :func:`curvature_capture_paused` block (of this thread)."""
-    return getattr(_state, "depth", 0) > 0
+    """True inside a :func:`curvature_capture_paused` block."""
+    return _depth > 0
 
 
 @contextmanager
@@ -30,8 +31,9 @@ def curvature_capture_paused() -> Iterator[None]:
         with curvature_capture_paused():
             model(batch)  # K-FAC hooks record nothing here
     """
-    _state.depth = getattr(_state, "depth", 0) + 1
+    global _depth
+    _depth += 1
     try:
         yield
     finally:
-        _state.depth -= 1
+        _depth -= 1

@@ -11,7 +11,7 @@ It is also the reference implementation of the small contract lightning_lbo's ca
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
 from lightning_lbo.models import build_model
 
 #: Called with the LightningModule inside ``configure_optimizers``; returns anything
@@ -27,15 +27,17 @@ from lightning_lbo.models import build_model
 OptimizerFactory = Callable[[nn.Module], Any]
 
 
+def _momentum_sgd(module: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), **kwargs)
+
+
 def sgd_factory(lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
                 ) -> OptimizerFactory:
-    """Momentum SGD over all parameters: the default optimizer factory."""
+    """Momentum SGD over all parameters: the default optimizer factory.
 
-    def factory(module: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov)
-
-    return factory
+    A ``functools.partial`` of a module-level function, so the module pickles (``ddp_spawn``).
+    """
+    return partial(_momentum_sgd, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 @lru_cache(maxsize=None)
@@ -114,8 +116,7 @@ def classifier_module_class(package: str = PYTORCH_LIGHTNING) -> type:
         def configure_callbacks(self) -> list[Any]:
             return list(self.extra_callbacks)
 
-    ClassifierModule.__module__ = __name__
-    return ClassifierModule
+    return publish_per_package(ClassifierModule, __name__, package)
 
 
 ClassifierModule = classifier_module_class(PYTORCH_LIGHTNING)

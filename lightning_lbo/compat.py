@@ -69,3 +69,18 @@ def callback_bases() -> tuple[type, ...]:
     """``Callback`` of every installed distribution, to derive a callback usable by both Trainers."""
     return tuple(lightning_package(name).Callback for name in available_packages())
 
+
+
+def publish_per_package(cls: type, module_name: str, package: str) -> type:
+    """Give a class built by a per-package factory a module-level name, so pickle (``ddp_spawn``) finds it.
+
+    The ``pytorch_lightning`` class keeps its plain name; the ``lightning.pytorch`` one is published
+    as ``<Name>_lightning_pytorch`` in the same module (its ``__name__`` stays plain for reprs).
+    """
+    import sys
+
+    suffix = "" if package == PYTORCH_LIGHTNING else "_" + package.replace(".", "_")
+    cls.__module__ = module_name
+    cls.__qualname__ = cls.__name__ + suffix
+    setattr(sys.modules[module_name], cls.__qualname__, cls)
+    return cls

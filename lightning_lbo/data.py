@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -261,8 +261,7 @@ def fashion_mnist_datamodule_class(package: str = PYTORCH_LIGHTNING) -> type:
         def test_dataloader(self) -> DataLoader:
             return tensor_loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    FashionMNISTDataModule.__module__ = __name__
-    return FashionMNISTDataModule
+    return publish_per_package(FashionMNISTDataModule, __name__, package)
 
 
 FashionMNISTDataModule = fashion_mnist_datamodule_class(PYTORCH_LIGHTNING)

@@ -1,0 +1,281 @@
+"""K-FAC curvature sync over ``torch.distributed``: the communicator installed under DDP.
+
+Data-parallel K-FAC (Osawa et al. 2019, arXiv 1811.12019; Pauloski et al. "KAISA", SC'21) lets every
+rank estimate Kronecker factors on its own micro-batch and *averages* them, exactly as DDP averages
+gradients: with ``N`` ranks of batch ``B/N`` the averaged factors equal the factors of one process
+with batch ``B`` (for per-example-mean factors). This module implements the four collectives of
+:class:`~lightning_lbo.optim.kfac.comm.Communicator` with ``torch.distributed``:
+
+* :meth:`TorchDistributedCommunicator.reduce_factors` copies factors into flat buckets of
+  ``bucket_cap_mb`` and launches one ``all_reduce`` per full bucket, asynchronously (``async_op=True``)
+  or blocking (the plain-``ddp`` correctness path). A symmetric ``n x n`` factor travels as its packed
+  upper triangle, ``n (n + 1) / 2`` numbers instead of ``n^2`` (``torch.triu_indices``); it is unpacked
+  into both triangles and divided by the world size in :meth:`~TorchDistributedCommunicator.wait`.
+* :meth:`~TorchDistributedCommunicator.assign` is :func:`greedy_assignment`: static greedy
+  longest-processing-time scheduling of inverse work on its cost (``n^3``); pure, so every rank
+  computes the same owners without talking.
+* :meth:`~TorchDistributedCommunicator.broadcast` moves inverses (grad-worker fraction 1) or
+  preconditioned gradients (fraction ``1/world``) from their owner to every rank, one flat buffer
+  per call.
+* :meth:`~TorchDistributedCommunicator.all_min` is the collective decision (logical AND of flags).
+
+Every collective is counted in :attr:`TorchDistributedCommunicator.stats` (payload bytes per rank),
+which ``benchmarks/kfac_comm.py`` reads. No Lightning import: the strategy in
+:mod:`lightning_lbo.strategies.ddp_kfac` builds the communicator, and :func:`ensure_communicator`
+installs a synchronous one for plain ``strategy="ddp"``.
+
+Example::
+
+    dist.init_process_group("gloo")
+    comm = TorchDistributedCommunicator(bucket_cap_mb=25, async_op=True)
+    comm.reduce_factors([A1, A2], symmetric=True)   # returns at once
+    ...                                              # backward runs meanwhile
+    comm.wait()                                      # A1, A2 now hold the averages over ranks
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_lbo.optim.kfac.comm import Communicator
+
+
+def greedy_assignment(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each work item by greedy longest-processing-time (LPT) scheduling.
+
+    Items are taken in decreasing cost (ties: lower index first) and each goes to the rank with the
+    least load so far (ties: lower rank). LPT is within 4/3 of the optimal makespan (Graham 1969).
+    The function is pure: ranks that pass the same costs get the same owners.
+
+    Args:
+        costs: non-negative cost of each item (e.g. ``n^3`` of a factor's inverse).
+        world_size: number of ranks.
+
+    Example::
+
+        >>> greedy_assignment([8.0, 1.0, 4.0, 4.0], world_size=2)
+        [0, 0, 1, 1]
+    """
+    if world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size}; need at least 1 rank.")
+    costs = [float(c) for c in costs]
+    bad = [c for c in costs if not math.isfinite(c) or c < 0]
+    if bad:
+        raise ValueError(f"Invalid costs {bad}: each cost must be finite and non-negative.")
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[item] = rank
+        loads[rank] += costs[item]
+    return owners
+
+
+_TRIANGLES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def triangle_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear indices ``(upper, lower)`` of the upper triangle of an ``n x n`` matrix and its mirror.
+
+    ``matrix.view(-1)[upper]`` is the packed upper triangle (row-major, diagonal included) and
+    ``lower`` holds the transposed positions, so writing the packed values at both restores a
+    symmetric matrix. Cached per size and device.
+    """
+    key = (n, torch.device(device))
+    if key not in _TRIANGLES:
+        rows, cols = torch.triu_indices(n, n, device=device)
+        _TRIANGLES[key] = (rows * n + cols, cols * n + rows)
+    return _TRIANGLES[key]
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """Packed upper triangle ``[n (n + 1) / 2]`` of a square matrix ``[n, n]`` (a new tensor)."""
+    upper, _ = triangle_indices(matrix.shape[0], matrix.device)
+    return matrix.reshape(-1).index_select(0, upper)
+
+
+def unpack_symmetric_(matrix: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Write a packed upper triangle into both triangles of ``matrix`` ``[n, n]`` in place."""
+    upper, lower = triangle_indices(matrix.shape[0], matrix.device)
+    flat = matrix.view(-1)
+    flat.index_copy_(0, upper, packed)
+    flat.index_copy_(0, lower, packed)
+    return matrix
+
+
+def _is_square(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[0] == t.shape[1]
+
+
+@dataclass
+class CommStats:
+    """Payload bytes of curvature traffic per rank (the message size each collective carries).
+
+    A ring all-reduce moves about ``2 (N - 1) / N`` times its payload over each rank's link; the
+    payload is what packing and staleness reduce, so it is what is counted.
+    """
+
+    factor_bytes: int = 0  #: bytes all-reduced for factors (packed when symmetric)
+    factor_dense_bytes: int = 0  #: bytes the same reductions would carry as full matrices
+    factor_reductions: int = 0  #: all_reduce calls (buckets) for factors
+    broadcast_bytes: int = 0  #: bytes of inverses / preconditioned gradients broadcast
+    decision_bytes: int = 0  #: bytes of all_min decisions
+
+    @property
+    def total_bytes(self) -> int:
+        return self.factor_bytes + self.broadcast_bytes + self.decision_bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total_bytes": self.total_bytes}
+
+
+class _Bucket:
+    """Factors waiting to be sent together: destinations, whether packed, and their payloads."""
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[torch.Tensor, bool]] = []
+        self.payloads: list[torch.Tensor] = []
+        self.nbytes = 0
+
+
+class TorchDistributedCommunicator(Communicator):
+    """:class:`Communicator` over a ``torch.distributed`` process group.
+
+    Args:
+        group: process group of the ranks that share curvature (default: the world). The strategy
+            passes a dedicated group so factor traffic never interleaves with DDP's gradient buckets.
+        bucket_cap_mb: a bucket is sent once it holds at least this many MiB (like DDP's
+            ``bucket_cap_mb``); ``0`` sends each factor on its own.
+        async_op: launch reductions without blocking (completed in :meth:`wait`); ``False`` reduces
+            synchronously inside :meth:`reduce_factors` (used under plain ``strategy="ddp"``).
+        pack_symmetric: send symmetric factors as packed upper triangles.
+        grad_worker_fraction: fraction of ranks that precondition each layer (KAISA). ``1.0``: the
+            owner broadcasts inverses and every rank preconditions; ``1 / world_size``: the owner
+            preconditions its layers and broadcasts the result. Read by the K-FAC preconditioner.
+
+    Example::
+
+        comm = TorchDistributedCommunicator(group=dist.new_group(), grad_worker_fraction=1.0)
+        kfac.set_communicator(comm)
+    """
+
+    def __init__(self, group: Any = None, bucket_cap_mb: float = 25.0, async_op: bool = True,
+                 pack_symmetric: bool = True, grad_worker_fraction: float = 1.0) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("TorchDistributedCommunicator needs an initialized process group: "
+                               "call torch.distributed.init_process_group first (Lightning's DDP strategies do).")
+        if not bucket_cap_mb >= 0 or not math.isfinite(bucket_cap_mb):
+            raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb}; use a finite size >= 0 (MiB).")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if not 0.0 < grad_worker_fraction <= 1.0:
+            raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction}; use 1.0 (every rank "
+                             f"preconditions) or 1/world_size = {1 / self.world_size:g} (owners precondition).")
+        grad_workers = max(1, round(grad_worker_fraction * self.world_size))
+        if grad_workers not in (1, self.world_size):
+            raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction} with world size {self.world_size}; "
+                             f"supported: 1.0 or 1/world_size = {1 / self.world_size:g}.")
+        self.grad_worker_fraction = grad_workers / self.world_size
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.async_op = async_op
+        self.pack_symmetric = pack_symmetric
+        self.stats = CommStats()
+        self._pending: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
+        self._in_flight: list[tuple[Any, torch.Tensor, list[tuple[torch.Tensor, bool]]]] = []
+
+    @property
+    def owners_precondition(self) -> bool:
+        """True when each layer's owner preconditions its gradient and broadcasts the result."""
+        return self.world_size > 1 and self.grad_worker_fraction < 1.0
+
+    def _global_rank(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    # ---- factor averaging -------------------------------------------------------------------------------
+    def reduce_factors(self, factors: Sequence[torch.Tensor], symmetric: bool = True) -> None:
+        """Queue ``factors`` for averaging; full buckets are launched now (async) or reduced now (sync)."""
+        if self.world_size == 1:
+            return
+        for factor in factors:
+            packed = symmetric and self.pack_symmetric and _is_square(factor)
+            payload = pack_symmetric(factor) if packed else factor.reshape(-1)
+            bucket = self._pending.setdefault((factor.dtype, factor.device), _Bucket())
+            bucket.targets.append((factor, packed))
+            bucket.payloads.append(payload)
+            bucket.nbytes += payload.numel() * payload.element_size()
+            self.stats.factor_dense_bytes += factor.numel() * factor.element_size()
+            if bucket.nbytes >= self.bucket_cap_bytes:
+                self._launch(self._pending.pop((factor.dtype, factor.device)))
+        if not self.async_op:
+            self.wait()
+
+    def flush(self) -> None:
+        """Launch every partly filled bucket now (e.g. right after the forward, to overlap the backward)."""
+        for key in list(self._pending):
+            self._launch(self._pending.pop(key))
+
+    def _launch(self, bucket: _Bucket) -> None:
+        buffer = torch.cat(bucket.payloads) if len(bucket.payloads) > 1 else bucket.payloads[0].clone()
+        self.stats.factor_bytes += bucket.nbytes
+        self.stats.factor_reductions += 1
+        work = dist.all_reduce(buffer, group=self.group, async_op=self.async_op)
+        self._in_flight.append((work, buffer, bucket.targets))
+
+    def wait(self) -> None:
+        """Send what is still queued, wait for every reduction, write the averages into the factors."""
+        self.flush()
+        in_flight, self._in_flight = self._in_flight, []
+        for work, buffer, targets in in_flight:
+            if work is not None:
+                work.wait()
+            buffer.div_(self.world_size)
+            offset = 0
+            for factor, packed in targets:
+                numel = factor.shape[0] * (factor.shape[0] + 1) // 2 if packed else factor.numel()
+                chunk = buffer[offset:offset + numel]
+                offset += numel
+                if packed:
+                    unpack_symmetric_(factor, chunk)
+                else:
+                    factor.copy_(chunk.view_as(factor))
+
+    # ---- work assignment, broadcast, decisions -----------------------------------------------------------
+    def assign(self, costs: Sequence[float]) -> list[int]:
+        """Owners by :func:`greedy_assignment` (pure: identical on every rank for identical costs)."""
+        return greedy_assignment(costs, self.world_size)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> None:
+        """Overwrite ``tensors`` with rank ``src``'s values; tensors of one dtype/device travel as one buffer."""
+        if self.world_size == 1 or not tensors:
+            return
+        if not 0 <= src < self.world_size:
+            raise ValueError(f"Invalid src: {src}; ranks are 0..{self.world_size - 1}.")
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for same in groups.values():
+            buffer = torch.cat([t.reshape(-1) for t in same]) if len(same) > 1 else same[0].reshape(-1).clone()
+            self.stats.broadcast_bytes += buffer.numel() * buffer.element_size()
+            dist.broadcast(buffer, src=self._global_rank(src), group=self.group)
+            offset = 0
+            for t in same:
+                t.copy_(buffer[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum over ranks, in place (bool flags become their logical AND)."""
+        if self.world_size == 1:
+            return tensor
+        work = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+        self.stats.decision_bytes += work.numel() * work.element_size()
+        dist.all_reduce(work, op=dist.ReduceOp.MIN, group=self.group)
+        if work is not tensor:
+            tensor.copy_(work.bool())
+        return tensor

@@ -279,3 +279,42 @@ class TorchDistributedCommunicator(Communicator):
         if work is not tensor:
             tensor.copy_(work.bool())
         return tensor
+
+
+# ---- glue for the Lightning layer (strategy and plain-DDP fallback); no Lightning import ---------------------
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flatten(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip(".")))
+    return out
+
+
+def verify_same_signature(signature: Any, group: Any = None) -> None:
+    """Gather ``signature`` (a picklable description of K-FAC's layers and settings) from every rank.
+
+    Raises on every rank if any rank differs from rank 0, naming the rank and the differing keys:
+    a rank with other layers or intervals would otherwise wait forever in a later collective.
+    No-op without an initialized process group.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, signature, group=group)
+    reference = _flatten(gathered[0])
+    problems = []
+    for rank, other in enumerate(gathered[1:], start=1):
+        theirs = _flatten(other)
+        for key in sorted(set(reference) | set(theirs)):
+            mine, their = reference.get(key, "<missing>"), theirs.get(key, "<missing>")
+            if mine != their:
+                problems.append(f"rank {rank} has {key} = {their!r} where rank 0 has {mine!r}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise RuntimeError(f"K-FAC is configured differently across ranks: {shown}. Every rank must build the "
+                           "same model, the same K-FAC layers (exclusions) and the same hyperparameters.")

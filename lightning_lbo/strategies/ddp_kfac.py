@@ -1,0 +1,137 @@
+"""``ddp_kfac``: Lightning's DDP strategy plus K-FAC curvature sync (KAISA-style), for both Lightning packages.
+
+DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. After the
+optimizers are set up it
+
+1. binds K-FAC optimizers built from ``params`` alone (LightningCLI) to the LightningModule;
+2. checks that every rank registered the same layers and settings (an ``all_gather_object`` of a
+   signature) and fails with the differing rank and key instead of hanging in a later collective;
+3. installs a :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a
+   dedicated process group: factors are all-reduced asynchronously in buckets as packed triangles,
+   inverse work is assigned by greedy LPT on ``n^3``, and ``grad_worker_fraction`` chooses between
+   broadcasting inverses (``1.0``) and broadcasting preconditioned gradients from one owner per layer
+   (``1 / world_size``);
+4. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA).
+
+Registered as ``"ddp_kfac"`` (subprocess launch, like ``"ddp"``) and ``"ddp_kfac_spawn"``. Multi-node
+runs are Lightning's: ``num_nodes`` with torchrun or SLURM environments, detected as for ``"ddp"``.
+
+Example::
+
+    trainer = Trainer(strategy="ddp_kfac", accelerator="gpu", devices=8, num_nodes=4)
+    trainer = Trainer(strategy=KFACDDPStrategy(grad_worker_fraction=0.125, bucket_cap_mb=50), devices=8)
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Any
+
+import torch.distributed as dist
+from typing_extensions import override
+
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
+
+STRATEGY_NAME = "ddp_kfac"
+SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
+
+
+@cache
+def kfac_ddp_strategy_class(package: str = PYTORCH_LIGHTNING) -> type:
+    """The ``KFACDDPStrategy`` class built on ``package``'s ``DDPStrategy`` (one class per package)."""
+    pl = lightning_package(package)
+    register_ddp_comm_hook = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
+    fitting = pl.trainer.states.TrainerFn.FITTING
+
+    class KFACDDPStrategy(pl.strategies.DDPStrategy):
+        """DDP with K-FAC curvature sync: async bucketed factor averaging, LPT inverse assignment.
+
+        Args:
+            grad_worker_fraction: fraction of ranks that precondition each layer. ``1.0``: the
+                owner of a layer broadcasts its inverses, every rank preconditions (more memory,
+                less communication per step); ``1 / world_size``: the owner preconditions and
+                broadcasts the preconditioned gradient (KAISA's memory-optimal end).
+            bucket_cap_mb: size of a factor all-reduce bucket in MiB.
+            async_factors: launch factor reductions without blocking, waited on before inversion.
+            pack_symmetric: send symmetric factors as packed upper triangles.
+            **kwargs: everything :class:`DDPStrategy` takes (``ddp_comm_hook``, ``start_method``,
+                ``process_group_backend``, ``find_unused_parameters``, ...).
+
+        Example::
+
+            Trainer(strategy=KFACDDPStrategy(grad_worker_fraction=1.0), devices=2, num_nodes=2)
+        """
+
+        strategy_name = STRATEGY_NAME
+
+        def __init__(self, *args: Any, grad_worker_fraction: float = 1.0, bucket_cap_mb: float = 25.0,
+                     async_factors: bool = True, pack_symmetric: bool = True, **kwargs: Any) -> None:
+            if not 0.0 < grad_worker_fraction <= 1.0:
+                raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction}; use 1.0 (every rank "
+                                 "preconditions) or 1/world_size (each layer's owner preconditions).")
+            if not bucket_cap_mb >= 0:
+                raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb}; use a size >= 0 in MiB.")
+            super().__init__(*args, **kwargs)
+            self.grad_worker_fraction = grad_worker_fraction
+            self.bucket_cap_mb = bucket_cap_mb
+            self.async_factors = async_factors
+            self.pack_symmetric = pack_symmetric
+            self.communicator: Any = None  # TorchDistributedCommunicator once set up
+            self._curvature_group: Any = None
+
+        @override
+        def _register_ddp_hooks(self) -> None:
+            # Lightning registers comm hooks only on CUDA; DDP itself supports them on gloo as well.
+            if self._ddp_comm_hook is not None:
+                register_ddp_comm_hook(model=self.model, ddp_comm_state=self._ddp_comm_state,
+                                       ddp_comm_hook=self._ddp_comm_hook, ddp_comm_wrapper=self._ddp_comm_wrapper)
+
+        @override
+        def setup(self, trainer: Any) -> None:
+            super().setup(trainer)
+            if trainer.state.fn == fitting:
+                self.setup_curvature_sync()
+
+        def setup_curvature_sync(self) -> None:
+            """Bind, verify and connect every K-FAC optimizer of the LightningModule (all ranks call it)."""
+            # Imported here so that `import lightning_lbo` (which registers this strategy) stays light.
+            from lightning_lbo.optim.kfac.distributed import (
+                TorchDistributedCommunicator,
+                bind_kfac,
+                find_kfac,
+                kfac_signature,
+                verify_same_signature,
+            )
+
+            preconditioners = find_kfac(self.optimizers)
+            for preconditioner in preconditioners:
+                bind_kfac(preconditioner, self.lightning_module)
+            settings = {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
+                        "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric}
+            signature = {"strategy": settings, "kfac": [kfac_signature(p) for p in preconditioners]}
+            verify_same_signature(signature)
+            if not preconditioners or not dist.is_initialized():
+                return
+            if self._curvature_group is None:
+                # K-FAC's own group: its collectives never interleave with DDP's gradient buckets.
+                self._curvature_group = dist.new_group(backend=dist.get_backend())
+            self.communicator = TorchDistributedCommunicator(
+                group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
+                pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction)
+            for preconditioner in preconditioners:
+                preconditioner.set_communicator(self.communicator)
+
+        @classmethod
+        @override
+        def register_strategies(cls, strategy_registry: Any) -> None:
+            for name, start_method in ((STRATEGY_NAME, "popen"), (SPAWN_STRATEGY_NAME, "spawn")):
+                if name not in strategy_registry:
+                    strategy_registry.register(
+                        name, cls, start_method=start_method,
+                        description=f"DDP with K-FAC curvature sync (lightning_lbo), start_method '{start_method}'")
+
+    return publish_per_package(KFACDDPStrategy, __name__, package)
+
+
+KFACDDPStrategy = kfac_ddp_strategy_class(PYTORCH_LIGHTNING)

@@ -1,0 +1,37 @@
+"""KFACDDPStrategy: registration in both packages, and 2-process / 2-node training equal to 1 process."""
+
+from __future__ import annotations
+
+import pytest
+
+import lightning_lbo
+from lightning_lbo.strategies import register_strategies
+from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
+from tests.helpers.ddp import REPO_ROOT, run_script  # noqa: F401  (used by the 2-process tests below)
+
+SCRIPTS = REPO_ROOT / "tests" / "scripts"
+
+
+def test_ddp_kfac_registered_in_both_packages(pl_package, tmp_path):
+    """`ddp_kfac` and `ddp_kfac_spawn` resolve to the package's own KFACDDPStrategy; registering again is a no-op."""
+    register_strategies()  # idempotent: lightning_lbo's import already registered them
+    lightning_lbo.strategies.register_strategies()
+    cls = kfac_ddp_strategy_class(pl_package.__name__)
+    assert issubclass(cls, pl_package.strategies.DDPStrategy)
+    registry = pl_package.strategies.StrategyRegistry
+    assert registry["ddp_kfac"]["strategy"] is cls and registry["ddp_kfac_spawn"]["strategy"] is cls
+    assert registry["ddp_kfac_spawn"]["init_params"]["start_method"] == "spawn"
+    trainer = pl_package.Trainer(strategy="ddp_kfac", accelerator="cpu", devices=2, logger=False,
+                                 default_root_dir=str(tmp_path))
+    assert type(trainer.strategy) is cls and trainer.strategy._start_method == "popen"
+    strategy = cls(grad_worker_fraction=0.5, bucket_cap_mb=1.0, start_method="spawn")
+    assert strategy.grad_worker_fraction == 0.5 and strategy._start_method == "spawn"
+
+
+def test_ddp_kfac_rejects_bad_settings():
+    """Invalid knobs fail at construction with the accepted values in the message."""
+    cls = kfac_ddp_strategy_class()
+    with pytest.raises(ValueError, match="grad_worker_fraction"):
+        cls(grad_worker_fraction=1.5)
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        cls(bucket_cap_mb=-1)

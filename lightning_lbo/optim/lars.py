@@ -1,0 +1,254 @@
+r"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017, arXiv 1708.03888), LARC clip mode.
+
+Algorithm 1 of the paper, per layer (parameter tensor) :math:`l` with weight :math:`w`, gradient :math:`g`,
+trust coefficient :math:`\eta`, weight decay :math:`\beta`, momentum :math:`m`, global LR :math:`\gamma_t`:
+
+.. math::
+
+    \lambda_l = \eta \frac{\lVert w_l \rVert}{\lVert g_l \rVert + \beta \lVert w_l \rVert + \epsilon}, \qquad
+    v_l \leftarrow m v_l + \gamma_t \lambda_l (g_l + \beta w_l), \qquad w_l \leftarrow w_l - v_l
+
+``momentum_form="paper"`` is exactly this (LR inside the momentum buffer). ``momentum_form="pytorch"``
+(the default, like ``torch.optim.SGD`` and most PyTorch LARS code) keeps the LR outside:
+:math:`v \leftarrow m v + \lambda (g + \beta w)`, :math:`w \leftarrow w - \gamma_t v`. The two agree while the LR
+is constant; when it changes the PyTorch form applies the new LR to the whole buffer (Goyal et al.'s
+momentum correction), the paper form only to new gradients. Nesterov: ``w -= gamma (lambda d + m v)``
+(PyTorch form) or ``w -= m v + gamma lambda d`` (paper form), with ``d = g + beta w``.
+
+Differences from the paper: an ``eps`` in the denominator; the ratio is 1 when ``||w|| = 0`` or
+``||g|| = 0`` (MLPerf reference); ``clip=True`` is NVIDIA's LARC: the effective LR is
+``min(gamma * lambda / gamma, 1) * gamma = min(lambda, gamma)``.
+
+Param-group switches (as produced by :mod:`lightning_lbo.param_groups`): ``weight_decay`` (float) and
+``lars_adapt`` (bool; ``False`` gives ratio 1, i.e. plain momentum SGD, for biases and norm layers).
+
+:class:`LAMB` (You et al. 2019) lives in :mod:`lightning_lbo.optim.lamb` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lbo.optim._step_utils import (
+    check_momentum,
+    check_non_negative,
+    finite_mask,
+    group_by_device_and_dtype,
+    lars_trust_ratio,
+    masked,
+    params_with_grads,
+    skip_counters,
+    total_nonfinite_skips,
+    use_foreach,
+)
+
+__all__ = ["LARS", "MomentumForm", "lars"]
+
+
+class MomentumForm(str, Enum):
+    """Where the learning rate enters the momentum update."""
+
+    PYTORCH = "pytorch"  # v = m v + ratio d;        w -= lr v
+    PAPER = "paper"  # v = m v + lr ratio d;     w -= v   (You et al. 2017, Algorithm 1)
+
+    @classmethod
+    def parse(cls, value: str | MomentumForm) -> MomentumForm:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"Invalid momentum_form: {value!r}. Supported: {tuple(m.value for m in cls)}.") from None
+
+
+class LARS(torch.optim.Optimizer):
+    """Momentum SGD with a per-tensor trust ratio (LARS), optionally LARC-clipped.
+
+    Args:
+        params: parameters or param groups (groups may set ``weight_decay`` and ``lars_adapt``).
+        lr: global learning rate :math:`\\gamma`.
+        momentum: momentum :math:`m` in [0, 1).
+        weight_decay: :math:`\\beta`, added to the gradient and inside the trust ratio's denominator.
+        trust_coefficient: :math:`\\eta` (paper: 0.001).
+        eps: added to the ratio's denominator.
+        nesterov: Nesterov momentum.
+        momentum_form: ``"pytorch"`` (LR outside the buffer) or ``"paper"`` (LR inside).
+        clip: LARC clip mode, effective LR ``min(local_lr, lr)``.
+        lars_adapt: default of the per-group switch; ``False`` disables the trust ratio.
+        foreach: multi-tensor (``torch._foreach_*``) path; ``None`` picks it for plain tensors.
+
+    Non-finite gradients: that tensor's update is skipped (weights and momentum untouched), counted in
+    ``state[p]["nonfinite_skips"]``; :meth:`nonfinite_skips` sums the counters without a host sync.
+
+    Example::
+
+        from lightning_lbo import LARS
+        from lightning_lbo.param_groups import lars_param_groups  # biases/BN: no decay, no adaptation
+        opt = LARS(model.parameters(), lr=2.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=1e-3)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, nesterov: bool = False,
+                 momentum_form: str | MomentumForm = MomentumForm.PYTORCH, clip: bool = False,
+                 lars_adapt: bool = True, foreach: bool | None = None) -> None:
+        form = MomentumForm.parse(momentum_form)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps, nesterov=nesterov, momentum_form=form.value, clip=clip, lars_adapt=lars_adapt,
+                        foreach=foreach)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_non_negative("lr", group["lr"])
+        check_momentum(group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_non_negative("eps", group["eps"])
+        tc = group["trust_coefficient"]
+        if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not 0.0 < tc < float("inf"):
+            raise ValueError(f"Invalid trust_coefficient: {tc!r}; use a value > 0 (paper: 0.001), or set "
+                             "lars_adapt=False to turn the trust ratio off.")
+        MomentumForm.parse(group["momentum_form"])
+        if group["nesterov"] and group["momentum"] <= 0:
+            raise ValueError("Nesterov momentum requires momentum > 0; set momentum (e.g. 0.9) or nesterov=False.")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["momentum_form"] = MomentumForm.parse(group["momentum_form"]).value
+        self._check_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("momentum_form", MomentumForm.PYTORCH.value)
+            group.setdefault("clip", False)
+            group.setdefault("lars_adapt", True)
+            group.setdefault("foreach", None)
+
+    def nonfinite_skips(self) -> Tensor:
+        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
+        return total_nonfinite_skips(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LARS step; ``closure`` (re-evaluates the loss) runs once under ``torch.enable_grad()``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = params_with_grads(group, "LARS")
+            if not params:
+                continue
+            bufs = None
+            if group["momentum"] != 0:
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(state["momentum_buffer"])
+            lars(params, grads, bufs, skip_counters(self, params), lr=group["lr"], momentum=group["momentum"],
+                 weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
+                 nesterov=group["nesterov"], paper_form=group["momentum_form"] == MomentumForm.PAPER.value,
+                 clip=group["clip"], adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params))
+        return loss
+
+
+def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor], *,
+         lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+         nesterov: bool, paper_form: bool, clip: bool, adapt: bool, foreach: bool) -> None:
+    """Functional LARS update of ``params`` in place (see the module docstring for the formulas).
+
+    ``bufs`` are the momentum buffers (zeros at the first step; ``None`` when ``momentum == 0``);
+    ``skips`` the per-tensor non-finite counters.
+    """
+    fn = _multi_tensor_lars if foreach else _single_tensor_lars
+    fn(params, grads, bufs, skips, lr=lr, momentum=momentum, weight_decay=weight_decay,
+       trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, paper_form=paper_form, clip=clip,
+       adapt=adapt)
+
+
+def _coefficients(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentum: float, weight_decay: float,
+                  trust_coefficient: float, eps: float, paper_form: bool, clip: bool, adapt: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-tensor (elementwise over the norm tensors) coefficients, all finite and masked.
+
+    Returns ``(keep, d_coef, buf_decay, lr_out)``: ``buf = buf_decay * buf + d_coef * d`` and the step
+    is ``w -= lr_out * (buf or d)``; skipped tensors get ``d_coef = 0``, ``buf_decay = 1``, ``lr_out = 0``.
+    """
+    keep = finite_mask(w_norm, g_norm)
+    if adapt:
+        ratio = lars_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient, weight_decay=weight_decay,
+                                 eps=eps, lr=lr, clip=clip)
+    else:
+        ratio = torch.ones_like(w_norm)
+    zero = torch.zeros_like(ratio)
+    d_coef = torch.where(keep, ratio * lr if paper_form else ratio, zero)
+    buf_decay = torch.where(keep, torch.full_like(ratio, momentum), torch.ones_like(ratio))
+    lr_out = torch.where(keep, torch.ones_like(ratio) if paper_form else torch.full_like(ratio, 1.0) * lr, zero)
+    return keep, d_coef, buf_decay, lr_out
+
+
+def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor],
+                        *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
+                        eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool) -> None:
+    for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+        keep, d_coef, buf_decay, lr_out = _coefficients(
+            torch.linalg.vector_norm(w), torch.linalg.vector_norm(g), lr=lr, momentum=momentum,
+            weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
+            clip=clip, adapt=adapt)
+        skips[i].add_((~keep).to(skips[i].dtype))
+        d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+        d = masked(d, keep)
+        if bufs is None:
+            w.addcmul_(d, -(lr_out * d_coef))
+            continue
+        buf = bufs[i]
+        buf.mul_(buf_decay).addcmul_(d, d_coef)
+        if nesterov:
+            w.addcmul_(d, -(lr_out * d_coef))
+            w.addcmul_(buf, -(lr_out * momentum))
+        else:
+            w.addcmul_(buf, -lr_out)
+
+
+def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor],
+                       *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
+                       eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool) -> None:
+    lists = [params, grads, skips] + ([bufs] if bufs is not None else [])
+    for bucket in group_by_device_and_dtype(lists):
+        ws, gs, cs = bucket[0], bucket[1], bucket[2]
+        w_norm = torch.stack(torch._foreach_norm(ws))
+        g_norm = torch.stack(torch._foreach_norm(gs))
+        keep, d_coef, buf_decay, lr_out = _coefficients(
+            w_norm, g_norm, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form, clip=clip, adapt=adapt)
+        torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
+        ds = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else gs
+        # NaN-safe zeroing needs a select, not a multiply (0 * NaN = NaN)
+        ds = [masked(d, k) for d, k in zip(ds, keep.unbind(), strict=True)]
+        if bufs is None:
+            torch._foreach_addcmul_(ws, ds, list((-(lr_out * d_coef)).unbind()))
+            continue
+        bs = bucket[3]
+        torch._foreach_mul_(bs, list(buf_decay.unbind()))
+        torch._foreach_addcmul_(bs, ds, list(d_coef.unbind()))
+        if nesterov:
+            torch._foreach_addcmul_(ws, ds, list((-(lr_out * d_coef)).unbind()))
+            torch._foreach_addcmul_(ws, bs, list((-(lr_out * momentum)).unbind()))
+        else:
+            torch._foreach_addcmul_(ws, bs, list((-lr_out).unbind()))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LAMB":  # defined in its own file (one paper per file); importable from here as the API promises
+        from lightning_lbo.optim.lamb import LAMB
+
+        return LAMB
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

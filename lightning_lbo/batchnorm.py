@@ -1,0 +1,355 @@
+r"""Batch-norm statistics for evaluation without moving averages (pure torch, no Lightning).
+
+Two estimators of the ``running_mean`` / ``running_var`` a BatchNorm layer uses in eval mode:
+
+* **Last minibatches** (Akiba, Suzuki, Fukuda 2017, arXiv 1711.04325, section 3): use the statistics
+  of the last training minibatch(es), pooled over all workers, instead of exponential moving
+  averages. :class:`BatchNormMomentRecorder` keeps the per-channel moments of the last ``k``
+  training-mode forward passes of every BN layer (forward pre-hooks; no host sync).
+* **Precise BN** (the "precise BN" of Wu & Johnson 2021, arXiv 2105.07576): recompute the population
+  statistics of the BN inputs over ``N`` training batches with the current weights
+  (:func:`estimate_precise_stats`).
+
+Moments. For one layer with ``C`` channels and an input ``x`` of shape ``[B, C, *]`` the moments of
+a batch are ``(n, mean, m2)`` with ``n = x.numel() / C`` values per channel, ``mean`` ``[C]`` and
+``m2`` ``[C]`` the sum of squared deviations from ``mean``. Pooling batches ``i`` (Chan, Golub,
+LeVeque 1979):
+
+.. math::
+
+    N = \sum_i n_i, \qquad \mu = \frac{1}{N}\sum_i n_i \mu_i, \qquad
+    M_2 = \sum_i M_{2,i} + \sum_i n_i (\mu_i - \mu)^2,
+
+so ``M2 / N`` is the count-weighted mean of the batch variances plus the count-weighted variance of
+the batch means: Akiba's pooled variance, and exactly ``E[x^2] - E[x]^2`` over all values seen.
+(Cumulative averaging of per-batch variances, torch's ``momentum=None`` and ``update_bn``, keeps only
+the first term.) Across ranks the same pooling is done with two sum all-reduces over one flat buffer
+for all layers (:func:`reduce_moments`): counts and sums first, then ``M2`` about the global mean.
+
+Convention. torch stores the *unbiased* batch variance in ``running_var``. We install
+``running_var = M2 / (N - 1)`` with ``N`` the total count: the statistics are those a BN layer with
+``momentum=1`` would store after one batch holding all the pooled values. Accumulation is in
+float64 (float32 on MPS, which has no float64).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_lbo.capture import capture_paused, curvature_capture_paused
+
+#: Sums a tensor over all ranks and returns the result (``torch.distributed.all_reduce`` or a
+#: Lightning strategy's ``reduce(t, reduce_op="sum")``).
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def batchnorm_layers(module: nn.Module) -> list[_BatchNorm]:
+    """BatchNorm1d/2d/3d and SyncBatchNorm layers of ``module`` that keep running statistics."""
+    return [m for m in module.modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64, except on devices without it (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Per-channel ``(n, mean [C], m2 [C])`` of a BN input ``x`` of shape ``[B, C, *]``."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    n = x.numel() // x.shape[1]
+    return n, mean, var * n
+
+
+def pool_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pool ``K`` sets of moments: ``counts [K]``, ``means [K, C]``, ``m2s [K, C]`` -> ``(N, mean, M2)``."""
+    total = counts.sum()
+    weights = counts / total.clamp_min(1)
+    mean = (weights[:, None] * means).sum(0)
+    m2 = m2s.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+    return total, mean, m2
+
+
+def default_reduce_sum() -> ReduceSum | None:
+    """``torch.distributed`` all-reduce (sum) when a process group with several ranks exists, else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def reduce_sum(t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    return reduce_sum
+
+
+def reduce_moments(counts: Tensor, means: Sequence[Tensor], m2s: Sequence[Tensor], extra: Tensor,
+                   reduce_sum: ReduceSum | None) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    """Pool per-layer moments over ranks with two sum-reductions (one flat buffer each).
+
+    Args:
+        counts: ``[L]`` values per channel of each layer on this rank (0 for a layer not run).
+        means, m2s: per layer ``[C_l]``, this rank's pooled mean and M2.
+        extra: ``[E]`` numbers summed along (sample and batch counts).
+        reduce_sum: sums a tensor over ranks; None for a single process.
+
+    Returns:
+        Global ``counts [L]``, ``means``, ``m2s`` and the summed ``extra``.
+    """
+    if reduce_sum is None:
+        return counts, list(means), list(m2s), extra
+    sizes = [m.numel() for m in means]
+    first = reduce_sum(torch.cat([counts, extra, *[c * m for c, m in zip(counts, means)]]))
+    num_layers = counts.numel()
+    g_counts, g_extra = first[:num_layers], first[num_layers:num_layers + extra.numel()]
+    g_sums = first[num_layers + extra.numel():].split(sizes)
+    g_means = [s / c.clamp_min(1) for s, c in zip(g_sums, g_counts)]
+    # M2 of this rank about the global mean; summing these over ranks gives the global M2.
+    local = [m2 + c * (m - gm) ** 2 for m2, c, m, gm in zip(m2s, counts, means, g_means)]
+    g_m2s = list(reduce_sum(torch.cat(local)).split(sizes))
+    return g_counts, g_means, g_m2s, g_extra
+
+
+@dataclass
+class BatchNormStatistics:
+    """Pooled statistics for a list of BN layers, ready to install as their running statistics.
+
+    Attributes:
+        layers: the BN layers, in module order.
+        counts: ``[L]`` values per channel behind each layer's statistics (all ranks).
+        means, variances: per layer ``[C]``; ``variances`` is unbiased over the total count.
+        num_samples: examples (batch rows at the first BN layer) behind the statistics, all ranks.
+        num_batches: batches behind the statistics, summed over ranks.
+    """
+
+    layers: list[_BatchNorm]
+    counts: Tensor
+    means: list[Tensor]
+    variances: list[Tensor]
+    num_samples: int
+    num_batches: int
+    skipped: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_moments(cls, layers: list[_BatchNorm], counts: Tensor, means: list[Tensor], m2s: list[Tensor],
+                     num_samples: int, num_batches: int) -> BatchNormStatistics:
+        variances = [m2 / (c - 1).clamp_min(1) for m2, c in zip(m2s, counts)]
+        skipped = [i for i, c in enumerate(counts.tolist()) if c < 2]
+        return cls(layers, counts, means, variances, num_samples, num_batches, skipped)
+
+    @torch.no_grad()
+    def install(self) -> None:
+        """Copy into each layer's ``running_mean`` / ``running_var`` (layers with < 2 values are left as they are)."""
+        for i, (layer, mean, var) in enumerate(zip(self.layers, self.means, self.variances)):
+            if i not in self.skipped:
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+
+
+class BatchNormMomentRecorder:
+    """Forward pre-hooks that record per-channel moments of the inputs of BN layers in training mode.
+
+    Args:
+        layers: BN layers to watch (:func:`batchnorm_layers`).
+        window: keep only the last ``window`` batches of each layer (Akiba); None: pool every batch
+            into running float64 totals (precise BN).
+        ignore_paused: skip forward passes inside :func:`~lightning_lbo.capture.curvature_capture_paused`
+            (auxiliary passes of other callbacks are not training batches).
+
+    Hooks do no host sync: moments stay on the device; counts are Python ints read off shapes.
+
+    Example::
+
+        recorder = BatchNormMomentRecorder(batchnorm_layers(model), window=1).attach()
+        model(x)                       # training mode: moments recorded
+        recorder.statistics().install()
+    """
+
+    def __init__(self, layers: Sequence[_BatchNorm], window: int | None, ignore_paused: bool = True) -> None:
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"Invalid window: {window!r}; use a positive number of batches or None.")
+        self.layers = list(layers)
+        self.window = window
+        self.ignore_paused = ignore_paused
+        self._handles: list[Any] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        maxlen = self.window
+        # Window mode: per layer a deque of (n, mean, m2, rows). Total mode: [n, mean, m2, rows, batches].
+        self._recent: list[deque] = [deque(maxlen=maxlen) for _ in self.layers]
+        self._totals: list[list[Any]] = [[0, None, None, 0, 0] for _ in self.layers]
+
+    def attach(self) -> BatchNormMomentRecorder:
+        """Register the hooks (idempotent)."""
+        if not self._handles:
+            self._handles = [layer.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; recorded moments are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _make_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not module.training or (self.ignore_paused and capture_paused()):
+                return
+            x = args[0].detach()
+            n, mean, m2 = batch_moments(x)
+            if self.window is not None:
+                self._recent[index].append((n, mean, m2, x.shape[0]))
+            else:
+                self._accumulate(index, n, mean, m2, x.shape[0])
+        return hook
+
+    def _accumulate(self, index: int, n: int, mean: Tensor, m2: Tensor, rows: int) -> None:
+        total = self._totals[index]
+        dtype = accumulation_dtype(mean.device)
+        mean, m2 = mean.to(dtype), m2.to(dtype)
+        if total[1] is None:
+            total[:3] = [n, mean, m2]
+        else:
+            n_a, mean_a, m2_a = total[:3]
+            n_ab = n_a + n
+            delta = mean - mean_a
+            total[:3] = [n_ab, mean_a + delta * (n / n_ab), m2_a + m2 + delta ** 2 * (n_a * n / n_ab)]
+        total[3] += rows
+        total[4] += 1
+
+    def num_batches(self) -> int:
+        """Batches recorded at the first layer on this rank (within the window, if any)."""
+        if not self.layers:
+            return 0
+        return len(self._recent[0]) if self.window is not None else self._totals[0][4]
+
+    def _local(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[float, Tensor, Tensor, int]:
+        channels = self.layers[index].num_features
+        if self.window is not None and self._recent[index]:
+            entries = list(self._recent[index])
+            counts = torch.tensor([e[0] for e in entries], dtype=dtype, device=device)
+            means = torch.stack([e[1].to(device, dtype) for e in entries])
+            m2s = torch.stack([e[2].to(device, dtype) for e in entries])
+            n, mean, m2 = pool_moments(counts, means, m2s)
+            return float(n), mean, m2, sum(e[3] for e in entries)
+        if self.window is None and self._totals[index][1] is not None:
+            n, mean, m2, rows, _ = self._totals[index]
+            return float(n), mean.to(device, dtype), m2.to(device, dtype), rows
+        zeros = torch.zeros(channels, dtype=dtype, device=device)
+        return 0.0, zeros, zeros.clone(), 0
+
+    def statistics(self, reduce_sum: ReduceSum | None = None) -> BatchNormStatistics:
+        """Pool what was recorded (over the window or all batches) and over ranks.
+
+        Collective: with ``reduce_sum`` every rank must call this, recorded or not.
+        """
+        if not self.layers:
+            raise ValueError("No BatchNorm layers with running statistics to pool.")
+        device = self.layers[0].running_mean.device
+        dtype = accumulation_dtype(device)
+        local = [self._local(i, device, dtype) for i in range(len(self.layers))]
+        counts = torch.tensor([entry[0] for entry in local], dtype=dtype, device=device)
+        extra = torch.tensor([local[0][3], self.num_batches()], dtype=dtype, device=device)
+        counts, means, m2s, extra = reduce_moments(counts, [e[1] for e in local], [e[2] for e in local], extra,
+                                                   reduce_sum)
+        rows, batches = (int(v) for v in extra.tolist())
+        return BatchNormStatistics.from_moments(self.layers, counts, means, m2s, rows, batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Recorded moments (window mode) as CPU tensors."""
+        return {"window": self.window,
+                "recent": [[(n, mean.cpu(), m2.cpu(), rows) for n, mean, m2, rows in d] for d in self._recent]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore moments saved by :meth:`state_dict` (ignored if the layer count differs)."""
+        recent = state.get("recent", [])
+        if len(recent) != len(self.layers):
+            return
+        for d, entries in zip(self._recent, recent):
+            d.clear()
+            d.extend(entries)
+
+
+def estimate_precise_stats(module: nn.Module, batches: Iterable[Any], num_batches: int,
+                           forward: Callable[[Any], Any], reduce_sum: ReduceSum | None = None,
+                           forward_context: Callable[[], Any] | None = None) -> BatchNormStatistics:
+    """Population statistics of every BN layer's input over up to ``num_batches`` batches (precise BN).
+
+    The model runs in eval mode except its BN layers, which run in training mode (they normalise with
+    batch statistics, as in training) with ``momentum=0``; nothing is recorded by curvature hooks
+    (:func:`~lightning_lbo.capture.curvature_capture_paused`) and no gradient is taken. Every module's
+    training flag and every BN layer's momentum, running statistics and ``num_batches_tracked`` are
+    restored afterwards; the result is *not* installed (call :meth:`BatchNormStatistics.install`).
+
+    Args:
+        module: the (unwrapped) model.
+        batches: iterable of batches, already on the model's device or moved by ``forward``.
+        num_batches: batches to use at most (fewer if ``batches`` runs out; see ``num_batches`` of the result).
+        forward: runs the model on one batch.
+        reduce_sum: sums over ranks (collective); with it, ranks also agree batch by batch to stop
+            when any rank runs out, so layers that synchronise in forward (SyncBatchNorm) never hang.
+        forward_context: a context manager factory around each forward (autocast of the precision).
+
+    Example::
+
+        stats = estimate_precise_stats(model, loader, 50, forward=lambda b: model(b[0]))
+        stats.install()
+    """
+    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+        raise ValueError(f"Invalid num_batches: {num_batches!r}; use a positive integer.")
+    layers = batchnorm_layers(module)
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no BatchNorm layers with running statistics.")
+    modes = {m: m.training for m in module.modules()}
+    saved = [(layer.momentum, layer.running_mean.clone(), layer.running_var.clone(),
+              None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone()) for layer in layers]
+    recorder = BatchNormMomentRecorder(layers, window=None, ignore_paused=False)
+    device = layers[0].running_mean.device
+    try:
+        module.eval()
+        for layer in layers:
+            layer.train()
+            layer.momentum = 0.0
+        recorder.attach()
+        iterator = iter(batches)
+        with torch.no_grad(), curvature_capture_paused():
+            for _ in range(num_batches):
+                batch = next(iterator, _END)
+                if reduce_sum is not None:
+                    missing = torch.tensor([float(batch is _END)], device=device)
+                    if reduce_sum(missing).item() > 0:
+                        break
+                elif batch is _END:
+                    break
+                if forward_context is None:
+                    forward(batch)
+                else:
+                    with forward_context():
+                        forward(batch)
+    finally:
+        recorder.detach()
+        with torch.no_grad():
+            for layer, (momentum, mean, var, tracked) in zip(layers, saved):
+                layer.momentum = momentum
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                if tracked is not None:
+                    layer.num_batches_tracked.copy_(tracked)
+        for m, training in modes.items():
+            m.training = training
+    return recorder.statistics(reduce_sum)
+
+
+_END = object()

@@ -25,6 +25,8 @@ def _rank_factors(rank: int) -> list[torch.Tensor]:
     for n in (1, 3, 17, 40):
         x = torch.randn(n + 5, n, generator=g)
         out.append(x.T @ x / (n + 5))
+    x = torch.randn(6, 3, 2, generator=g)
+    out.append(x.transpose(1, 2) @ x)  # a batch of 2x2 blocks (unit-wise BatchNorm Fisher)
     return out
 
 
@@ -42,14 +44,14 @@ def _check_collectives(rank: int, world_size: int) -> None:
         comm.wait()
         for got, want in zip(factors, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-            assert torch.equal(got, got.T)
+            assert torch.equal(got, got.transpose(-1, -2))
         torch.testing.assert_close(rect_t, torch.full((4, 6), (world_size - 1) / 2))
         dense = sum(f.numel() * 4 for f in factors) + 24 * 4
-        packed = sum(f.shape[0] * (f.shape[0] + 1) // 2 * 4 for f in factors) + 24 * 4
+        packed = sum(f.numel() // f.shape[-1] ** 2 * f.shape[-1] * (f.shape[-1] + 1) // 2 * 4 for f in factors) + 24 * 4
         assert comm.stats.factor_dense_bytes == dense
         assert comm.stats.factor_bytes == (packed if pack else dense)
         if cap_mb == 0.0:
-            assert comm.stats.factor_reductions == 5  # one per factor
+            assert comm.stats.factor_reductions == 6  # one per factor
         if cap_mb == 25.0:
             assert comm.stats.factor_reductions == 1  # everything in one bucket
 
@@ -91,6 +93,11 @@ def test_pack_unpack_symmetric_roundtrip():
     assert packed.numel() == 15
     out = unpack_symmetric_(torch.zeros(5, 5), packed)
     assert torch.equal(out, m.triu() + m.triu(1).T)
+    blocks = torch.randn(4, 2, 2)
+    blocks = blocks + blocks.transpose(1, 2)
+    packed = pack_symmetric(blocks)
+    assert packed.tolist() == blocks[:, [0, 0, 1], [0, 1, 1]].flatten().tolist()
+    assert torch.equal(unpack_symmetric_(torch.zeros(4, 2, 2), packed), blocks)
 
 
 def _brute_force_makespan(costs: list[float], world_size: int) -> float:

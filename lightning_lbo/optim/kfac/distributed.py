@@ -8,8 +8,9 @@ with batch ``B`` (for per-example-mean factors). This module implements the four
 
 * :meth:`TorchDistributedCommunicator.reduce_factors` copies factors into flat buckets of
   ``bucket_cap_mb`` and launches one ``all_reduce`` per full bucket, asynchronously (``async_op=True``)
-  or blocking (the plain-``ddp`` correctness path). A symmetric ``n x n`` factor travels as its packed
-  upper triangle, ``n (n + 1) / 2`` numbers instead of ``n^2`` (``torch.triu_indices``); it is unpacked
+  or blocking (the plain-``ddp`` correctness path). A symmetric ``n x n`` factor (or a batch ``[..., n, n]``,
+  like the unit-wise 2x2 BatchNorm blocks) travels as packed upper triangles, ``n (n + 1) / 2`` numbers
+  per matrix instead of ``n^2`` (``torch.triu_indices``); it is unpacked
   into both triangles and divided by the world size in :meth:`~TorchDistributedCommunicator.wait`.
 * :meth:`~TorchDistributedCommunicator.assign` is :func:`greedy_assignment`: static greedy
   longest-processing-time scheduling of inverse work on its cost (``n^3``); pure, so every rank
@@ -36,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -95,22 +97,30 @@ def triangle_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    """Packed upper triangle ``[n (n + 1) / 2]`` of a square matrix ``[n, n]`` (a new tensor)."""
-    upper, _ = triangle_indices(matrix.shape[0], matrix.device)
-    return matrix.reshape(-1).index_select(0, upper)
+    """Packed upper triangles, flat, of (a batch of) square matrices ``[..., n, n]`` (a new tensor)."""
+    n = matrix.shape[-1]
+    upper, _ = triangle_indices(n, matrix.device)
+    return matrix.reshape(-1, n * n).index_select(1, upper).reshape(-1)
 
 
 def unpack_symmetric_(matrix: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Write a packed upper triangle into both triangles of ``matrix`` ``[n, n]`` in place."""
-    upper, lower = triangle_indices(matrix.shape[0], matrix.device)
-    flat = matrix.view(-1)
-    flat.index_copy_(0, upper, packed)
-    flat.index_copy_(0, lower, packed)
+    """Write packed upper triangles into both triangles of ``matrix`` ``[..., n, n]`` in place."""
+    n = matrix.shape[-1]
+    upper, lower = triangle_indices(n, matrix.device)
+    flat = matrix.view(-1, n * n)
+    rows = packed.view(flat.shape[0], -1)
+    flat.index_copy_(1, upper, rows)
+    flat.index_copy_(1, lower, rows)
     return matrix
 
 
+def _packed_numel(t: torch.Tensor) -> int:
+    n = t.shape[-1]
+    return t.numel() // (n * n) * (n * (n + 1) // 2)
+
+
 def _is_square(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.shape[0] == t.shape[1]
+    return t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.numel() > 0
 
 
 @dataclass
@@ -238,7 +248,7 @@ class TorchDistributedCommunicator(Communicator):
             buffer.div_(self.world_size)
             offset = 0
             for factor, packed in targets:
-                numel = factor.shape[0] * (factor.shape[0] + 1) // 2 if packed else factor.numel()
+                numel = _packed_numel(factor) if packed else factor.numel()
                 chunk = buffer[offset:offset + numel]
                 offset += numel
                 if packed:
@@ -318,3 +328,47 @@ def verify_same_signature(signature: Any, group: Any = None) -> None:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
         raise RuntimeError(f"K-FAC is configured differently across ranks: {shown}. Every rank must build the "
                            "same model, the same K-FAC layers (exclusions) and the same hyperparameters.")
+
+
+def find_kfac(optimizers: Sequence[Any]) -> list[Any]:
+    """The K-FAC preconditioners behind ``optimizers`` (Lightning wrappers unwrapped), each once.
+
+    An object counts as K-FAC when it has ``set_communicator``: the optimizer itself or its
+    ``preconditioner`` attribute.
+    """
+    found: dict[int, Any] = {}
+    for optimizer in optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        for candidate in (optimizer, getattr(optimizer, "preconditioner", None)):
+            if candidate is not None and callable(getattr(candidate, "set_communicator", None)):
+                found.setdefault(id(candidate), candidate)
+                break
+    return list(found.values())
+
+
+_HINT_SHOWN = False
+
+
+def ensure_communicator(preconditioner: Any) -> Communicator:
+    """Give ``preconditioner`` a synchronous torch.distributed communicator if it still has the no-op one.
+
+    The plain ``strategy="ddp"`` path: Lightning's DDP averages gradients but knows nothing about
+    Kronecker factors, so without this every rank would precondition with its own factors. Call it
+    on every rank at the same point (e.g. the first optimizer step); it creates a process group
+    (a collective). A one-time hint recommends ``strategy="ddp_kfac"``, which overlaps and packs the
+    reductions. Returns the communicator in use.
+    """
+    global _HINT_SHOWN
+    comm = preconditioner.comm
+    if type(comm) is not Communicator or not dist.is_available() or not dist.is_initialized():
+        return comm
+    if dist.get_world_size() == 1:
+        return comm
+    comm = TorchDistributedCommunicator(group=dist.new_group(backend=dist.get_backend()), async_op=False)
+    preconditioner.set_communicator(comm)
+    if not _HINT_SHOWN and comm.rank == 0:
+        _HINT_SHOWN = True
+        warnings.warn("K-FAC under plain DDP: Kronecker factors are now averaged across ranks synchronously. "
+                      "strategy='ddp_kfac' overlaps these reductions with the backward, sends packed triangles "
+                      "and shares the inverse work between ranks.", UserWarning, stacklevel=2)
+    return comm

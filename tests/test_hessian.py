@@ -11,8 +11,17 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from lightning_lbo.capture import capture_paused
-from lightning_lbo.hessian import (HessianOperator, HVPBudgetExceeded, hutchinson_trace, lanczos_quadrature,
-                                   parameters_of, power_iteration, random_vector, slq_density, top_eigenvalues)
+from lightning_lbo.hessian import (
+    HessianOperator,
+    HVPBudgetExceeded,
+    hutchinson_trace,
+    lanczos_quadrature,
+    parameters_of,
+    power_iteration,
+    random_vector,
+    slq_density,
+    top_eigenvalues,
+)
 from tests.helpers.ddp import spawn_gloo
 
 
@@ -49,7 +58,7 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: lis
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(theta, [s.numel() for s in shapes])
-        p = {k: c.view(s) for k, c, s in zip(keys, chunks, shapes)}
+        p = {k: c.view(s) for k, c, s in zip(keys, chunks, shapes, strict=True)}
         return nn.functional.cross_entropy(functional_call(m, ({**p}, {**buffers}), (x.double(),)), y)
 
     return jacrev(jacrev(loss))(flat)  # reverse-over-reverse: forward-mode BN rules are not exact here
@@ -70,7 +79,8 @@ def finite_difference_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         loss = nn.functional.cross_entropy(m(x.double()), y)
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
-    cols = [(grad_at(flat + h * e) - grad_at(flat - h * e)) / (2 * h) for e in torch.eye(flat.numel(), dtype=flat.dtype)]
+    eye = torch.eye(flat.numel(), dtype=flat.dtype)
+    cols = [(grad_at(flat + h * e) - grad_at(flat - h * e)) / (2 * h) for e in eye]
     return torch.stack(cols, 1)
 
 
@@ -107,12 +117,12 @@ def test_top_eigenvalues_within_one_percent_of_eigvalsh():
     op = HessianOperator(model, [(x, y)], loss_fn=ce_loss)
     lz = top_eigenvalues(op, k=3, method="lanczos", max_iters=op.numel, tol=1e-4)
     assert lz.converged
-    for got, want in zip(lz.eigenvalues, evals.flip(0)[:3].tolist()):
+    for got, want in zip(lz.eigenvalues, evals.flip(0)[:3].tolist(), strict=True):
         assert got == pytest.approx(want, rel=1e-2)
     pw = power_iteration(HessianOperator(model, [(x, y)], loss_fn=ce_loss), k=2, max_iters=2000, tol=1e-7)
     assert pw.converged
     want = sorted(by_magnitude[:2].tolist(), reverse=True)
-    for got, w in zip(pw.eigenvalues, want):
+    for got, w in zip(pw.eigenvalues, want, strict=True):
         assert got == pytest.approx(w, rel=1e-2)
     # The eigenvector satisfies H v = lambda v.
     hv = op.matvec(pw.eigenvectors[0])
@@ -187,7 +197,7 @@ def _ddp_eigenvalue_worker(rank: int, world_size: int) -> None:
     local_op = HessianOperator(model, [(x, y)], loss_fn=ce_loss, distributed=False)
     got = top_eigenvalues(dist_op, k=2, method="lanczos", max_iters=40, tol=1e-5, seed=7)
     want = top_eigenvalues(local_op, k=2, method="lanczos", max_iters=40, tol=1e-5, seed=7)
-    for a, b in zip(got.eigenvalues, want.eigenvalues):
+    for a, b in zip(got.eigenvalues, want.eigenvalues, strict=True):
         assert a == pytest.approx(b, rel=1e-4), (rank, got.eigenvalues, want.eigenvalues)
     v = random_vector(dist_op.numel, 1)
     torch.testing.assert_close(dist_op.matvec(v), local_op.matvec(v), atol=1e-5, rtol=1e-4)

@@ -11,10 +11,26 @@ Example::
 """
 
 from lightning_lbo.hessian.density import SpectralDensity, lanczos_quadrature, slq_density
-from lightning_lbo.hessian.eigen import (EigenResult, LanczosRun, lanczos, lanczos_eigenvalues, power_iteration,
-                                         random_vector, top_eigenvalues, tridiagonal_eigh)
-from lightning_lbo.hessian.hvp import (HessianOperator, HVPBudgetExceeded, batch_norm_mode, classifier_loss,
-                                       first_dim_count, parameters_of, parameters_of_type, per_module_parameters)
+from lightning_lbo.hessian.eigen import (
+                                         EigenResult,
+                                         LanczosRun,
+                                         lanczos,
+                                         lanczos_eigenvalues,
+                                         power_iteration,
+                                         random_vector,
+                                         top_eigenvalues,
+                                         tridiagonal_eigh,
+)
+from lightning_lbo.hessian.hvp import (
+                                         HessianOperator,
+                                         HVPBudgetExceeded,
+                                         batch_norm_mode,
+                                         classifier_loss,
+                                         first_dim_count,
+                                         parameters_of,
+                                         parameters_of_type,
+                                         per_module_parameters,
+)
 from lightning_lbo.hessian.trace import TraceResult, hutchinson_trace
 
 __all__ = [

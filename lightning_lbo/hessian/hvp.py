@@ -19,7 +19,8 @@ Vectors are flat ``float32`` tensors ``[num_params]`` over the selected paramete
 
 Batch-norm mode is explicit: ``"eval"`` (default) differentiates the network with its running
 statistics, the function used at test time and the paper's choice (Yao et al. 2018); ``"train"`` uses
-batch statistics, with scratch copies of the running buffers so the model is left exactly as it was. Every pass runs in :func:`lightning_lbo.capture.curvature_capture_paused`
+batch statistics, with scratch copies of the running buffers so the model is left exactly as it was.
+Every pass runs in :func:`lightning_lbo.capture.curvature_capture_paused`
 with autocast disabled.
 """
 
@@ -101,7 +102,7 @@ def batch_norm_mode(model: nn.Module, mode: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, buffers in zip(norms, saved):
+        for m, buffers in zip(norms, saved, strict=True):
             m._buffers.update(buffers)
         for m, flag in flags:
             m.training = flag
@@ -175,12 +176,13 @@ class HessianOperator:
 
     def unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Split a flat vector ``[numel]`` into tensors shaped like :attr:`params`."""
-        return [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in self.params]), self.params)]
+        chunks = torch.split(v, [p.numel() for p in self.params])
+        return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
 
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Concatenate per-parameter tensors into a flat float32 vector (None counts as zeros)."""
         return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for t, p in zip(tensors, self.params)])
+                          for t, p in zip(tensors, self.params, strict=True)])
 
     @contextmanager
     def _context(self) -> Iterator[None]:
@@ -204,7 +206,7 @@ class HessianOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` ``[numel]``; returns a flat float32 vector."""
         self._check_budget()
-        vs = [c.to(p.dtype) for c, p in zip(self.unflatten(v.to(self.device)), self.params)]
+        vs = [c.to(p.dtype) for c, p in zip(self.unflatten(v.to(self.device)), self.params, strict=True)]
         total = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         with self._context():
             for batch in self.batches:
@@ -214,12 +216,12 @@ class HessianOperator:
                     grads = self._cached
                 else:
                     grads = self._grads(batch)
-                used = [(g, x, p) for g, x, p in zip(grads, vs, self.params) if g is not None and g.requires_grad]
+                # Gradients that do not depend on the parameters (None / constant) contribute nothing.
+                used = [(g, x) for g, x in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
                 hv: Sequence[torch.Tensor | None] = [None] * len(self.params)
                 if used:
-                    out = torch.autograd.grad([g for g, _, _ in used], self.params, grad_outputs=[x for _, x, _ in used],
-                                              retain_graph=self.cache_graph, allow_unused=True)
-                    hv = out
+                    hv = torch.autograd.grad([g for g, _ in used], self.params, grad_outputs=[x for _, x in used],
+                                             retain_graph=self.cache_graph, allow_unused=True)
                 total.add_(self.flatten(hv), alpha=float(self.count_fn(batch)))
         self.num_hvps += 1
         return self._all_reduce(total).div_(self.total_samples)

@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lbo.batchnorm import (BatchNormMomentRecorder, batch_moments, batchnorm_layers, default_reduce_sum,
-                                     estimate_precise_stats, pool_moments)
+from lightning_lbo.batchnorm import (
+    BatchNormMomentRecorder,
+    batch_moments,
+    batchnorm_layers,
+    default_reduce_sum,
+    estimate_precise_stats,
+    pool_moments,
+)
 from lightning_lbo.capture import curvature_capture_paused
 from tests.helpers.ddp import spawn_gloo
 
@@ -88,10 +94,11 @@ def test_precise_stats_equal_full_data_numpy():
     mean0, var0 = numpy_stats([data])  # first BN sees the data itself
     np.testing.assert_allclose(stats.means[0].numpy(), mean0, rtol=1e-6)
     np.testing.assert_allclose(stats.variances[0].numpy(), var0, rtol=1e-6)
-    for layer_stats_mean, layer_stats_var, inputs in zip(stats.means, stats.variances, capture_bn_inputs(model, batches)):
+    captured = capture_bn_inputs(model, batches)
+    for mean, var, inputs in zip(stats.means, stats.variances, captured, strict=True):
         ref_mean, ref_var = numpy_stats(inputs)
-        np.testing.assert_allclose(layer_stats_mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(layer_stats_var.numpy(), ref_var, rtol=1e-5)
+        np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var.numpy(), ref_var, rtol=1e-5)
     # torch's cumulative averaging (update_bn) averages per-batch variances: it misses the variance of the means.
     reference = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(batches, reference)
@@ -173,7 +180,7 @@ def _ddp_worker(rank: int, world_size: int) -> None:
     used = data[0][:2] + data[1][:2]  # the ranks agree to stop when rank 1 runs out
     assert stats.num_batches == 4 and stats.num_samples == sum(x.shape[0] for x in used)
     single = estimate_precise_stats(model, used, num_batches=10, forward=model)  # one process, all the data
-    for a, b in zip(stats.means + stats.variances, single.means + single.variances):
+    for a, b in zip(stats.means + stats.variances, single.means + single.variances, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(stats.counts, single.counts)
     # Last batches: rank r's last batch pooled with the other rank's.

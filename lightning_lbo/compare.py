@@ -1,26 +1,44 @@
 """``lbo compare``: train recipes side by side on real data and print what was measured.
 
-Each (recipe, batch size) run trains a fresh reference model in a fresh child process, so that its
-peak memory (max RSS) is its own and no state leaks between runs. Validation accuracy is recorded
-against optimizer steps and training wall time (validation excluded); the table shows final
-accuracy, steps and seconds to the target accuracy (``-`` when never reached), time per step and
-peak memory. Results go to ``<out_dir>/results.csv``, ``history.csv`` and ``accuracy.png``.
+Each (recipe, batch size) run trains a fresh model in a fresh child process (forked from a server that
+imported torch and Lightning once), so that its peak memory (max RSS) is its own and no state leaks
+between runs. Validation accuracy is recorded against optimizer steps and training wall time
+(validation loops excluded; everything else, including the recipes' callbacks, counted); the table
+shows final accuracy, steps and seconds to the target accuracy (``-`` when never reached), time per
+step and peak memory. Results go to ``<out_dir>/results.csv``, ``history.csv`` and ``accuracy.png``.
+
+The defaults are ``make demo``: SGD, Goyal, LARS and K-FAC at global batch 4096 on 16k Fashion-MNIST
+images for 3 epochs (about a minute on 2 idle cores). Any LightningModule / LightningDataModule can be
+trained instead (``--module pkg.mod:Class --datamodule pkg.mod:Class``): the recipe replaces the
+module's ``configure_optimizers``; the data module must take a ``batch_size`` (per device) argument and
+the module must log the monitored accuracy (``--monitor``, default ``val_acc``) during validation.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import importlib
+import inspect
+import json
+import logging
 import math
 import multiprocessing as mp
 import os
+import pickle
 import resource
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+DEFAULT_RECIPES = "sgd,goyal,lars,kfac"
+DATASETS = ("fashion-mnist",)
 
 
 @dataclass
@@ -30,7 +48,13 @@ class RunSpec:
     recipe: str
     batch_size: int
     epochs: int
+    recipe_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str = "cnn"
+    module: str | None = None
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+    datamodule: str | None = None
+    datamodule_kwargs: dict[str, Any] = field(default_factory=dict)
+    monitor: str = "val_acc"
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
@@ -39,6 +63,7 @@ class RunSpec:
     eval_every: int = 0
     seed: int = 0
     threads: int = 0
+    progress: bool | None = None
 
 
 @dataclass
@@ -52,86 +77,230 @@ class RunResult:
     seconds_to_target: float | None
     seconds_per_step: float
     peak_rss_mb: float
+    train_seconds: float = math.nan
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, val acc)
     error: str = ""
 
 
-def _history_callback(bases: tuple[type, ...]) -> Any:
-    class History(*bases):
-        """Times training batches (validation excluded) and records validation accuracy per step."""
+def _make_history_class() -> type:
+    from typing_extensions import override
 
-        def __init__(self) -> None:
-            self.train_seconds = 0.0
-            self.steps_timed = 0
+    from lightning_lbo.compat import callback_bases
+
+    class History(*callback_bases()):
+        """Records (optimizer step, training wall seconds, monitored accuracy) at every validation.
+
+        Training wall time runs from ``on_train_start`` and excludes validation loops. Global rank 0
+        writes the records to ``path`` (JSON) so that they survive ``ddp_spawn`` workers.
+        """
+
+        def __init__(self, monitor: str = "val_acc", path: str | None = None) -> None:
+            self.monitor, self.path = monitor, path
             self.records: list[tuple[int, float, float]] = []
-            self._start = 0.0
+            self.start = self.val_start = 0.0
+            self.val_seconds = 0.0
+            self.steps = 0
+            self.train_seconds = 0.0
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self._start = time.perf_counter()
+        def _elapsed(self) -> float:
+            return time.perf_counter() - self.start - self.val_seconds
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.train_seconds += time.perf_counter() - self._start
-            self.steps_timed += 1
+        @override
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()
 
+        @override
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.val_start = time.perf_counter()
+
+        @override
         def on_validation_end(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
+            if trainer.sanity_checking:
                 return
-            acc = float(trainer.callback_metrics["val_acc"])
-            self.records.append((trainer.global_step, self.train_seconds, acc))
+            self.val_seconds += time.perf_counter() - self.val_start
+            if self.monitor not in trainer.callback_metrics:
+                raise KeyError(f"The module did not log {self.monitor!r} during validation; logged: "
+                               f"{sorted(trainer.callback_metrics)}. Pass --monitor with one of them.")
+            acc = float(trainer.callback_metrics[self.monitor])
+            self.records.append((trainer.global_step, self._elapsed(), acc))
+            self._write(trainer)
 
-    return History()
+        @override
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.steps, self.train_seconds = trainer.global_step, self._elapsed()
+            self._write(trainer)
+
+        def _write(self, trainer) -> None:
+            if self.path and trainer.is_global_zero:
+                with open(self.path, "w") as fh:
+                    json.dump({"records": self.records, "steps": self.steps or trainer.global_step,
+                               "train_seconds": self.train_seconds or self._elapsed()}, fh)
+
+    History.__module__ = __name__
+    History.__qualname__ = "History"
+    return History
 
 
-def run_one(spec: RunSpec) -> RunResult:
-    """Train one recipe at one batch size; returns the measurements (called in a child process)."""
+@functools.cache
+def _history_class() -> type:
+    return _make_history_class()
+
+
+def __getattr__(name: str) -> Any:  # History is built lazily (imports Lightning); pickle finds it here
+    if name == "History":
+        return _history_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def import_object(path: str, what: str) -> Any:
+    """Import ``"package.module:Name"``; errors say what was wrong with the path."""
+    if path.count(":") != 1:
+        raise ValueError(f"Invalid {what} path {path!r}: use 'package.module:ClassName'.")
+    module_name, attr = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Cannot import {what} {path!r}: {err}. Is the package on PYTHONPATH?") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ValueError(f"{module_name} has no {attr!r} ({what} {path!r}); it defines: {', '.join(names)}.") from None
+
+
+def _check_lightning_class(obj: Any, kind: str, path: str) -> None:
+    from lightning_lbo.compat import available_packages, lightning_package
+
+    bases = tuple(getattr(lightning_package(p), kind) for p in available_packages())
+    if not (inspect.isclass(obj) and issubclass(obj, bases)):
+        raise ValueError(f"{path!r} is not a {kind} subclass (got {obj!r}).")
+
+
+def _call_recipe_optimizer(factory: Any, module: Any) -> Any:
+    """Bound as a user module's ``configure_optimizers`` (a partial pickles for ``ddp_spawn``)."""
+    return factory(module)
+
+
+def _build_data(spec: RunSpec, per_device_batch: int) -> Any:
+    if spec.datamodule:
+        cls = import_object(spec.datamodule, "datamodule")
+        return cls(batch_size=per_device_batch, **spec.datamodule_kwargs)
+    from lightning_lbo.data import FashionMNISTDataModule
+
+    return FashionMNISTDataModule(batch_size=per_device_batch, data_dir=spec.data_dir, train_subset=spec.train_subset,
+                                  eval_batch_size=2048, drop_last=True, seed=spec.seed)
+
+
+def _build_module(spec: RunSpec, recipe: Any) -> Any:
+    if spec.module:
+        module = import_object(spec.module, "module")(**spec.module_kwargs)
+        module.configure_optimizers = functools.partial(_call_recipe_optimizer, recipe.optimizer, module)
+        return module
+    from lightning_lbo.classifier import ClassifierModule
+
+    module = ClassifierModule(spec.model, optimizer=recipe.optimizer, **spec.module_kwargs)
+    return module
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|litlogger|does not have many workers).*")
+
+
+def run_one(spec: RunSpec, history_path: str | None = None) -> RunResult:
+    """Train one recipe at one batch size and return the measurements (normally in a child process)."""
+    import pytorch_lightning as pl
     import torch
 
-    from lightning_lbo.classifier import ClassifierModule
-    from lightning_lbo.compat import callback_bases
-    from lightning_lbo.data import FashionMNISTDataModule
     from lightning_lbo.recipes import build_recipe
 
-    import pytorch_lightning as pl
-
+    _quiet_lightning()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     pl.seed_everything(spec.seed, verbose=False)
     world = spec.devices * spec.num_nodes
     if spec.batch_size % world:
         raise ValueError(f"--batch-size {spec.batch_size} is not divisible by devices x nodes = {world}.")
-    dm = FashionMNISTDataModule(batch_size=spec.batch_size // world, data_dir=spec.data_dir,
-                                train_subset=spec.train_subset, eval_batch_size=2048, drop_last=True, seed=spec.seed)
+    dm = _build_data(spec, spec.batch_size // world)
+    dm.prepare_data()
     dm.setup("fit")
-    if spec.batch_size > len(dm.train_set):
-        raise ValueError(f"--batch-size {spec.batch_size} is larger than the {len(dm.train_set)} training images.")
-    steps_per_epoch = len(dm.train_set) // spec.batch_size
+    per_device_batches = len(dm.train_dataloader())  # one process, no sampler split: per-device batches
+    steps_per_epoch = per_device_batches // world
+    if steps_per_epoch < 1:
+        size = len(dm.train_set) if hasattr(dm, "train_set") else "the"
+        raise ValueError(f"--batch-size {spec.batch_size} is larger than {size} training examples: lower it.")
     recipe = build_recipe(spec.recipe, global_batch_size=spec.batch_size, epochs=spec.epochs,
-                          steps_per_epoch=steps_per_epoch)
-    history = _history_callback(callback_bases())
-    module = ClassifierModule(spec.model, optimizer=recipe.optimizer)
-    eval_every = spec.eval_every or steps_per_epoch
+                          steps_per_epoch=steps_per_epoch, **spec.recipe_kwargs)
+    module = _build_module(spec, recipe)
+    own_file = history_path is None
+    if own_file:
+        fd, history_path = tempfile.mkstemp(suffix=".json", prefix="lbo-history-")
+        os.close(fd)
+    history = _history_class()(spec.monitor, history_path)
+    eval_every = min(spec.eval_every or steps_per_epoch, steps_per_epoch)
+    progress = sys.stderr.isatty() if spec.progress is None else spec.progress
+    strategy = spec.strategy
+    if strategy == "auto" and world > 1 and spec.num_nodes == 1 and "LOCAL_RANK" not in os.environ:
+        strategy = "ddp_spawn"  # popen "ddp" would re-run the whole `lbo compare` command in every rank
     trainer = pl.Trainer(
-        accelerator="cpu", devices=spec.devices, num_nodes=spec.num_nodes, strategy=spec.strategy,
+        accelerator="cpu", devices=spec.devices, num_nodes=spec.num_nodes, strategy=strategy,
         max_epochs=spec.epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[history, *recipe.callbacks], val_check_interval=min(eval_every, steps_per_epoch),
-        num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
+        callbacks=[*recipe.callbacks, history], val_check_interval=eval_every, num_sanity_val_steps=0,
+        enable_progress_bar=progress,
     )
-    trainer.fit(module, datamodule=dm)
-    records = history.records
+    try:
+        trainer.fit(module, datamodule=dm)
+        with open(history_path) as fh:
+            measured = json.load(fh)
+    finally:
+        if own_file:
+            os.unlink(history_path)
+    records = [tuple(r) for r in measured["records"]]
+    steps = int(measured["steps"])
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return RunResult(
-        recipe=spec.recipe, batch_size=spec.batch_size, steps=trainer.global_step,
+        recipe=spec.recipe, batch_size=spec.batch_size, steps=steps,
         final_acc=records[-1][2] if records else math.nan, best_acc=max((r[2] for r in records), default=math.nan),
         steps_to_target=None, seconds_to_target=None,
-        seconds_per_step=history.train_seconds / max(1, history.steps_timed),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, history=records,
+        seconds_per_step=measured["train_seconds"] / max(1, steps), peak_rss_mb=peak / 1024,
+        train_seconds=measured["train_seconds"], history=records,
     )
+
+
+def _child_main(spec: RunSpec, out_path: str) -> None:
+    try:
+        result: Any = run_one(spec)
+    except BaseException as err:  # noqa: B036 - report every failure to the parent, then exit
+        result = f"{type(err).__name__}: {err}"
+    with open(out_path, "wb") as fh:
+        pickle.dump(result, fh)
+
+
+@functools.cache
+def _context() -> Any:
+    """A forkserver that imported torch and Lightning once (spawn where forkserver does not exist)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pytorch_lightning", "lightning_lbo.compare", "lightning_lbo.recipes"])
+    return ctx
 
 
 def _run_in_child(spec: RunSpec) -> RunResult:
-    """Run ``run_one`` in a fresh spawned process (own peak memory, no leaked state)."""
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(run_one, (spec,))
+    """Run ``run_one`` in a fresh (non-daemonic, so ``ddp_spawn`` may start workers) child process."""
+    with tempfile.TemporaryDirectory(prefix="lbo-compare-") as tmp:
+        out_path = os.path.join(tmp, "result.pkl")
+        proc = _context().Process(target=_child_main, args=(spec, out_path))
+        proc.start()
+        proc.join()
+        if not os.path.exists(out_path):
+            raise RuntimeError(f"the training process died (exit code {proc.exitcode}); out of memory?")
+        with open(out_path, "rb") as fh:
+            result = pickle.load(fh)
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    return result
 
 
 def reach_target(history: Sequence[tuple[int, float, float]], target: float) -> tuple[int | None, float | None]:
@@ -148,23 +317,25 @@ def format_table(results: Sequence[RunResult], target: float) -> str:
     rows = [header]
     for r in results:
         if r.error:
-            rows.append((r.recipe, str(r.batch_size), "-", "failed: " + r.error[:60], "", "", "", "", ""))
+            rows.append((r.recipe, str(r.batch_size), "-", "failed: " + r.error[:70], "", "", "", "", ""))
             continue
         rows.append((r.recipe, str(r.batch_size), str(r.steps), f"{r.final_acc:.4f}", f"{r.best_acc:.4f}",
                      "-" if r.steps_to_target is None else str(r.steps_to_target),
                      "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
                      f"{r.seconds_per_step:.3f}", f"{r.peak_rss_mb:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_outputs(results: Sequence[RunResult], out_dir: Path, target: float) -> list[Path]:
+def write_outputs(results: Sequence[RunResult], out_dir: Path, target: float, title: str = "lbo compare"
+                  ) -> list[Path]:
+    """``results.csv`` (one row per run), ``history.csv`` (one row per validation), ``accuracy.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.csv", out_dir / "history.csv"]
+    fields = [k for k in RunResult.__dataclass_fields__ if k != "history"]
     with open(written[0], "w", newline="") as fh:
-        fields = [k for k in asdict(results[0]) if k != "history"]
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in results:
@@ -182,41 +353,69 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, target: float) ->
     except ImportError:
         print("matplotlib is not installed: no accuracy.png (pip install matplotlib)", file=sys.stderr)
         return written
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for r in results:
         if r.history:
-            steps, _, accs = zip(*r.history)
-            ax.plot(steps, accs, marker="o", label=f"{r.recipe} @ {r.batch_size}")
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
-    ax.set(xlabel="optimizer step", ylabel="validation accuracy", xscale="log", title="lbo compare: Fashion-MNIST")
-    ax.legend()
+            steps, seconds, accs = zip(*r.history, strict=False)
+            axes[0].plot(steps, accs, marker="o", markersize=3, label=f"{r.recipe} @ {r.batch_size}")
+            axes[1].plot(seconds, accs, marker="o", markersize=3, label=f"{r.recipe} @ {r.batch_size}")
+    for ax, xlabel in zip(axes, ("optimizer step", "training wall time [s]"), strict=False):
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.1%}")
+        ax.set(xlabel=xlabel, xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="validation accuracy", title=title)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
+    fig.savefig(out_dir / "accuracy.png", dpi=110)
     plt.close(fig)
     return [*written, out_dir / "accuracy.png"]
 
 
-def compare(specs: Sequence[RunSpec], target: float, out_dir: Path, in_process: bool = False) -> list[RunResult]:
-    """Run every spec (each in a child process unless ``in_process``), print the table, write outputs."""
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def compare(specs: Sequence[RunSpec], target: float, out_dir: Path | None, in_process: bool = False
+            ) -> list[RunResult]:
+    """Run every spec (each in a child process unless ``in_process``), print the table, write outputs.
+
+    A failed run becomes a row that says why; the other rows are still measured and printed.
+    """
     results = []
     for spec in specs:
         print(f"== {spec.recipe} at global batch {spec.batch_size}, {spec.epochs} epoch(s)", flush=True)
         try:
             result = run_one(spec) if in_process else _run_in_child(spec)
         except Exception as err:  # the table still shows what was measured for the other runs
+            message = str(err) if isinstance(err, RuntimeError) and not in_process else f"{type(err).__name__}: {err}"
+            message = message or repr(err)
             result = RunResult(spec.recipe, spec.batch_size, 0, math.nan, math.nan, None, None, math.nan, math.nan,
-                               error=f"{type(err).__name__}: {err}")
-            print(f"   failed: {result.error}", file=sys.stderr)
+                               error=message)
+            print(f"   failed: {result.error}", file=sys.stderr, flush=True)
         result.steps_to_target, result.seconds_to_target = reach_target(result.history, target)
         results.append(result)
+    if not _is_global_zero():
+        return results
     print()
     print(format_table(results, target))
     never = [f"{r.recipe}@{r.batch_size}" for r in results if not r.error and r.steps_to_target is None]
     if never:
-        print(f"target accuracy {target:.1%} was not reached by: {', '.join(never)}")
-    for path in write_outputs(results, out_dir, target):
-        print(f"wrote {path}")
+        print(f"target accuracy {target:.1%} was not reached by: {', '.join(never)} "
+              "(raise --epochs or lower --target)")
+    if out_dir is not None:
+        for path in write_outputs(results, out_dir, target):
+            print(f"wrote {path}")
     return results
+
+
+def _json_kwargs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"hidden\": 64}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of keyword arguments, e.g. '{\"hidden\": 64}'")
+    return value
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -224,18 +423,24 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="train recipes side by side on Fashion-MNIST and print a table",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", default="sgd", help=f"comma-separated, from: {', '.join(sorted(RECIPES))}")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, from: {', '.join(RECIPES)}")
     p.add_argument("--batch-size", type=int, default=4096, help="global batch size of the recipes")
     p.add_argument("--baseline-batch-size", type=int, default=0,
-                   help="also train momentum SGD at this small batch (0: no baseline row)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--model", default="cnn", choices=("cnn", "resnet", "mlp"))
-    p.add_argument("--target", type=float, default=0.85, help="target validation accuracy")
-    p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
+                   help="also train momentum SGD at this small batch, e.g. 128 (0: no baseline row)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--target", type=float, default=0.75, help="target validation accuracy")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="bundled data set")
+    p.add_argument("--model", default="cnn", choices=("cnn", "resnet", "mlp"), help="reference model")
+    p.add_argument("--train-subset", type=int, default=16384, help="use the first N training images (0: all)")
+    p.add_argument("--module", default=None, help="your LightningModule instead: 'package.module:Class'")
+    p.add_argument("--module-kwargs", type=_json_kwargs, default={}, help="JSON keyword arguments of --module")
+    p.add_argument("--datamodule", default=None, help="your LightningDataModule (takes batch_size): 'pkg.mod:Class'")
+    p.add_argument("--datamodule-kwargs", type=_json_kwargs, default={}, help="JSON keyword arguments")
+    p.add_argument("--monitor", default="val_acc", help="validation accuracy the module logs")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: each epoch)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--strategy", default="auto")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy (auto: ddp_spawn when devices > 1)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -244,32 +449,59 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from lightning_lbo.data import DataNotFoundError, locate_fashion_mnist
+def _validate(args: argparse.Namespace, names: list[str]) -> str | None:
+    """An error message for bad arguments, or None."""
     from lightning_lbo.recipes import RECIPES
 
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
     if unknown or not names:
-        print(f"Unknown recipe(s): {unknown or args.recipes!r}. Available: {', '.join(sorted(RECIPES))}.",
-              file=sys.stderr)
-        return 2
+        return f"Unknown recipe(s): {', '.join(unknown) or repr(args.recipes)}. Available: {', '.join(RECIPES)}."
     if not 0.0 < args.target <= 1.0:
-        print(f"Invalid --target {args.target}: use an accuracy in (0, 1].", file=sys.stderr)
-        return 2
+        return f"Invalid --target {args.target}: use an accuracy in (0, 1]."
     if args.epochs < 1 or args.batch_size < 1 or args.baseline_batch_size < 0:
-        print("--epochs and --batch-size must be positive, --baseline-batch-size >= 0.", file=sys.stderr)
-        return 2
+        return "--epochs and --batch-size must be positive, --baseline-batch-size >= 0."
+    if args.devices < 1 or args.num_nodes < 1 or args.threads < 0 or args.train_subset < 0:
+        return "--devices and --num-nodes must be positive; --threads and --train-subset >= 0."
+    for batch in (args.batch_size, args.baseline_batch_size):
+        if batch and batch % (args.devices * args.num_nodes):
+            return f"Batch size {batch} is not divisible by devices x nodes = {args.devices * args.num_nodes}."
+    if args.train_subset and not args.datamodule and args.batch_size > args.train_subset:
+        return (f"--batch-size {args.batch_size} is larger than the training set (--train-subset "
+                f"{args.train_subset}): lower the batch or raise the subset (0: all 60000 images).")
     try:
-        locate_fashion_mnist(args.data_dir)
-    except DataNotFoundError as err:
-        print(err, file=sys.stderr)
-        return 1
-    common = dict(epochs=args.epochs, model=args.model, devices=args.devices, num_nodes=args.num_nodes,
-                  strategy=args.strategy, data_dir=args.data_dir, train_subset=args.train_subset,
-                  eval_every=args.eval_every, seed=args.seed, threads=args.threads)
+        if args.module:
+            _check_lightning_class(import_object(args.module, "module"), "LightningModule", args.module)
+        if args.datamodule:
+            cls = import_object(args.datamodule, "datamodule")
+            _check_lightning_class(cls, "LightningDataModule", args.datamodule)
+            params = inspect.signature(cls).parameters
+            if "batch_size" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                return f"{args.datamodule} must take a batch_size argument (the per-device batch size)."
+    except ValueError as err:
+        return str(err)
+    if not args.datamodule:
+        from lightning_lbo.data import DataNotFoundError, locate_fashion_mnist
+
+        try:
+            locate_fashion_mnist(args.data_dir)
+        except DataNotFoundError as err:
+            return str(err)
+    return None
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    error = _validate(args, names)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    common = dict(epochs=args.epochs, model=args.model, module=args.module, module_kwargs=args.module_kwargs,
+                  datamodule=args.datamodule, datamodule_kwargs=args.datamodule_kwargs, monitor=args.monitor,
+                  devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy, data_dir=args.data_dir,
+                  train_subset=args.train_subset or None, eval_every=args.eval_every, seed=args.seed,
+                  threads=args.threads)
     specs = [RunSpec("sgd", args.baseline_batch_size, **common)] if args.baseline_batch_size else []
     specs += [RunSpec(name, args.batch_size, **common) for name in names]
     out_dir = Path(args.out_dir or os.path.join("lbo_runs", time.strftime("compare-%Y%m%d-%H%M%S")))
-    results = compare(specs, args.target, out_dir, in_process=args.in_process)
+    results = compare(specs, args.target, out_dir if _is_global_zero() else None, in_process=args.in_process)
     return 0 if any(not r.error for r in results) else 1

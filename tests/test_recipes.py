@@ -1,0 +1,118 @@
+"""Recipes: lookup, validation, the papers' hyperparameters wired into real optimizers and callbacks."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lbo.classifier import ClassifierModule
+from lightning_lbo.data import TensorImageDataset, tensor_loader
+from lightning_lbo.models import ResNet
+from lightning_lbo.recipes import RECIPES, ZeroGammaInit, build_recipe
+from tests.conftest import make_trainer
+
+
+def test_build_recipe_unknown_name_lists_choices():
+    """An unknown recipe name fails with the available names."""
+    with pytest.raises(ValueError, match=r"Unknown recipe: 'adam'\. Available: sgd, goyal"):
+        build_recipe("adam", 4096, 2, 14)
+
+
+@pytest.mark.parametrize("bad", [dict(global_batch_size=0), dict(epochs=-1), dict(steps_per_epoch=1.5)])
+def test_build_recipe_rejects_bad_budget(bad):
+    """Non-positive or non-integer batch, epochs or steps per epoch fail and name the argument."""
+    args = dict(global_batch_size=4096, epochs=2, steps_per_epoch=14) | bad
+    with pytest.raises(ValueError, match=f"Invalid {next(iter(bad))}"):
+        build_recipe("sgd", **args)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_builds_optimizer_and_pickles(name):
+    """Every recipe's factory builds a torch optimizer for the reference CNN, and the recipe pickles (ddp_spawn)."""
+    recipe = build_recipe(name, 4096, 3, 14)
+    assert recipe.name == name and recipe.source and recipe.hyperparameters
+    module = ClassifierModule("cnn")
+    out = recipe.optimizer(module)
+    opt = out["optimizer"] if isinstance(out, dict) else out
+    assert isinstance(opt, torch.optim.Optimizer)
+    covered = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in module.parameters()}
+    pickle.loads(pickle.dumps(recipe))
+
+
+def test_goyal_no_decay_on_bn_and_biases():
+    """Goyal: weight decay 1e-4 on conv/linear weights only; BN gamma/beta and biases in a no-decay group."""
+    module = ClassifierModule(ResNet(depth=8, width=4))
+    opt = build_recipe("goyal", 1024, 2, 10).optimizer(module)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for mod in module.modules():
+        for p in mod.parameters(recurse=False):
+            expected = 0.0 if isinstance(mod, nn.BatchNorm2d) or p.ndim == 1 else 1e-4
+            assert decay_of[id(p)] == expected
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+
+
+def test_lars_adapts_only_conv_and_linear_weights():
+    """LARS: the trust ratio and decay are off for BN and biases, on for every weight matrix."""
+    module = ClassifierModule("cnn")
+    opt = build_recipe("lars", 4096, 2, 14).optimizer(module)
+    adapt_of = {id(p): g["lars_adapt"] for g in opt.param_groups for p in g["params"]}
+    for p in module.parameters():
+        assert adapt_of[id(p)] == (p.ndim > 1)
+
+
+def test_zero_gamma_init_fresh_run_only():
+    """ZeroGammaInit zeroes each block's last BN gamma on a fresh fit and leaves a resumed run alone."""
+    model = ResNet(depth=8, width=4)
+    cb = ZeroGammaInit()
+    cb.on_fit_start(SimpleNamespace(ckpt_path="last.ckpt"), model)
+    assert cb.zeroed == 0 and all(b.bn2.weight.abs().sum() > 0 for b in (model.layer1[0], model.layer3[0]))
+    cb.on_fit_start(SimpleNamespace(ckpt_path=None), model)
+    blocks = [model.layer1[0], model.layer2[0], model.layer3[0]]
+    assert cb.zeroed == 3 and all(b.bn2.weight.abs().sum() == 0 for b in blocks)
+    assert model.bn1.weight.abs().sum() > 0  # the stem BN is not a block's last BN
+
+
+def _lr_trace(tmp_path, recipe_name: str, batch: int, epochs: int, steps_per_epoch: int) -> list[float]:
+    """LRs used at every optimizer step of a real Trainer run with the recipe (tiny MLP, synthetic data)."""
+    n = batch * steps_per_epoch
+    data = TensorImageDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 10, (n,)))
+    recipe = build_recipe(recipe_name, batch, epochs, steps_per_epoch)
+    module = ClassifierModule("mlp", optimizer=recipe.optimizer, model_kwargs=dict(in_features=16, hidden=(8,)))
+    lrs: list[float] = []
+    original = module.optimizer_step
+
+    def record(epoch, batch_idx, optimizer, optimizer_closure=None):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return original(epoch, batch_idx, optimizer, optimizer_closure)
+
+    module.optimizer_step = record
+    import pytorch_lightning as pl
+
+    trainer = make_trainer(pl, tmp_path, max_epochs=epochs, callbacks=list(recipe.callbacks),
+                           limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, tensor_loader(data, batch, shuffle=True, drop_last=True))
+    return lrs
+
+
+def test_goyal_lr_sequence_follows_the_paper(tmp_path):
+    """Goyal at batch 1024 (k=4): warmup from 0.1 to 0.4 over 5/90 of the run, /10 at 30, 60, 80 of 90 epochs."""
+    epochs, spe = 9, 2  # 18 steps; warmup 0.5 epoch = 1 step; milestones at epochs 3, 6, 8 = steps 6, 12, 16
+    lrs = _lr_trace(tmp_path, "goyal", 1024, epochs, spe)
+    expected = [0.1] + [0.4] * 5 + [0.04] * 6 + [0.004] * 4 + [0.0004] * 2
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_sgd_lr_sequence_warmup_then_cosine(tmp_path):
+    """The tuned baseline at batch 512 (k=2): linear warmup from 0 over 10% of the run, then cosine to 0."""
+    import math
+
+    epochs, spe = 10, 2  # 20 steps, warmup 1 epoch = 2 steps
+    lrs = _lr_trace(tmp_path, "sgd", 512, epochs, spe)
+    peak = 0.1 * 512 / 256
+    expected = [0.0, peak / 2] + [peak * 0.5 * (1 + math.cos(math.pi * t / 18)) for t in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -1,0 +1,134 @@
+"""Log the simple gradient noise scale ``B_simple`` (McCandlish et al. 2018) next to the global batch.
+
+``B_simple = tr(Sigma) / |G|^2`` estimates the batch size up to which a larger batch cuts the number of
+steps almost proportionally. The two norms it needs come almost for free from training:
+
+* "small": each micro-batch's gradient on each process, read by a tensor hook on every parameter
+  *before* it is accumulated into ``.grad`` (:class:`~lightning_lbo.noise_scale.MicroBatchGradNorms`).
+  DistributedDataParallel averages the accumulated ``.grad`` across ranks in its reducer, after these
+  hooks ran, so they see the rank-local gradient. (Reading ``.grad`` in ``on_after_backward`` would
+  not work: by then DDP has written the averaged gradient back.)
+* "big": the gradient the optimizer steps with (``on_before_optimizer_step``: averaged over
+  ``accumulate_grad_batches`` micro-batches and all ranks, unscaled by AMP).
+
+So ``B_small`` is the per-device batch and ``B_big`` = per-device batch x micro-batches x world size;
+on one process the estimate needs ``accumulate_grad_batches >= 2`` (steps without two batch sizes are
+skipped). The numerator and denominator are EMA-smoothed separately on each rank (no host sync per
+step); at logging steps their mean over ranks (one 2-element all-reduce) gives ``B_simple``.
+
+Limitations: fp16 mixed precision with a GradScaler is rejected (the hooks would see scaled
+gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from lightning_lbo.compat import callback_bases, lightning_package, package_of
+from lightning_lbo.hessian.hvp import first_dim_count
+from lightning_lbo.noise_scale import MicroBatchGradNorms, NoiseScaleEstimator, grad_sq_norm
+
+
+class GradientNoiseScale(*callback_bases()):
+    """Estimate and log ``B_simple`` from per-rank/micro-batch and global gradient norms.
+
+    Logged every ``log_every_n_steps`` optimizer steps: ``noise_scale/b_simple``,
+    ``noise_scale/grad_sq`` (``|G|^2``), ``noise_scale/trace`` (``tr Sigma``) and
+    ``noise_scale/global_batch`` (the batch of the current step: per-device x accumulation x world).
+
+    Args:
+        beta: EMA decay of the two terms per optimizer step (McCandlish et al. smooth over many steps).
+        log_every_n_steps: logging interval (default: the Trainer's ``log_every_n_steps``).
+
+    Example::
+
+        trainer = Trainer(strategy="ddp", devices=8, callbacks=[GradientNoiseScale(beta=0.99)])
+    """
+
+    def __init__(self, beta: float = 0.99, log_every_n_steps: int | None = None) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"Invalid log_every_n_steps: {log_every_n_steps!r}; use a positive integer or None.")
+        self.estimator = NoiseScaleEstimator(beta)  # validates beta
+        self.log_every_n_steps = log_every_n_steps
+        self._norms: MicroBatchGradNorms | None = None
+        self._micro_sizes: list[int] = []
+        self._warned = False
+        self.last: dict[str, float] = {}
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("GradientNoiseScale reads the gradient Lightning's automatic optimization steps with; "
+                               "use automatic optimization or remove the callback.")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("GradientNoiseScale does not support fp16 mixed precision with a GradScaler (its hooks "
+                             "would see loss-scaled gradients): use precision='bf16-mixed' or '32-true'.")
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"GradientNoiseScale needs exactly one optimizer, found {len(trainer.optimizers)}.")
+        params = [p for group in trainer.optimizers[0].param_groups for p in group["params"] if p.requires_grad]
+        self._norms = MicroBatchGradNorms(params)
+        self._params = params
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._norms is not None:
+            self._norms.remove()
+            self._norms = None
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._micro_sizes.append(first_dim_count(batch))
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        sizes, self._micro_sizes = self._micro_sizes, []
+        small_sum = self._norms.pop()
+        micro, k, world = len(sizes), trainer.accumulate_grad_batches, trainer.world_size
+        b_small = sum(sizes) / max(micro, 1)
+        b_big = b_small * micro * world
+        if micro == 0 or b_big <= b_small:
+            if not self._warned:
+                self._warned = True
+                lightning_package(package_of(trainer)).utilities.rank_zero_warn(
+                    "GradientNoiseScale needs two batch sizes: train on >= 2 processes (DDP) or with "
+                    "accumulate_grad_batches >= 2. Steps with a single batch size are skipped.")
+            return
+        # Lightning divides each micro-batch loss by k: undo it, so both are gradients of mean losses.
+        small_sq = small_sum * (k * k / micro)
+        big_sq = grad_sq_norm(self._params) * (k / micro) ** 2
+        self.estimator.update(small_sq, big_sq, b_small, b_big)
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every == 0:
+            self._log(trainer, pl_module, b_big / micro * k)
+
+    def _log(self, trainer: Any, pl_module: Any, global_batch: float) -> None:
+        terms = torch.stack([self.estimator.grad_sq(), self.estimator.trace()]).float()
+        terms = trainer.strategy.reduce(terms, reduce_op="mean")  # linear EMAs: mean of EMAs = EMA of means
+        b_simple = terms[1] / terms[0]
+        pl_module.log("noise_scale/b_simple", b_simple, on_step=True, on_epoch=False)
+        pl_module.log("noise_scale/grad_sq", terms[0], on_step=True, on_epoch=False)
+        pl_module.log("noise_scale/trace", terms[1], on_step=True, on_epoch=False)
+        pl_module.log("noise_scale/global_batch", float(global_batch), on_step=True, on_epoch=False)
+        self._last_terms = terms
+
+    def b_simple(self) -> float:
+        """This rank's current estimate (host sync; for inspection, not for the training loop)."""
+        return float(self.estimator.b_simple())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimator": self.estimator.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "estimator" in state_dict:
+            self.estimator.load_state_dict(state_dict["estimator"])

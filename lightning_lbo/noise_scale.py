@@ -1,0 +1,155 @@
+"""The simple gradient noise scale ``B_simple`` of McCandlish et al. 2018 (arXiv 1812.06162), pure torch.
+
+With per-sample gradients of mean ``G`` and covariance ``Sigma``, the mean gradient of ``B`` samples
+satisfies ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Two batch sizes ``B_small < B_big`` give unbiased
+estimates of both terms (their Appendix A.1):
+
+.. math::
+
+    |\\mathcal{G}|^2 = \\frac{B_{big} |G_{big}|^2 - B_{small} |G_{small}|^2}{B_{big} - B_{small}},
+    \\qquad
+    \\mathcal{S} = \\frac{|G_{small}|^2 - |G_{big}|^2}{1/B_{small} - 1/B_{big}},
+    \\qquad
+    B_{simple} = \\mathcal{S} / |\\mathcal{G}|^2 .
+
+Each term is noisy, so (as in the paper) the two are smoothed *separately* by exponential moving
+averages and their ratio is reported. ``B_simple`` estimates the batch size beyond which a larger
+batch stops buying proportionally fewer steps.
+
+Where the two norms come from (see :class:`MicroBatchGradNorms`): ``G_small`` is a gradient of one
+micro-batch on one process, taken by a tensor hook *before* it is accumulated into ``.grad`` (so before
+DistributedDataParallel averages it), ``G_big`` the final gradient the optimizer sees (averaged over
+micro-batches and ranks). Both are squared norms of *mean*-loss gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from lightning_lbo.capture import capture_paused
+
+
+def noise_scale_terms(small_sq: torch.Tensor, big_sq: torch.Tensor, b_small: float, b_big: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased estimates ``(|G|^2, tr(Sigma))`` from mean squared norms at two batch sizes.
+
+    Args:
+        small_sq: ``E|G_small|^2`` estimate (a mean over several small batches is allowed).
+        big_sq: ``|G_big|^2``.
+        b_small, b_big: the two batch sizes, ``b_small < b_big``.
+    """
+    if not 0 < b_small < b_big:
+        raise ValueError(f"Invalid batch sizes: b_small={b_small}, b_big={b_big}; need 0 < b_small < b_big.")
+    grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace
+
+
+class NoiseScaleEstimator:
+    """EMA-smoothed ``|G|^2`` and ``tr(Sigma)``; their ratio is ``B_simple``. No host synchronisation.
+
+    Args:
+        beta: EMA decay per update (0 keeps only the last step). The EMAs are bias-corrected.
+
+    Non-finite updates (overflowing gradients) leave the averages unchanged and are counted in
+    :attr:`skipped`.
+
+    Example::
+
+        est = NoiseScaleEstimator(beta=0.95)
+        est.update(small_sq, big_sq, b_small=128, b_big=1024)
+        est.b_simple()  # tensor
+    """
+
+    def __init__(self, beta: float = 0.99) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta}; use a value in [0, 1).")
+        self.beta = beta
+        self.ema = torch.zeros(2, dtype=torch.float64)  # [|G|^2, tr(Sigma)], un-normalised EMA
+        self.weight = torch.zeros((), dtype=torch.float64)  # sum of EMA weights (bias correction)
+        self.skipped = torch.zeros((), dtype=torch.int64)
+        self.updates = 0
+
+    def update(self, small_sq: torch.Tensor, big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
+        """Fold one step's pair of squared norms into the averages."""
+        terms = torch.stack(noise_scale_terms(small_sq.double(), big_sq.double(), b_small, b_big))
+        if self.ema.device != terms.device:
+            self.ema, self.weight, self.skipped = (t.to(terms.device) for t in (self.ema, self.weight, self.skipped))
+        finite = torch.isfinite(terms).all()
+        self.ema = torch.where(finite, self.beta * self.ema + (1 - self.beta) * terms, self.ema)
+        self.weight = torch.where(finite, self.beta * self.weight + (1 - self.beta), self.weight)
+        self.skipped += (~finite).long()
+        self.updates += 1
+
+    def grad_sq(self) -> torch.Tensor:
+        """Smoothed ``|G|^2`` (nan before the first finite update)."""
+        return self.ema[0] / self.weight
+
+    def trace(self) -> torch.Tensor:
+        """Smoothed ``tr(Sigma)``."""
+        return self.ema[1] / self.weight
+
+    def b_simple(self) -> torch.Tensor:
+        """``tr(Sigma) / |G|^2`` of the smoothed terms (the bias correction cancels)."""
+        return self.ema[1] / self.ema[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta, "ema": self.ema.cpu(), "weight": self.weight.cpu(), "skipped": self.skipped.cpu(),
+                "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.beta = state.get("beta", self.beta)
+        self.ema = state.get("ema", self.ema).clone().to(torch.float64)
+        self.weight = state.get("weight", self.weight).clone().to(torch.float64)
+        self.skipped = state.get("skipped", self.skipped).clone()
+        self.updates = state.get("updates", self.updates)
+
+
+class MicroBatchGradNorms:
+    """Sum of squared norms of each backward's *own* gradient, per process, before accumulation.
+
+    A hook on each parameter (``Tensor.register_hook`` on a leaf) sees the gradient this backward
+    contributes, before autograd adds it to ``.grad`` and before DistributedDataParallel's reducer
+    (which acts on the accumulated gradient) averages it across ranks. Summed over parameters and
+    backward passes, :meth:`pop` returns ``sum_i |g_i|^2`` over the micro-batches since the last pop.
+    Passes inside :func:`lightning_lbo.capture.curvature_capture_paused` (HVPs, FGSM) are ignored.
+
+    Args:
+        params: the parameters whose gradient norm is measured (those the optimizer updates).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MicroBatchGradNorms needs at least one parameter that requires grad.")
+        self._sq: list[torch.Tensor] = []
+        self._handles = [p.register_hook(self._hook) for p in self.params]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        if not capture_paused():
+            self._sq.append(grad.detach().float().pow(2).sum())  # list.append is atomic: safe from device threads
+
+    def pop(self) -> torch.Tensor:
+        """``sum_i |g_i|^2`` since the last call (0-d float32 tensor, on the parameters' device)."""
+        sq, self._sq = self._sq, []
+        if not sq:
+            return torch.zeros((), device=self.params[0].device)
+        return torch.stack(sq).sum()
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._sq = []
+
+
+def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``|grad|^2`` over parameters with a gradient (multi-tensor norm, no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError("No parameter has a gradient.")
+    return torch.stack(torch._foreach_norm([g.float() for g in grads])).pow(2).sum()

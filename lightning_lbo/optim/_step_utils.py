@@ -6,9 +6,14 @@
   no Python branch on tensor values), as in optax's ``scale_by_trust_ratio``
   (``jnp.where(zero_norm, 1.0, ratio)``).
 
-A non-finite gradient (or weight) makes the whole tensor's update a no-op: the optimizers multiply
-every per-tensor coefficient by a 0/1 mask and replace the offending gradient by zeros with
-``torch.where`` before it touches any state, so NaN/Inf never reaches weights or optimizer state.
+A non-finite gradient makes the whole tensor's update a no-op: every per-tensor coefficient is masked
+to 0 (the decay factors to 1) on the device, and the gradient's non-finite entries are set to 0 *in
+place* (``torch.nan_to_num_``: one cheap in-place pass, where an out-of-place ``torch.where`` copy would
+cost an allocation per tensor), so NaN/Inf never reaches weights or optimizer state. Like
+``GradScaler.unscale_``, the step thus edits a skipped tensor's ``.grad`` in place: its non-finite
+entries read 0 afterwards (LAMB and RMSpropWarmup zero the whole gradient of a skipped tensor); finite
+gradients are left bit-identical. A weight that is *already* non-finite
+is not repaired.
 Each skip is counted in the parameter's ``state["nonfinite_skips"]`` (a 0-d tensor on the
 parameter's device) that a callback or the user reads when it logs.
 """
@@ -80,6 +85,12 @@ def finite_mask(*norms: Tensor) -> Tensor:
     for n in norms[1:]:
         mask = mask & torch.isfinite(n)
     return mask
+
+
+def zero_nonfinite_(tensors: Tensor | list[Tensor]) -> None:
+    """Set NaN and +-Inf entries to 0 in place (finite entries unchanged)."""
+    for t in [tensors] if isinstance(tensors, Tensor) else tensors:
+        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def masked(tensor: Tensor, keep: Tensor) -> Tensor:

@@ -40,14 +40,15 @@ from lightning_lbo.optim._step_utils import (
     finite_mask,
     group_by_device_and_dtype,
     lars_trust_ratio,
-    masked,
     params_with_grads,
     skip_counters,
     total_nonfinite_skips,
     use_foreach,
+    zero_nonfinite_,
 )
+from lightning_lbo.optim.lamb import LAMB  # one paper per file; importable from here as the public API says
 
-__all__ = ["LARS", "MomentumForm", "lars"]
+__all__ = ["LARS", "LAMB", "MomentumForm", "lars"]
 
 
 class MomentumForm(str, Enum):
@@ -204,18 +205,25 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Te
             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
             clip=clip, adapt=adapt)
         skips[i].add_((~keep).to(skips[i].dtype))
-        d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
-        d = masked(d, keep)
-        if bufs is None:
-            w.addcmul_(d, -(lr_out * d_coef))
+        zero_nonfinite_(g)
+        # d = g + wd * w is never materialised: its two terms enter the buffer / weights separately
+        if bufs is None or nesterov:
+            step = lr_out * d_coef  # weight of d in the step
+            if bufs is not None:
+                bufs[i].mul_(buf_decay).addcmul_(g, d_coef)
+                if weight_decay != 0:
+                    bufs[i].addcmul_(w, d_coef * weight_decay)
+            if weight_decay != 0:
+                w.mul_(1 - step * weight_decay)
+            w.addcmul_(g, -step)
+            if bufs is not None:
+                w.addcmul_(bufs[i], -(lr_out * momentum))
             continue
         buf = bufs[i]
-        buf.mul_(buf_decay).addcmul_(d, d_coef)
-        if nesterov:
-            w.addcmul_(d, -(lr_out * d_coef))
-            w.addcmul_(buf, -(lr_out * momentum))
-        else:
-            w.addcmul_(buf, -lr_out)
+        buf.mul_(buf_decay).addcmul_(g, d_coef)
+        if weight_decay != 0:
+            buf.addcmul_(w, d_coef * weight_decay)
+        w.addcmul_(buf, -lr_out)
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor],
@@ -224,31 +232,24 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Ten
     lists = [params, grads, skips] + ([bufs] if bufs is not None else [])
     for bucket in group_by_device_and_dtype(lists):
         ws, gs, cs = bucket[0], bucket[1], bucket[2]
-        w_norm = torch.stack(torch._foreach_norm(ws))
-        g_norm = torch.stack(torch._foreach_norm(gs))
+        bs = bucket[3] if bufs is not None else None
         keep, d_coef, buf_decay, lr_out = _coefficients(
-            w_norm, g_norm, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form, clip=clip, adapt=adapt)
+            torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs)), lr=lr, momentum=momentum,
+            weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
+            clip=clip, adapt=adapt)
         torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
-        ds = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else gs
-        # NaN-safe zeroing needs a select, not a multiply (0 * NaN = NaN)
-        ds = [masked(d, k) for d, k in zip(ds, keep.unbind(), strict=True)]
-        if bufs is None:
-            torch._foreach_addcmul_(ws, ds, list((-(lr_out * d_coef)).unbind()))
-            continue
-        bs = bucket[3]
-        torch._foreach_mul_(bs, list(buf_decay.unbind()))
-        torch._foreach_addcmul_(bs, ds, list(d_coef.unbind()))
-        if nesterov:
-            torch._foreach_addcmul_(ws, ds, list((-(lr_out * d_coef)).unbind()))
-            torch._foreach_addcmul_(ws, bs, list((-(lr_out * momentum)).unbind()))
+        zero_nonfinite_(gs)
+        if bs is not None:
+            torch._foreach_mul_(bs, list(buf_decay.unbind()))
+            torch._foreach_addcmul_(bs, gs, list(d_coef.unbind()))
+            if weight_decay != 0:
+                torch._foreach_addcmul_(bs, ws, list((d_coef * weight_decay).unbind()))
+        if bs is None or nesterov:
+            step = lr_out * d_coef
+            if weight_decay != 0:
+                torch._foreach_mul_(ws, list((1 - step * weight_decay).unbind()))
+            torch._foreach_addcmul_(ws, gs, list((-step).unbind()))
+            if bs is not None:
+                torch._foreach_addcmul_(ws, bs, list((-(lr_out * momentum)).unbind()))
         else:
             torch._foreach_addcmul_(ws, bs, list((-lr_out).unbind()))
-
-
-def __getattr__(name: str) -> Any:
-    if name == "LAMB":  # defined in its own file (one paper per file); importable from here as the API promises
-        from lightning_lbo.optim.lamb import LAMB
-
-        return LAMB
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

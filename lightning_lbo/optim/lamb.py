@@ -1,0 +1,210 @@
+r"""LAMB: layer-wise adaptive moments for large-batch training (You et al. 2019, arXiv 1904.00962, Algorithm 2).
+
+Per parameter tensor with weight :math:`w`, gradient :math:`g`, step :math:`t`:
+
+.. math::
+
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g^2, \\
+    \hat m = m_t / (1 - \beta_1^t), \qquad \hat v = v_t / (1 - \beta_2^t), \qquad
+    u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w, \\
+    w \leftarrow w - \eta_t \, \frac{\phi(\lVert w \rVert)}{\lVert u \rVert} \, u
+
+with :math:`\phi` the identity. Options: ``bias_correction=False`` drops the hat corrections (the
+paper's Algorithm 2 omits them; its experiments and most implementations keep them);
+``max_trust_ratio`` clips the ratio :math:`\lVert w \rVert / \lVert u \rVert` from above (NVIDIA / timm
+"trust clip"). A zero ``||w||`` or ``||u||`` gives ratio 1. Group switches as LARS: ``weight_decay`` and
+``lars_adapt`` (``False``: ratio 1, i.e. AdamW-style decoupled decay with no layer adaptation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lbo.optim._step_utils import (
+    check_momentum,
+    check_non_negative,
+    finite_mask,
+    group_by_device_and_dtype,
+    params_with_grads,
+    skip_counters,
+    total_nonfinite_skips,
+    use_foreach,
+    zero_nonfinite_,
+)
+
+__all__ = ["LAMB", "lamb"]
+
+
+class LAMB(torch.optim.Optimizer):
+    """Adam moments with a per-tensor trust ratio (LAMB).
+
+    Args:
+        params: parameters or param groups (groups may set ``weight_decay`` and ``lars_adapt``).
+        lr: learning rate :math:`\\eta`.
+        betas: :math:`(\\beta_1, \\beta_2)`, each in [0, 1).
+        eps: added to :math:`\\sqrt{\\hat v}`.
+        weight_decay: :math:`\\lambda`, added to the Adam direction (inside the trust ratio).
+        bias_correction: divide the moments by :math:`1 - \\beta^t`.
+        max_trust_ratio: upper bound of the trust ratio (``None``: unbounded, as in the paper).
+        lars_adapt: default of the per-group switch; ``False`` disables the trust ratio.
+        foreach: multi-tensor path; ``None`` picks it for plain tensors.
+
+    Example::
+
+        from lightning_lbo import LAMB
+        opt = LAMB(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
+                 max_trust_ratio: float | None = None, lars_adapt: bool = True, foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, lars_adapt=lars_adapt,
+                        foreach=foreach)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_non_negative("lr", group["lr"])
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; use two values in [0, 1), e.g. (0.9, 0.999).")
+        check_momentum(betas[0], "betas[0]")
+        check_momentum(betas[1], "betas[1]")
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        mtr = group["max_trust_ratio"]
+        if mtr is not None and (isinstance(mtr, bool) or not isinstance(mtr, (int, float)) or not mtr > 0):
+            raise ValueError(f"Invalid max_trust_ratio: {mtr!r}; use a value > 0 (e.g. 10.0) or None for no clipping.")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("bias_correction", True)
+            group.setdefault("max_trust_ratio", None)
+            group.setdefault("lars_adapt", True)
+            group.setdefault("foreach", None)
+
+    def nonfinite_skips(self) -> Tensor:
+        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
+        return total_nonfinite_skips(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LAMB step; ``closure`` runs once under ``torch.enable_grad()``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = params_with_grads(group, "LAMB")
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            lamb(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                 [s["step"] for s in states], skip_counters(self, params), lr=group["lr"], beta1=group["betas"][0],
+                 beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+                 bias_correction=group["bias_correction"], max_trust_ratio=group["max_trust_ratio"],
+                 adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params))
+        return loss
+
+
+def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+         steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+         weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, adapt: bool, foreach: bool) -> None:
+    """Functional LAMB update in place; ``steps`` are 0-d float tensors (not advanced on skipped steps)."""
+    fn = _multi_tensor_lamb if foreach else _single_tensor_lamb
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, skips, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+       weight_decay=weight_decay, bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, adapt=adapt)
+
+
+def _moment_coefficients(keep: Tensor, step: Tensor, *, beta1: float, beta2: float, bias_correction: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-tensor ``(m decay, v decay, 1 / bias_correction1, 1 / sqrt(bias_correction2))``; skipped: decay 1."""
+    one = torch.ones_like(step)
+    b1 = torch.where(keep, torch.full_like(step, beta1), one)
+    b2 = torch.where(keep, torch.full_like(step, beta2), one)
+    if not bias_correction:
+        return b1, b2, one, one
+    t = torch.clamp(step, min=1.0)  # a tensor whose every step was skipped has step 0: keep the division finite
+    return b1, b2, 1.0 / (1.0 - beta1 ** t), torch.rsqrt(1.0 - beta2 ** t)
+
+
+def _update_scale(keep: Tensor, w_norm: Tensor, u_norm: Tensor, *, lr: float | Tensor,
+                  max_trust_ratio: float | None, adapt: bool) -> Tensor:
+    """``-lr * trust_ratio`` per tensor, 0 where the step is skipped."""
+    if adapt:
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        if max_trust_ratio is not None:
+            ratio = torch.clamp(ratio, max=max_trust_ratio)
+    else:
+        ratio = torch.ones_like(w_norm)
+    return torch.where(keep, -lr * ratio, torch.zeros_like(ratio))
+
+
+def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
+                        max_trust_ratio: float | None, adapt: bool) -> None:
+    for w, g, m, v, step, skip in zip(params, grads, exp_avgs, exp_avg_sqs, steps, skips, strict=True):
+        w_norm = torch.linalg.vector_norm(w)
+        keep = finite_mask(w_norm, torch.linalg.vector_norm(g))
+        skip.add_((~keep).to(skip.dtype))
+        step.add_(keep.to(step.dtype))
+        zero_nonfinite_(g)
+        g.mul_(keep)  # a skipped tensor's moments must not move: zero its (now finite) gradient
+        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(keep, step.to(w.dtype), beta1=beta1, beta2=beta2,
+                                                             bias_correction=bias_correction)
+        m.mul_(b1).add_(g, alpha=1 - beta1)
+        v.mul_(b2).addcmul_(g, g, value=1 - beta2)
+        u = torch.div(m, v.sqrt().mul_(inv_sqrt_bc2).add_(eps)).mul_(inv_bc1)
+        if weight_decay != 0:
+            u.add_(w, alpha=weight_decay)
+        scale = _update_scale(keep, w_norm, torch.linalg.vector_norm(u), lr=lr, max_trust_ratio=max_trust_ratio,
+                              adapt=adapt)
+        w.addcmul_(u, scale)
+
+
+def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                       beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
+                       max_trust_ratio: float | None, adapt: bool) -> None:
+    for ws, gs, ms, vs, ts, cs in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps, skips]):
+        w_norm = torch.stack(torch._foreach_norm(ws))
+        keep = finite_mask(w_norm, torch.stack(torch._foreach_norm(gs)))
+        torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
+        torch._foreach_add_(ts, list(keep.to(ts[0].dtype).unbind()))
+        zero_nonfinite_(gs)
+        torch._foreach_mul_(gs, list(keep.to(gs[0].dtype).unbind()))  # skipped tensors: moments must not move
+        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(keep, torch.stack(ts).to(ws[0].dtype), beta1=beta1,
+                                                             beta2=beta2, bias_correction=bias_correction)
+        torch._foreach_mul_(ms, list(b1.unbind()))
+        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_mul_(vs, list(b2.unbind()))
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        us = torch._foreach_sqrt(vs)
+        torch._foreach_mul_(us, list(inv_sqrt_bc2.unbind()))
+        torch._foreach_add_(us, eps)
+        torch._foreach_reciprocal_(us)
+        torch._foreach_mul_(us, ms)
+        torch._foreach_mul_(us, list(inv_bc1.unbind()))
+        if weight_decay != 0:
+            torch._foreach_add_(us, ws, alpha=weight_decay)
+        scale = _update_scale(keep, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
+                              max_trust_ratio=max_trust_ratio, adapt=adapt)
+        torch._foreach_addcmul_(ws, us, list(scale.unbind()))

@@ -104,14 +104,14 @@ def kfac_ddp_strategy_class(package: str = PYTORCH_LIGHTNING) -> type:
                 verify_same_signature,
             )
 
-            preconditioners = find_kfac(self.optimizers)
-            for preconditioner in preconditioners:
-                bind_kfac(preconditioner, self.lightning_module)
+            found = find_kfac(self.optimizers, self.lightning_module)
+            for optimizer, preconditioner in found:
+                bind_kfac(optimizer, preconditioner, self.lightning_module)
             settings = {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
                         "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric}
-            signature = {"strategy": settings, "kfac": [kfac_signature(p) for p in preconditioners]}
+            signature = {"strategy": settings, "kfac": [kfac_signature(opt, pre) for opt, pre in found]}
             verify_same_signature(signature)
-            if not preconditioners or not dist.is_initialized():
+            if not found or not dist.is_initialized():
                 return
             if self._curvature_group is None:
                 # K-FAC's own group: its collectives never interleave with DDP's gradient buckets.
@@ -119,7 +119,7 @@ def kfac_ddp_strategy_class(package: str = PYTORCH_LIGHTNING) -> type:
             self.communicator = TorchDistributedCommunicator(
                 group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
                 pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction)
-            for preconditioner in preconditioners:
+            for _, preconditioner in found:
                 preconditioner.set_communicator(self.communicator)
 
         @classmethod

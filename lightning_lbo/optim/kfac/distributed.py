@@ -330,20 +330,60 @@ def verify_same_signature(signature: Any, group: Any = None) -> None:
                            "same model, the same K-FAC layers (exclusions) and the same hyperparameters.")
 
 
-def find_kfac(optimizers: Sequence[Any]) -> list[Any]:
-    """The K-FAC preconditioners behind ``optimizers`` (Lightning wrappers unwrapped), each once.
+def find_kfac(optimizers: Sequence[Any], module: Any = None) -> list[tuple[Any, Any]]:
+    """``(optimizer or None, preconditioner)`` for every K-FAC preconditioner, each once.
 
-    An object counts as K-FAC when it has ``set_communicator``: the optimizer itself or its
-    ``preconditioner`` attribute.
+    A preconditioner is an object with ``set_communicator`` and ``bind``: the ``preconditioner`` of
+    an optimizer (Lightning wrappers unwrapped), or a standalone one stored as an attribute of
+    ``module`` (``self.kfac = KFACPreconditioner(self)`` in ``configure_optimizers``).
     """
-    found: dict[int, Any] = {}
+
+    def is_kfac(obj: Any) -> bool:
+        return callable(getattr(obj, "set_communicator", None)) and callable(getattr(obj, "bind", None))
+
+    found: dict[int, tuple[Any, Any]] = {}
     for optimizer in optimizers:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-        for candidate in (optimizer, getattr(optimizer, "preconditioner", None)):
-            if candidate is not None and callable(getattr(candidate, "set_communicator", None)):
-                found.setdefault(id(candidate), candidate)
-                break
+        pre = getattr(optimizer, "preconditioner", None)
+        if is_kfac(pre):
+            found.setdefault(id(pre), (optimizer, pre))
+    for value in (vars(module).values() if module is not None else ()):
+        if is_kfac(value):
+            found.setdefault(id(value), (None, value))
     return list(found.values())
+
+
+def bind_kfac(optimizer: Any, preconditioner: Any, module: Any) -> None:
+    """Bind a preconditioner built from parameters alone (LightningCLI) to ``module``; no-op if bound."""
+    if getattr(preconditioner, "bound", True):
+        return
+    (optimizer if callable(getattr(optimizer, "bind", None)) else preconditioner).bind(module)
+
+
+def _describe(value: Any) -> Any:
+    """A rank-independent, picklable description of a setting (callables by name, enums by value)."""
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    return getattr(value, "value", None) if hasattr(value, "value") else repr(value)
+
+
+_SETTINGS = ("damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "inverse_method",
+             "fisher", "likelihood", "kl_clip", "stale_statistics", "linear_variant", "l2")
+
+
+def kfac_signature(optimizer: Any, preconditioner: Any) -> dict[str, Any]:
+    """Layers (name, module type, factor sizes) and settings of one K-FAC instance, to compare across ranks."""
+    layers = []
+    for st in getattr(preconditioner, "states", []):
+        block = st.block
+        dims = getattr(block, "dims", None) if getattr(block, "kind", "") == "kronecker" else getattr(block, "k", None)
+        layers.append(f"{block.name}: {type(block.module).__name__} {getattr(block, 'kind', '')} {dims}")
+    settings = {name: _describe(getattr(preconditioner, name, None)) for name in _SETTINGS}
+    if optimizer is not None:
+        settings |= {f"optimizer.{k}": _describe(v) for k, v in sorted(getattr(optimizer, "defaults", {}).items())}
+    return {"class": type(preconditioner).__qualname__, "layers": layers, "settings": settings}
 
 
 _HINT_SHOWN = False

@@ -1,0 +1,170 @@
+"""2-rank K-FAC training equals 1-process K-FAC at the same global batch (run under torchrun).
+
+Each rank trains a tiny MLP (no BN) on its half of every global batch of ``B`` examples with a
+non-shuffling per-rank sampler (``use_distributed_sampler=False``); a plain single-process torch loop
+with batch ``B`` and the same K-FAC settings is the oracle. Configurations share the two processes:
+
+* ``ddp_kfac`` with grad_worker_fraction 1.0 and 1/world, with stale statistics, with gradient
+  accumulation (micro-batches of B/4 under no_sync), a checkpoint/resume (rank 0 saves, both restore),
+  and a DDP comm hook that must run on CPU/gloo;
+* plain ``ddp`` (factors averaged by the synchronous fallback);
+* a configuration that differs between ranks, which must fail on every rank with a clear message.
+
+Usage: ``torchrun --nproc_per_node=2 ddp_kfac_equivalence.py [--package lightning.pytorch] [--nodes 2]``
+(``--nodes 2``: one process per node, ``Trainer(num_nodes=2, devices=1)``). Prints ``rank R ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_lbo.classifier import classifier_module_class
+from lightning_lbo.compat import lightning_package
+from lightning_lbo.optim.kfac import KFAC, StaleStatistics
+from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
+
+B, STEPS_PER_EPOCH, EPOCHS, IN, CLASSES = 16, 3, 2, 12, 3
+DATA = torch.Generator().manual_seed(0)
+X = torch.randn(B * STEPS_PER_EPOCH, IN, generator=DATA)
+Y = torch.randint(0, CLASSES, (B * STEPS_PER_EPOCH,), generator=DATA)
+BASE = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, damping=1e-2, factor_update_interval=1,
+            inverse_update_interval=1)
+STALE = dict(stale_statistics=StaleStatistics(threshold=0.3, growth=2.0), inverse_update_interval=2)
+
+
+class RankSlices(Sampler):
+    """Global batch ``s`` is ``X[s*B:(s+1)*B]``; rank ``r``'s micro-batch ``m`` is its ``r``-th, ``m``-th slice."""
+
+    def __init__(self, rank: int, world_size: int, micro_batches: int) -> None:
+        self.rank, self.world_size, self.micro = rank, world_size, micro_batches
+
+    def __iter__(self):
+        size = B // (self.world_size * self.micro)
+        for step in range(STEPS_PER_EPOCH):
+            for m in range(self.micro):
+                start = step * B + (m * self.world_size + self.rank) * size
+                yield from range(start, start + size)
+
+    def __len__(self) -> int:
+        return B * STEPS_PER_EPOCH // self.world_size
+
+
+def make_module(package: str, kfac_kwargs: dict):
+    torch.manual_seed(1)
+    kwargs = {**BASE, **kfac_kwargs}
+    return classifier_module_class(package)(
+        "mlp", optimizer=lambda m: KFAC(m, **kwargs), num_classes=CLASSES,
+        model_kwargs={"in_features": IN, "hidden": (8,)})
+
+
+def reference(package: str, kfac_kwargs: dict, steps: int) -> list[torch.Tensor]:
+    """One process, batch B, plain torch loop: the oracle."""
+    module = make_module(package, kfac_kwargs)
+    opt = module.configure_optimizers()
+    module.train()
+    for step in range(steps):
+        s = step % STEPS_PER_EPOCH
+        opt.zero_grad()
+        F.cross_entropy(module(X[s * B:(s + 1) * B]), Y[s * B:(s + 1) * B]).backward()
+        opt.step()
+    return [p.detach().clone() for p in module.parameters()]
+
+
+COUNTED = {"calls": 0}
+
+
+def counting_allreduce_hook(state, bucket):
+    COUNTED["calls"] += 1
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+def train(pl, args, strategy, kfac_kwargs, epochs=EPOCHS, accumulate=1, ckpt_path=None):
+    module = make_module(args.package, kfac_kwargs)
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # set by torchrun
+    loader = DataLoader(TensorDataset(X, Y), batch_size=B // (world * accumulate),
+                        sampler=RankSlices(rank, world, accumulate))
+    trainer = pl.Trainer(accelerator="cpu", devices=world // args.nodes, num_nodes=args.nodes, strategy=strategy,
+                         max_epochs=epochs, accumulate_grad_batches=accumulate, use_distributed_sampler=False,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def check(name, module, expected, trainer):
+    got = [p.detach() for p in module.parameters()]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    flat = torch.cat([p.flatten() for p in got])
+    gathered = trainer.strategy.all_gather(flat)
+    assert torch.equal(gathered[0], gathered[1]), f"{name}: ranks diverged"
+    if trainer.global_rank == 0:
+        print(f"{name}: equal to 1 process", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--package", default="pytorch_lightning")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="only the default ddp_kfac configuration")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pl = lightning_package(args.package)
+    Strategy = kfac_ddp_strategy_class(args.package)
+    full = reference(args.package, {}, EPOCHS * STEPS_PER_EPOCH)
+
+    trainer, module = train(pl, args, Strategy(ddp_comm_hook=counting_allreduce_hook), {})
+    check("ddp_kfac", module, full, trainer)
+    assert COUNTED["calls"] > 0, "the DDP comm hook was not registered on CPU"
+    comm = trainer.strategy.communicator
+    assert comm is not None and comm.stats.factor_bytes > 0, "no factor traffic under ddp_kfac"
+    assert comm.stats.broadcast_bytes > 0 and not trainer.optimizers[0].preconditioner.precondition_on_owner_only
+    if args.quick:
+        print(f"rank {trainer.global_rank} ok", flush=True)
+        return
+
+    trainer, module = train(pl, args, Strategy(grad_worker_fraction=0.5, bucket_cap_mb=0.0), {})
+    check("ddp_kfac grad_worker_fraction=1/2", module, full, trainer)
+    assert trainer.optimizers[0].preconditioner.precondition_on_owner_only
+
+    trainer, module = train(pl, args, "ddp_kfac", {}, accumulate=2)
+    check("ddp_kfac accumulate_grad_batches=2", module, full, trainer)
+
+    trainer, module = train(pl, args, "ddp_kfac", STALE)
+    check("ddp_kfac stale statistics", module, reference(args.package, STALE, EPOCHS * STEPS_PER_EPOCH), trainer)
+    pre = trainer.optimizers[0].preconditioner
+    refreshes = sum(v for st in pre.states for v in st.refreshes.values())
+    assert refreshes < EPOCHS * STEPS_PER_EPOCH * 2 * len(pre.states), "stale statistics skipped no refresh"
+
+    # checkpoint after epoch 1 (rank 0 writes), resume on both ranks, compare with the uninterrupted run
+    path = os.path.join(tempfile.gettempdir(), f"ddp_kfac_{os.environ['MASTER_PORT']}.ckpt")
+    trainer, module = train(pl, args, "ddp_kfac", {}, epochs=1)
+    trainer.save_checkpoint(path)
+    trainer, module = train(pl, args, "ddp_kfac", {}, ckpt_path=path)
+    check("ddp_kfac resumed", module, full, trainer)
+    if trainer.global_rank == 0:
+        os.remove(path)
+
+    # plain DDP: the synchronous fallback averages the factors
+    trainer, module = train(pl, args, "ddp", {})
+    check("plain ddp", module, full, trainer)
+
+    # a rank with other settings must fail on every rank with a message, not hang
+    try:
+        train(pl, args, "ddp_kfac", {"damping": 1e-2 if trainer.global_rank == 0 else 1e-3})
+    except RuntimeError as err:
+        assert "configured differently" in str(err) and "rank 1" in str(err), err
+    else:
+        raise AssertionError("a mismatched K-FAC configuration did not fail")
+    print(f"rank {trainer.global_rank} ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()

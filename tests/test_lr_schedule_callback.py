@@ -24,10 +24,12 @@ def _module_class(package: str) -> type:
     class TinyNet(pl.LightningModule):
         """Linear + BatchNorm on fixed random data; two param groups with different base LRs."""
 
-        def __init__(self, lr: float = 0.1, momentum: float = 0.9, scheduler: bool = False) -> None:
+        def __init__(self, lr: float = 0.1, momentum: float = 0.9, scheduler: bool = False, no_groups: bool = False,
+                     batch_size: int | None = BATCH) -> None:
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
             self.lr, self.momentum, self.scheduler = lr, momentum, scheduler
+            self.no_groups, self.batch_size = no_groups, batch_size
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -36,13 +38,18 @@ def _module_class(package: str) -> type:
         def train_dataloader(self):
             g = torch.Generator().manual_seed(1)
             data = TensorDataset(torch.randn(N_SAMPLES, 3, generator=g), torch.randint(0, 2, (N_SAMPLES,), generator=g))
-            return DataLoader(data, batch_size=BATCH, shuffle=False)
+            if self.batch_size is None:  # a sampler that yields whole batches: no batch size to read
+                return DataLoader(data, batch_size=None, sampler=[list(range(i, i + BATCH))
+                                                                  for i in range(0, N_SAMPLES, BATCH)])
+            return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
         def configure_optimizers(self):
             groups = param_groups(self, weight_decay=1e-4, lr=self.lr, lr_multipliers={"no_decay": 0.5})
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
             if self.scheduler:
                 return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+            if self.no_groups:
+                opt.param_groups.clear()
             return opt
 
     # Picklable for ddp_spawn: a module-level name per package.
@@ -243,6 +250,8 @@ def test_lr_schedule_bad_arguments_raise(kwargs, match):
     (dict(warmup_epochs=3, warmup_start_factor=0.1, decay="poly"), {}, "No steps are left"),
     (dict(schedule=lambda t: 1.0 - t / 5), {}, "at step 6"),
     (dict(), dict(scheduler=True), "also returned an lr_scheduler"),
+    (dict(), dict(no_groups=True), "no param_groups"),
+    (dict(reference_batch_size=256), dict(batch_size=None), "LRSchedule\\(batch_size=...\\)"),
 ])
 def test_lr_schedule_setup_errors(tmp_path, kwargs, module_kw, match):
     """Warmup longer than training, a negative schedule, a competing scheduler: clear errors before step 0."""
@@ -251,3 +260,27 @@ def test_lr_schedule_setup_errors(tmp_path, kwargs, module_kw, match):
     with pytest.raises(ValueError, match=match):
         _fit(pl, tmp_path, [LRSchedule(**kwargs), rec], module=_module_class(pl.__name__)(**module_kw), max_epochs=3)
     assert rec.lrs == {}
+
+
+def test_lr_schedule_custom_schedule_and_explicit_batch_size(tmp_path):
+    """A custom step -> multiplier runs as given; batch_size= overrides the DataLoader (here unreadable)."""
+    pl = lightning_package("pytorch_lightning")
+    rec = LRRecorder()
+    cb = LRSchedule(schedule=lambda t: 1.0 / (1 + t), reference_batch_size=8, batch_size=BATCH * 4)
+    _fit(pl, tmp_path, [cb, rec], module=_module_class(pl.__name__)(batch_size=None), max_steps=7)
+    assert cb.global_batch_size == 16 and cb.scale == 2.0
+    assert [rec.lrs[t][0] for t in range(7)] == pytest.approx([0.2 / (1 + t) for t in range(7)], rel=1e-12)
+
+
+def test_lr_schedule_warns_when_resumed_batch_size_changes(tmp_path):
+    """Resuming with another global batch size rescales the LR to the new batch, with a warning."""
+    pl = lightning_package("pytorch_lightning")
+    kw = dict(warmup_steps=2, decay="cosine", reference_batch_size=4, total_steps=12)
+    trainer, _ = _fit(pl, tmp_path, [LRSchedule(**kw)], max_steps=4)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    rec = LRRecorder()
+    with pytest.warns(UserWarning, match="global batch size changed from 4"):
+        _fit(pl, tmp_path / "b", [LRSchedule(**kw), rec], max_steps=6, accumulate_grad_batches=2,
+             ckpt_path=tmp_path / "a.ckpt")
+    m = 0.5 * (1 + math.cos(math.pi * (4 - 2) / 10))
+    assert rec.lrs[4][0] == pytest.approx(0.1 * 2 * m, rel=1e-12)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_lbo import schedules as S
@@ -156,6 +157,8 @@ class LRSchedule(*callback_bases()):
         self.scale = 1.0
         self.base_lrs: list[list[float]] | None = None
         self._loaded_base_lrs: list[list[float]] | None = None
+        self._fresh_base_lrs: list[list[float]] = []
+        self._loaded_batch_size: int | None = None
         self._last_lrs: list[list[float]] = []
         self._applied_step: int | None = None
 
@@ -181,24 +184,31 @@ class LRSchedule(*callback_bases()):
             if any("lr" not in g for g in groups):
                 raise ValueError(f"A param group of {type(opt).__name__} has no 'lr' key; give every group an LR.")
             fresh.append([float(g["lr"]) for g in groups])
-        # Resumed runs keep the base LRs of the original run (the optimizer now holds fresh ones, and the
-        # checkpoint's scheduled LRs are restored into it later).
-        base = self._loaded_base_lrs if self._loaded_base_lrs is not None else fresh
+        # The optimizer holds the LRs configure_optimizers gave it; a checkpoint's scheduled LRs are
+        # restored into it only later (restore_training_state), so this is the moment to read them.
+        self._fresh_base_lrs = fresh
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Resumed runs keep the base LRs of the original run.
+        base = self._loaded_base_lrs if self._loaded_base_lrs is not None else self._fresh_base_lrs
+        fresh = self._fresh_base_lrs
         if [len(b) for b in base] != [len(b) for b in fresh]:
             raise ValueError(f"The checkpoint's LRSchedule has {[len(b) for b in base]} param groups per optimizer, "
                              f"the configured optimizers have {[len(b) for b in fresh]}: resume with the same "
                              "optimizers.")
-        self.base_lrs = base
-
-    @override
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.base_lrs, self._loaded_base_lrs = base, None
         self.global_batch_size = self._global_batch_size(trainer)
+        if self._loaded_batch_size not in (None, self.global_batch_size):
+            rank_zero_warn(f"LRSchedule: the global batch size changed from {self._loaded_batch_size} (checkpoint) to "
+                           f"{self.global_batch_size}; the LR follows the new batch size.")
+        self._loaded_batch_size = None
         if self.reference_batch_size is not None:
             ratio = self.global_batch_size / self.reference_batch_size
             self.scale = ratio if self.scaling == "linear" else math.sqrt(ratio)
         self.schedule, total = self._build_schedule(trainer)
-        if math.isfinite(total) and total <= _CHECK_LIMIT:
-            S.check_schedule(self.schedule, int(total))
+        if self.custom_schedule is not None and math.isfinite(total) and total <= _CHECK_LIMIT:
+            S.check_schedule(self.schedule, int(total))  # built-in schedules validate in their constructors
         # After restore_training_state: the optimizer holds the LRs of the last step taken.
         self._last_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
         self._applied_step = None
@@ -307,3 +317,4 @@ class LRSchedule(*callback_bases()):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_base_lrs = state_dict.get("base_lrs")
+        self._loaded_batch_size = state_dict.get("global_batch_size")

@@ -7,7 +7,7 @@ import pytest
 import lightning_lbo
 from lightning_lbo.strategies import register_strategies
 from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
-from tests.helpers.ddp import REPO_ROOT, run_script  # noqa: F401  (used by the 2-process tests below)
+from tests.helpers.ddp import REPO_ROOT, run_script
 
 SCRIPTS = REPO_ROOT / "tests" / "scripts"
 
@@ -35,3 +35,22 @@ def test_ddp_kfac_rejects_bad_settings():
         cls(grad_worker_fraction=1.5)
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         cls(bucket_cap_mb=-1)
+
+
+@pytest.mark.slow
+def test_ddp_kfac_two_ranks_match_one_process():
+    """2 ranks x B/2 equal 1 process x B: ddp_kfac (both grad-worker settings, stale statistics,
+    accumulation, resume, CPU comm hook), plain ddp; a mismatched configuration fails on every rank."""
+    out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", torchrun_nproc=2, timeout=420).stdout
+    assert "rank 0 ok" in out and "rank 1 ok" in out
+    for name in ("ddp_kfac", "ddp_kfac grad_worker_fraction=1/2", "ddp_kfac stale statistics",
+                 "ddp_kfac accumulate_grad_batches=2", "ddp_kfac resumed", "plain ddp"):
+        assert f"{name}: equal to 1 process" in out, name
+
+
+@pytest.mark.slow
+def test_ddp_kfac_two_nodes_lightning_pytorch():
+    """torchrun --nnodes 2 on 127.0.0.1 with Trainer(num_nodes=2, devices=1) (lightning.pytorch) trains and agrees."""
+    out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", "--quick", "--nodes", "2", "--package", "lightning.pytorch",
+                     torchrun_nproc=1, nnodes=2, timeout=300).stdout
+    assert "ddp_kfac: equal to 1 process" in out and "rank 0 ok" in out and "rank 1 ok" in out

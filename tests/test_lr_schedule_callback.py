@@ -284,3 +284,15 @@ def test_lr_schedule_warns_when_resumed_batch_size_changes(tmp_path):
              ckpt_path=tmp_path / "a.ckpt")
     m = 0.5 * (1 + math.cos(math.pi * (4 - 2) / 10))
     assert rec.lrs[4][0] == pytest.approx(0.1 * 2 * m, rel=1e-12)
+
+
+def test_lr_schedule_follows_accumulation_changes(tmp_path):
+    """When accumulate_grad_batches changes (GradientAccumulationScheduler), the scaling rule follows the batch."""
+    pl = lightning_package("pytorch_lightning")
+    rec = LRRecorder()
+    cb = LRSchedule(reference_batch_size=4, total_steps=15)
+    accumulation = pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2})
+    _fit(pl, tmp_path, [accumulation, cb, rec], max_epochs=2)
+    assert sorted(rec.lrs) == list(range(15))  # 10 steps of batch 4, then 5 of batch 8
+    assert [rec.lrs[t][0] for t in range(15)] == pytest.approx([0.1] * 10 + [0.2] * 5, rel=1e-12)
+    assert cb.global_batch_size == 8

@@ -53,7 +53,8 @@ class LRSchedule(*callback_bases()):
 
     where ``lr_g`` is the LR of param group ``g`` as built in ``configure_optimizers`` (the LR for
     the reference batch ``B_ref``), ``B`` = per-device batch x devices x num_nodes x
-    ``accumulate_grad_batches`` and ``m`` is the warmup-then-decay multiplier of
+    ``accumulate_grad_batches`` (re-read whenever ``accumulate_grad_batches`` changes, e.g. under
+    Lightning's ``GradientAccumulationScheduler``) and ``m`` is the warmup-then-decay multiplier of
     :mod:`lightning_lbo.schedules`. The warmup starts at ``warmup_start_factor`` (default: Goyal's
     ``1/k``, i.e. at the unscaled LR) and reaches ``m = 1`` at step ``warmup_steps``. ``poly`` and
     ``cosine`` decay over the steps after warmup; ``step`` milestones and ``slow_start`` epochs count
@@ -159,6 +160,7 @@ class LRSchedule(*callback_bases()):
         self._loaded_base_lrs: list[list[float]] | None = None
         self._fresh_base_lrs: list[list[float]] = []
         self._loaded_batch_size: int | None = None
+        self._per_device_batch, self._accumulation = 0, 1
         self._last_lrs: list[list[float]] = []
         self._applied_step: int | None = None
 
@@ -198,14 +200,12 @@ class LRSchedule(*callback_bases()):
                              f"the configured optimizers have {[len(b) for b in fresh]}: resume with the same "
                              "optimizers.")
         self.base_lrs, self._loaded_base_lrs = base, None
-        self.global_batch_size = self._global_batch_size(trainer)
+        self._per_device_batch = self._read_batch_size(trainer)
+        self._update_scale(trainer)
         if self._loaded_batch_size not in (None, self.global_batch_size):
             rank_zero_warn(f"LRSchedule: the global batch size changed from {self._loaded_batch_size} (checkpoint) to "
                            f"{self.global_batch_size}; the LR follows the new batch size.")
         self._loaded_batch_size = None
-        if self.reference_batch_size is not None:
-            ratio = self.global_batch_size / self.reference_batch_size
-            self.scale = ratio if self.scaling == "linear" else math.sqrt(ratio)
         self.schedule, total = self._build_schedule(trainer)
         if self.custom_schedule is not None and math.isfinite(total) and total <= _CHECK_LIMIT:
             S.check_schedule(self.schedule, int(total))  # built-in schedules validate in their constructors
@@ -213,7 +213,15 @@ class LRSchedule(*callback_bases()):
         self._last_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
         self._applied_step = None
 
-    def _global_batch_size(self, trainer: Any) -> int:
+    def _update_scale(self, trainer: Any) -> None:
+        """Global batch and scaling factor for the current ``accumulate_grad_batches``."""
+        self._accumulation = trainer.accumulate_grad_batches
+        self.global_batch_size = self._per_device_batch * trainer.world_size * self._accumulation
+        if self.reference_batch_size is not None:
+            ratio = self.global_batch_size / self.reference_batch_size
+            self.scale = ratio if self.scaling == "linear" else math.sqrt(ratio)
+
+    def _read_batch_size(self, trainer: Any) -> int:
         per_device = self.batch_size
         if per_device is None:
             loader = trainer.train_dataloader
@@ -223,7 +231,7 @@ class LRSchedule(*callback_bases()):
             if not isinstance(per_device, int):
                 raise ValueError("LRSchedule could not read the per-device batch size from the train DataLoader "
                                  f"({type(loader).__name__}): pass LRSchedule(batch_size=...).")
-        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+        return per_device
 
     def _steps_per_epoch(self, trainer: Any) -> int:
         batches = trainer.num_training_batches
@@ -282,6 +290,8 @@ class LRSchedule(*callback_bases()):
         if step == self._applied_step:  # later micro-batches of an accumulation window
             return
         self._applied_step = step
+        if trainer.accumulate_grad_batches != self._accumulation:  # GradientAccumulationScheduler, AdaptiveBatchSize
+            self._update_scale(trainer)
         multiplier = self.schedule(step)
         if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier >= 0):
             raise ValueError(f"The LR schedule gives the multiplier {multiplier!r} at step {step}; a learning rate "

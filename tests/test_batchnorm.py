@@ -131,10 +131,12 @@ def test_precise_stats_bad_input():
         estimate_precise_stats(nn.Linear(2, 2), [], num_batches=1, forward=model)
 
 
-def test_precise_stats_sync_batchnorm_single_process():
-    """SyncBatchNorm (no process group) is estimated like BatchNorm."""
-    model = nn.Sequential(nn.SyncBatchNorm(3), nn.Linear(4, 2))
-    data = torch.randn(20, 3, 4)
+@pytest.mark.parametrize(("layer", "shape"), [(nn.SyncBatchNorm, (20, 3, 4)), (nn.BatchNorm1d, (20, 3, 4)),
+                                              (nn.BatchNorm3d, (20, 3, 2, 2, 4))])
+def test_precise_stats_other_batchnorm_types(layer, shape):
+    """BatchNorm1d on sequences, BatchNorm3d and SyncBatchNorm (no process group) are estimated alike."""
+    model = nn.Sequential(layer(3), nn.Linear(4, 2))
+    data = torch.randn(shape) * 2 - 1
     stats = estimate_precise_stats(model, list(data.split(6)), num_batches=10, forward=model)
     ref_mean, ref_var = numpy_stats([data])
     np.testing.assert_allclose(stats.means[0].numpy(), ref_mean, rtol=1e-6)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,10 +99,14 @@ def test_batchnorm_stats_precise_equals_full_data(pl_package, tmp_path):
     val = tensor_loader(TensorImageDataset(dm.test_set.images[:128], dm.test_set.labels[:128]), 128, shuffle=False)
     module = module_for(pl, SmallCNN(channels=(4, 8, 8)), lr=0.2, num_classes=10)
     callback = BatchNormStats(mode="precise", num_batches=8)
-    trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[callback])
+    logger = pl.loggers.CSVLogger(tmp_path)
+    trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[callback], logger=logger)
     with pytest.warns(UserWarning, match=r"has 5 batches per rank; used all of them \(5 batches, 300 samples"):
         trainer.fit(module, train, val)
     assert callback.num_samples == 300 and callback.num_batches_used == 5
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        logged = [row for row in csv.DictReader(fh) if row.get("batchnorm_stats/samples")]
+    assert [float(row["batchnorm_stats/samples"]) for row in logged] == [300.0, 300.0]  # one per validation
     batches = [x for x, _ in train]
     layers = [m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(layers) == 3

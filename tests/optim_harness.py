@@ -80,7 +80,10 @@ def check_nonfinite_gradient_skips_that_tensor(factory: OptimizerFactory, bad: f
     opt.zero_grad()
     tiny_loss(model, 5).backward()
     params[0].grad[0, 0] = bad
+    finite_grads = [p.grad.clone() for p in params[1:]]
     opt.step()
+    for p, g in zip(params[1:], finite_grads, strict=True):
+        assert torch.equal(p.grad, g), "finite gradients must be left bit-identical"
     assert torch.equal(params[0], before[0]), "the tensor with a non-finite gradient must not move"
     for key, value in opt.state[params[0]].items():
         if key != "nonfinite_skips" and torch.is_tensor(value):

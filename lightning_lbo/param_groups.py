@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,7 +51,7 @@ _FLAGS = ("decay", "no_decay", "adapt", "no_adapt")
 
 
 def _finite_nonneg(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def is_norm_or_bias(module: nn.Module, param: nn.Parameter) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,7 @@ AKIBA_MULTIPLIERS = (0.5, 0.075, 0.01, 0.001)
 
 
 def _finite_nonneg(name: str, value: float, hint: str = "use a finite value >= 0") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"Invalid {name}: {value!r}; {hint}.")
     return float(value)
 
@@ -120,7 +121,7 @@ class ExponentialWarmup:
 
     def __post_init__(self) -> None:
         _finite_nonneg("warmup steps", self.steps)
-        if not (isinstance(self.start_factor, (int, float)) and 0 < self.start_factor <= 1):
+        if not (isinstance(self.start_factor, numbers.Real) and 0 < self.start_factor <= 1):
             raise ValueError(f"Invalid start_factor: {self.start_factor!r}; exponential warmup needs 0 < start_factor"
                              " <= 1 (use linear_warmup to start from 0).")
 
@@ -341,7 +342,7 @@ def check_schedule(schedule: Schedule, total_steps: int) -> None:
     """Raise if ``schedule`` gives a negative or non-finite multiplier at any step in ``[0, total_steps]``."""
     for step in range(int(total_steps) + 1):
         value = schedule(step)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"The LR schedule {schedule!r} gives the multiplier {value!r} at step {step}; a "
                              "learning rate must stay finite and >= 0: fix the schedule (e.g. end_factor >= 0).")
 

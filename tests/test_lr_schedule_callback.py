@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lbo import schedules as S
 from lightning_lbo.callbacks import LRSchedule
 from lightning_lbo.compat import callback_bases, lightning_package
 from lightning_lbo.param_groups import param_groups
@@ -24,8 +25,8 @@ def _module_class(package: str) -> type:
     class TinyNet(pl.LightningModule):
         """Linear + BatchNorm on fixed random data; two param groups with different base LRs."""
 
-        def __init__(self, lr: float = 0.1, momentum: float = 0.9, scheduler: bool = False, no_groups: bool = False,
-                     batch_size: int | None = BATCH) -> None:
+        def __init__(self, lr: float = 0.1, momentum: float = 0.9, scheduler: bool | S.Schedule = False,
+                     no_groups: bool = False, batch_size: int | None = BATCH) -> None:
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
             self.lr, self.momentum, self.scheduler = lr, momentum, scheduler
@@ -46,6 +47,8 @@ def _module_class(package: str) -> type:
         def configure_optimizers(self):
             groups = param_groups(self, weight_decay=1e-4, lr=self.lr, lr_multipliers={"no_decay": 0.5})
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+            if callable(self.scheduler):  # a step -> multiplier: the LambdaLR adapter
+                return S.lightning_scheduler(opt, self.scheduler)
             if self.scheduler:
                 return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
             if self.no_groups:
@@ -296,3 +299,16 @@ def test_lr_schedule_follows_accumulation_changes(tmp_path):
     assert sorted(rec.lrs) == list(range(15))  # 10 steps of batch 4, then 5 of batch 8
     assert [rec.lrs[t][0] for t in range(15)] == pytest.approx([0.1] * 10 + [0.2] * 5, rel=1e-12)
     assert cb.global_batch_size == 8
+
+
+def test_lambda_lr_adapter_in_trainer_equals_callback(tmp_path):
+    """The LambdaLR adapter returned from configure_optimizers steps per optimizer step, like LRSchedule."""
+    pl = lightning_package("lightning.pytorch")
+    sched = S.warmup_then(S.poly(6, power=2.0), warmup_steps=2, start_factor=0.0)
+    via_adapter, via_callback = LRRecorder(), LRRecorder()
+    _fit(pl, tmp_path / "a", [via_adapter], module=_module_class(pl.__name__)(scheduler=sched), max_epochs=2,
+         accumulate_grad_batches=3)
+    _fit(pl, tmp_path / "b", [LRSchedule(schedule=sched), via_callback], max_epochs=2, accumulate_grad_batches=3)
+    assert sorted(via_adapter.lrs) == list(range(8))
+    assert via_adapter.lrs == via_callback.lrs
+    assert [via_adapter.lrs[t][0] for t in range(8)] == pytest.approx([0.1 * sched(t) for t in range(8)], rel=1e-12)

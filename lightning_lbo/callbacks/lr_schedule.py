@@ -11,6 +11,7 @@ this callback decides *when* they apply (before every optimizer step, keyed on
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ _CHECK_LIMIT = 1_000_000  # schedules up to this many steps are checked for nega
 
 
 def _check_duration(name: str, value: float | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                               or not math.isfinite(value) or value < 0):
         raise ValueError(f"Invalid {name}: {value!r}; use a finite number >= 0.")
 
@@ -40,7 +41,7 @@ def _one_of(epochs_name: str, epochs: Any, steps_name: str, steps: Any) -> None:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 class LRSchedule(*callback_bases()):
@@ -228,7 +229,7 @@ class LRSchedule(*callback_bases()):
             per_device = getattr(loader, "batch_size", None)
             if per_device is None:
                 per_device = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-            if not isinstance(per_device, int):
+            if not _is_positive_int(per_device):
                 raise ValueError("LRSchedule could not read the per-device batch size from the train DataLoader "
                                  f"({type(loader).__name__}): pass LRSchedule(batch_size=...).")
         return per_device
@@ -293,7 +294,7 @@ class LRSchedule(*callback_bases()):
         if trainer.accumulate_grad_batches != self._accumulation:  # GradientAccumulationScheduler, AdaptiveBatchSize
             self._update_scale(trainer)
         multiplier = self.schedule(step)
-        if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier >= 0):
+        if not (isinstance(multiplier, numbers.Real) and math.isfinite(multiplier) and multiplier >= 0):
             raise ValueError(f"The LR schedule gives the multiplier {multiplier!r} at step {step}; a learning rate "
                              "must stay finite and >= 0: fix the schedule.")
         many = len(trainer.optimizers) > 1

@@ -135,3 +135,23 @@ def test_optimizers_from_lightning_cli(pl_package, tmp_path, monkeypatch, optimi
     assert cli.trainer.global_step == 4
     if optimizer[1].endswith("LARS"):
         assert opt.param_groups[0]["momentum_form"] == "paper" and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_nonfinite_skip_monitor_logs_and_warns_once(pl_package, tmp_path):
+    """NaN gradients on some steps: weights stay finite, the count is logged and one warning names the parameter."""
+    from lightning_lbo.callbacks.nonfinite_skips import NonFiniteSkipMonitor
+
+    module = _module(pl_package, OPTIMIZERS["lars"])
+    poisoned = module.model.net[-1].bias
+
+    def poison(grad):
+        return grad.clone().fill_(float("nan")) if module.global_step in (1, 3) else grad
+
+    poisoned.register_hook(poison)
+    monitor = NonFiniteSkipMonitor(log_every_n_steps=2)
+    trainer = make_trainer(pl_package, tmp_path, max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"1 parameter update\(s\) were skipped.*model.net.3.bias") as record:
+        trainer.fit(module, train_dataloaders=_loader())
+    assert sum("were skipped" in str(w.message) for w in record) == 1
+    assert monitor.total == 2 and trainer.callback_metrics["nonfinite_skips"] == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+import torch
 
 import lightning_lbo
+from lightning_lbo.classifier import ClassifierModule
+from lightning_lbo.compat import callback_bases
+from lightning_lbo.data import FashionMNISTDataModule
 from lightning_lbo.strategies import register_strategies
 from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
 from tests.helpers.ddp import REPO_ROOT, run_script
@@ -54,3 +60,33 @@ def test_ddp_kfac_two_nodes_lightning_pytorch():
     out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", "--quick", "--nodes", "2", "--package", "lightning.pytorch",
                      torchrun_nproc=1, nnodes=2, timeout=300).stdout
     assert "ddp_kfac: equal to 1 process" in out and "rank 0 ok" in out and "rank 1 ok" in out
+
+
+def _kfac(module, **kwargs):
+    from lightning_lbo.optim.kfac import KFAC
+
+    return KFAC(module, lr=0.05, damping=1e-2, factor_update_interval=1, inverse_update_interval=1, **kwargs)
+
+
+class _CurvatureAgrees(*callback_bases()):
+    """Inside each ddp_kfac_spawn worker: the communicator is installed and every rank holds the same factors."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
+
+        pre = trainer.optimizers[0].preconditioner
+        assert isinstance(pre.comm, TorchDistributedCommunicator) and pre.comm.world_size == 2
+        flat = torch.cat([t.flatten() for st in pre.states for t in st.factors.values()])
+        gathered = trainer.strategy.all_gather(flat)
+        assert torch.equal(gathered[0], gathered[1]), "factors differ across ranks"
+
+
+def test_ddp_kfac_spawn_shares_factors(tmp_path):
+    """`ddp_kfac_spawn` (2 CPU workers, shuffled shards) installs the communicator; factors agree across ranks."""
+    import pytorch_lightning as pl
+
+    module = ClassifierModule("mlp", optimizer=partial(_kfac), model_kwargs={"hidden": (16,)})
+    trainer = pl.Trainer(strategy="ddp_kfac_spawn", accelerator="cpu", devices=2, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[_CurvatureAgrees()], default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=FashionMNISTDataModule(batch_size=32, train_subset=128))

@@ -192,8 +192,10 @@ def _ddp_eigenvalue_worker(rank: int, world_size: int) -> None:
     x, y = tiny_data(27)
     split = 8  # unequal shards: 8 and 19 samples, so the sample weighting matters
     mine = [(x[:split], y[:split])] if rank == 0 else [(x[split:18], y[split:18]), (x[18:], y[18:])]
-    dist_op = HessianOperator(model, mine, loss_fn=ce_loss)
+    model[1].running_mean.add_(float(rank))  # ranks' BN statistics differ after local training steps
+    dist_op = HessianOperator(model, mine, loss_fn=ce_loss)  # syncs buffers from rank 0, like DDP's next forward
     assert dist_op.distributed and dist_op.total_samples == 27
+    assert torch.equal(model[1].running_mean, tiny_net()[1].running_mean)
     local_op = HessianOperator(model, [(x, y)], loss_fn=ce_loss, distributed=False)
     got = top_eigenvalues(dist_op, k=2, method="lanczos", max_iters=40, tol=1e-5, seed=7)
     want = top_eigenvalues(local_op, k=2, method="lanczos", max_iters=40, tol=1e-5, seed=7)

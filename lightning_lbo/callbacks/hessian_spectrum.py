@@ -28,6 +28,7 @@ from lightning_lbo.hessian import (
     SpectralDensity,
     classifier_loss,
     hutchinson_trace,
+    parameters_of,
     slq_density,
     top_eigenvalues,
 )
@@ -163,8 +164,7 @@ class HessianSpectrum(*callback_bases()):
         self.every_n_epochs, self.top_k, self.method = every_n_epochs, top_k, method
         self.max_iters, self.tol, self.trace_samples = max_iters, tol, trace_samples
         self.density_probes, self.density_steps, self.bn_mode = density_probes, density_steps, bn_mode
-        self.param_groups = dict(param_groups) if param_groups else {"all": lambda m: [p for p in m.parameters()
-                                                                                      if p.requires_grad]}
+        self.param_groups = dict(param_groups) if param_groups else {"all": parameters_of}
         self.loss_fn, self.max_hvps, self.plot, self.seed = loss_fn, max_hvps, plot, seed
         self.fixed = FixedBatches(num_batches)
         self.last: dict[str, dict[str, Any]] = {}

@@ -133,6 +133,10 @@ class HessianOperator:
         max_hvps: budget; a product beyond it raises :class:`HVPBudgetExceeded` (None: unlimited).
         cache_graph: with a single batch, keep the first backward's graph and reuse it for every product
             (one double-backward per product instead of forward + 2 backwards; costs activation memory).
+        sync_buffers: when distributed, copy the model's buffers (BN running statistics) from the group's
+            first rank to all ranks at construction, so every rank differentiates the same function. This is
+            what DistributedDataParallel (``broadcast_buffers=True``) does before its next forward anyway;
+            without it each rank's running statistics differ after a training step.
 
     Example::
 
@@ -143,7 +147,7 @@ class HessianOperator:
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss_fn: LossFn = classifier_loss,
                  params: Iterable[torch.Tensor] | None = None, bn_mode: str = "eval", distributed: bool = True,
                  group: Any = None, count_fn: CountFn = first_dim_count, max_hvps: int | None = None,
-                 cache_graph: bool = True) -> None:
+                 cache_graph: bool = True, sync_buffers: bool = True) -> None:
         if bn_mode not in BN_MODES:
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -164,6 +168,10 @@ class HessianOperator:
         self.device = self.params[0].device
         self.num_hvps = 0
         self._cached: tuple[torch.Tensor, ...] | None = None
+        if self.distributed and sync_buffers:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            for buffer in model.buffers():
+                dist.broadcast(buffer.data, src=src, group=group)
         local = float(sum(count_fn(b) for b in batches))
         self.local_samples = local
         self.total_samples = self._all_reduce(torch.tensor([local], dtype=torch.float64, device=self.device)).item()

@@ -233,8 +233,9 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Ten
     for bucket in group_by_device_and_dtype(lists):
         ws, gs, cs = bucket[0], bucket[1], bucket[2]
         bs = bucket[3] if bufs is not None else None
+        norms = torch.stack(torch._foreach_norm(ws + gs))  # one call for ||w|| and ||g||
         keep, d_coef, buf_decay, lr_out = _coefficients(
-            torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs)), lr=lr, momentum=momentum,
+            norms[: len(ws)], norms[len(ws):], lr=lr, momentum=momentum,
             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
             clip=clip, adapt=adapt)
         torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lightning_lbo.batchnorm import batchnorm_layers
+from lightning_lbo.batchnorm import BatchNormMomentRecorder, batchnorm_layers
 from lightning_lbo.callbacks.batchnorm_stats import BatchNormStats
 from lightning_lbo.classifier import ClassifierModule
 from lightning_lbo.compat import callback_bases, lightning_package
@@ -83,6 +83,26 @@ class ThreeWayEvaluation(*callback_bases()):
               f"(estimation s: last {row['last_s']:.2f}, precise {row['precise_s']:.2f})", flush=True)
 
 
+def hook_overhead(batch_size: int, steps: int) -> float:
+    """Training-step time with the last-batches hooks / without, interleaved step by step (median ratio)."""
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    recorder = BatchNormMomentRecorder(batchnorm_layers(model), window=1)
+    x, y = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * steps + 2):
+        hooked = bool(i % 2)
+        recorder.attach() if hooked else recorder.detach()
+        t0 = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= 2:  # first two steps warm up
+            times[hooked].append(time.perf_counter() - t0)
+    ratios = sorted(a / b for a, b in zip(times[True], times[False], strict=True))
+    return ratios[len(ratios) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=2048)
@@ -95,10 +115,15 @@ def main() -> None:
     parser.add_argument("--precise-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overhead-steps", type=int, default=20, help="steps of the hook-overhead timing (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     pl = lightning_package("pytorch_lightning")
+    if args.overhead_steps:
+        ratio = hook_overhead(args.batch_size // 4, args.overhead_steps)
+        print(f"last_batches hooks: training step time ratio (hooked / plain, median of {args.overhead_steps} "
+              f"interleaved pairs, batch {args.batch_size // 4}): {ratio:.3f}", flush=True)
 
     dm = FashionMNISTDataModule(batch_size=args.batch_size, train_subset=args.train_subset, drop_last=True)
     dm.setup("fit")

@@ -62,13 +62,26 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+# Device types whose ATen lacks ``batch_norm_update_stats`` (found at the first call, then var_mean).
+_NO_FUSED_STATS: set[str] = set()
+
+
 def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    """Per-channel ``(n, mean [C], m2 [C])`` of a BN input ``x`` of shape ``[B, C, *]``."""
+    """Per-channel ``(n, mean [C], m2 [C])`` of a BN input ``x`` of shape ``[B, C, *]``.
+
+    Uses the fused one-pass kernel BatchNorm itself uses (``torch.batch_norm_update_stats``, biased
+    variance; 2-3x faster than ``var_mean`` over several dims on CPU), falling back to ``var_mean``.
+    """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
     n = x.numel() // x.shape[1]
+    if x.device.type not in _NO_FUSED_STATS:
+        try:
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            return n, mean, var * n
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _NO_FUSED_STATS.add(x.device.type)
+    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
     return n, mean, var * n
 
 
@@ -109,13 +122,13 @@ def reduce_moments(counts: Tensor, means: Sequence[Tensor], m2s: Sequence[Tensor
     if reduce_sum is None:
         return counts, list(means), list(m2s), extra
     sizes = [m.numel() for m in means]
-    first = reduce_sum(torch.cat([counts, extra, *[c * m for c, m in zip(counts, means)]]))
+    first = reduce_sum(torch.cat([counts, extra, *[c * m for c, m in zip(counts, means, strict=True)]]))
     num_layers = counts.numel()
     g_counts, g_extra = first[:num_layers], first[num_layers:num_layers + extra.numel()]
     g_sums = first[num_layers + extra.numel():].split(sizes)
-    g_means = [s / c.clamp_min(1) for s, c in zip(g_sums, g_counts)]
+    g_means = [s / c.clamp_min(1) for s, c in zip(g_sums, g_counts, strict=True)]
     # M2 of this rank about the global mean; summing these over ranks gives the global M2.
-    local = [m2 + c * (m - gm) ** 2 for m2, c, m, gm in zip(m2s, counts, means, g_means)]
+    local = [m2 + c * (m - gm) ** 2 for m2, c, m, gm in zip(m2s, counts, means, g_means, strict=True)]
     g_m2s = list(reduce_sum(torch.cat(local)).split(sizes))
     return g_counts, g_means, g_m2s, g_extra
 
@@ -143,14 +156,14 @@ class BatchNormStatistics:
     @classmethod
     def from_moments(cls, layers: list[_BatchNorm], counts: Tensor, means: list[Tensor], m2s: list[Tensor],
                      num_samples: int, num_batches: int) -> BatchNormStatistics:
-        variances = [m2 / (c - 1).clamp_min(1) for m2, c in zip(m2s, counts)]
+        variances = [m2 / (c - 1).clamp_min(1) for m2, c in zip(m2s, counts, strict=True)]
         skipped = [i for i, c in enumerate(counts.tolist()) if c < 2]
         return cls(layers, counts, means, variances, num_samples, num_batches, skipped)
 
     @torch.no_grad()
     def install(self) -> None:
         """Copy into each layer's ``running_mean`` / ``running_var`` (layers with < 2 values are left as they are)."""
-        for i, (layer, mean, var) in enumerate(zip(self.layers, self.means, self.variances)):
+        for i, (layer, mean, var) in enumerate(zip(self.layers, self.means, self.variances, strict=True)):
             if i not in self.skipped:
                 layer.running_mean.copy_(mean)
                 layer.running_var.copy_(var)
@@ -277,7 +290,7 @@ class BatchNormMomentRecorder:
         recent = state.get("recent", [])
         if len(recent) != len(self.layers):
             return
-        for d, entries in zip(self._recent, recent):
+        for d, entries in zip(self._recent, recent, strict=True):
             d.clear()
             d.extend(entries)
 
@@ -341,7 +354,7 @@ def estimate_precise_stats(module: nn.Module, batches: Iterable[Any], num_batche
     finally:
         recorder.detach()
         with torch.no_grad():
-            for layer, (momentum, mean, var, tracked) in zip(layers, saved):
+            for layer, (momentum, mean, var, tracked) in zip(layers, saved, strict=True):
                 layer.momentum = momentum
                 layer.running_mean.copy_(mean)
                 layer.running_var.copy_(var)

@@ -55,7 +55,7 @@ def test_kfac_linear_factors_equal_per_example_brute_force():
         grads = []
         for i in range(7):
             store = {}
-            h = layer.register_forward_hook(lambda m, a, o: store.__setitem__("y", o))
+            h = layer.register_forward_hook(lambda m, a, o, store=store: store.__setitem__("y", o))
             out = model(x[i:i + 1])
             h.remove()
             grads.append(torch.autograd.grad(F.cross_entropy(out, y[i:i + 1]), store["y"])[0][0])
@@ -89,7 +89,7 @@ def test_kfac_conv2d_factors_equal_per_example_brute_force(kw):
     grads = []
     for i in range(n):
         store = {}
-        h = conv.register_forward_hook(lambda m, a, o: store.__setitem__("y", o))
+        h = conv.register_forward_hook(lambda m, a, o, store=store: store.__setitem__("y", o))
         out = model(x[i:i + 1])
         h.remove()
         grads.append(torch.autograd.grad(F.cross_entropy(out, y[i:i + 1]), store["y"])[0][0])

@@ -247,7 +247,7 @@ def test_kfac_step_runs_closure_once_and_matches_without_closure():
         opt = KFAC(model, lr=0.1)
         calls = []
 
-        def closure():
+        def closure(opt=opt, model=model, calls=calls):
             calls.append(1)
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)

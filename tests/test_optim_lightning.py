@@ -155,3 +155,24 @@ def test_nonfinite_skip_monitor_logs_and_warns_once(pl_package, tmp_path):
     assert sum("were skipped" in str(w.message) for w in record) == 1
     assert monitor.total == 2 and trainer.callback_metrics["nonfinite_skips"] == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_fractional_epoch_continues_after_mid_epoch_resume(tmp_path):
+    """Resuming from a checkpoint saved mid-epoch, the optimizer steps see the epochs an uninterrupted run sees."""
+    pl = importlib.import_module("pytorch_lightning")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                                        filename="{step}")
+
+    def fit(ckpt_path=None, callbacks=()):
+        module = _module(pl, lambda m: RMSpropWarmup(m.parameters(), lr=0.05))
+        seen = []
+        trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[FractionalEpoch(), *callbacks],
+                               enable_checkpointing=bool(callbacks))
+        module.on_train_start = lambda: trainer.optimizers[0].register_step_pre_hook(
+            lambda opt, args, kwargs: seen.append(opt.current_epoch()))
+        trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
+        return seen
+
+    assert fit(callbacks=[ckpt]) == pytest.approx([n / 6 for n in range(12)])
+    resumed = fit(ckpt_path=str(tmp_path / "step=2.ckpt"))
+    assert resumed == pytest.approx([n / 6 for n in range(2, 12)])

@@ -169,6 +169,10 @@ def test_batchnorm_stats_eval_only(tmp_path):
     np.testing.assert_allclose(module.model[0].running_mean.numpy(), mean, rtol=1e-5)
     np.testing.assert_allclose(module.model[0].running_var.numpy(), var, rtol=1e-5)
     assert callback.num_samples == 64
+    module = module_for(pl, bn_model())  # a datamodule's train_dataloader() is used when there is one
+    dm = pl.LightningDataModule.from_datasets(train_dataset=data, val_dataset=synthetic_data(32, seed=1), batch_size=16)
+    make_trainer(pl, tmp_path, callbacks=[BatchNormStats(mode="precise")]).validate(module, datamodule=dm)
+    np.testing.assert_allclose(module.model[0].running_var.numpy(), var, rtol=1e-5)
 
 
 def test_batchnorm_stats_model_without_batchnorm_warns(tmp_path):

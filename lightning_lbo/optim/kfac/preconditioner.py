@@ -91,6 +91,9 @@ class KFACPreconditioner:
       micro-batch's ``A`` (sum over its examples) is computed; ``comm.reduce_factors([G_part])`` /
       ``([F_part])`` in the backward tensor hook (or the MC backward) right after ``G``/``F`` is
       computed. These may be asynchronous.
+    * Plain ``strategy="ddp"``: at the first capture (and the first step) a no-op communicator is
+      replaced through :func:`lightning_lbo.optim.kfac.distributed.ensure_communicator` (synchronous
+      averaging); ``set_communicator`` (the ``ddp_kfac`` strategy) installs a faster one up front.
     * ``comm.wait()``: at the start of :meth:`step`, before any pending statistic is read.
     * ``comm.all_min(flags)``: on every refresh step, on the "statistic finite" flags (a skipped
       refresh is skipped on every rank) and, with ``stale_statistics``, on the "statistic stable"
@@ -153,6 +156,7 @@ class KFACPreconditioner:
         self._mc_targets: list[tuple[_BlockState, Any, torch.Tensor | None]] = []
         self._in_mc = False
         self._inverses_stale = True
+        self._comm_checked = False
         self._params = None if params is None else list(params)
         if module is not None:
             self.bind(module)
@@ -219,6 +223,20 @@ class KFACPreconditioner:
         self.skipped_refreshes = self.skipped_refreshes.to(device)
         self._plan_captures()
 
+    def _check_communicator(self) -> None:
+        """Plain ``strategy="ddp"``: swap the no-op communicator for a synchronous one, once.
+
+        Runs at the first capture (the first training forward, the same point on every rank) and at
+        the first step, before any statistic is reduced.
+        """
+        if self._comm_checked:
+            return
+        self._comm_checked = True
+        if type(self.comm) is Communicator:
+            from lightning_lbo.optim.kfac.distributed import ensure_communicator
+
+            ensure_communicator(self)
+
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
@@ -247,6 +265,7 @@ class KFACPreconditioner:
         if not st.due or not self._active(module) or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if not self._cycle_open:
+            self._check_communicator()
             self.discard_pending()
             self._cycle_open = True
         x = inputs[0].detach()
@@ -442,6 +461,7 @@ class KFACPreconditioner:
                                "(with Lightning, add lightning_lbo.callbacks.KFACCallback or build KFAC(self, ...)).")
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the learning rate: call step(lr=...) or set kl_clip=None.")
+        self._check_communicator()
         self._commit_statistics()
         self._update_inverses()
         self._precondition(lr)

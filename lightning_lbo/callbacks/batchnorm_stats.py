@@ -240,6 +240,11 @@ class BatchNormStats(*callback_bases()):
         if isinstance(loader, (dict, list, tuple)):
             raise TypeError("BatchNormStats(mode='precise') found several train dataloaders; pass the one to "
                             "estimate with as BatchNormStats(dataloader=...).")
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
+            self._warn_once(trainer, "persistent", (
+                "BatchNormStats(mode='precise') iterates the train dataloader, whose persistent workers share one "
+                "iterator: a validation in the middle of an epoch restarts that epoch's iterator. Pass a separate "
+                "loader as BatchNormStats(dataloader=...)."))
         return loader
 
     @staticmethod

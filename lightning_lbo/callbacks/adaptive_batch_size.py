@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from typing_extensions import override
 
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
@@ -173,8 +174,11 @@ class AdaptiveBatchSize(*callback_bases()):
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
                     for key in LR_KEYS:
-                        if isinstance(group.get(key), (int, float)):
-                            group[key] = group[key] * factor
+                        value = group.get(key)
+                        if isinstance(value, torch.Tensor):  # tensor LRs (capturable optimizers): in place
+                            value.mul_(factor)
+                        elif isinstance(value, (int, float)):
+                            group[key] = value * factor
             for config in trainer.lr_scheduler_configs:
                 if hasattr(config.scheduler, "base_lrs"):
                     config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]

@@ -39,6 +39,8 @@ from typing import Any
 
 DEFAULT_RECIPES = "sgd,goyal,lars,kfac"
 DATASETS = ("fashion-mnist",)
+#: ``--model`` choices: reference model name and its keyword arguments (lightning_lbo.models).
+MODELS = {"cnn": ("cnn", {}), "mlp-bn": ("mlp", {"batch_norm": True}), "mlp": ("mlp", {}), "resnet": ("resnet", {})}
 
 
 @dataclass
@@ -198,8 +200,8 @@ def _build_module(spec: RunSpec, recipe: Any) -> Any:
         return module
     from lightning_lbo.classifier import ClassifierModule
 
-    module = ClassifierModule(spec.model, optimizer=recipe.optimizer, **spec.module_kwargs)
-    return module
+    name, model_kwargs = MODELS[spec.model]
+    return ClassifierModule(name, optimizer=recipe.optimizer, model_kwargs=model_kwargs, **spec.module_kwargs)
 
 
 def _quiet_lightning() -> None:
@@ -268,7 +270,19 @@ def run_one(spec: RunSpec, history_path: str | None = None) -> RunResult:
     )
 
 
+def _die_with_parent() -> None:
+    """Linux: end this training process when its parent (the forkserver, which ends with ``lbo``) ends."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child_main(spec: RunSpec, out_path: str) -> None:
+    _die_with_parent()
     try:
         result: Any = run_one(spec)
     except BaseException as err:  # noqa: B036 - report every failure to the parent, then exit
@@ -293,7 +307,12 @@ def _run_in_child(spec: RunSpec) -> RunResult:
         out_path = os.path.join(tmp, "result.pkl")
         proc = _context().Process(target=_child_main, args=(spec, out_path))
         proc.start()
-        proc.join()
+        try:
+            proc.join()
+        finally:  # Ctrl-C in the parent must not leave a training process behind
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
         if not os.path.exists(out_path):
             raise RuntimeError(f"the training process died (exit code {proc.exitcode}); out of memory?")
         with open(out_path, "rb") as fh:
@@ -430,7 +449,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--target", type=float, default=0.75, help="target validation accuracy")
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="bundled data set")
-    p.add_argument("--model", default="cnn", choices=("cnn", "resnet", "mlp"), help="reference model")
+    p.add_argument("--model", default="mlp-bn", choices=tuple(MODELS),
+                   help="reference model: SmallCNN, MLP 256-128 with/without BN, ResNet-20")
     p.add_argument("--train-subset", type=int, default=16384, help="use the first N training images (0: all)")
     p.add_argument("--module", default=None, help="your LightningModule instead: 'package.module:Class'")
     p.add_argument("--module-kwargs", type=_json_kwargs, default={}, help="JSON keyword arguments of --module")

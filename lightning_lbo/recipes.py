@@ -87,6 +87,91 @@ class LARSFactory:
                     weight_decay=self.weight_decay, trust_coefficient=self.trust_coefficient, momentum_form="paper")
 
 
+@dataclass(frozen=True)
+class RMSpropWarmupFactory:
+    """:class:`~lightning_lbo.optim.rmsprop_warmup.RMSpropWarmup`; no decay on BN and biases."""
+
+    lr: float
+    lr_rmsprop: float = 3e-4
+    momentum: float = 0.9
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    beta_center: float = 10.0
+    beta_period: float = 5.0
+
+    def __call__(self, module: nn.Module) -> torch.optim.Optimizer:
+        from lightning_lbo.optim.rmsprop_warmup import RMSpropWarmup
+        from lightning_lbo.param_groups import param_groups
+
+        return RMSpropWarmup(param_groups(module, self.weight_decay), lr=self.lr, lr_rmsprop=self.lr_rmsprop,
+                             momentum=self.momentum, alpha=self.alpha, eps=self.eps, beta_center=self.beta_center,
+                             beta_period=self.beta_period)
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class KFACFactory:
+    """:class:`~lightning_lbo.optim.kfac.KFAC` bound to the LightningModule (hooks registered at build time).
+
+    ``unit_wise_bn=False`` leaves BatchNorm to the plain momentum update (K-FAC 2018);
+    ``stale_threshold`` turns on SP-NGD's adaptive refresh intervals.
+    """
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    damping: float = 1e-3
+    fisher: str = "empirical"
+    factor_decay: float = 0.95
+    factor_update_interval: int = 1
+    inverse_update_interval: int = 1
+    kl_clip: float | None = 1e-3
+    unit_wise_bn: bool = False
+    stale_threshold: float | None = None
+    stale_max_interval: int = 20
+    momentum_correction: bool = False
+
+    def __call__(self, module: nn.Module) -> torch.optim.Optimizer:
+        from lightning_lbo.optim.kfac import KFAC, StaleStatistics
+
+        stale = (StaleStatistics(threshold=self.stale_threshold, max_interval=self.stale_max_interval)
+                 if self.stale_threshold is not None else None)
+        return KFAC(module, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                    momentum_correction=self.momentum_correction, damping=self.damping, fisher=self.fisher,
+                    factor_decay=self.factor_decay, factor_update_interval=self.factor_update_interval,
+                    inverse_update_interval=self.inverse_update_interval, kl_clip=self.kl_clip,
+                    stale_statistics=stale, exclude=() if self.unit_wise_bn else _BATCHNORMS)
+
+
+@dataclass(frozen=True)
+class ABSASGDFactory:
+    """Momentum SGD with chainable schedulers (ABS rescales the LR when it doubles the batch).
+
+    ``LinearLR`` warms up per optimizer step; ``MultiStepLR`` divides by 10 at whole epochs. Both
+    multiply the current LR, so :class:`~lightning_lbo.callbacks.AdaptiveBatchSize`'s LR scaling stays.
+    """
+
+    lr: float
+    warmup_steps: int
+    warmup_start_factor: float
+    milestones: tuple[int, ...]
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+
+    def __call__(self, module: nn.Module) -> Any:
+        opt = SGDFactory(self.lr, self.momentum, self.weight_decay, self.nesterov, decay_norms=True)(module)
+        schedulers = [{"scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, list(self.milestones), 0.1),
+                       "interval": "epoch"}]
+        if self.warmup_steps:
+            schedulers.insert(0, {"scheduler": torch.optim.lr_scheduler.LinearLR(
+                opt, self.warmup_start_factor, 1.0, total_iters=self.warmup_steps), "interval": "step"})
+        return [opt], schedulers
+
+
 class ZeroGammaInit(*callback_bases()):
     """Goyal et al.'s zero-init of gamma in the last BN of each residual block, once, at the start of a fresh fit.
 
@@ -137,7 +222,7 @@ def momentum_sgd(global_batch_size: int, epochs: int, steps_per_epoch: int, base
         "sgd", "Nado et al. 2021 (arXiv 2102.06356): tuned Nesterov momentum; Goyal et al. 2017 scaling rule",
         SGDFactory(base_lr, momentum, weight_decay, nesterov=nesterov, decay_norms=True), (schedule,),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum, nesterov=nesterov,
-             weight_decay=weight_decay, warmup_epochs=warmup, warmup_from=0.0, decay="cosine"))
+             weight_decay=weight_decay, warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="cosine"))
 
 
 def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
@@ -159,20 +244,26 @@ def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
         "goyal", "Goyal et al. 2017, Accurate, Large Minibatch SGD (arXiv 1706.02677)",
         SGDFactory(base_lr, momentum, weight_decay, nesterov=nesterov, decay_norms=False), (schedule, ZeroGammaInit()),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum, nesterov=nesterov,
-             weight_decay=weight_decay, no_decay="BN and biases", warmup_epochs=warmup,
-             warmup_from=REFERENCE_BATCH / global_batch_size, milestones_epochs=milestones, gamma=0.1,
+             weight_decay=weight_decay, no_decay="BN and biases", warmup_epochs=round(warmup, 4),
+             warmup_from=REFERENCE_BATCH / global_batch_size,
+             milestones_epochs=tuple(round(m, 4) for m in milestones), gamma=0.1,
              zero_gamma=True))
 
 
-def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.4, momentum: float = 0.9,
-         weight_decay: float = 5e-4, trust_coefficient: float = 0.001, warmup_epochs: float | None = None,
+def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
+         weight_decay: float = 5e-4, trust_coefficient: float = 0.02, warmup_epochs: float | None = None,
          power: float = 2.0) -> Recipe:
     """You, Gitman, Ginsburg 2017 (LARS): layer-wise trust ratio, warmup, poly(2) decay.
 
-    Trust coefficient 0.001, momentum 0.9 with the LR inside the buffer (the paper's form), weight
-    decay 5e-4 inside the trust ratio; biases and BN excluded from trust ratio and decay (MLPerf);
-    LR ``base_lr * B / 256`` after a linear warmup from 0 over 10% of the run (the paper warms up
-    2-12 of 90 epochs; MLPerf 17 of 60), then ``(1 - t/T)^2``; momentum correction on LR changes.
+    Momentum 0.9 with the LR inside the buffer (the paper's form), weight decay 5e-4 inside the
+    trust ratio; biases and BN excluded from trust ratio and decay (MLPerf); LR ``base_lr * B / 256``
+    after a linear warmup from 0 over 10% of the run (the paper warms up 2-12 of 90 epochs; MLPerf
+    17 of 60), then ``(1 - t/T)^2``; momentum correction on LR changes.
+
+    Trust coefficient: the paper's 0.001 pairs with LRs of ~29 at batch 32K, a peak relative weight
+    step ``lr * eta`` of ~3% per iteration over thousands of iterations. Here non-adapted parameters
+    (BN, biases) take the plain LR, so it stays the SGD baseline's ``0.1 * B / 256`` and eta = 0.02
+    gives the adapted layers the paper's ~3% relative step at batch 4096 (1.6 x 0.02).
     """
     from lightning_lbo.callbacks import LRSchedule
 
@@ -184,11 +275,122 @@ def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
         LARSFactory(base_lr, momentum, weight_decay, trust_coefficient), (schedule,),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
              momentum_form="paper", weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-             no_adapt_no_decay="BN and biases", warmup_epochs=warmup, warmup_from=0.0, decay=f"poly({power:g})",
+             no_adapt_no_decay="BN and biases", warmup_epochs=round(warmup, 4), warmup_from=0.0,
+             decay=f"poly({power:g})",
              momentum_correction=True))
 
 
-RECIPES: dict[str, Callable[..., Recipe]] = {"sgd": momentum_sgd, "goyal": goyal, "lars": lars}
+def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, lr_rmsprop: float = 3e-4,
+          momentum: float = 0.9, weight_decay: float = 1e-4) -> Recipe:
+    """Akiba, Suzuki, Fukuda 2017: RMSprop warm-up, slow-start LR, BN without moving averages.
+
+    RMSpropWarmup (lr_rmsprop 3e-4, mu1 0.9, mu2 0.99, eps 1e-8) moving to momentum SGD around
+    epoch 10 of 90 over a period of 5 (scaled to the run: beta_center ``10/90``, beta_period ``5/90``
+    of it); LR ``0.1 * B / 256`` times Akiba's slow-start multipliers 0.5 / 0.075 / 0.01 / 0.001 at
+    40 / 70 / 85 of 90 epochs (scaled); evaluation with the BN statistics of the last training
+    minibatch instead of running averages; weight decay 1e-4 except BN and biases.
+    """
+    from lightning_lbo.callbacks import BatchNormStats, LRSchedule
+    from lightning_lbo.callbacks.fractional_epoch import FractionalEpoch
+
+    center, period = _fraction(epochs, 10), _fraction(epochs, 5)
+    schedule = LRSchedule(decay="slow_start", scale_slow_start=True, reference_batch_size=REFERENCE_BATCH)
+    return Recipe(
+        "akiba", "Akiba, Suzuki, Fukuda 2017, ResNet-50 on ImageNet in 15 Minutes (arXiv 1711.04325)",
+        RMSpropWarmupFactory(base_lr, lr_rmsprop, momentum, weight_decay=weight_decay, beta_center=center,
+                             beta_period=period),
+        (schedule, FractionalEpoch(), BatchNormStats(mode="last_batches", num_batches=1)),
+        dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, lr_rmsprop=lr_rmsprop,
+             momentum=momentum, alpha=0.99, eps=1e-8, weight_decay=weight_decay, no_decay="BN and biases",
+             beta_center_epochs=round(center, 4), beta_period_epochs=round(period, 4),
+             slow_start="0.5/0.075/0.01/0.001 at 40/70/85 of 90 epochs, scaled", bn_eval="last training batch"))
+
+
+def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
+         weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None) -> Recipe:
+    """Osawa et al. 2018/2019 K-FAC: empirical Fisher, factor running average, fresh inverses, KL clip.
+
+    Kronecker factors of every Linear/Conv2d refreshed every step with running average 0.95 and
+    inverted every step (Cholesky, factored Tikhonov damping 1e-3); BatchNorm keeps the plain
+    momentum update; KL-clip 1e-3; momentum 0.9 without correction; weight decay 5e-4; LR
+    ``base_lr * B / 256`` after a linear warmup from 0 over 10% of the run, then poly(2) decay.
+    """
+    from lightning_lbo.callbacks import LRSchedule
+    from lightning_lbo.callbacks.kfac import KFACCallback
+
+    warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
+    schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=2.0,
+                          reference_batch_size=REFERENCE_BATCH)
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping)
+    return Recipe(
+        "kfac", "Osawa et al. 2019, Large-Scale Distributed Second-Order Optimization Using K-FAC (arXiv 1811.12019)",
+        factory, (schedule, KFACCallback(log_every_n_steps=0)),
+        dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
+             weight_decay=weight_decay, damping=damping, fisher="empirical", factor_decay=factory.factor_decay,
+             factor_update_interval=1, inverse_update_interval=1, kl_clip=factory.kl_clip, batchnorm="plain SGD",
+             warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="poly(2)"))
+
+
+def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
+          weight_decay: float = 5e-4, damping: float = 1e-3, stale_threshold: float = 0.1,
+          warmup_epochs: float | None = None) -> Recipe:
+    """Osawa et al. 2020 SP-NGD: MC Fisher, stale statistics, unit-wise BN, momentum correction.
+
+    One sampled label per example gives the output-gradient factor (MC "true" Fisher); fresh
+    statistics (no running average, the large-batch setting); each statistic's refresh interval
+    doubles while its relative change stays under 0.1 and halves otherwise (1 to 20 steps);
+    BatchNorm preconditioned by its unit-wise 2x2 Fisher; momentum 0.9 with momentum correction;
+    damping 1e-3; KL-clip 1e-3; LR ``base_lr * B / 256``, warmup from 0 over 10% of the run, poly(3.5).
+    """
+    from lightning_lbo.callbacks import LRSchedule
+    from lightning_lbo.callbacks.kfac import KFACCallback
+
+    warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
+    schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=3.5,
+                          reference_batch_size=REFERENCE_BATCH)
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping, fisher="mc", factor_decay=0.0,
+                          unit_wise_bn=True, stale_threshold=stale_threshold, momentum_correction=True)
+    return Recipe(
+        "spngd", "Osawa et al. 2020, Scalable and Practical Natural Gradient (SP-NGD, arXiv 2002.06015)",
+        factory, (schedule, KFACCallback(log_every_n_steps=0)),
+        dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
+             momentum_correction=True, weight_decay=weight_decay, damping=damping, fisher="mc", factor_decay=0.0,
+             stale_statistics=f"threshold {stale_threshold}, x2 / x0.5, 1-{factory.stale_max_interval} steps",
+             kl_clip=factory.kl_clip, batchnorm="unit-wise", warmup_epochs=round(warmup, 4), decay="poly(3.5)"))
+
+
+def absa(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
+         weight_decay: float = 5e-4, max_accumulation: int = 4, adversarial_ratio: float = 0.2,
+         epsilon: float = 0.005) -> Recipe:
+    """Yao, Gholami, Keutzer, Mahoney 2018/2019 ABSA: Hessian-driven batch growth plus FGSM examples.
+
+    Starts at ``global_batch_size``; after every epoch the Hessian's top eigenvalue (power iteration,
+    10 iterations, tol 1e-2, one fixed batch, eval-mode BN) decides: when it halves, or after 10 of 90
+    epochs (scaled, at least 1) without growth, the batch doubles through gradient accumulation (BN
+    still sees the base batch) up to ``max_accumulation`` x, the LR doubles with it, and the
+    adversarial ratio halves. 20% of each batch are FGSM examples (eps 0.005, data range clamped) until
+    half of training. Nesterov momentum SGD, LR ``0.1 * B / 256`` with Goyal's warmup over 5/90 of the
+    run and LR / 10 at 30/90, 60/90, 80/90 of it (whole epochs: torch's MultiStepLR).
+    """
+    from lightning_lbo.callbacks import AdaptiveBatchSize, AdversarialTraining
+
+    k = global_batch_size / REFERENCE_BATCH
+    warmup_steps = round(_fraction(epochs, 5) * steps_per_epoch)
+    milestones = tuple(sorted({round(_fraction(epochs, e)) for e in (30, 60, 80)} - {0, epochs}))
+    duration = max(1, round(_fraction(epochs, 10)))
+    return Recipe(
+        "absa", "Yao, Gholami, Keutzer, Mahoney 2018, Large batch size training ... (ABS/ABSA, arXiv 1810.01021)",
+        ABSASGDFactory(base_lr * k, warmup_steps, min(1.0, 1.0 / k), milestones, momentum, weight_decay),
+        (AdaptiveBatchSize(max_accumulation=max_accumulation, duration=duration),
+         AdversarialTraining(ratio=adversarial_ratio, epsilon=epsilon, stop_fraction=0.5)),
+        dict(lr=base_lr * k, base_lr=base_lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
+             warmup_steps=warmup_steps, milestones_epochs=milestones, max_accumulation=max_accumulation,
+             duration_epochs=duration, eigenvalue_ratio=0.5, adversarial_ratio=adversarial_ratio, epsilon=epsilon,
+             adversarial_stop=0.5))
+
+
+RECIPES: dict[str, Callable[..., Recipe]] = {"sgd": momentum_sgd, "goyal": goyal, "lars": lars, "akiba": akiba,
+                                             "kfac": kfac, "spngd": spngd, "absa": absa}
 
 
 def build_recipe(name: str, global_batch_size: int, epochs: int, steps_per_epoch: int, **overrides: Any) -> Recipe:

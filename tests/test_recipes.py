@@ -37,6 +37,8 @@ def test_recipe_builds_optimizer_and_pickles(name):
     assert recipe.name == name and recipe.source and recipe.hyperparameters
     module = ClassifierModule("cnn")
     out = recipe.optimizer(module)
+    if isinstance(out, tuple):  # ([optimizer], [scheduler configs])
+        out = out[0][0]
     opt = out["optimizer"] if isinstance(out, dict) else out
     assert isinstance(opt, torch.optim.Optimizer)
     covered = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -116,3 +118,42 @@ def test_sgd_lr_sequence_warmup_then_cosine(tmp_path):
     peak = 0.1 * 512 / 256
     expected = [0.0, peak / 2] + [peak * 0.5 * (1 + math.cos(math.pi * t / 18)) for t in range(18)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_kfac_and_spngd_differ_as_the_papers():
+    """K-FAC 2018: empirical Fisher, BN left to SGD; SP-NGD: MC Fisher, stale statistics, unit-wise BN, fresh factors."""
+    from lightning_lbo.optim.kfac import KFAC
+
+    for name, fisher, bn_excluded, stale in (("kfac", "empirical", True, False), ("spngd", "mc", False, True)):
+        opt = build_recipe(name, 4096, 3, 14).optimizer(ClassifierModule("cnn"))
+        pre = opt.preconditioner
+        assert isinstance(opt, KFAC) and pre.fisher.value == fisher
+        assert (nn.BatchNorm2d in pre.exclude) == bn_excluded
+        assert (pre.stale_statistics is not None) == stale
+        assert pre.factor_decay == (0.0 if stale else 0.95)
+
+
+def test_akiba_scales_rmsprop_transition_and_uses_last_batch_bn():
+    """Akiba: the RMSprop->SGD transition at 10/90 of the run (period 5/90), BN statistics of the last batch."""
+    from lightning_lbo.callbacks import BatchNormStats
+    from lightning_lbo.callbacks.fractional_epoch import FractionalEpoch
+
+    recipe = build_recipe("akiba", 2048, 9, 29)
+    opt = recipe.optimizer(ClassifierModule("cnn"))
+    assert opt.param_groups[0]["beta_center"] == pytest.approx(1.0)
+    assert opt.param_groups[0]["beta_period"] == pytest.approx(0.5)
+    bn = [c for c in recipe.callbacks if isinstance(c, BatchNormStats)]
+    assert len(bn) == 1 and bn[0].mode.value == "last_batches"
+    assert any(isinstance(c, FractionalEpoch) for c in recipe.callbacks)
+
+
+def test_absa_chainable_schedulers_and_callbacks():
+    """ABSA: step-wise warmup and epoch-wise /10 schedulers that multiply the LR ABS rescales; ABS + FGSM callbacks."""
+    from lightning_lbo.callbacks import AdaptiveBatchSize, AdversarialTraining
+
+    recipe = build_recipe("absa", 1024, 9, 58)  # k = 4; warmup 0.5 epoch = 29 steps; /10 at epochs 3, 6, 8
+    [opt], schedulers = recipe.optimizer(ClassifierModule("cnn"))
+    assert [s["interval"] for s in schedulers] == ["step", "epoch"]
+    assert schedulers[1]["scheduler"].milestones == {3: 1, 6: 1, 8: 1}
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.25)  # warmup starts at the unscaled LR
+    assert {type(c) for c in recipe.callbacks} == {AdaptiveBatchSize, AdversarialTraining}

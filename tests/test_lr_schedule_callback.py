@@ -185,13 +185,13 @@ def test_lr_schedule_resume_at_each_phase_boundary(tmp_path):
 
 
 def test_lr_schedule_resume_mid_warmup_both_packages(pl_package, tmp_path):
-    """A step checkpoint in the middle of the warmup (mid-epoch) resumes on the same LR sequence."""
+    """Step checkpoints in the warmup and at its end (mid-epoch) resume on the same LR sequence."""
     kw = dict(warmup_steps=6, decay="poly", power=2, reference_batch_size=1)
     full_rec = LRRecorder()
     ckpt = pl_package.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1,
                                                 save_top_k=-1)
     _fit(pl_package, tmp_path, [LRSchedule(**kw), full_rec, ckpt], max_steps=16, enable_checkpointing=True)
-    for step in (1, 3):
+    for step in (1, 3, 6):  # after the first step, mid-warmup, at the warmup end (all mid-epoch)
         rec = LRRecorder()
         _fit(pl_package, tmp_path / f"r{step}", [LRSchedule(**kw), rec], max_steps=16,
              ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
@@ -239,6 +239,7 @@ def test_lr_schedule_ddp_spawn_two_processes(tmp_path):
     (dict(scaling="cubic", reference_batch_size=256), "Supported"),
     (dict(decay="step"), "needs milestones"),
     (dict(milestones=(30,)), "only apply"),
+    (dict(scale_slow_start=True, decay="poly"), "only applies"),
     (dict(schedule=lambda t: 1.0, warmup_steps=3), "not both"),
     (dict(batch_size=0), "Invalid batch_size"),
 ])

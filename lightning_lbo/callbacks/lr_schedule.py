@@ -143,6 +143,8 @@ class LRSchedule(*callback_bases()):
             S.step_decay(milestones or milestone_steps, gamma)
         elif milestones or milestone_steps:
             raise ValueError(f'milestones only apply to decay="step", got decay={decay!r}.')
+        if scale_slow_start and decay != "slow_start":
+            raise ValueError(f'scale_slow_start only applies to decay="slow_start", got decay={decay!r}.')
         self.warmup_epochs, self.warmup_steps, self.warmup = warmup_epochs, warmup_steps, warmup
         self.warmup_start_factor = warmup_start_factor
         self.decay, self.power, self.end_factor, self.gamma = decay, power, end_factor, gamma

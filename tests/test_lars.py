@@ -193,3 +193,19 @@ def test_lars_rejects_bad_param_group_values():
     opt = LARS([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="Invalid weight_decay"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": -1.0})
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_long_run_with_buffer_rescaling(foreach, nesterov):
+    """Over many steps (the scaled momentum buffer is folded back every 9 steps at m = 0.5) LARS still equals
+    the plain-Python reference, in the PyTorch form under a changing LR."""
+    weights, grad_seq = _problem(steps=30, seed=3)
+    lrs = [0.5 * (1 - t / 30) ** 2 + 0.01 for t in range(30)]
+    expected = reference_lars([w.flatten().tolist() for w in weights],
+                              [[g.flatten().tolist() for g in gs] for gs in grad_seq], lrs, momentum=0.5,
+                              weight_decay=1e-2, eta=0.05, eps=1e-8, paper_form=False, nesterov=nesterov)
+    got = _run_lars(weights, grad_seq, lrs, momentum=0.5, weight_decay=1e-2, trust_coefficient=0.05,
+                    nesterov=nesterov, foreach=foreach)
+    for p, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(p.detach().flatten(), torch.tensor(e, dtype=torch.float64))

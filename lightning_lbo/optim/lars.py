@@ -27,6 +27,7 @@ Param-group switches (as produced by :mod:`lightning_lbo.param_groups`): ``weigh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -49,6 +50,9 @@ from lightning_lbo.optim._step_utils import (
 from lightning_lbo.optim.lamb import LAMB  # one paper per file; importable from here as the public API says
 
 __all__ = ["LARS", "LAMB", "MomentumForm", "lars"]
+
+SCALED_BUFFER = "scaled_momentum_buffer"  # momentum buffer = state[BUFFER_SCALE] * state[SCALED_BUFFER]
+BUFFER_SCALE = "momentum_scale"
 
 
 class MomentumForm(str, Enum):
@@ -146,33 +150,56 @@ class LARS(torch.optim.Optimizer):
             params, grads = params_with_grads(group, "LARS")
             if not params:
                 continue
-            bufs = None
+            bufs = scales = None
+            rescale = False
             if group["momentum"] != 0:
-                bufs = []
+                bufs, scales = [], []
                 for p in params:
                     state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(state["momentum_buffer"])
-            lars(params, grads, bufs, skip_counters(self, params), lr=group["lr"], momentum=group["momentum"],
-                 weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-                 nesterov=group["nesterov"], paper_form=group["momentum_form"] == MomentumForm.PAPER.value,
-                 clip=group["clip"], adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params))
+                    if SCALED_BUFFER not in state:
+                        state[SCALED_BUFFER] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[BUFFER_SCALE] = torch.ones((), dtype=_scale_dtype(p), device=p.device)
+                    if state[BUFFER_SCALE].dtype != _scale_dtype(p):  # load_state_dict casts to the param dtype
+                        state[BUFFER_SCALE] = state[BUFFER_SCALE].to(_scale_dtype(p))
+                    bufs.append(state[SCALED_BUFFER])
+                    scales.append(state[BUFFER_SCALE])
+                # host-side count: the scales are >= momentum ** count, so folding them back into the buffers
+                # every `_rescale_interval` steps keeps 1 / scale <= 1e3 with no device read
+                count = group.get("steps_since_rescale", 0)
+                rescale = count >= _rescale_interval(group["momentum"])
+                group["steps_since_rescale"] = 1 if rescale else count + 1
+            lars(params, grads, bufs, scales, skip_counters(self, params), lr=group["lr"],
+                 momentum=group["momentum"], weight_decay=group["weight_decay"],
+                 trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
+                 paper_form=group["momentum_form"] == MomentumForm.PAPER.value, clip=group["clip"],
+                 adapt=group["lars_adapt"], rescale=rescale, foreach=use_foreach(group["foreach"], params))
         return loss
 
 
-def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor], *,
-         lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
-         nesterov: bool, paper_form: bool, clip: bool, adapt: bool, foreach: bool) -> None:
+def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor] | None,
+         skips: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
+         eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool, rescale: bool, foreach: bool) -> None:
     """Functional LARS update of ``params`` in place (see the module docstring for the formulas).
 
-    ``bufs`` are the momentum buffers (zeros at the first step; ``None`` when ``momentum == 0``);
-    ``skips`` the per-tensor non-finite counters.
+    The momentum buffer of each tensor is stored as ``scale * scaled_buffer`` (``bufs``: the scaled
+    buffers, zeros at the first step; ``scales``: 0-d tensors; both ``None`` when ``momentum == 0``).
+    Decaying the buffer by ``m`` is then a multiply of the 0-d scale, not a pass over the tensor, which
+    saves one read+write of every buffer per step. ``rescale`` first folds the scales back into the
+    buffers (done every few steps, decided on the host). ``skips`` are the per-tensor non-finite counters.
     """
     fn = _multi_tensor_lars if foreach else _single_tensor_lars
-    fn(params, grads, bufs, skips, lr=lr, momentum=momentum, weight_decay=weight_decay,
+    fn(params, grads, bufs, scales, skips, lr=lr, momentum=momentum, weight_decay=weight_decay,
        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, paper_form=paper_form, clip=clip,
-       adapt=adapt)
+       adapt=adapt, rescale=rescale)
+
+
+def _scale_dtype(p: Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _rescale_interval(momentum: float) -> int:
+    """Steps after which ``momentum ** steps`` drops below 1e-3 (the scale's lower bound)."""
+    return max(1, int(math.log(1e-3) / math.log(momentum))) if 0 < momentum < 1 else 1
 
 
 def _coefficients(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentum: float, weight_decay: float,
@@ -196,9 +223,10 @@ def _coefficients(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentu
     return keep, d_coef, buf_decay, lr_out
 
 
-def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor],
-                        *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
-                        eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool) -> None:
+def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                        scales: list[Tensor] | None, skips: list[Tensor], *, lr: float | Tensor, momentum: float,
+                        weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool,
+                        clip: bool, adapt: bool, rescale: bool) -> None:
     for i, (w, g) in enumerate(zip(params, grads, strict=True)):
         keep, d_coef, buf_decay, lr_out = _coefficients(
             torch.linalg.vector_norm(w), torch.linalg.vector_norm(g), lr=lr, momentum=momentum,
@@ -206,51 +234,59 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Te
             clip=clip, adapt=adapt)
         skips[i].add_((~keep).to(skips[i].dtype))
         zero_nonfinite_(g)
-        # d = g + wd * w is never materialised: its two terms enter the buffer / weights separately
-        if bufs is None or nesterov:
-            step = lr_out * d_coef  # weight of d in the step
-            if bufs is not None:
-                bufs[i].mul_(buf_decay).addcmul_(g, d_coef)
-                if weight_decay != 0:
-                    bufs[i].addcmul_(w, d_coef * weight_decay)
+        step = lr_out * d_coef  # weight of d = g + wd * w in the step (Nesterov / no momentum)
+        if bufs is not None and scales is not None:
+            buf, scale = bufs[i], scales[i]
+            if rescale:
+                buf.mul_(scale)
+                scale.fill_(1.0)
+            scale.mul_(buf_decay)  # true buffer m * v: decay the scale only
+            into = d_coef / scale  # d_coef * d enters the true buffer
+            buf.addcmul_(g, into.to(buf.dtype))
             if weight_decay != 0:
-                w.mul_(1 - step * weight_decay)
-            w.addcmul_(g, -step)
-            if bufs is not None:
-                w.addcmul_(bufs[i], -(lr_out * momentum))
-            continue
-        buf = bufs[i]
-        buf.mul_(buf_decay).addcmul_(g, d_coef)
+                buf.addcmul_(w, (into * weight_decay).to(buf.dtype))
+            if not nesterov:
+                w.addcmul_(buf, (-lr_out * scale).to(w.dtype))
+                continue
+        # d = g + wd * w is never materialised: w's own term is a rescale of w
         if weight_decay != 0:
-            buf.addcmul_(w, d_coef * weight_decay)
-        w.addcmul_(buf, -lr_out)
+            w.mul_(1 - step * weight_decay)
+        w.addcmul_(g, -step)
+        if bufs is not None and scales is not None:
+            w.addcmul_(bufs[i], (-(lr_out * momentum) * scales[i]).to(w.dtype))
 
 
-def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, skips: list[Tensor],
-                       *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
-                       eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool) -> None:
-    lists = [params, grads, skips] + ([bufs] if bufs is not None else [])
+def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                       scales: list[Tensor] | None, skips: list[Tensor], *, lr: float | Tensor, momentum: float,
+                       weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool,
+                       clip: bool, adapt: bool, rescale: bool) -> None:
+    lists = [params, grads, skips] + ([bufs, scales] if bufs is not None and scales is not None else [])
     for bucket in group_by_device_and_dtype(lists):
         ws, gs, cs = bucket[0], bucket[1], bucket[2]
-        bs = bucket[3] if bufs is not None else None
         norms = torch.stack(torch._foreach_norm(ws + gs))  # one call for ||w|| and ||g||
         keep, d_coef, buf_decay, lr_out = _coefficients(
-            norms[: len(ws)], norms[len(ws):], lr=lr, momentum=momentum,
-            weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
-            clip=clip, adapt=adapt)
+            norms[: len(ws)], norms[len(ws):], lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form, clip=clip, adapt=adapt)
         torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
         zero_nonfinite_(gs)
-        if bs is not None:
-            torch._foreach_mul_(bs, list(buf_decay.unbind()))
-            torch._foreach_addcmul_(bs, gs, list(d_coef.unbind()))
+        step = lr_out * d_coef
+        if len(bucket) > 3:
+            bs, ss = bucket[3], bucket[4]
+            if rescale:
+                torch._foreach_mul_(bs, ss)
+                torch._foreach_zero_(ss)
+                torch._foreach_add_(ss, 1.0)
+            torch._foreach_mul_(ss, list(buf_decay.unbind()))
+            scale = torch.stack(ss)
+            into = (d_coef / scale).to(ws[0].dtype)
+            torch._foreach_addcmul_(bs, gs, list(into.unbind()))
             if weight_decay != 0:
-                torch._foreach_addcmul_(bs, ws, list((d_coef * weight_decay).unbind()))
-        if bs is None or nesterov:
-            step = lr_out * d_coef
-            if weight_decay != 0:
-                torch._foreach_mul_(ws, list((1 - step * weight_decay).unbind()))
-            torch._foreach_addcmul_(ws, gs, list((-step).unbind()))
-            if bs is not None:
-                torch._foreach_addcmul_(ws, bs, list((-(lr_out * momentum)).unbind()))
-        else:
-            torch._foreach_addcmul_(ws, bs, list((-lr_out).unbind()))
+                torch._foreach_addcmul_(bs, ws, list((into * weight_decay).unbind()))
+            if not nesterov:
+                torch._foreach_addcmul_(ws, bs, list((-lr_out * scale).to(ws[0].dtype).unbind()))
+                continue
+        if weight_decay != 0:
+            torch._foreach_mul_(ws, list((1 - step * weight_decay).unbind()))
+        torch._foreach_addcmul_(ws, gs, list((-step).unbind()))
+        if len(bucket) > 3:
+            torch._foreach_addcmul_(ws, bucket[3], list((-(lr_out * momentum) * scale).to(ws[0].dtype).unbind()))

@@ -66,6 +66,8 @@ def skip_counters(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) ->
         state = optimizer.state[p]
         if NONFINITE_SKIPS not in state:
             state[NONFINITE_SKIPS] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif state[NONFINITE_SKIPS].dtype != torch.float32:  # load_state_dict casts state to a half param's dtype
+            state[NONFINITE_SKIPS] = state[NONFINITE_SKIPS].to(torch.float32)
         counters.append(state[NONFINITE_SKIPS])
     return counters
 

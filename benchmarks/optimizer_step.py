@@ -47,7 +47,15 @@ def candidates() -> dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.O
         "lamb_foreach": lambda ps: LAMB(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
         "rmsprop_warmup_foreach": lambda ps: RMSpropWarmup(ps, lr=0.1, steps_per_epoch=100, weight_decay=5e-5,
                                                            foreach=True),
+        "rmsprop_warmup_sgd_phase": _after_transition,
     }
+
+
+def _after_transition(ps: list[torch.nn.Parameter]) -> RMSpropWarmup:
+    """RMSpropWarmup past epoch beta_center + beta_period / 2: pure momentum SGD."""
+    opt = RMSpropWarmup(ps, lr=0.1, steps_per_epoch=1, weight_decay=5e-5, foreach=True)
+    opt.steps_taken = 13
+    return opt
 
 
 def main() -> None:

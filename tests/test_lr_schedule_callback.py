@@ -18,6 +18,30 @@ from tests.conftest import make_trainer
 N_SAMPLES, BATCH = 40, 4  # 10 batches per epoch on one device, 5 per rank with two
 
 
+class LRInBufferSGD(torch.optim.Optimizer):
+    """Goyal's / the LARS paper's momentum form: v = m v + lr (g + wd w); w -= v."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                d = p.grad + group["weight_decay"] * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = group["lr"] * d
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d, alpha=group["lr"])
+                p.sub_(state["momentum_buffer"])
+        return loss
+
+
 @cache
 def _module_class(package: str) -> type:
     pl = lightning_package(package)
@@ -26,11 +50,11 @@ def _module_class(package: str) -> type:
         """Linear + BatchNorm on fixed random data; two param groups with different base LRs."""
 
         def __init__(self, lr: float = 0.1, momentum: float = 0.9, scheduler: bool | S.Schedule = False,
-                     no_groups: bool = False, batch_size: int | None = BATCH) -> None:
+                     no_groups: bool = False, batch_size: int | None = BATCH, lr_in_buffer: bool = False) -> None:
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
             self.lr, self.momentum, self.scheduler = lr, momentum, scheduler
-            self.no_groups, self.batch_size = no_groups, batch_size
+            self.no_groups, self.batch_size, self.lr_in_buffer = no_groups, batch_size, lr_in_buffer
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -46,7 +70,8 @@ def _module_class(package: str) -> type:
 
         def configure_optimizers(self):
             groups = param_groups(self, weight_decay=1e-4, lr=self.lr, lr_multipliers={"no_decay": 0.5})
-            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+            sgd = LRInBufferSGD if self.lr_in_buffer else torch.optim.SGD
+            opt = sgd(groups, lr=self.lr, momentum=self.momentum)
             if callable(self.scheduler):  # a step -> multiplier: the LambdaLR adapter
                 return S.lightning_scheduler(opt, self.scheduler)
             if self.scheduler:
@@ -313,3 +338,21 @@ def test_lambda_lr_adapter_in_trainer_equals_callback(tmp_path):
     assert sorted(via_adapter.lrs) == list(range(8))
     assert via_adapter.lrs == via_callback.lrs
     assert [via_adapter.lrs[t][0] for t in range(8)] == pytest.approx([0.1 * sched(t) for t in range(8)], rel=1e-12)
+
+
+def test_lr_schedule_momentum_correction_matches_lr_outside_buffer(tmp_path):
+    """Goyal 2.1: LR-in-buffer momentum + correction = torch.optim.SGD, through warmup and a 10x drop."""
+    pl = lightning_package("pytorch_lightning")
+    kw = dict(warmup_steps=5, warmup_start_factor=0.1, decay="step", milestone_steps=(9,), gamma=0.1)
+    module_cls = _module_class(pl.__name__)
+    runs = {}
+    for name, lr_in_buffer, correction in (("torch", False, False), ("corrected", True, True),
+                                            ("uncorrected", True, False)):
+        torch.manual_seed(0)  # same initial weights in every run
+        _, runs[name] = _fit(pl, tmp_path / name, [LRSchedule(momentum_correction=correction, **kw)],
+                             module=module_cls(lr_in_buffer=lr_in_buffer), max_steps=14)
+    for a, b in zip(runs["torch"].parameters(), runs["corrected"].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    diff = max((a - c).abs().max().item() for a, c in zip(runs["torch"].parameters(), runs["uncorrected"].parameters(),
+                                                           strict=True))
+    assert diff > 1e-3  # without the correction the LR changes reach the weights differently

@@ -18,7 +18,6 @@ from lightning_lbo.batchnorm import (
     pool_moments,
 )
 from lightning_lbo.capture import curvature_capture_paused
-from tests.helpers.ddp import spawn_gloo
 
 
 def channel_values(x: torch.Tensor) -> np.ndarray:
@@ -170,7 +169,12 @@ def test_recorder_last_batches_match_single_batch_running_stats(window):
     torch.testing.assert_close(restored.statistics().variances[2], stats.variances[2])
 
 
-def _ddp_worker(rank: int, world_size: int) -> None:
+def check_ddp_reduction(rank: int, world_size: int) -> None:
+    """2 ranks with different data give the statistics of one process on all the data (run inside a DDP worker).
+
+    Called from the ddp_spawn test in test_batchnorm_stats_callback.py (one spawn serves both files).
+    """
+    assert world_size == 2
     torch.manual_seed(0)
     model = deep_bn_model()
     sizes = {0: (8, 8, 8), 1: (5, 11)}  # different data and unequal numbers of batches per rank
@@ -196,7 +200,3 @@ def _ddp_worker(rank: int, world_size: int) -> None:
     np.testing.assert_allclose(last.variances[0].numpy(), var0, rtol=1e-5)
     assert last.num_batches == 2
 
-
-def test_precise_and_last_batches_ddp_equal_single_process():
-    """2 gloo ranks with different data give the statistics of one process on all the data."""
-    spawn_gloo(_ddp_worker, world_size=2)

@@ -18,7 +18,7 @@ from lightning_lbo.compat import PYTORCH_LIGHTNING, callback_bases, lightning_pa
 from lightning_lbo.data import TensorImageDataset, fashion_mnist_datamodule_class, tensor_loader
 from lightning_lbo.models import SmallCNN
 from tests.conftest import make_trainer
-from tests.test_batchnorm import capture_bn_inputs, numpy_stats
+from tests.test_batchnorm import capture_bn_inputs, check_ddp_reduction, numpy_stats
 
 
 def bn_model(dropout: bool = True) -> nn.Module:
@@ -197,10 +197,14 @@ class DDPPreciseChecker(*callback_bases()):
         bn = pl_module.model[0]
         np.testing.assert_allclose(bn.running_mean.numpy(), mean, rtol=1e-5)
         np.testing.assert_allclose(bn.running_var.numpy(), var, rtol=1e-5)
+        check_ddp_reduction(trainer.global_rank, trainer.world_size)  # the pure functions over the same group
 
 
 def test_batchnorm_stats_ddp_spawn_two_ranks(tmp_path):
-    """2 DDP ranks with different data: last-batch stats pooled over ranks; precise stats over all data."""
+    """2 DDP ranks with different data: last-batch stats pooled over ranks; precise stats over all data.
+
+    The workers also run :func:`tests.test_batchnorm.check_ddp_reduction` (pure functions, uneven batches).
+    """
     pl = lightning_package(PYTORCH_LIGHTNING)
     checker, final = LastInputsChecker(k=1), DDPPreciseChecker()
     final._last_batches = checker

@@ -97,8 +97,9 @@ class LARS(torch.optim.Optimizer):
     Example::
 
         from lightning_lbo import LARS
-        from lightning_lbo.param_groups import lars_param_groups  # biases/BN: no decay, no adaptation
-        opt = LARS(model.parameters(), lr=2.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=1e-3)
+        from lightning_lbo.param_groups import param_groups  # biases/BN: no decay, no adaptation
+        opt = LARS(param_groups(model, weight_decay=5e-4), lr=2.0, momentum=0.9, weight_decay=5e-4,
+                   trust_coefficient=1e-3)
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,

@@ -37,9 +37,15 @@ STRATEGY_NAME = "ddp_kfac"
 SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
 
 
-@cache
 def kfac_ddp_strategy_class(package: str = PYTORCH_LIGHTNING) -> type:
     """The ``KFACDDPStrategy`` class built on ``package``'s ``DDPStrategy`` (one class per package)."""
+    # One cache key per package: `f()` and `f("pytorch_lightning")` must return the same class, or pickling
+    # (ddp_spawn) finds a different class under the published name.
+    return _build_strategy_class(package)
+
+
+@cache
+def _build_strategy_class(package: str) -> type:
     pl = lightning_package(package)
     register_ddp_comm_hook = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
     fitting = pl.trainer.states.TrainerFn.FITTING

@@ -209,3 +209,22 @@ def test_lars_long_run_with_buffer_rescaling(foreach, nesterov):
                     nesterov=nesterov, foreach=foreach)
     for p, e in zip(got, expected, strict=True):
         torch.testing.assert_close(p.detach().flatten(), torch.tensor(e, dtype=torch.float64))
+
+
+def test_lars_momentum_correction_turns_paper_form_into_pytorch_form():
+    """scale_momentum_(lr_new / lr_old) at each LR change (Goyal et al.) makes the paper form equal the PyTorch form."""
+    weights, grad_seq = _problem(steps=6)
+    lrs = [1.0, 1.0, 0.5, 0.25, 2.0, 2.0]
+    kw = dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = LARS(params, lr=lrs[0], momentum_form="paper", **kw)
+    for grads, lr in zip(grad_seq, lrs, strict=True):
+        opt.scale_momentum_(lr / opt.param_groups[0]["lr"])
+        opt.param_groups[0]["lr"] = lr
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    expected = _run_lars(weights, grad_seq, lrs, momentum_form="pytorch", **kw)
+    for a, b in zip(params, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert opt.momentum_buffer(params[0]).shape == params[0].shape

@@ -142,6 +142,23 @@ class LARS(torch.optim.Optimizer):
             group.setdefault("lars_adapt", True)
             group.setdefault("foreach", None)
 
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        """The true momentum buffer of ``p`` (``momentum_scale * scaled_momentum_buffer``), or None before a step."""
+        state = self.state.get(p, {})
+        return state[BUFFER_SCALE] * state[SCALED_BUFFER] if SCALED_BUFFER in state else None
+
+    @torch.no_grad()
+    def scale_momentum_(self, factor: float, group: dict[str, Any] | None = None) -> None:
+        """Multiply the momentum buffers of ``group`` (default: all groups) by ``factor``.
+
+        This is Goyal et al.'s momentum correction ``lr_new / lr_old`` for the paper form (LR inside the
+        buffer); it touches only the 0-d scales. With it, the paper form follows the PyTorch form.
+        """
+        for g in [group] if group is not None else self.param_groups:
+            scales = [self.state[p][BUFFER_SCALE] for p in g["params"] if BUFFER_SCALE in self.state.get(p, {})]
+            if scales:
+                torch._foreach_mul_(scales, factor)
+
     def nonfinite_skips(self) -> Tensor:
         """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
         return total_nonfinite_skips(self)

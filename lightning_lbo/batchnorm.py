@@ -143,6 +143,7 @@ class BatchNormStatistics:
         means, variances: per layer ``[C]``; ``variances`` is unbiased over the total count.
         num_samples: examples (batch rows at the first BN layer) behind the statistics, all ranks.
         num_batches: batches behind the statistics, summed over ranks.
+        skipped: indices of layers with fewer than 2 values (not run): :meth:`install` leaves them.
     """
 
     layers: list[_BatchNorm]

@@ -16,6 +16,8 @@ _EXPORTS = {
     "AdaptiveBatchSize": "lightning_lbo.callbacks.adaptive_batch_size",
     "AdversarialTraining": "lightning_lbo.callbacks.adversarial_training",
     "GradientNoiseScale": "lightning_lbo.callbacks.gradient_noise_scale",
+    "FractionalEpoch": "lightning_lbo.callbacks.fractional_epoch",
+    "NonFiniteSkipMonitor": "lightning_lbo.callbacks.nonfinite_skips",
 }
 
 __all__ = sorted(_EXPORTS)

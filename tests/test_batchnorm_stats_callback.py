@@ -212,3 +212,20 @@ def test_batchnorm_stats_ddp_spawn_two_ranks(tmp_path):
     trainer = make_trainer(pl, tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2,
                            callbacks=[BatchNormStats(), checker, final])
     trainer.fit(module, DataLoader(synthetic_data(), batch_size=16), DataLoader(synthetic_data(8), batch_size=4))
+
+
+def test_batchnorm_stats_bf16_mixed(tmp_path):
+    """Under bf16 autocast the low-precision BN inputs are pooled in float32: both modes install numpy's stats.
+
+    In precise mode the checker's hooks see the estimation pass itself (BN layers in training mode), so
+    its last 4 recorded inputs are the 4 batches of the pass, under the same autocast.
+    """
+    pl = lightning_package(PYTORCH_LIGHTNING)
+    for mode, k in (("last_batches", 1), ("precise", 4)):
+        module = module_for(pl, bn_model(dropout=False))
+        checker = LastInputsChecker(k=k)
+        trainer = make_trainer(pl, tmp_path, max_epochs=1, precision="bf16-mixed", num_sanity_val_steps=0,
+                               callbacks=[BatchNormStats(mode=mode, num_batches=k), checker])
+        trainer.fit(module, DataLoader(synthetic_data(), batch_size=16), DataLoader(synthetic_data(8), batch_size=8))
+        assert checker.checked == 1
+        assert checker.seen[1][-1].dtype == torch.bfloat16  # the conv output reaching BN really is low precision

@@ -46,29 +46,12 @@ def test_ddp_kfac_rejects_bad_settings():
 @pytest.mark.slow
 def test_ddp_kfac_two_ranks_match_one_process():
     """2 ranks x B/2 equal 1 process x B: ddp_kfac (both grad-worker settings, stale statistics,
-    accumulation, resume, CPU comm hook); a mismatched configuration fails on every rank."""
+    accumulation, resume, CPU comm hook), plain ddp; a mismatched configuration fails on every rank."""
     out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", torchrun_nproc=2, timeout=420).stdout
     assert "rank 0 ok" in out and "rank 1 ok" in out
     for name in ("ddp_kfac", "ddp_kfac grad_worker_fraction=1/2", "ddp_kfac stale statistics",
-                 "ddp_kfac accumulate_grad_batches=2", "ddp_kfac resumed"):
+                 "ddp_kfac accumulate_grad_batches=2", "ddp_kfac resumed", "plain ddp"):
         assert f"{name}: equal to 1 process" in out, name
-
-
-def _fallback_wired() -> bool:
-    import inspect
-
-    from lightning_lbo.optim.kfac import preconditioner
-
-    return "ensure_communicator" in inspect.getsource(preconditioner)
-
-
-@pytest.mark.xfail(not _fallback_wired(), strict=True,
-                   reason="plain ddp needs KFACPreconditioner to call optim.kfac.distributed.ensure_communicator "
-                          "(one line, requested in the issue-8 report); until then ranks keep their own factors")
-def test_plain_ddp_kfac_matches_one_process():
-    """Plain strategy='ddp': K-FAC averages factors synchronously, 2 ranks x B/2 equal 1 process x B."""
-    out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", "--plain", torchrun_nproc=2, timeout=300).stdout
-    assert "plain ddp: equal to 1 process" in out and "rank 0 ok" in out and "rank 1 ok" in out
 
 
 @pytest.mark.slow

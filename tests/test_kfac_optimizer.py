@@ -28,7 +28,7 @@ def test_kfac_gaussian_natural_gradient_step_solves_least_squares():
     torch.manual_seed(0)
     lin = nn.Linear(4, 2)
     X, Y = torch.randn(50, 4), torch.randn(50, 2)
-    pre = KFACPreconditioner(lin, damping=1e-9, factor_decay=0.0, factor_update_interval=1000,
+    pre = KFACPreconditioner(lin, damping=1e-9, factor_decay=1.0, factor_update_interval=1000,
                              inverse_update_interval=1000, kl_clip=None, inverse_method="eigen")
     (0.5 * (lin(X) - Y).pow(2).sum(1).mean()).backward()
     pre.step()  # captures A (and an empirical G we replace by the exact one)
@@ -53,7 +53,7 @@ def test_kfac_accumulating_three_micro_batches_equals_one_big_batch():
     for chunks in (1, 3):
         torch.manual_seed(0)
         model = _net()
-        opt = KFAC(model, lr=0.1, factor_decay=0.0)
+        opt = KFAC(model, lr=0.1, factor_decay=1.0)
         opt.zero_grad()
         for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
             (F.cross_entropy(model(xc), yc) / chunks).backward()
@@ -79,7 +79,7 @@ def _train(model, opt, steps, start=0):
 def test_kfac_state_dict_round_trip_continues_exactly(method):
     """Resume from state_dict (factors refreshed since the last inversion) = the uninterrupted run."""
     kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, inverse_method=method, factor_update_interval=2,
-              inverse_update_interval=3, damping=lambda step: 1e-2 / (1 + step))
+              factor_decay=0.5, inverse_update_interval=3, damping=lambda step: 1e-2 / (1 + step))
     torch.manual_seed(0)
     model = _net()
     opt = KFAC(model, **kw)
@@ -103,7 +103,7 @@ def test_kfac_bf16_autocast_keeps_fp32_factors():
     for autocast in (False, True):
         torch.manual_seed(0)
         model = _net()
-        opt = KFAC(model, lr=0.1, factor_decay=0.0)
+        opt = KFAC(model, lr=0.1, factor_decay=1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(model(x), y)
         loss.backward()

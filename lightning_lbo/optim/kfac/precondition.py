@@ -20,6 +20,10 @@ def apply_inverse(state, grad: torch.Tensor, damping: float, method: InverseMeth
     inv = state.inverse
     if state.block.kind == "unit":
         return torch.bmm(inv["F_inv"], grad.unsqueeze(2)).squeeze(2)
+    if "U" in inv:  # Woodbury form of the damped A inverse (see inverses.kronecker_inverse)
+        U = inv["U"]
+        low = torch.bmm(torch.bmm(torch.bmm(grad, U.transpose(1, 2)), inv["K_inv"]), U)
+        return torch.bmm(inv["G_inv"], (grad - low) / inv["delta_A"])
     if method is InverseMethod.CHOLESKY:
         return torch.bmm(torch.bmm(inv["G_inv"], grad), inv["A_inv"])
     QA, QG = inv["QA"], inv["QG"]
@@ -34,6 +38,7 @@ def inverse_template(block, factors: dict[str, torch.Tensor], method: InverseMet
         return {"F_inv": torch.empty_like(factors["F"], dtype=torch.float32)}
     A, G = factors["A"], factors["G"]
     if method is InverseMethod.CHOLESKY:
+        # Woodbury inverses are only built in one process (rows are not averaged across ranks).
         return {"A_inv": torch.empty_like(A, dtype=torch.float32), "G_inv": torch.empty_like(G, dtype=torch.float32)}
     return {"QA": torch.empty_like(A, dtype=torch.float32), "dA": A.new_empty(A.shape[:2], dtype=torch.float32),
             "QG": torch.empty_like(G, dtype=torch.float32), "dG": G.new_empty(G.shape[:2], dtype=torch.float32),

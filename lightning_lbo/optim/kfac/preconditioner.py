@@ -47,6 +47,8 @@ class _BlockState:
         self.pending_n = 0
         self.refreshes = {s: 0 for s in block.stat_names}
         self.owner: int | None = None  # rank that computed the current inverse
+        self.pending_rows: list[torch.Tensor] | None = []  # raw A rows for the Woodbury inverse
+        self.rows: dict[str, torch.Tensor] = {}  # {"rows", "n"} of the current (fresh) A, if low rank
 
 
 class KFACPreconditioner:
@@ -67,8 +69,10 @@ class KFACPreconditioner:
     Args:
         module: the model to hook; ``None`` to bind later with :meth:`bind`.
         damping: Tikhonov damping ``lambda``, a float or ``step -> float``.
-        factor_decay: running-average weight of the old factors (``0.95``); ``1.0`` would freeze
-            them, so the "fresh statistics" setting of Osawa et al. at 32K is ``factor_decay=0.0``.
+        factor_decay: weight of a new statistic in the running average of factors,
+            ``factor <- (1 - factor_decay) * factor + factor_decay * new``. ``1.0`` (default) keeps
+            fresh statistics, the large-batch setting of Osawa et al. (32K); ``0.05`` averages over
+            about 20 refreshes (kfac-pytorch's ``factor_decay=0.95`` counts the other way).
         factor_update_interval: steps between factor refreshes (int or ``step -> int``).
         inverse_update_interval: steps between inverse updates (int or ``step -> int``).
         inverse_method: ``"cholesky"`` (factored Tikhonov, fastest) or ``"eigen"`` (exact damping).
@@ -83,6 +87,9 @@ class KFACPreconditioner:
         l2: L2 regularisation folded in: ``l2 * w`` is added to each preconditioned gradient and the
             damping becomes ``max(damping, l2)``.
         grad_scaler: AMP ``GradScaler`` whose scale multiplies the output gradients (16-mixed).
+        low_rank_inverse: with fresh statistics (``factor_decay=1``), the cholesky method and one
+            process, apply ``(A + delta I)^{-1}`` through the Woodbury identity when the batch has
+            fewer rows (examples x positions) than half of ``d_A`` (much cheaper per step on wide layers).
         comm: the :class:`Communicator` (single process: the no-op default).
 
     Distributed seam (all collectives go through ``self.comm``; in one process they are no-ops):
@@ -105,17 +112,18 @@ class KFACPreconditioner:
     """
 
     def __init__(self, module: nn.Module | None = None, *, damping: FloatSchedule = 1e-3,
-                 factor_decay: float = 0.95, factor_update_interval: IntSchedule = 10,
+                 factor_decay: float = 1.0, factor_update_interval: IntSchedule = 10,
                  inverse_update_interval: IntSchedule = 10, inverse_method: str = "cholesky",
                  fisher: str = "empirical", likelihood: str = "categorical",
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
                  linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
-                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
+                 low_rank_inverse: bool = True, comm: Communicator | None = None,
+                 params: Iterable[torch.Tensor] | None = None) -> None:
         if not callable(damping) and not damping > 0:
             raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
-        if not 0.0 <= factor_decay < 1.0:
-            raise ValueError(f"Invalid factor_decay: {factor_decay}; use a value in [0, 1) (0 = fresh statistics).")
+        if not 0.0 < factor_decay <= 1.0:
+            raise ValueError(f"Invalid factor_decay: {factor_decay}; use a value in (0, 1] (1 = fresh statistics).")
         for name, value in (("factor_update_interval", factor_update_interval),
                             ("inverse_update_interval", inverse_update_interval)):
             if not callable(value) and (not isinstance(value, int) or value < 1):
@@ -141,6 +149,7 @@ class KFACPreconditioner:
         self.linear_variant = linear_variant
         self.l2 = l2
         self.grad_scaler = grad_scaler
+        self.low_rank_inverse = low_rank_inverse
         #: Distributed only: precondition on the owner rank and broadcast P instead of the inverses.
         self.precondition_on_owner_only = False
         self.set_communicator(comm if comm is not None else Communicator())
@@ -249,12 +258,19 @@ class KFACPreconditioner:
             st.due = {s for s, due in st.next_due.items() if due <= self.steps}
         self._capturing = any(st.due for st in self.states)
 
+    def _low_rank_possible(self, block, rows: torch.Tensor) -> bool:
+        """Keep A's rows for the Woodbury inverse: fresh statistics, one process, fewer rows than d_A / 2."""
+        return (self.low_rank_inverse and self.factor_decay == 1.0 and not self.comm.is_distributed
+                and self.inverse_method is InverseMethod.CHOLESKY and block.groups == 1
+                and 2 * rows.shape[1] <= block.dims[0])
+
     def discard_pending(self) -> None:
         """Drop statistics captured since the last step (e.g. after a step skipped by the AMP scaler)."""
         for st in self.states:
             for s in st.pending:
                 st.pending[s] = []
             st.pending_n = 0
+            st.pending_rows = []
         self._mc_targets = []
         self._cycle_open = False
 
@@ -275,7 +291,12 @@ class KFACPreconditioner:
         if block.kind == "unit":
             x_hat = block.normalized_input(x)
         elif "A" in st.due:
-            a_sum, _ = block.a_sum(x)
+            rows = block.a_rows(x)
+            a_sum = block.gram(rows)
+            if st.pending_rows is not None and self._low_rank_possible(block, rows):
+                st.pending_rows.append(rows.detach())
+            else:
+                st.pending_rows = None
             st.pending["A"].append(a_sum)
             self.comm.reduce_factors([a_sum], symmetric=True)
         grad_stat = "F" if block.kind == "unit" else "G"
@@ -353,8 +374,14 @@ class KFACPreconditioner:
         if not self._cycle_open:
             return []
         news: list[tuple[_BlockState, str, torch.Tensor]] = []
+        fresh_rows = {}
         for st in self.states:
             n = max(st.pending_n, 1)
+            if st.pending.get("A") and st.pending_rows:
+                rows = torch.cat(st.pending_rows, dim=1) if len(st.pending_rows) > 1 else st.pending_rows[0]
+                if 2 * rows.shape[1] <= st.block.dims[0]:
+                    fresh_rows[id(st)] = {"rows": st.block.with_ones(rows),
+                                          "n": torch.tensor(float(n), device=rows.device)}
             for s, parts in st.pending.items():
                 if not parts:
                     continue
@@ -383,8 +410,10 @@ class KFACPreconditioner:
             else:
                 if self.stale_statistics is not None:
                     rel.append(StaleStatistics.relative_change(new, old))
-                st.factors[s] = torch.where(ok[j], decay * old + (1 - decay) * new, old)
+                st.factors[s] = torch.where(ok[j], new if decay == 1.0 else (1 - decay) * old + decay * new, old)
             st.refreshes[s] += 1
+            if s == "A":  # rows describe this A only if it is the fresh statistic (a skipped refresh keeps old)
+                st.rows = dict(fresh_rows.get(id(st), {}), factor=st.factors["A"]) if id(st) in fresh_rows else {}
         refreshed = [(st, s) for st, s, _ in news]
         self._update_intervals(news, ok, rel)
         return refreshed
@@ -420,7 +449,10 @@ class KFACPreconditioner:
             changed = any(st.factors[s] is not st.inverse_factors.get(s) for s in st.factors)
             restore = self._inverses_stale and bool(st.inverse_factors)  # after load_state_dict
             if (due and changed) or (st.owner is None and not restore):
-                todo.append((st, dict(st.factors), damping))
+                source = dict(st.factors)
+                if st.rows and st.rows["factor"] is st.factors.get("A"):
+                    source.update(rows=st.rows["rows"], n=st.rows["n"])
+                todo.append((st, source, damping))
             elif restore:  # rebuild the inverse the checkpointed run was using
                 todo.append((st, st.inverse_factors, st.inverse_damping or damping))
         self._inverses_stale = False
@@ -526,7 +558,7 @@ class KFACPreconditioner:
             st.next_due.update(entry.get("next_due", {}))
             st.refreshes.update(entry.get("refreshes", {}))
             saved = {s: t.to(device) for s, t in entry.get("inverse_factors", {}).items()}
-            st.inverse_factors = {s: saved.get(s, st.factors.get(s)) for s in st.factors}
+            st.inverse_factors = {**{s: st.factors[s] for s in st.factors}, **saved}
             st.inverse_damping = entry.get("inverse_damping")
             st.inverse, st.owner = None, None
         self._inverses_stale = True  # the next step recomputes the inverses from inverse_factors

@@ -11,7 +11,9 @@ optimizers are set up it
    inverse work is assigned by greedy LPT on ``n^3``, and ``grad_worker_fraction`` chooses between
    broadcasting inverses (``1.0``) and broadcasting preconditioned gradients from one owner per layer
    (``1 / world_size``);
-4. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA).
+4. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
+5. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
+   ``A`` reductions overlap the backward (full buckets go out from the hooks as they fill).
 
 Registered as ``"ddp_kfac"`` (subprocess launch, like ``"ddp"``) and ``"ddp_kfac_spawn"``. Multi-node
 runs are Lightning's: ``num_nodes`` with torchrun or SLURM environments, detected as for ``"ddp"``.
@@ -92,6 +94,13 @@ def _build_strategy_class(package: str) -> type:
             if self._ddp_comm_hook is not None:
                 register_ddp_comm_hook(model=self.model, ddp_comm_state=self._ddp_comm_state,
                                        ddp_comm_hook=self._ddp_comm_hook, ddp_comm_wrapper=self._ddp_comm_wrapper)
+
+        @override
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            output = super().training_step(*args, **kwargs)
+            if self.communicator is not None:
+                self.communicator.flush()  # the forward's A factors travel while the backward runs
+            return output
 
         @override
         def setup(self, trainer: Any) -> None:

@@ -128,6 +128,8 @@ def main() -> None:
     comm = trainer.strategy.communicator
     assert comm is not None and comm.stats.factor_bytes > 0, "no factor traffic under ddp_kfac"
     assert comm.stats.broadcast_bytes > 0 and not trainer.optimizers[0].preconditioner.precondition_on_owner_only
+    # per step: one bucket of A factors launched after the forward, one of G factors completed at the step
+    assert comm.stats.factor_reductions == 2 * EPOCHS * STEPS_PER_EPOCH, comm.stats
     if args.quick:
         print(f"rank {trainer.global_rank} ok", flush=True)
         return

@@ -317,6 +317,9 @@ class LRSchedule(*callback_bases()):
 
     @staticmethod
     def _scale_momentum(opt: torch.optim.Optimizer, group: dict, ratio: float) -> None:
+        if hasattr(opt, "scale_momentum_"):  # optimizers that store momentum their own way (LARS: scale x buffer)
+            opt.scale_momentum_(ratio, group)
+            return
         bufs = [opt.state[p]["momentum_buffer"] for p in group["params"]
                 if isinstance(opt.state.get(p, {}).get("momentum_buffer"), torch.Tensor)]
         if bufs:

@@ -40,9 +40,13 @@ def sgd_factory(lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e
     return partial(_momentum_sgd, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
-@lru_cache(maxsize=None)
 def classifier_module_class(package: str = PYTORCH_LIGHTNING) -> type:
     """The ``ClassifierModule`` class built on ``package``'s Lightning base class (one class per package)."""
+    return _build_classifier_class(package)  # one cache key per package, however it is called
+
+
+@lru_cache(maxsize=None)
+def _build_classifier_class(package: str) -> type:
     pl = lightning_package(package)
 
     class ClassifierModule(pl.LightningModule):

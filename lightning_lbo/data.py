@@ -176,9 +176,13 @@ def tensor_loader(dataset: TensorImageDataset, batch_size: int, shuffle: bool, d
                       collate_fn=collate_batch, num_workers=0)
 
 
-@lru_cache(maxsize=None)
 def fashion_mnist_datamodule_class(package: str = PYTORCH_LIGHTNING) -> type:
     """The ``FashionMNISTDataModule`` class built on ``package``'s Lightning base class (one class per package)."""
+    return _build_datamodule_class(package)  # one cache key per package, however it is called
+
+
+@lru_cache(maxsize=None)
+def _build_datamodule_class(package: str) -> type:
     pl = lightning_package(package)
 
     class FashionMNISTDataModule(pl.LightningDataModule):

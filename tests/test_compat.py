@@ -44,3 +44,15 @@ def test_package_lookup_errors():
         lightning_package("lightning_pytorch")
     with pytest.raises(TypeError, match="pass a Lightning Trainer"):
         package_of(object())
+
+
+def test_per_package_factories_return_one_class_however_called(pl_package):
+    """f() and f("pytorch_lightning") give the same class (else ddp_spawn's pickling fails)."""
+    import pickle
+
+    from lightning_lbo.classifier import ClassifierModule
+
+    assert classifier_module_class() is classifier_module_class("pytorch_lightning") is ClassifierModule
+    assert fashion_mnist_datamodule_class() is fashion_mnist_datamodule_class("pytorch_lightning")
+    cls = classifier_module_class(pl_package.__name__)
+    assert pickle.loads(pickle.dumps(cls)) is cls

@@ -112,7 +112,7 @@ class KFAC(Optimizer):
         if not params:
             return loss
         grads = [p.grad for p in params]
-        finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads)]).all()
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         self.skipped_steps += (~finite).long()
         for group in self.param_groups:
             self._update_group(group, finite)

@@ -119,6 +119,7 @@ def abs_schedule(epochs: int, train_subset: int, batch_size: int, max_accumulati
                     else [batch_size * accumulate] * epochs)
         eigs = [f"{h['eigenvalue']:.1f}" for h in abs_cb.history] if abs_cb else []
         rows.append((name, trainer.global_step, acc, wall, schedule, eigs))
+        print(f"finished {name}: {trainer.global_step} steps, test acc {acc:.4f}", flush=True)
     print(f"\nABS on Fashion-MNIST ({train_subset} train images, full test set), SmallCNN, {epochs} epochs, "
           f"base LR {lr} per {batch_size}, x0.1 at epoch {milestone}, max batch {batch_size * max_accumulation}, "
           f"duration {duration}, seed {seed}")

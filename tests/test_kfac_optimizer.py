@@ -263,3 +263,26 @@ def test_kfac_step_runs_closure_once_and_matches_without_closure():
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kfac_amp_grad_scaler_scale_is_removed_from_g():
+    """16-mixed: with the loss scaled by the grad scaler's scale, G equals the unscaled run's G."""
+    from types import SimpleNamespace
+
+    x, y = _batch()
+    factors = []
+    for scale in (None, 1024.0):
+        torch.manual_seed(0)
+        model = _net()
+        pre = KFACPreconditioner(model, kl_clip=None)
+        if scale is not None:
+            pre.grad_scaler = SimpleNamespace(_scale=torch.tensor(scale), is_enabled=lambda: True)
+        (F.cross_entropy(model(x), y) * (scale or 1.0)).backward()
+        if scale is not None:
+            for p in model.parameters():  # what GradScaler.unscale_ does before the step
+                p.grad /= scale
+        pre.step()
+        factors.append([dict(st.factors) for st in pre.states])
+    for a, b in zip(*factors, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

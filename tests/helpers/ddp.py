@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COLLECTIVE_TIMEOUT_S = 180
 
 
 def free_port() -> int:
@@ -43,7 +45,9 @@ def ddp_env(threads_per_process: int = 1) -> dict[str, str]:
 
 def _gloo_worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # A bounded timeout turns a stalled rendezvous or collective into a visible failure instead of a hang.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
     finally:

@@ -55,9 +55,14 @@ def asdl_step_fn(model: nn.Module, x, y, lr: float, kfac_kwargs: dict) -> Callab
         import asdfghjkl  # noqa: F401
         from asdfghjkl.precondition import KFAC as AsdlKFAC  # type: ignore
     except Exception:  # noqa: BLE001 - any import problem means "not available"
+        print("asdl: asdfghjkl not installed (pip install asdfghjkl==0.1a5, the `bench` extra)")
         return None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    pre = AsdlKFAC(model, fisher_type="fisher_emp", damping=1e-3)
+    try:  # asdfghjkl 0.1a4/0.1a5 API; other versions differ
+        pre = AsdlKFAC(model, fisher_type="fisher_emp", damping=1e-3)
+    except Exception as err:  # noqa: BLE001
+        print(f"asdl: installed but its K-FAC API differs from 0.1a5 ({err}); skipped")
+        return None
     factor_every = kfac_kwargs.get("factor_update_interval", 10)
     inverse_every = kfac_kwargs.get("inverse_update_interval", 10)
     state = {"step": 0}
@@ -92,7 +97,6 @@ def make_steps(case: dict, impls: list[str]) -> dict[str, Callable[[], None]]:
         elif name == "asdl":
             fn = asdl_step_fn(model, x, y, 0.01, case["kfac"])
             if fn is None:
-                print("asdl: asdfghjkl not installed (pip install asdfghjkl==0.1a5, the `bench` extra)")
                 continue
             steps[name] = fn
             continue

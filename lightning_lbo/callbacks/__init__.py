@@ -18,6 +18,7 @@ _EXPORTS = {
     "GradientNoiseScale": "lightning_lbo.callbacks.gradient_noise_scale",
     "FractionalEpoch": "lightning_lbo.callbacks.fractional_epoch",
     "NonFiniteSkipMonitor": "lightning_lbo.callbacks.nonfinite_skips",
+    "KFACCallback": "lightning_lbo.callbacks.kfac",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -75,15 +75,18 @@ def _train(model, opt, steps, start=0):
         opt.step()
 
 
-@pytest.mark.parametrize("method", ["cholesky", "eigen"])
-def test_kfac_state_dict_round_trip_continues_exactly(method):
-    """Resume from state_dict (factors refreshed since the last inversion) = the uninterrupted run."""
+@pytest.mark.parametrize(("method", "decay"), [("cholesky", 0.5), ("eigen", 0.5), ("cholesky", 1.0)])
+def test_kfac_state_dict_round_trip_continues_exactly(method, decay):
+    """Resume from state_dict (factors refreshed since the last inversion) = the uninterrupted run.
+
+    Fresh factors (decay 1) put the 100-wide head on the Woodbury inverse (12 rows)."""
     kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, inverse_method=method, factor_update_interval=2,
-              factor_decay=0.5, inverse_update_interval=3, damping=lambda step: 1e-2 / (1 + step))
+              factor_decay=decay, inverse_update_interval=3, damping=lambda step: 1e-2 / (1 + step))
     torch.manual_seed(0)
     model = _net()
     opt = KFAC(model, **kw)
     _train(model, opt, 5)
+    assert ("U" in opt.preconditioner.states[-1].inverse) == (decay == 1.0)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     _train(model, opt, 4, start=5)
     resumed = _net()

@@ -121,7 +121,7 @@ def test_sgd_lr_sequence_warmup_then_cosine(tmp_path):
 
 
 def test_kfac_and_spngd_differ_as_the_papers():
-    """K-FAC 2018: empirical Fisher, BN left to SGD; SP-NGD: MC Fisher, stale statistics, unit-wise BN, fresh factors."""
+    """K-FAC 2018: empirical Fisher, BN left to SGD; SP-NGD: MC Fisher, stale statistics, unit-wise BN, no EMA."""
     from lightning_lbo.optim.kfac import KFAC
 
     for name, fisher, bn_excluded, stale in (("kfac", "empirical", True, False), ("spngd", "mc", False, True)):

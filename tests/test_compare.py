@@ -1,0 +1,129 @@
+"""`lbo compare`: runs on any LightningModule/DataModule, reports failures and unreached targets, validates input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lbo.cli import main
+from lightning_lbo.compare import RunResult, RunSpec, _run_in_child, compare, format_table, reach_target, run_one
+
+
+class TinyModule(pl.LightningModule):
+    """A user's module: its own configure_optimizers must be replaced by the recipe's."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_accuracy", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        raise AssertionError("lbo compare must use the recipe's optimizer")
+
+
+class TinyData(pl.LightningDataModule):
+    """3 linearly separable classes in 8 dimensions; takes the per-device batch size."""
+
+    def __init__(self, batch_size: int, size: int = 256) -> None:
+        super().__init__()
+        self.batch_size, self.size = batch_size, size
+
+    def setup(self, stage=None) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.size + 128, 8, generator=g)
+        y = x[:, :3].argmax(1)
+        self.train_set = TensorDataset(x[: self.size], y[: self.size])
+        self.val_set = TensorDataset(x[self.size:], y[self.size:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=128)
+
+
+def _spec(recipe: str = "sgd", batch: int = 64, epochs: int = 2, **kw) -> RunSpec:
+    return RunSpec(recipe, batch, epochs, module="tests.test_compare:TinyModule", module_kwargs={"hidden": 16},
+                   datamodule="tests.test_compare:TinyData", monitor="val_accuracy", eval_every=2, progress=False,
+                   **kw)
+
+
+def test_compare_user_module_table_csv_png_and_failures(tmp_path, capsys):
+    """A user module trains with the recipe's optimizer; a failing run and an unreached target are reported."""
+    specs = [_spec("kfac"), _spec("sgd", batch=100_000)]
+    results = compare(specs, target=0.999, out_dir=tmp_path, in_process=True)
+    ok, failed = results
+    assert ok.error == "" and ok.steps == 8  # 256 / 64 = 4 steps per epoch, 2 epochs
+    assert [r[0] for r in ok.history] == [2, 4, 6, 8]
+    assert all(0.0 <= r[2] <= 1.0 for r in ok.history) and ok.final_acc == ok.history[-1][2]
+    assert ok.seconds_per_step > 0 and ok.peak_rss_mb > 0
+    assert "larger than 256 training examples" in failed.error
+    out = capsys.readouterr().out
+    assert "failed: ValueError: --batch-size 100000 is larger" in out
+    assert "target accuracy 99.9% was not reached by: kfac@64" in out
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["recipe"] for r in rows] == ["kfac", "sgd"] and rows[1]["error"]
+    history = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert len(history) == 4 and (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_reach_target_first_crossing_and_table_dashes():
+    """Steps/seconds to target come from the first validation at or above it; '-' when never reached."""
+    history = [(2, 1.0, 0.5), (4, 2.0, 0.81), (6, 3.0, 0.79), (8, 4.0, 0.9)]
+    assert reach_target(history, 0.8) == (4, 2.0)
+    assert reach_target(history, 0.95) == (None, None)
+    result = RunResult("sgd", 64, 8, 0.9, 0.9, None, None, 0.5, 100.0, history=history)
+    line = format_table([result], 0.95).splitlines()[2].split()
+    assert line[:5] == ["sgd", "64", "8", "0.9000", "0.9000"] and line[5:7] == ["-", "-"]
+
+
+def test_compare_ddp_spawn_in_child_process():
+    """--devices 2 --strategy ddp_spawn from the default child process: rank 0's measurements come back."""
+    result = _run_in_child(_spec("sgd", batch=64, epochs=1, devices=2, strategy="ddp_spawn", threads=1))
+    assert result.error == "" and result.steps == 4  # 128 examples per rank / 32 per device
+    assert [r[0] for r in result.history] == [2, 4] and not math.isnan(result.final_acc)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipes", "sgd,adam"], "Unknown recipe(s): adam. Available: sgd, goyal"),
+    (["--batch-size", "4096", "--train-subset", "1000"], "--batch-size 4096 is larger than the training set"),
+    (["--module", "no_such_pkg.models:Net"], "Cannot import module 'no_such_pkg.models:Net'"),
+    (["--module", "torch.nn:Linear"], "'torch.nn:Linear' is not a LightningModule subclass"),
+    (["--module", "tests.test_compare:Missing"], "tests.test_compare has no 'Missing'"),
+    (["--target", "90"], "Invalid --target 90.0: use an accuracy in (0, 1]"),
+    (["--batch-size", "4095", "--devices", "2"], "Batch size 4095 is not divisible by devices x nodes = 2"),
+])
+def test_lbo_compare_rejects_bad_input(args, message, capsys):
+    """Bad recipes, sizes and import paths fail before any training with a message naming the fix."""
+    assert main(["compare", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lbo_compare_unknown_dataset_lists_choices(capsys):
+    """An unknown --dataset is an argparse error listing the bundled data sets."""
+    with pytest.raises(SystemExit):
+        main(["compare", "--dataset", "cifar10"])
+    assert "invalid choice: 'cifar10'" in capsys.readouterr().err
+
+
+def test_run_one_fashion_mnist_reference_model():
+    """The default path: the reference MLP-BN on a Fashion-MNIST subset learns above chance (0.1) in 4 steps."""
+    result = run_one(RunSpec("kfac", 512, 1, model="mlp-bn", train_subset=2048, eval_every=4, progress=False))
+    assert result.steps == 4 and result.final_acc > 0.2  # chance: 0.1

@@ -8,7 +8,7 @@ shows final accuracy, steps and seconds to the target accuracy (``-`` when never
 step and peak memory. Results go to ``<out_dir>/results.csv``, ``history.csv`` and ``accuracy.png``.
 
 The defaults are ``make demo``: the tuned SGD baseline, Goyal, LARS and K-FAC at global batch 4096 on
-30k Fashion-MNIST images for 2 epochs (14 steps) with an MLP-BN (about a minute on 2 idle cores). Any LightningModule / LightningDataModule can be
+30k Fashion-MNIST images for 2 epochs (14 steps) with an MLP-BN (about a minute on 2 idle cores).
 trained instead (``--module pkg.mod:Class --datamodule pkg.mod:Class``): the recipe replaces the
 module's ``configure_optimizers``; the data module must take a ``batch_size`` (per device) argument and
 the module must log the monitored accuracy (``--monitor``, default ``val_acc``) during validation.

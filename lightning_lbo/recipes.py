@@ -125,7 +125,7 @@ class KFACFactory:
     weight_decay: float = 5e-4
     damping: float = 1e-3
     fisher: str = "empirical"
-    factor_decay: float = 0.95
+    factor_decay: float = 0.05
     factor_update_interval: int = 1
     inverse_update_interval: int = 1
     kl_clip: float | None = 1e-3
@@ -310,7 +310,8 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
          weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None) -> Recipe:
     """Osawa et al. 2018/2019 K-FAC: empirical Fisher, factor running average, fresh inverses, KL clip.
 
-    Kronecker factors of every Linear/Conv2d refreshed every step with running average 0.95 and
+    Kronecker factors of every Linear/Conv2d refreshed every step into a running average (new
+    statistic weight 0.05, i.e. the old factors keep 0.95) and
     inverted every step (Cholesky, factored Tikhonov damping 1e-3); BatchNorm keeps the plain
     momentum update; KL-clip 1e-3; momentum 0.9 without correction; weight decay 5e-4; LR
     ``base_lr * B / 256`` after a linear warmup from 0 over 10% of the run, then poly(2) decay.
@@ -348,13 +349,13 @@ def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
     warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
     schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=3.5,
                           reference_batch_size=REFERENCE_BATCH)
-    factory = KFACFactory(base_lr, momentum, weight_decay, damping, fisher="mc", factor_decay=0.0,
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping, fisher="mc", factor_decay=1.0,
                           unit_wise_bn=True, stale_threshold=stale_threshold, momentum_correction=True)
     return Recipe(
         "spngd", "Osawa et al. 2020, Scalable and Practical Natural Gradient (SP-NGD, arXiv 2002.06015)",
         factory, (schedule, KFACCallback(log_every_n_steps=0)),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
-             momentum_correction=True, weight_decay=weight_decay, damping=damping, fisher="mc", factor_decay=0.0,
+             momentum_correction=True, weight_decay=weight_decay, damping=damping, fisher="mc", factor_decay=1.0,
              stale_statistics=f"threshold {stale_threshold}, x2 / x0.5, 1-{factory.stale_max_interval} steps",
              kl_clip=factory.kl_clip, batchnorm="unit-wise", warmup_epochs=round(warmup, 4), decay="poly(3.5)"))
 

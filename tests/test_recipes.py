@@ -130,7 +130,7 @@ def test_kfac_and_spngd_differ_as_the_papers():
         assert isinstance(opt, KFAC) and pre.fisher.value == fisher
         assert (nn.BatchNorm2d in pre.exclude) == bn_excluded
         assert (pre.stale_statistics is not None) == stale
-        assert pre.factor_decay == (0.0 if stale else 0.95)
+        assert pre.factor_decay == (1.0 if stale else 0.05)  # weight of the new statistic
 
 
 def test_akiba_scales_rmsprop_transition_and_uses_last_batch_bn():

@@ -373,11 +373,16 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, target: float, ti
         print("matplotlib is not installed: no accuracy.png (pip install matplotlib)", file=sys.stderr)
         return written
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r.recipe for r in results))}
+    batches = sorted({r.batch_size for r in results}, reverse=True)
+    styles = {b: ("-", "--", ":", "-.")[i % 4] for i, b in enumerate(batches)}
     for r in results:
         if r.history:
             steps, seconds, accs = zip(*r.history, strict=False)
-            axes[0].plot(steps, accs, marker="o", markersize=3, label=f"{r.recipe} @ {r.batch_size}")
-            axes[1].plot(seconds, accs, marker="o", markersize=3, label=f"{r.recipe} @ {r.batch_size}")
+            style = dict(marker="o", markersize=3, color=colors[r.recipe], linestyle=styles[r.batch_size],
+                         label=f"{r.recipe} @ {r.batch_size}")
+            axes[0].plot(steps, accs, **style)
+            axes[1].plot(seconds, accs, **style)
     for ax, xlabel in zip(axes, ("optimizer step", "training wall time [s]"), strict=False):
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.1%}")
         ax.set(xlabel=xlabel, xscale="log")

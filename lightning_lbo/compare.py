@@ -8,7 +8,7 @@ shows final accuracy, steps and seconds to the target accuracy (``-`` when never
 step and peak memory. Results go to ``<out_dir>/results.csv``, ``history.csv`` and ``accuracy.png``.
 
 The defaults are ``make demo``: the tuned SGD baseline, Goyal, LARS and K-FAC at global batch 4096 on
-30k Fashion-MNIST images for 2 epochs (14 steps) with an MLP-BN (about a minute on 2 idle cores).
+all 60k Fashion-MNIST images for 3 epochs (42 steps) with an MLP-BN (about a minute on 2 cores).
 trained instead (``--module pkg.mod:Class --datamodule pkg.mod:Class``): the recipe replaces the
 module's ``configure_optimizers``; the data module must take a ``batch_size`` (per device) argument and
 the module must log the monitored accuracy (``--monitor``, default ``val_acc``) during validation.
@@ -451,12 +451,12 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="global batch size of the recipes")
     p.add_argument("--baseline-batch-size", type=int, default=0,
                    help="also train momentum SGD at this small batch, e.g. 128 (0: no baseline row)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--target", type=float, default=0.80, help="target validation accuracy")
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="bundled data set")
     p.add_argument("--model", default="mlp-bn", choices=tuple(MODELS),
                    help="reference model: SmallCNN, MLP 256-128 with/without BN, ResNet-20")
-    p.add_argument("--train-subset", type=int, default=30000, help="use the first N training images (0: all)")
+    p.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0: all)")
     p.add_argument("--module", default=None, help="your LightningModule instead: 'package.module:Class'")
     p.add_argument("--module-kwargs", type=_json_kwargs, default={}, help="JSON keyword arguments of --module")
     p.add_argument("--datamodule", default=None, help="your LightningDataModule (takes batch_size): 'pkg.mod:Class'")

@@ -116,3 +116,17 @@ def test_hessian_spectrum_and_noise_scale_under_ddp_spawn(tmp_path):
     trainer = make_trainer(pl, tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2,
                            callbacks=[spectrum, noise, CheckInWorkers(spectrum, noise)])
     trainer.fit(bn_classifier("pytorch_lightning"), loader(64, 8))
+
+
+def test_hessian_spectrum_sends_the_density_to_wandb(tmp_path, monkeypatch):
+    """With a WandbLogger the density plot is logged as a wandb.Image (wandb's network is off in tests)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional extra (pip install lightning-lbo[wandb])")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cb = HessianSpectrum(top_k=1, trace_samples=0, density_probes=1, density_steps=8)
+    logger = pl.loggers.WandbLogger(save_dir=str(tmp_path))
+    logged = []
+    monkeypatch.setattr(logger.experiment, "log", lambda data, *args, **kwargs: logged.append(data))
+    trainer = make_trainer(pl, tmp_path, max_epochs=1, logger=logger, callbacks=[cb])
+    trainer.fit(bn_classifier("pytorch_lightning"), loader())
+    images = [value for data in logged for value in data.values() if isinstance(value, wandb.Image)]
+    assert len(images) == 1 and cb.png_paths == []

@@ -20,13 +20,41 @@ parameter's device) that a callback or the user reads when it logs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 NONFINITE_SKIPS = "nonfinite_skips"
+
+
+class CheckedOptimizer(torch.optim.Optimizer):
+    """What LARS, LAMB and RMSpropWarmup share: every param group validated, skips counted, closure run once.
+
+    Subclasses implement ``_check_group(group)`` (raise ``ValueError`` naming the bad hyperparameter); it
+    runs for the defaults and for every group added, at construction or later.
+    """
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def nonfinite_skips(self) -> Tensor:
+        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
+        return total_nonfinite_skips(self)
+
+    @staticmethod
+    def _evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+        """Run ``closure`` (which re-evaluates the loss) once under ``torch.enable_grad()``; None without one."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
 
 def check_non_negative(name: str, value: Any, hint: str = "") -> None:

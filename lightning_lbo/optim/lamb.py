@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
+    CheckedOptimizer,
     check_momentum,
     check_non_negative,
     finite_mask,
     group_by_device_and_dtype,
     params_with_grads,
     skip_counters,
-    total_nonfinite_skips,
     use_foreach,
     zero_nonfinite_,
 )
@@ -39,7 +39,7 @@ from lightning_lbo.optim._step_utils import (
 __all__ = ["LAMB", "lamb"]
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(CheckedOptimizer):
     """Adam moments with a per-tensor trust ratio (LAMB).
 
     Args:
@@ -82,10 +82,6 @@ class LAMB(torch.optim.Optimizer):
         if mtr is not None and (isinstance(mtr, bool) or not isinstance(mtr, (int, float)) or not mtr > 0):
             raise ValueError(f"Invalid max_trust_ratio: {mtr!r}; use a value > 0 (e.g. 10.0) or None for no clipping.")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -94,17 +90,10 @@ class LAMB(torch.optim.Optimizer):
             group.setdefault("lars_adapt", True)
             group.setdefault("foreach", None)
 
-    def nonfinite_skips(self) -> Tensor:
-        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
-        return total_nonfinite_skips(self)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LAMB step; ``closure`` runs once under ``torch.enable_grad()``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for group in self.param_groups:
             params, grads = params_with_grads(group, "LAMB")
             if not params:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
+    CheckedOptimizer,
     check_momentum,
     check_non_negative,
     finite_mask,
@@ -49,7 +50,6 @@ from lightning_lbo.optim._step_utils import (
     lars_trust_ratio,
     params_with_grads,
     skip_counters,
-    total_nonfinite_skips,
     use_foreach,
     zero_nonfinite_,
 )
@@ -75,7 +75,7 @@ class MomentumForm(str, Enum):
             raise ValueError(f"Invalid momentum_form: {value!r}. Supported: {tuple(m.value for m in cls)}.") from None
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(CheckedOptimizer):
     """Momentum SGD with a per-tensor trust ratio (LARS), optionally LARC-clipped.
 
     Args:
@@ -123,15 +123,9 @@ class LARS(torch.optim.Optimizer):
         if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not 0.0 < tc < float("inf"):
             raise ValueError(f"Invalid trust_coefficient: {tc!r}; use a value > 0 (paper: 0.001), or set "
                              "lars_adapt=False to turn the trust ratio off.")
-        MomentumForm.parse(group["momentum_form"])
+        group["momentum_form"] = MomentumForm.parse(group["momentum_form"]).value  # store the plain string
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Nesterov momentum requires momentum > 0; set momentum (e.g. 0.9) or nesterov=False.")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group["momentum_form"] = MomentumForm.parse(group["momentum_form"]).value
-        self._check_group(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -159,17 +153,10 @@ class LARS(torch.optim.Optimizer):
             if scales:
                 torch._foreach_mul_(scales, factor)
 
-    def nonfinite_skips(self) -> Tensor:
-        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
-        return total_nonfinite_skips(self)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS step; ``closure`` (re-evaluates the loss) runs once under ``torch.enable_grad()``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for group in self.param_groups:
             params, grads = params_with_grads(group, "LARS")
             if not params:

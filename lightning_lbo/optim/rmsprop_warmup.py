@@ -40,13 +40,13 @@ import torch
 from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
+    CheckedOptimizer,
     check_momentum,
     check_non_negative,
     finite_mask,
     group_by_device_and_dtype,
     params_with_grads,
     skip_counters,
-    total_nonfinite_skips,
     use_foreach,
     zero_nonfinite_,
 )
@@ -67,7 +67,7 @@ def sgd_mixing(epoch: float, beta_center: float = 10.0, beta_period: float = 5.0
     return 1.0
 
 
-class RMSpropWarmup(torch.optim.Optimizer):
+class RMSpropWarmup(CheckedOptimizer):
     """Akiba et al.'s hybrid RMSprop -> momentum SGD optimizer.
 
     Args:
@@ -122,10 +122,6 @@ class RMSpropWarmup(torch.optim.Optimizer):
         if not (isinstance(group["beta_center"], (int, float)) and math.isfinite(group["beta_center"])):
             raise ValueError(f"Invalid beta_center: {group['beta_center']!r}; use a finite epoch (paper: 10).")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -151,10 +147,6 @@ class RMSpropWarmup(torch.optim.Optimizer):
         group = group or self.param_groups[0]
         return sgd_mixing(self.current_epoch(), group["beta_center"], group["beta_period"])
 
-    def nonfinite_skips(self) -> Tensor:
-        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
-        return total_nonfinite_skips(self)
-
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["rmsprop_warmup"] = {"steps_taken": self.steps_taken, "fractional_epoch": self.fractional_epoch}
@@ -170,10 +162,7 @@ class RMSpropWarmup(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One hybrid step; ``closure`` runs once under ``torch.enable_grad()``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         epoch = self.current_epoch()
         for group in self.param_groups:
             params, grads = params_with_grads(group, "RMSpropWarmup")

@@ -11,7 +11,7 @@ It is also the reference implementation of the small contract lightning_lbo's ca
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
 from lightning_lbo.models import build_model
 
 #: Called with the LightningModule inside ``configure_optimizers``; returns anything
@@ -40,13 +40,9 @@ def sgd_factory(lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e
     return partial(_momentum_sgd, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
-def classifier_module_class(package: str = PYTORCH_LIGHTNING) -> type:
+@per_package
+def classifier_module_class(package: str) -> type:
     """The ``ClassifierModule`` class built on ``package``'s Lightning base class (one class per package)."""
-    return _build_classifier_class(package)  # one cache key per package, however it is called
-
-
-@lru_cache(maxsize=None)
-def _build_classifier_class(package: str) -> type:
     pl = lightning_package(package)
 
     class ClassifierModule(pl.LightningModule):

@@ -18,7 +18,8 @@ modules and strategies built on *its own* base classes. lightning_lbo never pick
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache, wraps
 from types import ModuleType
 from typing import Any
 
@@ -27,7 +28,7 @@ LIGHTNING_PYTORCH = "lightning.pytorch"
 PACKAGE_NAMES = (PYTORCH_LIGHTNING, LIGHTNING_PYTORCH)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _try_import(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
@@ -69,6 +70,21 @@ def callback_bases() -> tuple[type, ...]:
     """``Callback`` of every installed distribution, to derive a callback usable by both Trainers."""
     return tuple(lightning_package(name).Callback for name in available_packages())
 
+
+
+def per_package(build: Callable[[str], type]) -> Callable[..., type]:
+    """Decorate ``build(package) -> class`` into ``get(package="pytorch_lightning")`` that builds each class once.
+
+    One cache key per package: ``get()`` and ``get("pytorch_lightning")`` return the same class, which
+    pickling (``ddp_spawn``) needs.
+    """
+    cached = lru_cache(maxsize=None)(build)
+
+    @wraps(build)
+    def get(package: str = PYTORCH_LIGHTNING) -> type:
+        return cached(package)
+
+    return get
 
 
 def publish_per_package(cls: type, module_name: str, package: str) -> type:

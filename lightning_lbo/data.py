@@ -22,14 +22,13 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -176,13 +175,9 @@ def tensor_loader(dataset: TensorImageDataset, batch_size: int, shuffle: bool, d
                       collate_fn=collate_batch, num_workers=0)
 
 
-def fashion_mnist_datamodule_class(package: str = PYTORCH_LIGHTNING) -> type:
+@per_package
+def fashion_mnist_datamodule_class(package: str) -> type:
     """The ``FashionMNISTDataModule`` class built on ``package``'s Lightning base class (one class per package)."""
-    return _build_datamodule_class(package)  # one cache key per package, however it is called
-
-
-@lru_cache(maxsize=None)
-def _build_datamodule_class(package: str) -> type:
     pl = lightning_package(package)
 
     class FashionMNISTDataModule(pl.LightningDataModule):

@@ -27,27 +27,20 @@ Example::
 from __future__ import annotations
 
 import importlib
-from functools import cache
 from typing import Any
 
 import torch.distributed as dist
 from typing_extensions import override
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, publish_per_package
+from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
 
 STRATEGY_NAME = "ddp_kfac"
 SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
 
 
-def kfac_ddp_strategy_class(package: str = PYTORCH_LIGHTNING) -> type:
+@per_package
+def kfac_ddp_strategy_class(package: str) -> type:
     """The ``KFACDDPStrategy`` class built on ``package``'s ``DDPStrategy`` (one class per package)."""
-    # One cache key per package: `f()` and `f("pytorch_lightning")` must return the same class, or pickling
-    # (ddp_spawn) finds a different class under the published name.
-    return _build_strategy_class(package)
-
-
-@cache
-def _build_strategy_class(package: str) -> type:
     pl = lightning_package(package)
     register_ddp_comm_hook = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
     fitting = pl.trainer.states.TrainerFn.FITTING

@@ -1,7 +1,7 @@
 """Popen-DDP smoke script: Lightning re-runs this file for rank 1; each rank prints 'rank N ok'."""
 
-import torch
 import pytorch_lightning as pl
+import torch
 
 from lightning_lbo.classifier import ClassifierModule, sgd_factory
 from lightning_lbo.data import FashionMNISTDataModule

@@ -1,6 +1,6 @@
 """Generate benchmarks/REPORT.md: every recipe at large batch against batch-128 momentum SGD.
 
-On Fashion-MNIST (60k train, the 10k test split for evaluation), the reference SmallCNN, an equal
+On Fashion-MNIST (60k train, the 10k test split for evaluation), an MLP with BatchNorm (784-256-128-10), an equal
 epoch budget for every run: steps to the target test accuracy (90%) and final accuracy for each
 recipe at global batch 4096 and 8192, next to momentum SGD at batch 128. Each run trains in a fresh
 child process (``lightning_lbo.compare``); its measurements are cached as JSON in

@@ -50,34 +50,28 @@ def build_model(name: str) -> nn.Module:
 
 
 def asdl_step_fn(model: nn.Module, x, y, lr: float, kfac_kwargs: dict) -> Callable[[], None] | None:
-    """One ASDL K-FAC step (same intervals), or None when asdfghjkl is not installed."""
+    """One step of ASDL's K-FAC (``asdfghjkl`` 0.1a5, imported as ``asdl``) with the same intervals, or None.
+
+    ASDL computes the curvature inside its own ``forward_and_backward`` on curvature-update steps and
+    refreshes inverses every ``preconditioner_upd_interval`` steps; empirical Fisher as in our default.
+    """
     try:
-        import asdfghjkl  # noqa: F401
-        from asdfghjkl.precondition import KFAC as AsdlKFAC  # type: ignore
+        from asdl import KfacGradientMaker, PreconditioningConfig  # type: ignore
     except Exception:  # noqa: BLE001 - any import problem means "not available"
         print("asdl: asdfghjkl not installed (pip install asdfghjkl==0.1a5, the `bench` extra)")
         return None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    try:  # asdfghjkl 0.1a4/0.1a5 API; other versions differ
-        pre = AsdlKFAC(model, fisher_type="fisher_emp", damping=1e-3)
-    except Exception as err:  # noqa: BLE001
-        print(f"asdl: installed but its K-FAC API differs from 0.1a5 ({err}); skipped")
-        return None
-    factor_every = kfac_kwargs.get("factor_update_interval", 10)
-    inverse_every = kfac_kwargs.get("inverse_update_interval", 10)
-    state = {"step": 0}
+    config = PreconditioningConfig(data_size=x.shape[0], damping=1e-3,
+                                   curvature_upd_interval=kfac_kwargs.get("factor_update_interval", 10),
+                                   preconditioner_upd_interval=kfac_kwargs.get("inverse_update_interval", 10))
+    maker = KfacGradientMaker(model, config, fisher_type="fisher_emp")
 
     def step() -> None:
-        k = state["step"]
         opt.zero_grad()
-        if k % factor_every == 0:
-            pre.update_curvature(x, y)  # runs its own forward/backward for the statistics
-        if k % inverse_every == 0:
-            pre.update_inv()
-        F.cross_entropy(model(x), y).backward()
-        pre.precondition()
+        dummy_logits = maker.setup_model_call(model, x)
+        maker.setup_loss_call(F.cross_entropy, dummy_logits, y)
+        maker.forward_and_backward()
         opt.step()
-        state["step"] += 1
 
     return step
 

@@ -90,7 +90,9 @@ def _step_ratio(run: dict | None, sgd: dict | None, targets: list[float]) -> str
     """Steps to each target: K-FAC vs SGD, with a ratio (or an upper bound when SGD never got there)."""
     if not run or not sgd or run["result"].get("error") or sgd["result"].get("error"):
         return None
-    parts, met = [], False
+    # Met only if every target the run reached was reached in <= 0.5x SGD's steps (or SGD's whole run
+    # bounds the ratio below 0.5 where SGD never got there); a single good target is not enough.
+    parts, ratios = [], []
     for target in sorted(targets, reverse=True):
         mine = _first_reach(run["result"]["history"], target)
         theirs = _first_reach(sgd["result"]["history"], target)
@@ -98,12 +100,13 @@ def _step_ratio(run: dict | None, sgd: dict | None, targets: list[float]) -> str
             parts.append(f"{target:.0%}: not reached")
         elif theirs is not None:
             parts.append(f"{target:.0%}: {mine} vs {theirs} steps = {mine / theirs:.2f}")
-            met |= mine / theirs <= 0.5
+            ratios.append(mine / theirs)
         else:
             bound = mine / sgd["result"]["steps"]
             parts.append(f"{target:.0%}: {mine} steps, SGD never in {sgd['result']['steps']} (< {bound:.2f})")
-            met |= bound <= 0.5
-    verdict = "**met** at the targets with a ratio <= 0.50" if met else "**not met**"
+            ratios.append(bound)
+    met = bool(ratios) and max(ratios) <= 0.5
+    verdict = "**met** at every target it reached (ratio <= 0.50)" if met else "**not met**"
     return "; ".join(parts) + f". {verdict}."
 
 

@@ -24,6 +24,15 @@ def restore_env_and_seed():
     os.environ.update(saved)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny problems, where thread synchronisation costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=PACKAGE_NAMES)
 def pl_package(request):
     """Each Lightning distribution in turn (``pytorch_lightning``, ``lightning.pytorch``).

@@ -24,14 +24,7 @@ from lightning_lbo.hessian import (
 )
 from tests.helpers.ddp import spawn_gloo
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread avoids thread contention overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: no thread contention
 
 
 def tiny_net() -> nn.Module:

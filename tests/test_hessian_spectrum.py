@@ -17,14 +17,7 @@ from lightning_lbo.classifier import classifier_module_class, sgd_factory
 from lightning_lbo.hessian import HessianOperator, parameters_of, top_eigenvalues
 from tests.conftest import make_trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread avoids thread contention overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: no thread contention
 
 
 def bn_classifier(package: str):

@@ -41,9 +41,14 @@ test: data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_lbo tests benchmarks examples
 
+# The measurements quoted in docs/ and benchmarks/REPORT.md (long: tens of minutes on 2 cores).
 bench: data
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/optimizer_step.py
+	$(PY) benchmarks/kfac_overhead.py --case a
+	$(PY) benchmarks/kfac_comm.py
+	$(PY) benchmarks/report.py --epochs 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs lbo_runs

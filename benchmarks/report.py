@@ -80,10 +80,11 @@ def run_missing(recipes: list[str], batches: list[int], baseline: int, epochs: i
 
 
 def _first_reach(history: list, target: float) -> int | None:
-    for step, _, acc in history:
-        if acc >= target:
-            return int(step)
-    return None
+    """First step at which a cached run's history reaches ``target`` (JSON histories are lists)."""
+    from lightning_lbo.compare import reach_target
+
+    step, _ = reach_target([tuple(record) for record in history], target)
+    return None if step is None else int(step)
 
 
 def _step_ratio(run: dict | None, sgd: dict | None, targets: list[float]) -> str | None:

@@ -38,13 +38,16 @@ class NonFiniteSkipMonitor(*callback_bases()):
         self.log_every_n_steps = log_every_n_steps
         self.warned = False
         self.total = 0
+        self._read_step = -1
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step == 0 or trainer.global_step % every != 0:
+        # Under gradient accumulation several micro-batches end at the same global_step: read once per step.
+        if trainer.global_step == 0 or trainer.global_step % every != 0 or trainer.global_step == self._read_step:
             return
+        self._read_step = trainer.global_step
         optimizers = [opt for opt in trainer.optimizers if hasattr(opt, "nonfinite_skips")]
         if not optimizers:
             return

@@ -166,6 +166,11 @@ class LRSchedule(*callback_bases()):
         self._per_device_batch, self._accumulation = 0, 1
         self._last_lrs: list[list[float]] = []
         self._applied_step: int | None = None
+        # Set by global_batch_changed (AdaptiveBatchSize): the schedule's clock and the re-warmup of the scale,
+        # and what the schedule was built with (a resumed run rebuilds it identically).
+        self._batch_change: dict[str, float] | None = None
+        self._schedule_batch: int | None = None
+        self._schedule_build: dict[str, float | None] | None = None
 
     @property
     def state_key(self) -> str:
@@ -209,6 +214,8 @@ class LRSchedule(*callback_bases()):
             rank_zero_warn(f"LRSchedule: the global batch size changed from {self._loaded_batch_size} (checkpoint) to "
                            f"{self.global_batch_size}; the LR follows the new batch size.")
         self._loaded_batch_size = None
+        if self._schedule_batch is None:
+            self._schedule_batch = self.global_batch_size
         self.schedule, total = self._build_schedule(trainer)
         if self.custom_schedule is not None and math.isfinite(total) and total <= _CHECK_LIMIT:
             S.check_schedule(self.schedule, int(total))  # built-in schedules validate in their constructors
@@ -253,6 +260,10 @@ class LRSchedule(*callback_bases()):
             total = self.total_epochs * spe
         else:
             total = float(trainer.estimated_stepping_batches)
+        build_scale = self.scale
+        if self._batch_change is not None and self._schedule_build is not None:  # resumed after a batch change
+            spe, total, build_scale = (self._schedule_build[k] for k in ("steps_per_epoch", "total", "scale"))
+        self._schedule_build = {"steps_per_epoch": spe, "total": total, "scale": build_scale}
         if self.custom_schedule is not None:
             return self.custom_schedule, total
         warmup = self.warmup_epochs * spe if self.warmup_epochs else float(self.warmup_steps or 0)
@@ -283,7 +294,7 @@ class LRSchedule(*callback_bases()):
             return decay, total
         start = self.warmup_start_factor
         if start is None:
-            start = min(1.0, 1.0 / self.scale)
+            start = min(1.0, 1.0 / build_scale)
         return S.warmup_then(decay, warmup, start, kind=self.warmup, relative=relative), total
 
     # ------------------------------------------------------------------ per step
@@ -295,14 +306,15 @@ class LRSchedule(*callback_bases()):
         self._applied_step = step
         if trainer.accumulate_grad_batches != self._accumulation:  # GradientAccumulationScheduler, AdaptiveBatchSize
             self._update_scale(trainer)
-        multiplier = self.schedule(step)
+        multiplier = self.schedule(self._clock(step))
+        scale = self._scale_at(step)
         if not (isinstance(multiplier, numbers.Real) and math.isfinite(multiplier) and multiplier >= 0):
             raise ValueError(f"The LR schedule gives the multiplier {multiplier!r} at step {step}; a learning rate "
                              "must stay finite and >= 0: fix the schedule.")
         many = len(trainer.optimizers) > 1
         for j, opt in enumerate(trainer.optimizers):
             for i, group in enumerate(opt.param_groups):
-                new = self.base_lrs[j][i] * self.scale * multiplier
+                new = self.base_lrs[j][i] * scale * multiplier
                 old = self._last_lrs[j][i]
                 if self.momentum_correction and old > 0 and new != old:
                     self._scale_momentum(opt, group, new / old)
@@ -314,6 +326,48 @@ class LRSchedule(*callback_bases()):
                 if self.log:
                     name = group.get("name") or f"pg{i}"
                     pl_module.log(f"lr/opt{j}/{name}" if many else f"lr/{name}", new, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ batch changes
+    def global_batch_changed(self, trainer: Any, per_device_batch_size: int | None = None,
+                             rewarmup_steps: int = 0) -> None:
+        """Entry point for callbacks that change the global batch during training (``AdaptiveBatchSize``).
+
+        Call it after changing ``accumulate_grad_batches`` or the per-device batch (pass the new
+        ``per_device_batch_size``), before the next optimizer step. From that step on:
+
+        * the scaling factor ``k`` follows the new global batch (linear or sqrt rule), reached by a
+          linear ramp over ``rewarmup_steps`` steps from the factor in use (Goyal's gradual warmup
+          applied to the change; 0 = at once);
+        * the schedule's clock counts progress in examples, in steps of the global batch it was built
+          for, so warmup, milestones and decays keep their place in epochs;
+        * with ``momentum_correction`` the buffers follow every LR change, as always.
+        """
+        if self.schedule is None:
+            raise RuntimeError("LRSchedule.global_batch_changed was called before training started.")
+        if per_device_batch_size is not None and not _is_positive_int(per_device_batch_size):
+            raise ValueError(f"Invalid per_device_batch_size: {per_device_batch_size!r}; use a positive integer.")
+        if not (isinstance(rewarmup_steps, numbers.Integral) and rewarmup_steps >= 0):
+            raise ValueError(f"Invalid rewarmup_steps: {rewarmup_steps!r}; use an integer >= 0.")
+        step = trainer.global_step
+        from_scale, clock = self._scale_at(step), self._clock(step)
+        if per_device_batch_size is not None:
+            self._per_device_batch = int(per_device_batch_size)
+        self._update_scale(trainer)
+        self._batch_change = {"step": step, "clock": clock, "rate": self.global_batch_size / self._schedule_batch,
+                              "from_scale": from_scale, "rewarmup_steps": int(rewarmup_steps)}
+
+    def _clock(self, step: int) -> float:
+        """The schedule's position at optimizer step ``step``: steps of the batch it was built for."""
+        change = self._batch_change
+        return step if change is None else change["clock"] + (step - change["step"]) * change["rate"]
+
+    def _scale_at(self, step: int) -> float:
+        """The scaling factor at ``step``, ramping after a batch change."""
+        change = self._batch_change
+        if change is None or step - change["step"] >= change["rewarmup_steps"]:
+            return self.scale
+        return change["from_scale"] + (step - change["step"]) / change["rewarmup_steps"] * (self.scale -
+                                                                                           change["from_scale"])
 
     @staticmethod
     def _scale_momentum(opt: torch.optim.Optimizer, group: dict, ratio: float) -> None:
@@ -328,9 +382,14 @@ class LRSchedule(*callback_bases()):
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"base_lrs": self.base_lrs, "scale": self.scale, "global_batch_size": self.global_batch_size}
+        return {"base_lrs": self.base_lrs, "scale": self.scale, "global_batch_size": self.global_batch_size,
+                "batch_change": self._batch_change, "schedule_batch_size": self._schedule_batch,
+                "schedule_build": self._schedule_build}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_base_lrs = state_dict.get("base_lrs")
         self._loaded_batch_size = state_dict.get("global_batch_size")
+        self._batch_change = state_dict.get("batch_change")
+        self._schedule_batch = state_dict.get("schedule_batch_size")
+        self._schedule_build = state_dict.get("schedule_build")

@@ -1,0 +1,191 @@
+"""GCIDE text (reader, markup cleaning, split, byte windows, DataModule) and the GPT reference model."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+import torch
+
+from lightning_lbo import text as lbo_text
+from lightning_lbo.data import DataNotFoundError
+from lightning_lbo.lm import GPT, causal_lm_module_class, logits_for_fisher, next_token_loss
+from lightning_lbo.text import (
+    ByteSequenceDataset,
+    clean_entry,
+    decode_dictd_number,
+    decode_tokens,
+    gcide_datamodule_class,
+    load_gcide_splits,
+    locate_gcide,
+    read_gcide,
+    split_entries,
+)
+from tests.conftest import make_trainer
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _encode(value: int) -> str:
+    digits = ""
+    while True:
+        digits = _B64[value % 64] + digits
+        value //= 64
+        if not value:
+            return digits
+
+
+def _fake_gcide(directory, entries: list[str], compress: bool = True, extra_headwords: int = 1) -> None:
+    """A dictd pair: a licence pseudo-entry (two 00- headwords) first, then the entries, each under several headwords."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chunks = ["00-database-info\n   GPL licence text\n\n"] + [e + "\n\n" for e in entries]
+    data = "".join(chunks).encode()
+    lines, offset = [], 0
+    for i, chunk in enumerate(chunks):
+        size = len(chunk.encode())
+        name = "00-database-info" if i == 0 else f"word{i}"
+        lines.append(f"{name}\t{_encode(offset)}\t{_encode(size)}")
+        aliases = [f"{name}-alias{k}" for k in range(extra_headwords)] if i else ["00-gcide-info"]
+        lines += [f"{alias}\t{_encode(offset)}\t{_encode(size)}" for alias in aliases]
+        offset += size
+    (directory / "gcide.index").write_text("\n".join(sorted(lines)) + "\n")
+    if compress:
+        with gzip.open(directory / "gcide.dict.dz", "wb") as fh:
+            fh.write(data)
+    else:
+        (directory / "gcide.dict").write_bytes(data)
+
+
+def test_decode_dictd_number_is_base64_positional():
+    """'A' is 0, '/' is 63, and digits are base 64, most significant first; bad digits fail."""
+    assert decode_dictd_number("A") == 0 and decode_dictd_number("/") == 63
+    assert decode_dictd_number("BA") == 64 and decode_dictd_number("Ge") == 6 * 64 + 30
+    for value in (0, 1, 63, 64, 4095, 123456789):
+        assert decode_dictd_number(_encode(value)) == value
+    with pytest.raises(ValueError, match="base64"):
+        decode_dictd_number("A-B")
+
+
+def test_clean_entry_strips_markup_keeps_words():
+    """Source tags, pronunciations and braces go; accent codes become letters; one line per entry."""
+    raw = ('Calorie \\Cal"o*rie\\, n. [F., fr. L. calor heat.] (Physics)\n'
+           "   The unit of heat; from 0[deg] to 1[deg]. Compare {Foot\n   pound}.\n   [1913 Webster]\n\n"
+           "   2. A caf['e] or d[ae]mon; calorif[`e]re. [Obs.]\n      [1913 Webster +PJC] Calorific\n")
+    assert clean_entry(raw) == ("Calorie, n. [F., fr. L. calor heat.] (Physics) The unit of heat; from 0 deg to "
+                                "1 deg. Compare Foot pound. 2. A cafe or daemon; calorifere. [Obs.] Calorific")
+
+
+def test_read_gcide_follows_index_once_per_entry(tmp_path):
+    """Entries come in file order, once each (aliases share a span), without the 00-database pseudo-entries."""
+    entries = [f"Word{i} \\Wo*rd\\, n.\n   Meaning {i}.\n   [1913 Webster]" for i in range(5)]
+    for compress in (True, False):
+        d = tmp_path / f"c{compress}"
+        _fake_gcide(d, entries, compress=compress, extra_headwords=2)
+        got = read_gcide(locate_gcide(d))
+        assert got == [f"Word{i}, n. Meaning {i}." for i in range(5)]
+        assert read_gcide(locate_gcide(d), max_entries=2) == got[:2]
+
+
+def test_split_entries_holds_out_whole_blocks():
+    """Every 4th block of 3 entries is held out at val_fraction 0.25; together the splits are the corpus."""
+    entries = [f"e{i}" for i in range(30)]
+    train, val = split_entries(entries, val_fraction=0.25, block_entries=3)
+    held = [f"e{i}" for b in range(10) if b % 4 == 3 for i in range(3 * b, 3 * b + 3)]
+    assert val.decode().split() == held
+    assert sorted(train.decode().split() + held, key=lambda s: int(s[1:])) == entries
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_entries(entries, val_fraction=0.5)
+    with pytest.raises(ValueError, match="no held-out block"):
+        split_entries(entries[:5], val_fraction=0.1, block_entries=3)
+
+
+def test_byte_sequence_dataset_targets_are_inputs_shifted():
+    """y is x shifted by one token; a batch fetched by slicing equals the stacked items."""
+    data = torch.arange(0, 200, dtype=torch.uint8)
+    ds = ByteSequenceDataset(data, seq_len=16)
+    assert len(ds) == (200 - 1) // 16
+    x, y = ds[3]
+    assert torch.equal(x, torch.arange(48, 64)) and torch.equal(y, torch.arange(49, 65))
+    xb, yb = ds.__getitems__([5, 0, 3])
+    assert torch.equal(xb, torch.stack([ds[i][0] for i in (5, 0, 3)]))
+    assert torch.equal(yb, torch.stack([ds[i][1] for i in (5, 0, 3)]))
+    assert len(ByteSequenceDataset(data, 16, max_sequences=4)) == 4
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        ByteSequenceDataset(data[:10], seq_len=16)
+
+
+def test_datamodule_on_fake_dictionary_both_packages(tmp_path, pl_package):
+    """The DataModule of each Lightning package yields [B, T] int64 batches of the cleaned text; bad sizes fail."""
+    _fake_gcide(tmp_path / "dict", [f"Entry{i}, n. A definition number {i} of some length." for i in range(400)])
+    cls = gcide_datamodule_class(pl_package.__name__)
+    assert issubclass(cls, pl_package.LightningDataModule)
+    dm = cls(batch_size=4, seq_len=16, data_dir=str(tmp_path / "dict"), cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert "definition number" in decode_tokens(dm.train_set.windows[:8, :-1].reshape(-1))
+    assert len(dm.val_set) > 0 and list(tmp_path.joinpath("cache").glob("*.bin"))
+    with pytest.raises(ValueError, match="seq_len"):
+        cls(seq_len=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        cls(batch_size=10**6, seq_len=16, data_dir=str(tmp_path / "dict"), cache_dir=str(tmp_path / "cache")).setup()
+
+
+def test_locate_gcide_missing_names_the_fixes(tmp_path, monkeypatch):
+    """Without the files anywhere the error names apt-get and data_dir."""
+    monkeypatch.setattr(lbo_text, "DEBIAN_DICTD_DIR", tmp_path / "nowhere")
+    monkeypatch.delenv("LBO_DATA_DIR", raising=False)
+    with pytest.raises(DataNotFoundError, match="apt-get install dict-gcide") as err:
+        locate_gcide(tmp_path)
+    assert "data_dir" in str(err.value)
+
+
+@pytest.mark.skipif(not (lbo_text.DEBIAN_DICTD_DIR / "gcide.index").is_file(), reason="dict-gcide not installed")
+def test_real_gcide_small_slice(tmp_path):
+    """The first 2,000 real entries: words of the letter A, no markup left, both splits non-empty."""
+    train, val = load_gcide_splits(val_fraction=0.1, max_entries=2000, cache_dir=str(tmp_path))
+    text = decode_tokens(train[:20000])
+    assert text.startswith("A") and "Webster]" not in text and "\\" not in text and "{" not in text
+    assert val.numel() > 0.05 * train.numel()
+    assert (train < 128).float().mean() > 0.999  # ASCII English
+
+
+def test_gpt_is_causal_and_shaped():
+    """Logits are [N, T, V]; changing a later token leaves every earlier position's logits unchanged."""
+    model = GPT(vocab_size=32, seq_len=12, d_model=16, n_heads=2, n_layers=2).eval()
+    x = torch.randint(0, 32, (3, 12))
+    logits = model(x)
+    assert logits.shape == (3, 12, 32)
+    x2 = x.clone()
+    x2[:, 7] = (x2[:, 7] + 1) % 32
+    out2 = model(x2)
+    torch.testing.assert_close(out2[:, :7], logits[:, :7])
+    assert not torch.allclose(out2[:, 7:], logits[:, 7:])
+    assert logits_for_fisher(logits).shape == (3, 32, 12)
+    with pytest.raises(ValueError, match="n_heads"):
+        GPT(d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_next_token_loss_is_mean_cross_entropy():
+    """The loss is the mean over all N*T positions of -log softmax at the target."""
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    brute = -torch.stack([logits[n, t].log_softmax(-1)[targets[n, t]] for n in range(2) for t in range(5)]).mean()
+    torch.testing.assert_close(next_token_loss(logits, targets), brute)
+
+
+def test_causal_lm_module_learns_repeating_text(tmp_path, pl_package):
+    """A few AdamW steps on a periodic byte stream cut the validation loss well below log(V) (both packages)."""
+    data = torch.tensor(list(b"abcdefgh" * 40), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(ByteSequenceDataset(data, 16), batch_size=8)
+    module = causal_lm_module_class(pl_package.__name__)(
+        optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+        model_kwargs=dict(seq_len=16, d_model=16, n_heads=2, n_layers=1))
+    trainer = make_trainer(pl_package, tmp_path, max_steps=40, limit_val_batches=1)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.callback_metrics["val_loss"] < 1.0 < torch.log(torch.tensor(256.0))
+    with pytest.raises(ValueError, match="not both"):
+        causal_lm_module_class(pl_package.__name__)(model=GPT(), model_kwargs={"d_model": 8})

@@ -24,7 +24,6 @@ Where the files are looked for, in order: ``data_dir``, ``$LBO_DATA_DIR``, then 
 
 from __future__ import annotations
 
-import base64
 import gzip
 import os
 import re

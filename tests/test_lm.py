@@ -36,7 +36,7 @@ def _encode(value: int) -> str:
 
 
 def _fake_gcide(directory, entries: list[str], compress: bool = True, extra_headwords: int = 1) -> None:
-    """A dictd pair: a licence pseudo-entry (two 00- headwords) first, then the entries, each under several headwords."""
+    """A dictd pair: a licence pseudo-entry (two 00- headwords), then the entries, each under several headwords."""
     directory.mkdir(parents=True, exist_ok=True)
     chunks = ["00-database-info\n   GPL licence text\n\n"] + [e + "\n\n" for e in entries]
     data = "".join(chunks).encode()

@@ -14,7 +14,7 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 export WANDB_MODE ?= disabled
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data data-text demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ data: $(STAMP)
 		|| echo "apt-get could not install dataset-fashion-mnist; see README.md for other ways to get the data"; \
 	fi
 	$(VENV)/bin/lbo data
+
+# GCIDE (Webster's 1913 dictionary) for the language-model benchmark, from Debian's dict-gcide the same way;
+# lightning_lbo.text also looks in data_dir / LBO_DATA_DIR for gcide.dict.dz and gcide.index.
+data-text: $(STAMP)
+	@if [ ! -f /usr/share/dictd/gcide.index ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dict-gcide) \
+		|| echo "apt-get could not install dict-gcide; see docs/transformers.md for other ways to get the data"; \
+	fi
+	$(PY) -c "from lightning_lbo.text import load_gcide_splits as f; t, v = f(); print(f'GCIDE: {t.numel()} train / {v.numel()} held-out bytes')"
 
 demo: data
 	$(VENV)/bin/lbo compare $(DEMO_ARGS)

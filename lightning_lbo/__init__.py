@@ -2,8 +2,11 @@
 
 Warmup and slow-start schedules, batch norm without moving averages, LARS/LAMB, RMSprop warm-up,
 K-FAC / SP-NGD natural gradient with distributed curvature sync over DDP, adaptive batch size and
-Hessian tools. Importing the package registers its strategies (``ddp_kfac``) with every installed
-Lightning distribution (``pytorch_lightning`` and ``lightning.pytorch``).
+Hessian tools.
+
+Importing the package imports no Lightning package (nor torch): names are resolved on first access.
+Its strategies (``ddp_kfac``) are registered with ``pytorch_lightning`` and ``lightning.pytorch``
+as each is imported, before or after this package (:mod:`lightning_lbo.strategies`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,6 @@ def __dir__() -> list[str]:
     return __all__
 
 
-from lightning_lbo.strategies import register_strategies  # noqa: E402
+from lightning_lbo.strategies import register_on_import  # noqa: E402
 
-register_strategies()
+register_on_import()

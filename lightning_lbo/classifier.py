@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
+from lightning_lbo.compat import default_class_attribute, lightning_package, per_package, publish_per_package
 from lightning_lbo.models import build_model
 
 #: Called with the LightningModule inside ``configure_optimizers``; returns anything
@@ -119,4 +119,5 @@ def classifier_module_class(package: str) -> type:
     return publish_per_package(ClassifierModule, __name__, package)
 
 
-ClassifierModule = classifier_module_class(PYTORCH_LIGHTNING)
+# The pytorch_lightning class, built on first access: importing this module imports no Lightning package.
+__getattr__ = default_class_attribute(__name__, "ClassifierModule", classifier_module_class)

@@ -9,17 +9,24 @@ modules and strategies built on *its own* base classes. lightning_lbo never pick
 * Classes that carry state in their base (``LightningModule``, ``DDPStrategy``) are built once per
   distribution by a cached factory; the user names the distribution, or it is read off the Trainer
   (:func:`package_of`).
-* Strategies are registered under the same name in the ``StrategyRegistry`` of every installed
-  distribution when :mod:`lightning_lbo` is imported.
+* Strategies are registered under the same name in the ``StrategyRegistry`` of each distribution
+  *the user imports*, whichever is imported first: :func:`after_import` runs the registration at
+  once for a distribution already imported, else right after its import finishes. Importing
+  :mod:`lightning_lbo` itself imports no Lightning package (see docs/compat.md).
 
 ``pytorch_lightning`` is a hard dependency; ``lightning.pytorch`` is used when installed.
+This module imports no Lightning package at import time.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import threading
+import warnings
 from collections.abc import Callable
 from functools import cache, lru_cache, wraps
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
@@ -71,7 +78,6 @@ def callback_bases() -> tuple[type, ...]:
     return tuple(lightning_package(name).Callback for name in available_packages())
 
 
-
 def per_package(build: Callable[[str], type]) -> Callable[..., type]:
     """Decorate ``build(package) -> class`` into ``get(package="pytorch_lightning")`` that builds each class once.
 
@@ -87,16 +93,131 @@ def per_package(build: Callable[[str], type]) -> Callable[..., type]:
     return get
 
 
+def default_class_attribute(module_name: str, class_name: str, factory: Callable[[str], type]
+                            ) -> Callable[[str], type]:
+    """A module ``__getattr__`` (PEP 562) that builds ``class_name`` on ``pytorch_lightning`` at first access.
+
+    ``from lightning_lbo.data import FashionMNISTDataModule`` keeps working, while importing the
+    module itself imports no Lightning package.
+    """
+
+    def __getattr__(name: str) -> type:
+        if name == class_name:
+            return factory(PYTORCH_LIGHTNING)
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def publish_per_package(cls: type, module_name: str, package: str) -> type:
     """Give a class built by a per-package factory a module-level name, so pickle (``ddp_spawn``) finds it.
 
     The ``pytorch_lightning`` class keeps its plain name; the ``lightning.pytorch`` one is published
     as ``<Name>_lightning_pytorch`` in the same module (its ``__name__`` stays plain for reprs).
     """
-    import sys
-
     suffix = "" if package == PYTORCH_LIGHTNING else "_" + package.replace(".", "_")
     cls.__module__ = module_name
     cls.__qualname__ = cls.__name__ + suffix
     setattr(sys.modules[module_name], cls.__qualname__, cls)
     return cls
+
+
+# ---------------------------------------------------------------------------- post-import hooks
+def _is_initializing(module: ModuleType) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def after_import(module_name: str, hook: Callable[[ModuleType], None]) -> None:
+    """Call ``hook(module)`` once ``module_name`` is imported: now if it is, else right after its import.
+
+    The hook runs at most once, in the importing thread, after the module's code has finished, so
+    the module is complete. An exception in the hook becomes a warning: the user's ``import``
+    succeeds whatever the hook does. Modules imported before this call that are still initializing
+    (``lightning_lbo`` imported from inside ``module_name``'s own import) are not hooked.
+    """
+    module = sys.modules.get(module_name)
+    if module is not None and not _is_initializing(module):
+        _run_hook(hook, module)
+        return
+    _PostImportFinder.instance().add(module_name, hook)
+
+
+def _run_hook(hook: Callable[[ModuleType], None], module: ModuleType) -> None:
+    try:
+        hook(module)
+    except Exception as err:  # noqa: BLE001 - the user's import must not fail because of us
+        warnings.warn(f"lightning_lbo: {getattr(hook, '__qualname__', hook)} failed after `import "
+                      f"{module.__name__}`: {err!r}", RuntimeWarning, stacklevel=2)
+
+
+class _PostImportFinder:
+    """A ``sys.meta_path`` finder that wraps the loader of hooked modules; finds nothing itself.
+
+    It asks the finders behind it for the spec, then gives the spec a loader that runs the real
+    loader and then the hooks. It leaves ``sys.meta_path`` once every hooked module is imported.
+    """
+
+    _instance: _PostImportFinder | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+    @classmethod
+    def instance(cls) -> _PostImportFinder:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            if cls._instance not in sys.meta_path:
+                sys.meta_path.insert(0, cls._instance)
+            return cls._instance
+
+    def add(self, module_name: str, hook: Callable[[ModuleType], None]) -> None:
+        with self._lock:
+            self.hooks.setdefault(module_name, []).append(hook)
+
+    def find_spec(self, fullname: str, path: Any = None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname not in self.hooks:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec  # a namespace package or a legacy loader: imported unhooked
+        with self._lock:
+            hooks = self.hooks.pop(fullname, [])
+            if not self.hooks and self in sys.meta_path:
+                sys.meta_path.remove(self)
+        spec.loader = _HookedLoader(spec.loader, hooks)
+        return spec
+
+
+class _HookedLoader:
+    """Runs the real loader, puts it back on the module (``__loader__``, ``__spec__.loader``), then the hooks."""
+
+    def __init__(self, loader: Any, hooks: list[Callable[[ModuleType], None]]) -> None:
+        self.loader, self.hooks = loader, hooks
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = self.loader
+        module.__spec__.loader = self.loader
+        try:
+            self.loader.exec_module(module)
+        except BaseException:
+            for hook in self.hooks:  # a later import of the module may still succeed
+                _PostImportFinder.instance().add(module.__name__, hook)
+            raise
+        for hook in self.hooks:
+            _run_hook(hook, module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
+        return getattr(self.loader, name)

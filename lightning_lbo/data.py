@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
+from lightning_lbo.compat import default_class_attribute, lightning_package, per_package, publish_per_package
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -263,4 +263,5 @@ def fashion_mnist_datamodule_class(package: str) -> type:
     return publish_per_package(FashionMNISTDataModule, __name__, package)
 
 
-FashionMNISTDataModule = fashion_mnist_datamodule_class(PYTORCH_LIGHTNING)
+# The pytorch_lightning class, built on first access: importing this module imports no Lightning package.
+__getattr__ = default_class_attribute(__name__, "FashionMNISTDataModule", fashion_mnist_datamodule_class)

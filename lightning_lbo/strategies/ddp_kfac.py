@@ -32,7 +32,7 @@ from typing import Any
 import torch.distributed as dist
 from typing_extensions import override
 
-from lightning_lbo.compat import PYTORCH_LIGHTNING, lightning_package, per_package, publish_per_package
+from lightning_lbo.compat import default_class_attribute, lightning_package, per_package, publish_per_package
 
 STRATEGY_NAME = "ddp_kfac"
 SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
@@ -142,4 +142,5 @@ def kfac_ddp_strategy_class(package: str) -> type:
     return publish_per_package(KFACDDPStrategy, __name__, package)
 
 
-KFACDDPStrategy = kfac_ddp_strategy_class(PYTORCH_LIGHTNING)
+# Built on first access, so that registering with lightning.pytorch imports no pytorch_lightning.
+__getattr__ = default_class_attribute(__name__, "KFACDDPStrategy", kfac_ddp_strategy_class)

@@ -2,13 +2,27 @@
 
 ``lbo data`` tells where Fashion-MNIST was found; ``lbo compare`` trains recipes side by side on
 real data and prints a table (see :mod:`lightning_lbo.compare`).
+
+Subcommands are registered lazily, so that ``lbo --help`` imports neither torch nor Lightning: the
+module of a subcommand is imported only when that subcommand is run (or its own ``--help`` asked).
+To add one, write ``add_<name>_parser(subparsers)`` in its module (it calls
+``subparsers.add_parser(name, ...)`` and ``set_defaults(func=run)``, where ``run(args) -> int``
+is the exit code) and add a row to :data:`COMMANDS`: ``name -> (module, function, one-line help)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+
+#: Subcommand -> (module, function that adds its sub-parser, help line shown by ``lbo --help``).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("lightning_lbo.cli", "add_data_parser", "locate the Fashion-MNIST files and print their sizes"),
+    "compare": ("lightning_lbo.compare", "add_compare_parser",
+                "train recipes side by side on Fashion-MNIST and print a table"),
+}
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -27,21 +41,33 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lbo", description="lightning_lbo: large-batch optimization for Lightning.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    data = sub.add_parser("data", help="locate the Fashion-MNIST files and print their sizes")
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help=COMMANDS["data"][2], description="Locate Fashion-MNIST and print its sizes.")
     data.add_argument("--data-dir", default=None, help="directory to look in first (idx files)")
     data.add_argument("--download", action="store_true", help="download through torchvision if not found")
     data.set_defaults(func=_cmd_data)
-    from lightning_lbo.compare import add_compare_parser
 
-    add_compare_parser(sub)
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``lbo`` parser with the full sub-parser of ``command`` only (``None``: of every command).
+
+    The other commands get a placeholder that only lists them, so their modules are not imported.
+    """
+    parser = argparse.ArgumentParser(prog="lbo", description="lightning_lbo: large-batch optimization for Lightning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, function, help_line) in COMMANDS.items():
+        if command is None or name == command:
+            getattr(importlib.import_module(module), function)(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The first positional word names the command (lbo has no option that takes a value).
+    command = next((word for word in argv if not word.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -70,13 +70,27 @@ def check_resume_continues_exactly(factory: OptimizerFactory, steps: int = 6) ->
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def check_nonfinite_gradient_skips_that_tensor(factory: OptimizerFactory, bad: float) -> None:
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for key, value in a["state"][i].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b["state"][i][key]), f"state {key!r} of parameter {i} differs"
+            else:
+                assert value == b["state"][i][key], f"state {key!r} of parameter {i} differs"
+
+
+def check_nonfinite_gradient_skips_the_step(factory: OptimizerFactory, bad: float) -> None:
+    """One NaN/Inf gradient entry skips the whole step; training then continues as if the batch never came."""
     model = tiny_model()
     opt = factory(list(model.parameters()))
     train(model, opt, range(2))  # state exists
     params = list(model.parameters())
-    before = [p.detach().clone() for p in params]
-    state_before = copy.deepcopy(opt.state_dict()["state"])
+    before, state_before = _snapshot(model, opt)
     opt.zero_grad()
     tiny_loss(model, 5).backward()
     params[0].grad[0, 0] = bad
@@ -84,15 +98,42 @@ def check_nonfinite_gradient_skips_that_tensor(factory: OptimizerFactory, bad: f
     opt.step()
     for p, g in zip(params[1:], finite_grads, strict=True):
         assert torch.equal(p.grad, g), "finite gradients must be left bit-identical"
-    assert torch.equal(params[0], before[0]), "the tensor with a non-finite gradient must not move"
-    for key, value in opt.state[params[0]].items():
-        if key != "nonfinite_skips" and torch.is_tensor(value):
-            assert torch.equal(value, state_before[0][key]), f"state {key!r} changed on a skipped step"
-    assert all(torch.isfinite(p).all() for p in params)
-    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    assert not torch.equal(params[-1], before[-1]), "the other tensors still update"
-    assert opt.state[params[0]]["nonfinite_skips"].item() == 1
-    assert opt.nonfinite_skips().item() == 1
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b), "no weight may move on a skipped step"
+    _assert_same_state(opt.state_dict(), state_before)
+    assert opt.nonfinite_skips.dtype == torch.int64 and opt.nonfinite_skips.shape == ()
+    assert opt.nonfinite_skips.item() == 1 and opt.state_dict()["nonfinite_skips"].item() == 1
+
+    # afterwards the run equals, bit for bit, the run in which the bad batch was dropped
+    train(model, opt, range(6, 8))
+    ref_model = tiny_model()
+    ref = factory(list(ref_model.parameters()))
+    train(ref_model, ref, [0, 1, 6, 7])
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert ref.nonfinite_skips.item() == 0
+
+
+def check_skip_request(factory: OptimizerFactory) -> None:
+    """``skip_next_step_where(True)`` skips one step with finite gradients; the request is consumed."""
+    model = tiny_model()
+    opt = factory(list(model.parameters()))
+    train(model, opt, range(2))
+    before, state_before = _snapshot(model, opt)
+    opt.zero_grad()
+    tiny_loss(model, 2).backward()
+    opt.skip_next_step_where(torch.tensor(True))
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    _assert_same_state(opt.state_dict(), state_before)
+    assert opt.nonfinite_skips.item() == 1
+    opt.skip_next_step_where(torch.tensor(False))
+    opt.step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    opt.step()  # the request was consumed
+    assert opt.nonfinite_skips.item() == 1
+    with pytest.raises(TypeError, match="one-element bool tensor"):
+        opt.skip_next_step_where(True)
 
 
 def check_sparse_gradient_rejected(factory: OptimizerFactory, name: str) -> None:

@@ -39,6 +39,9 @@ def _problem(steps=5, seed=1):
     return weights, grads
 
 
+IMPLS = {"loop": dict(foreach=False), "foreach": dict(foreach=True, fused=False), "fused": dict(fused=True)}
+
+
 def _run_lamb(weights, grad_seq, **kwargs):
     params = [torch.nn.Parameter(torch.tensor(w)) for w in weights]
     opt = LAMB(params, **kwargs)
@@ -49,25 +52,27 @@ def _run_lamb(weights, grad_seq, **kwargs):
     return [p.detach().numpy() for p in params]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("options", [dict(), dict(bias_correction=False), dict(max_trust_ratio=0.5),
                                      dict(weight_decay=0.0)])
-def test_lamb_matches_formula(foreach, options):
+def test_lamb_matches_formula(impl, options):
     """The update equals the paper's formula per tensor (bias correction on/off, trust clipping, no decay)."""
+    if impl == "fused" and options.get("bias_correction") is False:
+        pytest.skip("the fused kernel always bias-corrects (rejected at construction, tested below)")
     weights, grad_seq = _problem()
     kw = {"lr": 0.05, "eps": 1e-6, "weight_decay": 0.01, **options}
     expected = reference_lamb(weights, grad_seq, beta1=0.9, beta2=0.99, **kw)
-    got = _run_lamb(weights, grad_seq, betas=(0.9, 0.99), foreach=foreach, **kw)
+    got = _run_lamb(weights, grad_seq, betas=(0.9, 0.99), **IMPLS[impl], **kw)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_lamb_without_adaptation_equals_adamw(foreach):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lamb_without_adaptation_equals_adamw(impl):
     """lars_adapt=False (ratio 1) is AdamW with decoupled weight decay."""
     m1, m2 = harness.tiny_model(), harness.tiny_model()
     lamb = LAMB(m1.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, lars_adapt=False,
-                foreach=foreach)
+                **IMPLS[impl])
     adamw = torch.optim.AdamW(m2.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
     harness.train(m1, lamb, range(5))
     harness.train(m2, adamw, range(5))
@@ -103,21 +108,35 @@ def test_lamb_group_switches():
 
 def test_lamb_foreach_equals_single_tensor():
     """The torch._foreach_* path equals the per-tensor loop."""
-    harness.check_foreach_equals_loop(LAMB, lr=1e-2, weight_decay=0.01, max_trust_ratio=10.0)
+    harness.check_foreach_equals_loop(LAMB, lr=1e-2, weight_decay=0.01, max_trust_ratio=10.0, fused=False)
+
+
+def test_lamb_fused_equals_foreach():
+    """The fused-kernel path equals the foreach path, and is the default for CPU float tensors."""
+    harness.check_foreach_equals_loop(lambda ps, foreach, **kw: LAMB(ps, fused=foreach, **kw), lr=1e-2,
+                                      weight_decay=0.01, max_trust_ratio=10.0)
+    from lightning_lbo.optim.lamb import _use_fused
+
+    opt = LAMB([torch.nn.Parameter(torch.ones(2))])
+    assert _use_fused(opt.param_groups[0], opt.param_groups[0]["params"])
+    opt = LAMB([torch.nn.Parameter(torch.ones(2))], bias_correction=False)
+    assert not _use_fused(opt.param_groups[0], opt.param_groups[0]["params"])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_lamb_nonfinite_gradient_skipped(bad, foreach):
-    """A NaN/Inf gradient leaves that tensor, its moments and its step count untouched, and is counted."""
-    harness.check_nonfinite_gradient_skips_that_tensor(lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01,
-                                                                       foreach=foreach), bad)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lamb_nonfinite_gradient_skips_the_step(bad, impl):
+    """A NaN/Inf gradient skips the whole step (weights, moments, step counts), counted; then as if dropped."""
+    harness.check_nonfinite_gradient_skips_the_step(lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01, **IMPLS[impl]),
+                                                    bad)
+    harness.check_skip_request(lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01, **IMPLS[impl]))
 
 
-def test_lamb_first_step_skipped_stays_finite():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lamb_first_step_skipped_stays_finite(impl):
     """A tensor whose first gradient is non-finite has step 0: bias correction must not divide by zero later."""
     w = torch.nn.Parameter(torch.ones(3))
-    opt = LAMB([w], lr=0.1)
+    opt = LAMB([w], lr=0.1, **IMPLS[impl])
     w.grad = torch.tensor([float("nan"), 1.0, 1.0])
     opt.step()
     assert torch.equal(w.detach(), torch.ones(3)) and opt.state[w]["step"].item() == 0
@@ -141,6 +160,8 @@ def test_lamb_contract():
     (dict(eps=-1.0), "Invalid eps"),
     (dict(weight_decay=-0.1), "Invalid weight_decay"),
     (dict(max_trust_ratio=0.0), "Invalid max_trust_ratio"),
+    (dict(fused=True, foreach=False), "fused=True needs the multi-tensor path"),
+    (dict(fused=True, bias_correction=False), "fused=True always applies bias correction"),
 ])
 def test_lamb_rejects_bad_hyperparameters(kwargs, match):
     """Bad hyperparameters fail at construction, naming the argument."""

@@ -158,10 +158,11 @@ def test_lars_foreach_equals_single_tensor(kwargs):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_lars_nonfinite_gradient_skipped(bad, foreach):
-    """A NaN/Inf gradient leaves that tensor and its buffer untouched and is counted."""
-    harness.check_nonfinite_gradient_skips_that_tensor(
-        lambda ps: LARS(ps, lr=0.1, weight_decay=1e-3, nesterov=True, foreach=foreach), bad)
+def test_lars_nonfinite_gradient_skips_the_step(bad, foreach):
+    """A NaN/Inf gradient skips the whole step (weights and buffers), counted; then as if the batch was dropped."""
+    factory = lambda ps: LARS(ps, lr=0.1, weight_decay=1e-3, nesterov=True, foreach=foreach)  # noqa: E731
+    harness.check_nonfinite_gradient_skips_the_step(factory, bad)
+    harness.check_skip_request(factory)
 
 
 def test_lars_contract():

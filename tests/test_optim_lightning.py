@@ -50,7 +50,7 @@ def test_optimizers_train_from_configure_optimizers(pl_package, tmp_path, name):
     assert trainer.global_step == 12
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
-    assert opt.nonfinite_skips().item() == 0
+    assert opt.nonfinite_skips.item() == 0
     if name == "rmsprop_warmup":
         assert callbacks[0].last_epoch == pytest.approx(1 + 5 / 6)
 
@@ -137,9 +137,9 @@ def test_optimizers_from_lightning_cli(pl_package, tmp_path, monkeypatch, optimi
         assert opt.param_groups[0]["momentum_form"] == "paper" and opt.param_groups[0]["lr"] == 0.5
 
 
-def test_nonfinite_skip_monitor_logs_and_warns_once(pl_package, tmp_path):
-    """NaN gradients on some steps: weights stay finite, the count is logged and one warning names the parameter."""
-    from lightning_lbo.callbacks.nonfinite_skips import NonFiniteSkipMonitor
+def test_nonfinite_batch_guard_logs_and_warns_once(pl_package, tmp_path):
+    """NaN gradients on some steps: weights stay finite, the count of skipped steps is logged, one warning."""
+    from lightning_lbo.callbacks.nonfinite_batches import NonFiniteBatchGuard
 
     module = _module(pl_package, OPTIMIZERS["lars"])
     poisoned = module.model.net[-1].bias
@@ -148,9 +148,9 @@ def test_nonfinite_skip_monitor_logs_and_warns_once(pl_package, tmp_path):
         return grad.clone().fill_(float("nan")) if module.global_step in (1, 3) else grad
 
     poisoned.register_hook(poison)
-    monitor = NonFiniteSkipMonitor(log_every_n_steps=2)
+    monitor = NonFiniteBatchGuard(log_every_n_steps=2)
     trainer = make_trainer(pl_package, tmp_path, max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
-    with pytest.warns(UserWarning, match=r"1 parameter update\(s\) were skipped.*model.net.3.bias") as record:
+    with pytest.warns(UserWarning, match=r"1 optimizer step\(s\) were skipped") as record:
         trainer.fit(module, train_dataloaders=_loader())
     assert sum("were skipped" in str(w.message) for w in record) == 1
     assert monitor.total == 2 and trainer.callback_metrics["nonfinite_skips"] == 2

@@ -129,10 +129,11 @@ def test_rmsprop_warmup_needs_an_epoch_source():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize(("foreach", "epoch"), [(False, 0.0), (True, 0.0), (True, 20.0)])
-def test_rmsprop_warmup_nonfinite_gradient_skipped(bad, foreach, epoch):
-    """A NaN/Inf gradient leaves that tensor and its averages untouched and is counted (both phases)."""
-    harness.check_nonfinite_gradient_skips_that_tensor(
-        lambda ps: _at_epoch(RMSpropWarmup(ps, lr=0.1, weight_decay=1e-3, foreach=foreach), epoch), bad)
+def test_rmsprop_warmup_nonfinite_gradient_skips_the_step(bad, foreach, epoch):
+    """A NaN/Inf gradient skips the whole step (weights and averages), counted, in both phases; then as if dropped."""
+    factory = lambda ps: _at_epoch(RMSpropWarmup(ps, lr=0.1, weight_decay=1e-3, foreach=foreach), epoch)  # noqa: E731
+    harness.check_nonfinite_gradient_skips_the_step(factory, bad)
+    harness.check_skip_request(factory)
 
 
 def test_rmsprop_warmup_contract():

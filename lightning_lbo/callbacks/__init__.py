@@ -17,7 +17,7 @@ _EXPORTS = {
     "AdversarialTraining": "lightning_lbo.callbacks.adversarial_training",
     "GradientNoiseScale": "lightning_lbo.callbacks.gradient_noise_scale",
     "FractionalEpoch": "lightning_lbo.callbacks.fractional_epoch",
-    "NonFiniteSkipMonitor": "lightning_lbo.callbacks.nonfinite_skips",
+    "NonFiniteBatchGuard": "lightning_lbo.callbacks.nonfinite_batches",
     "KFACCallback": "lightning_lbo.callbacks.kfac",
 }
 

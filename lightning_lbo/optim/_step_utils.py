@@ -1,26 +1,30 @@
-"""Small helpers shared by the LARS, LAMB and RMSprop warm-up optimizers.
+"""Small helpers shared by the LARS, LAMB and RMSprop warm-up optimizers, and the skip contract.
 
 * hyperparameter checks that name the argument, its value and the fix;
 * gathering ``(params, grads)`` of a param group with a clear error for sparse gradients;
-* per-tensor finiteness masks and trust ratios computed **on the device** (no ``.item()``,
-  no Python branch on tensor values), as in optax's ``scale_by_trust_ratio``
-  (``jnp.where(zero_norm, 1.0, ratio)``).
+* the step's finiteness flag and trust ratios computed **on the device** (no ``.item()``, no Python
+  branch on tensor values), as in optax's ``scale_by_trust_ratio`` (``jnp.where(zero_norm, 1.0, ratio)``).
 
-A non-finite gradient makes the whole tensor's update a no-op: every per-tensor coefficient is masked
-to 0 (the decay factors to 1) on the device, and the gradient's non-finite entries are set to 0 *in
-place* (``torch.nan_to_num_``: one cheap in-place pass, where an out-of-place ``torch.where`` copy would
-cost an allocation per tensor), so NaN/Inf never reaches weights or optimizer state. Like
-``GradScaler.unscale_``, the step thus edits a skipped tensor's ``.grad`` in place: its non-finite
-entries read 0 afterwards (LAMB and RMSpropWarmup zero the whole gradient of a skipped tensor); finite
-gradients are left bit-identical. A weight that is *already* non-finite
-is not repaired.
-Each skip is counted in the parameter's ``state["nonfinite_skips"]`` (a 0-d tensor on the
-parameter's device) that a callback or the user reads when it logs.
+The skip contract (every optimizer of the package follows it; :class:`~lightning_lbo.optim.kfac.KFAC` too):
+
+* A step whose gradients are not all finite (any NaN or +-Inf in any parameter's gradient, in any
+  param group) is skipped **as a whole**: no weight, moment, momentum buffer or step count moves, as if
+  the batch had never been seen. The decision is one 0-d bool computed on the device.
+* ``optimizer.nonfinite_skips`` is a 0-d ``int64`` tensor on the parameters' device counting the
+  skipped steps. Reading its value is the caller's host sync (a logger does it once per logging
+  interval); it is saved in ``state_dict()["nonfinite_skips"]``.
+* ``optimizer.skip_next_step_where(bad)`` (0-d bool tensor) makes the next ``step()`` skip where
+  ``bad`` is True, whatever the gradients; the Lightning callback uses it to skip a step whose loss
+  was not finite. The request is consumed by that step; ``None`` withdraws it.
+
+A skipped step edits non-finite gradients in place (their NaN/Inf entries read 0 afterwards, as
+``GradScaler.unscale_`` edits gradients in place); finite gradients are left bit-identical. A weight that
+is *already* non-finite is not repaired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,11 +34,15 @@ NONFINITE_SKIPS = "nonfinite_skips"
 
 
 class CheckedOptimizer(torch.optim.Optimizer):
-    """What LARS, LAMB and RMSpropWarmup share: every param group validated, skips counted, closure run once.
+    """What LARS, LAMB and RMSpropWarmup share: group validation, the skip contract, closure run once.
 
     Subclasses implement ``_check_group(group)`` (raise ``ValueError`` naming the bad hyperparameter); it
-    runs for the defaults and for every group added, at construction or later.
+    runs for the defaults and for every group added, at construction or later. Their ``step`` calls
+    :meth:`_step_keep` once with every gradient of the step and masks all updates with its result.
     """
+
+    _skip_counter: Tensor | None = None
+    _skip_request: Tensor | None = None
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
@@ -44,9 +52,50 @@ class CheckedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
+    @property
     def nonfinite_skips(self) -> Tensor:
-        """Total number of tensor updates skipped for a non-finite gradient (device tensor, no sync)."""
-        return total_nonfinite_skips(self)
+        """Optimizer steps skipped for a non-finite gradient (or on request): 0-d int64 on the device, no sync."""
+        if self._skip_counter is None:
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            self._skip_counter = torch.zeros((), dtype=torch.int64, device=device)
+        return self._skip_counter
+
+    def skip_next_step_where(self, bad: Tensor | None) -> None:
+        """Skip the next step where the 0-d bool ``bad`` is True (decided on the device); ``None`` withdraws."""
+        if bad is not None and (not isinstance(bad, Tensor) or bad.numel() != 1):
+            raise TypeError(f"skip_next_step_where expects a one-element bool tensor or None, got {bad!r}.")
+        self._skip_request = bad
+
+    def _step_keep(self, grads: list[Tensor], grad_norms: list[Tensor] | None = None) -> Tensor:
+        """The step's decision: True iff every gradient is finite and no skip was requested; counts a skip.
+
+        ``grad_norms`` (one per gradient) are reused when the caller needs them anyway (LARS' trust
+        ratio); otherwise they are computed here (one read of every gradient).
+        """
+        counter = self.nonfinite_skips
+        if grads and counter.device != grads[0].device:  # the model moved after construction: follow it once
+            counter = self._skip_counter = counter.to(grads[0].device)
+        if grad_norms is None:
+            grad_norms = [n for bucket in group_by_device_and_dtype([grads]) for n in torch._foreach_norm(bucket[0])]
+        # the sum of the norms is finite iff every norm is (barring an overflow to inf, which is as bad)
+        keep = torch.isfinite(torch.stack(norms_on(grad_norms, counter.device)).sum())
+        if self._skip_request is not None:
+            keep = keep & ~self._skip_request.to(device=counter.device, dtype=torch.bool).reshape(())
+            self._skip_request = None
+        counter.add_((~keep).to(counter.dtype))
+        return keep
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[NONFINITE_SKIPS] = self.nonfinite_skips.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        skips = state_dict.pop(NONFINITE_SKIPS, None)
+        super().load_state_dict(state_dict)
+        if skips is not None:
+            self._skip_counter = torch.as_tensor(skips, dtype=torch.int64).to(self.nonfinite_skips.device).clone()
 
     @staticmethod
     def _evaluate_closure(closure: Callable[[], Any] | None) -> Any:
@@ -55,6 +104,11 @@ class CheckedOptimizer(torch.optim.Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def norms_on(norms: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Per-tensor norms as float32 on one device (params may live on several devices or dtypes)."""
+    return [n.to(device=device, dtype=torch.float32) for n in norms]
 
 
 def check_non_negative(name: str, value: Any, hint: str = "") -> None:
@@ -87,45 +141,10 @@ def params_with_grads(group: dict[str, Any], optimizer_name: str) -> tuple[list[
     return params, grads
 
 
-def skip_counters(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> list[Tensor]:
-    """Each parameter's non-finite skip counter, created (0) on first use."""
-    counters = []
-    for p in params:
-        state = optimizer.state[p]
-        if NONFINITE_SKIPS not in state:
-            state[NONFINITE_SKIPS] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif state[NONFINITE_SKIPS].dtype != torch.float32:  # load_state_dict casts state to a half param's dtype
-            state[NONFINITE_SKIPS] = state[NONFINITE_SKIPS].to(torch.float32)
-        counters.append(state[NONFINITE_SKIPS])
-    return counters
-
-
-def total_nonfinite_skips(optimizer: torch.optim.Optimizer) -> Tensor:
-    """Sum of all skip counters (a device tensor; reading its value is the caller's host sync)."""
-    counters = [s[NONFINITE_SKIPS] for s in optimizer.state.values() if NONFINITE_SKIPS in s]
-    if not counters:
-        return torch.zeros(())
-    device = counters[0].device
-    return torch.stack([c.to(device=device, dtype=torch.float32) for c in counters]).sum()
-
-
-def finite_mask(*norms: Tensor) -> Tensor:
-    """True where every norm is finite (a tensor's norm is NaN/Inf iff an entry is, barring overflow)."""
-    mask = torch.isfinite(norms[0])
-    for n in norms[1:]:
-        mask = mask & torch.isfinite(n)
-    return mask
-
-
 def zero_nonfinite_(tensors: Tensor | list[Tensor]) -> None:
     """Set NaN and +-Inf entries to 0 in place (finite entries unchanged)."""
     for t in [tensors] if isinstance(tensors, Tensor) else tensors:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def masked(tensor: Tensor, keep: Tensor) -> Tensor:
-    """``tensor`` where ``keep`` (0-d bool) is True, zeros elsewhere: NaN-safe, unlike multiplying by 0."""
-    return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, trust_coefficient: float, weight_decay: float, eps: float,

@@ -14,6 +14,16 @@ paper's Algorithm 2 omits them; its experiments and most implementations keep th
 ``max_trust_ratio`` clips the ratio :math:`\lVert w \rVert / \lVert u \rVert` from above (NVIDIA / timm
 "trust clip"). A zero ``||w||`` or ``||u||`` gives ratio 1. Group switches as LARS: ``weight_decay`` and
 ``lars_adapt`` (``False``: ratio 1, i.e. AdamW-style decoupled decay with no layer adaptation).
+
+Speed: the moments and the Adam direction come from torch's fused Adam kernel (``torch._fused_adam_``,
+the kernel behind ``torch.optim.Adam(fused=True)``) run on a buffer that already holds
+:math:`\lambda w`, with learning rate -1: it leaves :math:`u` in the buffer in one pass over
+:math:`g, m, v, u`. Its ``found_inf`` argument skips a non-finite step on the device, so no gradient is
+cleaned. What remains is LAMB's own work: :math:`\lVert w \rVert`, :math:`\lVert u \rVert` and one scaled
+add. ``fused=False`` (or a device/dtype the kernel lacks) uses the ``torch._foreach_*`` path.
+
+Skipped steps (see :mod:`lightning_lbo.optim._step_utils`): a non-finite gradient anywhere skips the
+whole step; the per-tensor ``step`` (bias correction) counts only the steps taken.
 """
 
 from __future__ import annotations
@@ -28,15 +38,15 @@ from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
     check_momentum,
     check_non_negative,
-    finite_mask,
     group_by_device_and_dtype,
     params_with_grads,
-    skip_counters,
     use_foreach,
     zero_nonfinite_,
 )
 
 __all__ = ["LAMB", "lamb"]
+
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class LAMB(CheckedOptimizer):
@@ -51,7 +61,12 @@ class LAMB(CheckedOptimizer):
         bias_correction: divide the moments by :math:`1 - \\beta^t`.
         max_trust_ratio: upper bound of the trust ratio (``None``: unbounded, as in the paper).
         lars_adapt: default of the per-group switch; ``False`` disables the trust ratio.
-        foreach: multi-tensor path; ``None`` picks it for plain tensors.
+        foreach: multi-tensor path; ``None`` picks it for plain tensors; ``False``: a per-tensor loop.
+        fused: moments by torch's fused Adam kernel (see the module docstring); ``None`` picks it where
+            the kernel exists (CPU, CUDA; floating dtypes, bias correction on) unless ``foreach=False``.
+
+    Non-finite gradients: the whole step is skipped (see :mod:`lightning_lbo.optim._step_utils`) and
+    counted in :attr:`nonfinite_skips`.
 
     Example::
 
@@ -61,10 +76,11 @@ class LAMB(CheckedOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
-                 max_trust_ratio: float | None = None, lars_adapt: bool = True, foreach: bool | None = None) -> None:
+                 max_trust_ratio: float | None = None, lars_adapt: bool = True, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, lars_adapt=lars_adapt,
-                        foreach=foreach)
+                        foreach=foreach, fused=fused)
         self._check_group(defaults)
         super().__init__(params, defaults)
 
@@ -81,6 +97,11 @@ class LAMB(CheckedOptimizer):
         mtr = group["max_trust_ratio"]
         if mtr is not None and (isinstance(mtr, bool) or not isinstance(mtr, (int, float)) or not mtr > 0):
             raise ValueError(f"Invalid max_trust_ratio: {mtr!r}; use a value > 0 (e.g. 10.0) or None for no clipping.")
+        if group.get("fused") and group.get("foreach") is False:
+            raise ValueError("fused=True needs the multi-tensor path; drop foreach=False (or set fused=False).")
+        if group.get("fused") and not group["bias_correction"]:
+            raise ValueError("fused=True always applies bias correction; use fused=None/False with "
+                             "bias_correction=False.")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -89,15 +110,18 @@ class LAMB(CheckedOptimizer):
             group.setdefault("max_trust_ratio", None)
             group.setdefault("lars_adapt", True)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LAMB step; ``closure`` runs once under ``torch.enable_grad()``."""
         loss = self._evaluate_closure(closure)
-        for group in self.param_groups:
-            params, grads = params_with_grads(group, "LAMB")
-            if not params:
-                continue
+        work = [(group, *params_with_grads(group, "LAMB")) for group in self.param_groups]
+        work = [(group, params, grads) for group, params, grads in work if params]
+        if not work:
+            return loss
+        keep = self._step_keep([g for _, _, grads in work for g in grads])
+        for group, params, grads in work:
             for p in params:
                 state = self.state[p]
                 if "step" not in state:
@@ -106,20 +130,42 @@ class LAMB(CheckedOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
             lamb(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                 [s["step"] for s in states], skip_counters(self, params), lr=group["lr"], beta1=group["betas"][0],
+                 [s["step"] for s in states], keep=keep, lr=group["lr"], beta1=group["betas"][0],
                  beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
                  bias_correction=group["bias_correction"], max_trust_ratio=group["max_trust_ratio"],
-                 adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params))
+                 adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params),
+                 fused=_use_fused(group, params))
         return loss
 
 
+def _use_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """``fused=None``: the fused kernel where it exists and the group allows it."""
+    fused = group["fused"]
+    if fused is not None:
+        return fused
+    return (group["foreach"] is not False and group["bias_correction"] and hasattr(torch, "_fused_adam_")
+            and all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in _FUSED_DEVICES
+                    and p.dtype.is_floating_point for p in params))
+
+
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-         steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-         weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, adapt: bool, foreach: bool) -> None:
-    """Functional LAMB update in place; ``steps`` are 0-d float tensors (not advanced on skipped steps)."""
+         steps: list[Tensor], *, keep: Tensor | None = None, lr: float | Tensor, beta1: float, beta2: float,
+         eps: float, weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, adapt: bool,
+         foreach: bool, fused: bool = False) -> None:
+    """Functional LAMB update in place; ``steps`` are 0-d float tensors, advanced only when the step is taken.
+
+    ``keep`` (0-d bool) is the step's decision (see ``CheckedOptimizer._step_keep``); ``None``: taken iff
+    these gradients are all finite.
+    """
+    if keep is None:
+        keep = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
+              adapt=adapt)
+    if fused:
+        _fused_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, keep, **kw)
+        return
     fn = _multi_tensor_lamb if foreach else _single_tensor_lamb
-    fn(params, grads, exp_avgs, exp_avg_sqs, steps, skips, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-       weight_decay=weight_decay, bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, adapt=adapt)
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, keep, bias_correction=bias_correction, **kw)
 
 
 def _moment_coefficients(keep: Tensor, step: Tensor, *, beta1: float, beta2: float, bias_correction: bool
@@ -146,41 +192,55 @@ def _update_scale(keep: Tensor, w_norm: Tensor, u_norm: Tensor, *, lr: float | T
     return torch.where(keep, -lr * ratio, torch.zeros_like(ratio))
 
 
+def _fused_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                steps: list[Tensor], keep: Tensor, *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+                weight_decay: float, max_trust_ratio: float | None, adapt: bool) -> None:
+    for ws, gs, ms, vs, ts in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+        kept = keep.to(ts[0].device)
+        w_norm = torch.stack(torch._foreach_norm(ws))
+        # u starts as wd * w; the kernel with lr = -1 adds m_hat / (sqrt(v_hat) + eps) to it and updates m, v.
+        us = torch._foreach_mul(ws, weight_decay) if weight_decay != 0 else [torch.zeros_like(w) for w in ws]
+        torch._foreach_add_(ts, kept.to(ts[0].dtype))
+        torch._fused_adam_(us, gs, ms, vs, [], ts, lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                           amsgrad=False, maximize=False, grad_scale=None, found_inf=(~kept).to(torch.float32))
+        scale = _update_scale(kept, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
+                              max_trust_ratio=max_trust_ratio, adapt=adapt)
+        torch._foreach_addcmul_(ws, us, list(scale.to(ws[0].dtype).unbind()))
+
+
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                        exp_avg_sqs: list[Tensor], steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                        exp_avg_sqs: list[Tensor], steps: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                         beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
                         max_trust_ratio: float | None, adapt: bool) -> None:
-    for w, g, m, v, step, skip in zip(params, grads, exp_avgs, exp_avg_sqs, steps, skips, strict=True):
+    for w, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        kept = keep.to(w.device)
         w_norm = torch.linalg.vector_norm(w)
-        keep = finite_mask(w_norm, torch.linalg.vector_norm(g))
-        skip.add_((~keep).to(skip.dtype))
-        step.add_(keep.to(step.dtype))
+        step.add_(kept.to(step.dtype))
         zero_nonfinite_(g)
-        g.mul_(keep)  # a skipped tensor's moments must not move: zero its (now finite) gradient
-        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(keep, step.to(w.dtype), beta1=beta1, beta2=beta2,
+        g = g * kept  # a skipped step's moments must not move (the caller's gradient stays as it was)
+        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(kept, step.to(w.dtype), beta1=beta1, beta2=beta2,
                                                              bias_correction=bias_correction)
         m.mul_(b1).add_(g, alpha=1 - beta1)
         v.mul_(b2).addcmul_(g, g, value=1 - beta2)
         u = torch.div(m, v.sqrt().mul_(inv_sqrt_bc2).add_(eps)).mul_(inv_bc1)
         if weight_decay != 0:
             u.add_(w, alpha=weight_decay)
-        scale = _update_scale(keep, w_norm, torch.linalg.vector_norm(u), lr=lr, max_trust_ratio=max_trust_ratio,
+        scale = _update_scale(kept, w_norm, torch.linalg.vector_norm(u), lr=lr, max_trust_ratio=max_trust_ratio,
                               adapt=adapt)
         w.addcmul_(u, scale)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                       exp_avg_sqs: list[Tensor], steps: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                       exp_avg_sqs: list[Tensor], steps: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                        beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
                        max_trust_ratio: float | None, adapt: bool) -> None:
-    for ws, gs, ms, vs, ts, cs in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps, skips]):
+    for ws, gs, ms, vs, ts in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+        kept = keep.to(ws[0].device)
         w_norm = torch.stack(torch._foreach_norm(ws))
-        keep = finite_mask(w_norm, torch.stack(torch._foreach_norm(gs)))
-        torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
-        torch._foreach_add_(ts, list(keep.to(ts[0].dtype).unbind()))
+        torch._foreach_add_(ts, kept.to(ts[0].dtype))
         zero_nonfinite_(gs)
-        torch._foreach_mul_(gs, list(keep.to(gs[0].dtype).unbind()))  # skipped tensors: moments must not move
-        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(keep, torch.stack(ts).to(ws[0].dtype), beta1=beta1,
+        gs = torch._foreach_mul(gs, kept.to(gs[0].dtype))  # a skipped step's moments must not move
+        b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(kept, torch.stack(ts).to(ws[0].dtype), beta1=beta1,
                                                              beta2=beta2, bias_correction=bias_correction)
         torch._foreach_mul_(ms, list(b1.unbind()))
         torch._foreach_add_(ms, gs, alpha=1 - beta1)
@@ -194,6 +254,6 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_mul_(us, list(inv_bc1.unbind()))
         if weight_decay != 0:
             torch._foreach_add_(us, ws, alpha=weight_decay)
-        scale = _update_scale(keep, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
+        scale = _update_scale(kept, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
                               max_trust_ratio=max_trust_ratio, adapt=adapt)
         torch._foreach_addcmul_(ws, us, list(scale.unbind()))

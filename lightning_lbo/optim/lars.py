@@ -45,11 +45,9 @@ from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
     check_momentum,
     check_non_negative,
-    finite_mask,
     group_by_device_and_dtype,
     lars_trust_ratio,
     params_with_grads,
-    skip_counters,
     use_foreach,
     zero_nonfinite_,
 )
@@ -91,8 +89,9 @@ class LARS(CheckedOptimizer):
         lars_adapt: default of the per-group switch; ``False`` disables the trust ratio.
         foreach: multi-tensor (``torch._foreach_*``) path; ``None`` picks it for plain tensors.
 
-    Non-finite gradients: that tensor's update is skipped (weights and momentum untouched), counted in
-    ``state[p]["nonfinite_skips"]``; :meth:`nonfinite_skips` sums the counters without a host sync.
+    Non-finite gradients: the whole step is skipped (weights and momentum untouched) and counted in
+    :attr:`nonfinite_skips` (see :mod:`lightning_lbo.optim._step_utils`). The gradient norms the trust
+    ratio needs are the ones that decide, so the check costs no extra pass.
 
     Example::
 
@@ -157,10 +156,14 @@ class LARS(CheckedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS step; ``closure`` (re-evaluates the loss) runs once under ``torch.enable_grad()``."""
         loss = self._evaluate_closure(closure)
-        for group in self.param_groups:
-            params, grads = params_with_grads(group, "LARS")
-            if not params:
-                continue
+        work = [(group, *params_with_grads(group, "LARS")) for group in self.param_groups]
+        work = [(group, params, grads) for group, params, grads in work if params]
+        if not work:
+            return loss
+        # ||g|| of every tensor of every group first: they decide whether the step is taken (all or none)
+        grad_norms = [torch._foreach_norm(grads) for _, _, grads in work]
+        keep = self._step_keep([g for _, _, grads in work for g in grads], [n for ns in grad_norms for n in ns])
+        for (group, params, grads), norms in zip(work, grad_norms, strict=True):
             bufs = scales = None
             rescale = False
             if group["momentum"] != 0:
@@ -179,7 +182,7 @@ class LARS(CheckedOptimizer):
                 count = group.get("steps_since_rescale", 0)
                 rescale = count >= _rescale_interval(group["momentum"])
                 group["steps_since_rescale"] = 1 if rescale else count + 1
-            lars(params, grads, bufs, scales, skip_counters(self, params), lr=group["lr"],
+            lars(params, grads, bufs, scales, keep=keep, grad_norms=norms, lr=group["lr"],
                  momentum=group["momentum"], weight_decay=group["weight_decay"],
                  trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
                  paper_form=group["momentum_form"] == MomentumForm.PAPER.value, clip=group["clip"],
@@ -187,19 +190,25 @@ class LARS(CheckedOptimizer):
         return loss
 
 
-def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor] | None,
-         skips: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
-         eps: float, nesterov: bool, paper_form: bool, clip: bool, adapt: bool, rescale: bool, foreach: bool) -> None:
+def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor] | None, *,
+         keep: Tensor | None = None, grad_norms: list[Tensor] | None = None, lr: float | Tensor, momentum: float,
+         weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool, clip: bool,
+         adapt: bool, rescale: bool, foreach: bool) -> None:
     """Functional LARS update of ``params`` in place (see the module docstring for the formulas).
 
     The momentum buffer of each tensor is stored as ``scale * scaled_buffer`` (``bufs``: the scaled
     buffers, zeros at the first step; ``scales``: 0-d tensors; both ``None`` when ``momentum == 0``).
     Decaying the buffer by ``m`` is then a multiply of the 0-d scale, not a pass over the tensor, which
     saves one read+write of every buffer per step. ``rescale`` first folds the scales back into the
-    buffers (done every few steps, decided on the host). ``skips`` are the per-tensor non-finite counters.
+    buffers (done every few steps, decided on the host). ``keep`` (0-d bool) is the step's decision
+    (``None``: taken iff these gradients are finite); ``grad_norms`` are ``||g||`` per tensor if already known.
     """
+    if grad_norms is None:
+        grad_norms = torch._foreach_norm(grads)
+    if keep is None:
+        keep = torch.isfinite(torch.stack([n.float() for n in grad_norms]).sum())
     fn = _multi_tensor_lars if foreach else _single_tensor_lars
-    fn(params, grads, bufs, scales, skips, lr=lr, momentum=momentum, weight_decay=weight_decay,
+    fn(params, grads, bufs, scales, keep, grad_norms, lr=lr, momentum=momentum, weight_decay=weight_decay,
        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, paper_form=paper_form, clip=clip,
        adapt=adapt, rescale=rescale)
 
@@ -213,15 +222,14 @@ def _rescale_interval(momentum: float) -> int:
     return max(1, int(math.log(1e-3) / math.log(momentum))) if 0 < momentum < 1 else 1
 
 
-def _coefficients(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentum: float, weight_decay: float,
-                  trust_coefficient: float, eps: float, paper_form: bool, clip: bool, adapt: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-tensor (elementwise over the norm tensors) coefficients, all finite and masked.
+def _coefficients(keep: Tensor, w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentum: float,
+                  weight_decay: float, trust_coefficient: float, eps: float, paper_form: bool, clip: bool, adapt: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor (elementwise over the norm tensors) coefficients, all finite and masked by ``keep``.
 
-    Returns ``(keep, d_coef, buf_decay, lr_out)``: ``buf = buf_decay * buf + d_coef * d`` and the step
-    is ``w -= lr_out * (buf or d)``; skipped tensors get ``d_coef = 0``, ``buf_decay = 1``, ``lr_out = 0``.
+    Returns ``(d_coef, buf_decay, lr_out)``: ``buf = buf_decay * buf + d_coef * d`` and the step is
+    ``w -= lr_out * (buf or d)``; a skipped step gets ``d_coef = 0``, ``buf_decay = 1``, ``lr_out = 0``.
     """
-    keep = finite_mask(w_norm, g_norm)
     if adapt:
         ratio = lars_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient, weight_decay=weight_decay,
                                  eps=eps, lr=lr, clip=clip)
@@ -231,19 +239,18 @@ def _coefficients(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, momentu
     d_coef = torch.where(keep, ratio * lr if paper_form else ratio, zero)
     buf_decay = torch.where(keep, torch.full_like(ratio, momentum), torch.ones_like(ratio))
     lr_out = torch.where(keep, torch.ones_like(ratio) if paper_form else torch.full_like(ratio, 1.0) * lr, zero)
-    return keep, d_coef, buf_decay, lr_out
+    return d_coef, buf_decay, lr_out
 
 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
-                        scales: list[Tensor] | None, skips: list[Tensor], *, lr: float | Tensor, momentum: float,
-                        weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool,
-                        clip: bool, adapt: bool, rescale: bool) -> None:
+                        scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor], *, lr: float | Tensor,
+                        momentum: float, weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool,
+                        paper_form: bool, clip: bool, adapt: bool, rescale: bool) -> None:
     for i, (w, g) in enumerate(zip(params, grads, strict=True)):
-        keep, d_coef, buf_decay, lr_out = _coefficients(
-            torch.linalg.vector_norm(w), torch.linalg.vector_norm(g), lr=lr, momentum=momentum,
+        d_coef, buf_decay, lr_out = _coefficients(
+            keep.to(w.device), torch.linalg.vector_norm(w), grad_norms[i], lr=lr, momentum=momentum,
             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
             clip=clip, adapt=adapt)
-        skips[i].add_((~keep).to(skips[i].dtype))
         zero_nonfinite_(g)
         step = lr_out * d_coef  # weight of d = g + wd * w in the step (Nesterov / no momentum)
         if bufs is not None and scales is not None:
@@ -268,17 +275,16 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
-                       scales: list[Tensor] | None, skips: list[Tensor], *, lr: float | Tensor, momentum: float,
-                       weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool,
-                       clip: bool, adapt: bool, rescale: bool) -> None:
-    lists = [params, grads, skips] + ([bufs, scales] if bufs is not None and scales is not None else [])
+                       scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor], *, lr: float | Tensor,
+                       momentum: float, weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool,
+                       paper_form: bool, clip: bool, adapt: bool, rescale: bool) -> None:
+    lists = [params, grads, list(grad_norms)] + ([bufs, scales] if bufs is not None and scales is not None else [])
     for bucket in group_by_device_and_dtype(lists):
-        ws, gs, cs = bucket[0], bucket[1], bucket[2]
-        norms = torch.stack(torch._foreach_norm(ws + gs))  # one call for ||w|| and ||g||
-        keep, d_coef, buf_decay, lr_out = _coefficients(
-            norms[: len(ws)], norms[len(ws):], lr=lr, momentum=momentum, weight_decay=weight_decay,
-            trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form, clip=clip, adapt=adapt)
-        torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
+        ws, gs, g_norms = bucket[0], bucket[1], bucket[2]
+        d_coef, buf_decay, lr_out = _coefficients(
+            keep.to(ws[0].device), torch.stack(torch._foreach_norm(ws)), torch.stack(g_norms), lr=lr,
+            momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+            paper_form=paper_form, clip=clip, adapt=adapt)
         zero_nonfinite_(gs)
         step = lr_out * d_coef
         if len(bucket) > 3:

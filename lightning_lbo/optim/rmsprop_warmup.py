@@ -43,10 +43,8 @@ from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
     check_momentum,
     check_non_negative,
-    finite_mask,
     group_by_device_and_dtype,
     params_with_grads,
-    skip_counters,
     use_foreach,
     zero_nonfinite_,
 )
@@ -164,10 +162,10 @@ class RMSpropWarmup(CheckedOptimizer):
         """One hybrid step; ``closure`` runs once under ``torch.enable_grad()``."""
         loss = self._evaluate_closure(closure)
         epoch = self.current_epoch()
-        for group in self.param_groups:
-            params, grads = params_with_grads(group, "RMSpropWarmup")
-            if not params:
-                continue
+        work = [(group, *params_with_grads(group, "RMSpropWarmup")) for group in self.param_groups]
+        work = [(group, params, grads) for group, params, grads in work if params]
+        keep = self._step_keep([g for _, _, grads in work for g in grads]) if work else None
+        for group, params, grads in work:
             for p in params:
                 state = self.state[p]
                 if "velocity" not in state:
@@ -178,7 +176,7 @@ class RMSpropWarmup(CheckedOptimizer):
             a_rms = (1.0 - a_sgd) * group["lr_rmsprop"] / lr if lr != 0 else 0.0
             states = [self.state[p] for p in params]
             rmsprop_warmup(params, grads, [s["velocity"] for s in states], [s["square_avg"] for s in states],
-                           skip_counters(self, params), lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=group["momentum"],
+                           keep=keep, lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=group["momentum"],
                            alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                            foreach=use_foreach(group["foreach"], params))
         self.steps_taken += 1
@@ -187,35 +185,38 @@ class RMSpropWarmup(CheckedOptimizer):
 
 
 def rmsprop_warmup(params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], square_avgs: list[Tensor],
-                   skips: list[Tensor], *, lr: float | Tensor, a_sgd: float, a_rms: float, momentum: float,
+                   *, keep: Tensor | None = None, lr: float | Tensor, a_sgd: float, a_rms: float, momentum: float,
                    alpha: float, eps: float, weight_decay: float, foreach: bool) -> None:
-    """Functional hybrid update in place (formulas in the module docstring); ``a_rms = 0`` skips the RMS work."""
+    """Functional hybrid update in place (formulas in the module docstring); ``a_rms = 0`` skips the RMS work.
+
+    ``keep`` (0-d bool) is the step's decision; ``None``: taken iff these gradients are all finite.
+    """
+    if keep is None:
+        keep = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
     fn = _multi_tensor_rmsprop_warmup if foreach else _single_tensor_rmsprop_warmup
-    fn(params, grads, velocities, square_avgs, skips, lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=momentum,
+    fn(params, grads, velocities, square_avgs, keep, lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=momentum,
        alpha=alpha, eps=eps, weight_decay=weight_decay)
 
 
 def _coefficients(keep: Tensor, *, lr: float | Tensor, momentum: float, alpha: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-tensor ``(keep as 0/1, velocity decay, square-average decay, lr)``: 0, 1, 1, 0 where skipped."""
+    """``(keep as 0/1, velocity decay, square-average decay, lr)``: 0, 1, 1, 0 on a skipped step."""
     one = torch.ones(keep.shape, device=keep.device)
     return (keep.to(one.dtype), torch.where(keep, momentum * one, one), torch.where(keep, alpha * one, one),
             torch.where(keep, lr * one, torch.zeros_like(one)))
 
 
 def _single_tensor_rmsprop_warmup(params: list[Tensor], grads: list[Tensor], velocities: list[Tensor],
-                                  square_avgs: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                                  square_avgs: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                                   a_sgd: float, a_rms: float, momentum: float, alpha: float, eps: float,
                                   weight_decay: float) -> None:
-    for w, g, vel, sq, skip in zip(params, grads, velocities, square_avgs, skips, strict=True):
-        keep = finite_mask(torch.linalg.vector_norm(g))
-        skip.add_((~keep).to(skip.dtype))
+    for w, g, vel, sq in zip(params, grads, velocities, square_avgs, strict=True):
         zero_nonfinite_(g)
-        kept, vel_decay, sq_decay, step_lr = (c.to(w.dtype) for c in _coefficients(keep, lr=lr, momentum=momentum,
-                                                                                   alpha=alpha))
+        kept, vel_decay, sq_decay, step_lr = (c.to(w.dtype) for c in _coefficients(keep.to(w.device), lr=lr,
+                                                                                   momentum=momentum, alpha=alpha))
         vel.mul_(vel_decay)
         if a_rms != 0:
-            d = g * kept  # zero for a skipped tensor, so neither average moves
+            d = g * kept  # zero on a skipped step, so neither average moves
             if weight_decay != 0:
                 d.addcmul_(w, kept * weight_decay)
             sq.mul_(sq_decay).addcmul_(d, d, value=1 - alpha)
@@ -228,28 +229,26 @@ def _single_tensor_rmsprop_warmup(params: list[Tensor], grads: list[Tensor], vel
 
 
 def _multi_tensor_rmsprop_warmup(params: list[Tensor], grads: list[Tensor], velocities: list[Tensor],
-                                 square_avgs: list[Tensor], skips: list[Tensor], *, lr: float | Tensor,
+                                 square_avgs: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                                  a_sgd: float, a_rms: float, momentum: float, alpha: float, eps: float,
                                  weight_decay: float) -> None:
-    for ws, gs, vs, sqs, cs in group_by_device_and_dtype([params, grads, velocities, square_avgs, skips]):
-        keep = finite_mask(torch.stack(torch._foreach_norm(gs)))
-        torch._foreach_add_(cs, list((~keep).to(cs[0].dtype).unbind()))
+    for ws, gs, vs, sqs in group_by_device_and_dtype([params, grads, velocities, square_avgs]):
         zero_nonfinite_(gs)
-        kept, vel_decay, sq_decay, step_lr = (c.to(ws[0].dtype) for c in _coefficients(keep, lr=lr,
+        kept, vel_decay, sq_decay, step_lr = (c.to(ws[0].dtype) for c in _coefficients(keep.to(ws[0].device), lr=lr,
                                                                                         momentum=momentum, alpha=alpha))
-        torch._foreach_mul_(vs, list(vel_decay.unbind()))
+        torch._foreach_mul_(vs, vel_decay)
         if a_rms != 0:
-            ds = torch._foreach_mul(gs, list(kept.unbind()))  # zero for a skipped tensor: no average moves
+            ds = torch._foreach_mul(gs, kept)  # zero on a skipped step: no average moves
             if weight_decay != 0:
-                torch._foreach_addcmul_(ds, ws, list((kept * weight_decay).unbind()))
-            torch._foreach_mul_(sqs, list(sq_decay.unbind()))
+                torch._foreach_addcmul_(ds, ws, [kept * weight_decay] * len(ws))
+            torch._foreach_mul_(sqs, sq_decay)
             torch._foreach_addcmul_(sqs, ds, ds, value=1 - alpha)
             torch._foreach_add_(vs, ds, alpha=-a_sgd)
             denom = torch._foreach_sqrt(sqs)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(vs, ds, denom, value=-a_rms)
         else:  # pure momentum SGD: d = g + wd * w is not materialised
-            torch._foreach_addcmul_(vs, gs, list((kept * -a_sgd).unbind()))
+            torch._foreach_addcmul_(vs, gs, [kept * -a_sgd] * len(gs))
             if weight_decay != 0:
-                torch._foreach_addcmul_(vs, ws, list((kept * (-a_sgd * weight_decay)).unbind()))
-        torch._foreach_addcmul_(ws, vs, list(step_lr.unbind()))
+                torch._foreach_addcmul_(vs, ws, [kept * (-a_sgd * weight_decay)] * len(ws))
+        torch._foreach_addcmul_(ws, vs, [step_lr] * len(ws))

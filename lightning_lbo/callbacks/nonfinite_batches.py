@@ -1,0 +1,244 @@
+"""NonFiniteBatchGuard: a batch whose loss or gradients are not finite changes nothing, and is reported.
+
+What a bad batch (NaN/Inf in the input, the loss or the gradients) would otherwise leave behind, and
+what the guard does about it, all decided on the device (no host sync per step):
+
+* **weights and optimizer state**: lightning_lbo's optimizers skip the whole step themselves
+  (:mod:`lightning_lbo.optim._step_utils`); the guard adds "the loss was not finite" to their decision
+  through ``skip_next_step_where``. Any other optimizer (``torch.optim.SGD``, ...) is protected by a copy
+  of its parameters and state taken before its update and put back where the step was bad (one extra
+  copy per step: the price of protecting an optimizer that cannot skip on the device);
+* **normalization running statistics** (BatchNorm / InstanceNorm ``running_mean``, ``running_var``,
+  ``num_batches_tracked``): the forward pass has already updated them; they are saved at the start of
+  every accumulation cycle and restored when the cycle's step is skipped;
+* **ranks**: gradients are all-reduced, so a NaN on one rank reaches every rank's decision; the
+  loss flag is all-reduced too (one tiny collective per step), so all ranks skip together.
+
+Under gradient accumulation the unit is the optimizer step: one bad micro-batch skips its whole
+cycle, as if all of that cycle's micro-batches had been dropped. Under 16-bit AMP the grad scaler keeps
+its own rule for overflowing *gradients* (it skips the step and lowers the scale); a non-finite *loss*
+is a bad batch and restores the statistics as above (the scaler still lowers its scale).
+
+Counters that live on the host keep counting attempted steps: Lightning's ``global_step``, LR
+schedules, K-FAC's refresh intervals. The run with bad batches therefore equals the run without them
+bit for bit when those do not depend on the step index (constant LR), and otherwise differs only by
+that index shift. Counters that enter the math on the device (LAMB's bias-correction step, momentum)
+count only the steps taken.
+
+The count of skipped steps is read once per logging interval (``nonfinite_skips``); the first time it
+is non-zero the guard warns once, on rank zero.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from typing_extensions import override
+
+from lightning_lbo.compat import callback_bases
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+try:  # rank_zero_warn lives in lightning_fabric (pytorch_lightning's dependency)
+    from lightning_fabric.utilities.rank_zero import rank_zero_warn
+except ImportError:  # pragma: no cover - lightning.pytorch-only installs
+    from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+METRIC = "nonfinite_skips"
+
+
+def running_statistics(module: nn.Module) -> list[Tensor]:
+    """The running-statistics buffers of every normalization layer that tracks them."""
+    return [buf for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """True for optimizers that follow lightning_lbo's skip contract (count and skip on the device)."""
+    return hasattr(optimizer, "nonfinite_skips") and hasattr(optimizer, "skip_next_step_where")
+
+
+class TensorSnapshot:
+    """A saved copy of a fixed list of tensors, put back on the device where a 0-d bool says so.
+
+    Tensors are kept per (device, dtype) in one flat buffer, so saving and restoring cost three ops per
+    group, not one per tensor.
+    """
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.ids = [id(t) for t in tensors]
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        self._groups = list(groups.values())
+        self._saved = [torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
+                       for ts in self._groups]
+
+    def save(self) -> None:
+        for ts, flat in zip(self._groups, self._saved, strict=True):
+            torch.cat([t.detach().reshape(-1) for t in ts], out=flat)
+
+    def restore_where(self, restore: Tensor) -> None:
+        """``t = saved if restore else t`` for every tensor (``restore``: 0-d bool on any device)."""
+        for ts, flat in zip(self._groups, self._saved, strict=True):
+            current = torch.cat([t.detach().reshape(-1) for t in ts])
+            merged = torch.where(restore.to(flat.device), flat, current)
+            torch._foreach_copy_([t.detach() for t in ts],
+                                 [part.view_as(t) for part, t in zip(merged.split([t.numel() for t in ts]), ts,
+                                                                     strict=True)])
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = [v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor)]
+    return params + state
+
+
+def _drop_state_created_by_bad_step(optimizer: torch.optim.Optimizer, snapshot: TensorSnapshot, bad: Tensor) -> None:
+    """State an optimizer creates at its first step (e.g. SGD's momentum buffer) is not in the snapshot.
+
+    Whether to delete it is a host decision, so this reads ``bad`` once, only on a step that created
+    state (the first step, or the first gradient of a parameter): never on an ordinary step.
+    """
+    known = set(snapshot.ids)
+    created = [(p, key) for g in optimizer.param_groups for p in g["params"]
+               for key, v in optimizer.state.get(p, {}).items() if isinstance(v, Tensor) and id(v) not in known]
+    if created and bool(bad.item()):
+        for p, key in created:
+            del optimizer.state[p][key]
+            if not optimizer.state[p]:
+                del optimizer.state[p]
+
+
+class NonFiniteBatchGuard(*callback_bases()):
+    """Skip every optimizer step whose batch is not finite, leaving all training state as it was; log the count.
+
+    Args:
+        log_every_n_steps: read and log the count every this many optimizer steps (default: the
+            Trainer's ``log_every_n_steps``).
+
+    Example::
+
+        Trainer(callbacks=[NonFiniteBatchGuard()])   # any optimizer; LARS/LAMB/RMSpropWarmup skip for free
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
+                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"Invalid log_every_n_steps: {log_every_n_steps!r}; use a positive int or None.")
+        self.log_every_n_steps = log_every_n_steps
+        self.warned = False
+        self.total = 0  # skipped steps at the last read
+        self._count: Tensor | None = None  # skipped steps, on the device
+        self._loaded_total = 0
+        self._statistics: TensorSnapshot | None = None
+        self._cycle_open = False
+        self._bad: Tensor | None = None  # this cycle's loss was not finite (on the device)
+        self._pending: list[tuple[Any, Any]] = []  # optimizers stepped in this batch, with what undoes them
+        self._foreign: dict[int, TensorSnapshot] = {}
+        self._read_step = -1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("NonFiniteBatchGuard works with automatic optimization; with manual optimization "
+                               "check the loss before calling optimizer.step(), or remove the callback.")
+        device = pl_module.device
+        self._count = torch.tensor(self._loaded_total, dtype=torch.int64, device=device)
+        stats = running_statistics(pl_module)
+        self._statistics = TensorSnapshot(stats) if stats else None
+        self._foreign = {}
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._cycle_open:
+            return
+        self._cycle_open = True
+        self._bad = torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        if self._statistics is not None:
+            self._statistics.save()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._bad is not None:
+            self._bad = self._bad | ~torch.isfinite(loss.detach()).all()
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer
+        bad = self._bad if self._bad is not None else torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        if trainer.world_size > 1:  # every rank must take the same decision
+            bad = trainer.strategy.reduce(bad.to(torch.float32), reduce_op="sum") > 0
+        if skips_on_device(opt):
+            opt.skip_next_step_where(bad)
+            self._pending.append((opt, (bad, opt.nonfinite_skips.clone())))
+            return
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            bad = bad | ~torch.isfinite(norms.sum()).to(bad.device)
+        tensors = _optimizer_tensors(opt)
+        snapshot = self._foreign.get(id(opt))
+        if snapshot is None or snapshot.ids != [id(t) for t in tensors]:
+            snapshot = self._foreign[id(opt)] = TensorSnapshot(tensors)
+        snapshot.save()
+        self._pending.append((opt, (bad, snapshot)))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._pending:  # accumulating: the cycle goes on
+            return
+        skipped = torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        for opt, (bad, undo) in self._pending:
+            if isinstance(undo, TensorSnapshot):
+                _drop_state_created_by_bad_step(opt, undo, bad)
+                undo.restore_where(bad)
+            else:  # the optimizer skipped on its own (non-finite gradients) or on our request
+                opt.skip_next_step_where(None)  # withdraw a request an AMP-skipped step did not consume
+                bad = bad | (opt.nonfinite_skips != undo).to(bad.device)
+            skipped = skipped | bad.to(skipped.device)
+        self._pending = []
+        self._cycle_open = False
+        if self._statistics is not None:
+            self._statistics.restore_where(skipped)
+        assert self._count is not None
+        self._count += skipped.to(self._count.device, torch.int64)
+        self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every != 0 or trainer.global_step == self._read_step:
+            return
+        self._read_step = trainer.global_step
+        assert self._count is not None
+        self.total = int(self._count.item())  # the one host sync, once per logging interval
+        pl_module.log(METRIC, float(self.total), on_step=True, on_epoch=False)
+        if self.total > 0 and not self.warned:
+            self.warned = True
+            rank_zero_warn(f"{self.total} optimizer step(s) were skipped so far because the loss or the gradients "
+                           "were not finite (NaN/Inf); weights, optimizer state and normalization statistics were "
+                           "left as they were. Check the data for NaN/Inf, lower the LR, or enable gradient "
+                           "clipping; the count is logged as 'nonfinite_skips'.")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._count is not None:
+            self.total = int(self._count.item())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        total = int(self._count.item()) if self._count is not None else self._loaded_total
+        return {"warned": self.warned, "skipped_steps": total}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.warned = state_dict.get("warned", False)
+        self._loaded_total = self.total = int(state_dict.get("skipped_steps", 0))
+        if self._count is not None:
+            self._count.fill_(self._loaded_total)

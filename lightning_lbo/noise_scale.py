@@ -153,3 +153,43 @@ def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     if not grads:
         raise ValueError("No parameter has a gradient.")
     return torch.stack(torch._foreach_norm([g.float() for g in grads])).pow(2).sum()
+
+
+def split_batch_sq_norms(model: torch.nn.Module, batch: Any, params: Iterable[torch.Tensor],
+                         loss_fn: Any = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(E|G_small|^2, |G_big|^2, B_small, B_big)`` from the two halves of one batch.
+
+    For one process without gradient accumulation (no second batch size to compare): the mean-loss
+    gradients ``g_1, g_2`` of the two halves (``B_small = B // 2`` samples each) give
+    ``E|G_small|^2 ~ (|g_1|^2 + |g_2|^2) / 2`` and ``G_big = (g_1 + g_2) / 2`` over ``B_big = 2 B_small``.
+    Costs one extra forward and backward of the batch, with batch-norm statistics of each half and the
+    running buffers restored (:func:`lightning_lbo.hessian.hvp.batch_norm_mode`); ``.grad`` is untouched
+    (``torch.autograd.grad``), and the passes are hidden from curvature hooks and
+    :class:`MicroBatchGradNorms`. Under DDP pass the unwrapped module: each rank measures its own batch.
+
+    Args:
+        model: the module (``model(x)`` logits).
+        batch: ``(x, y, ...)``; an odd last sample is left out.
+        params: the parameters whose gradient is measured.
+        loss_fn: ``loss_fn(model, batch) -> mean loss`` (default: the ``(x, y)`` / ``model.loss_fn`` contract).
+    """
+    from lightning_lbo.capture import curvature_capture_paused
+    from lightning_lbo.hessian.hvp import batch_norm_mode, classifier_loss
+
+    loss_fn = loss_fn or classifier_loss
+    params = [p for p in params if p.requires_grad]
+    n = int(batch[0].shape[0]) // 2
+    if n < 1:
+        raise ValueError(f"A batch of {batch[0].shape[0]} samples cannot be split in two halves: use batches >= 2.")
+    halves = [tuple(t[i * n:(i + 1) * n] for t in batch) for i in range(2)]
+    grads = []
+    with curvature_capture_paused(), torch.inference_mode(False), torch.enable_grad(), \
+            batch_norm_mode(model, "train"):
+        for half in halves:
+            grads.append(torch.autograd.grad(loss_fn(model, half), params, allow_unused=True))
+    g1 = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[0], params, strict=True)]
+    g2 = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1], params, strict=True)]
+    sq1 = torch.stack(torch._foreach_norm(g1)).pow(2).sum()
+    sq2 = torch.stack(torch._foreach_norm(g2)).pow(2).sum()
+    big = torch.stack(torch._foreach_norm(torch._foreach_add(g1, g2))).pow(2).sum() / 4
+    return (sq1 + sq2) / 2, big, n, 2 * n

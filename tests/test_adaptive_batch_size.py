@@ -55,19 +55,18 @@ class StepSpy:
         return Spy()
 
 
-def test_adaptive_batch_size_decide_rule():
-    """Doubles at half the reference or after `duration` epochs, resets the reference, stops at the maximum."""
-    cb = AdaptiveBatchSize(max_accumulation=4, duration=3)
-    assert [cb.decide(v) for v in (10.0, 9.0)] == [False, False]  # reference = 10
-    assert cb.decide(5.0) is True and cb.reference == 5.0  # 5 <= 0.5 * 10
-    cb.accumulation = 2
-    assert [cb.decide(v) for v in (4.0, 4.0, 4.0)] == [False, False, True]  # duration 3 without increase
-    cb.accumulation = 4
-    assert cb.decide(0.1) is False and cb.at_maximum
+def test_adaptive_batch_size_rejects_bad_arguments():
+    """Invalid numbers, mechanisms and rule arguments fail at construction, naming the fix."""
     with pytest.raises(ValueError, match="Invalid eigenvalue_ratio"):
         AdaptiveBatchSize(eigenvalue_ratio=1.0)
-    with pytest.raises(ValueError, match="Invalid max_accumulation"):
+    with pytest.raises(ValueError, match="Invalid max_factor"):
         AdaptiveBatchSize(max_accumulation=0)
+    with pytest.raises(ValueError, match="Invalid mechanism: 'grow'. Supported"):
+        AdaptiveBatchSize(mechanism="grow")
+    with pytest.raises(ValueError, match="Invalid rule"):
+        AdaptiveBatchSize(rule="flat")
+    with pytest.raises(ValueError, match="HessianRule"):
+        AdaptiveBatchSize(rule="noise_scale", duration=3)
 
 
 def test_adaptive_batch_size_doubles_micro_batches_and_lr(pl_package, tmp_path):
@@ -82,8 +81,9 @@ def test_adaptive_batch_size_doubles_micro_batches_and_lr(pl_package, tmp_path):
     assert steps == [8, 8, 8, 4, 4, 2] and trainer.global_step == 34
     lr_by_epoch = [{round(lr, 9) for lr, ep in zip(spy.lrs, spy.epochs, strict=True) if ep == e} for e in range(6)]
     assert lr_by_epoch == [{0.1}, {0.1}, {0.1}, {0.2}, {0.2}, {0.4}]
-    assert [h["accumulation"] for h in cb.history] == [1, 1, 2, 2, 4, 4]
-    assert trainer.callback_metrics["abs/accumulation"].item() == 4
+    assert [h["factor"] for h in cb.history] == [1, 1, 1, 2, 2, 4]  # trained with
+    assert [h["next_factor"] for h in cb.history] == [1, 1, 2, 2, 4, 4]  # decided at the epoch's end
+    assert trainer.callback_metrics["abs/factor"].item() == 4
 
 
 def test_adaptive_batch_size_resume_continues_like_an_uninterrupted_run(tmp_path):
@@ -104,7 +104,7 @@ def test_adaptive_batch_size_resume_continues_like_an_uninterrupted_run(tmp_path
     run(4)
     trainer, cb, spy = run(6, ckpt=str(tmp_path / "a" / "last.ckpt"))
     assert cb.history == full_cb.history and cb.accumulation == full_cb.accumulation == 4
-    assert cb.reference == full_cb.reference and cb.fixed.batches[0][0].equal(full_cb.fixed.batches[0][0])
+    assert cb.rule.reference == full_cb.rule.reference and cb.fixed.batches[0][0].equal(full_cb.fixed.batches[0][0])
     assert trainer.global_step == full_trainer.global_step
     assert spy.per_step == full_spy.per_step[-len(spy.per_step):] and spy.lrs == full_spy.lrs[-len(spy.lrs):]
     for p, q in zip(trainer.lightning_module.parameters(), full_trainer.lightning_module.parameters(), strict=True):
@@ -123,7 +123,7 @@ def test_adaptive_batch_size_measures_the_hessian_eigenvalue(tmp_path):
     trainer.fit(module, tiny_loader())
     dense = HessianOperator(module, cb.fixed.batches).dense().double()
     evals = torch.linalg.eigvalsh((dense + dense.T) / 2)
-    assert cb.history[0]["eigenvalue"] == pytest.approx(evals.abs().max().item(), rel=1e-2)
+    assert cb.history[0]["measurement"] == pytest.approx(evals.abs().max().item(), rel=1e-2)
     x0 = tiny_loader().dataset.tensors[0][:4]
     assert cb.fixed.batches[0][0].equal(x0)
 

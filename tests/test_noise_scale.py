@@ -126,11 +126,59 @@ def test_gradient_noise_scale_callback_from_micro_batches(tmp_path):
 
 
 def test_gradient_noise_scale_rejects_fp16_scaler_and_warns_without_two_sizes(pl_package, tmp_path):
-    """A single batch size is skipped with a warning; nothing is estimated."""
-    cb = GradientNoiseScale()
+    """Without the probe, a single batch size is skipped with a warning; nothing is estimated."""
+    cb = GradientNoiseScale(probe_every_n_steps=None)
     trainer = make_trainer(pl_package, tmp_path, max_epochs=1, callbacks=[cb])
     with pytest.warns(UserWarning, match="needs two batch sizes"):
         trainer.fit(linear_loss_module(pl_package), synthetic_loader(32, 8))
     assert cb.estimator.updates == 0
     with pytest.raises(ValueError, match="Invalid log_every_n_steps"):
         GradientNoiseScale(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="Invalid probe_every_n_steps"):
+        GradientNoiseScale(probe_every_n_steps=0)
+
+
+def test_split_batch_estimator_matches_exact_per_example_noise_scale(one_thread):
+    """Two-halves probe averaged over random batches: B_simple within 10% of tr(Sigma)/|G|^2 from per-example grads."""
+    from torch.func import functional_call, grad, vmap
+
+    from lightning_lbo.noise_scale import split_batch_sq_norms
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = 512, 32
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = dict(model.named_parameters())
+
+    def example_loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([g.reshape(n, -1) for g in per_example.values()], dim=1).double()  # [n, P]
+    mean = flat.mean(0)
+    exact = ((flat - mean).pow(2).sum(1).mean() / mean.pow(2).sum()).item()  # population tr(Sigma) / |G|^2
+    small, big = [], []
+    for _ in range(800):  # batches drawn with replacement: E|G_B|^2 = |G|^2 + tr(Sigma) / B exactly
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        s, b, b_small, b_big = split_batch_sq_norms(model, (x[idx], y[idx]), model.parameters())
+        small.append(s)
+        big.append(b)
+    grad_sq, trace = noise_scale_terms(torch.stack(small).double().mean(), torch.stack(big).double().mean(),
+                                       b_small, b_big)
+    assert (b_small, b_big) == (16, 32)
+    assert (trace / grad_sq).item() == pytest.approx(exact, rel=0.10)
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves .grad alone
+
+
+def test_split_batch_probe_restores_batch_norm_buffers():
+    """The probe's train-mode passes leave running statistics and the training flag as they were."""
+    from lightning_lbo.noise_scale import split_batch_sq_norms
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split_batch_sq_norms(model, (torch.randn(10, 4), torch.randint(0, 2, (10,))), model.parameters())
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="two halves"):
+        split_batch_sq_norms(model, (torch.randn(1, 4), torch.zeros(1, dtype=torch.long)), model.parameters())

@@ -1,17 +1,23 @@
-"""Adaptive batch size from the Hessian's top eigenvalue (ABS; Yao, Gholami, Keutzer, Mahoney 2018).
+"""Grow the batch during training: one controller, a rule that decides, a mechanism that applies.
 
-After every training epoch the top eigenvalue ``lambda`` of the loss Hessian is measured on a fixed
-batch (power iteration, eval-mode BN). With ``lambda_ref`` the value at the last increase (the first
-measurement to begin with), the effective batch doubles when
+At every epoch end the controller measures what its rule needs, asks the rule for the next epoch's
+batch factor (:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take
+rank 0's decision (a broadcast; measurements are all-reduced first, so they agree anyway) and hands
+it to a mechanism (:mod:`lightning_lbo.callbacks.batch_mechanisms`):
 
-* ``lambda <= eigenvalue_ratio * lambda_ref`` (the loss landscape got flatter; the paper halves), or
-* ``duration`` epochs passed without an increase,
+* rules: ``"hessian"`` (ABS; Yao, Gholami, Keutzer, Mahoney 2018: the top Hessian eigenvalue on a
+  fixed batch, power iteration in eval-mode BN), ``"noise_scale"`` (the simple gradient noise scale
+  ``B_simple``, measured along the epoch by a :class:`~lightning_lbo.callbacks.GradientNoiseScale` in the
+  same Trainer: per-rank against all-reduced gradients under DDP, a two-halves probe on one process),
+  or a :class:`~lightning_lbo.batch_rules.RampRule` schedule;
+* mechanisms: ``"accumulate"`` (gradient accumulation, BN sees the base batch, as in the paper) or
+  ``"resize"`` (a larger per-device batch through a resizable batch sampler).
 
-up to ``max_accumulation`` times the base batch; ``lambda_ref`` is then reset to ``lambda``. The batch
-grows through ``trainer.accumulate_grad_batches`` (as Lightning's ``GradientAccumulationScheduler``
-does), so every forward pass, and batch norm, still sees the base batch; the learning rate of every
-param group is multiplied by the same factor (linear scaling). :class:`AdversarialTraining` halves its
-adversarial ratio on each doubling when it finds this callback in the Trainer (ABSA).
+The LR follows the batch: with :class:`~lightning_lbo.callbacks.LRSchedule` in the Trainer, through
+:meth:`LRSchedule.global_batch_changed` (its scaling rule, linear or sqrt, a re-warmup over
+``rewarmup_steps`` steps and its momentum correction); without it (torch schedulers in
+``configure_optimizers``), every LR is multiplied by the growth factor (linear rule), as ABS does.
+:class:`AdversarialTraining` halves its ratio on each doubling (ABSA), whatever the rule.
 """
 
 from __future__ import annotations
@@ -22,75 +28,109 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, make_rule
+from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
 from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 
-#: ``eigenvalue_fn(trainer, pl_module) -> float`` replaces the Hessian measurement (tests, other criteria).
-EigenvalueFn = Callable[[Any, Any], float]
+#: ``measure_fn(trainer, pl_module) -> float`` replaces the measurement the rule needs (tests, other criteria).
+MeasureFn = Callable[[Any, Any], float]
 #: Param-group keys that hold a learning rate (torch schedulers keep "initial_lr"; OneCycleLR max/min).
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r}; use a positive integer.")
+
+
 class AdaptiveBatchSize(*callback_bases()):
-    """Double the effective batch (gradient accumulation) when the Hessian's top eigenvalue halves.
+    """Grow the global batch between epochs as a rule decides (ABS, noise scale, ramp).
 
     Args:
-        max_accumulation: largest accumulation factor (the maximum batch is this times the base batch).
-        duration: epochs without an increase after which the batch doubles anyway (paper: 10).
-        eigenvalue_ratio: double when the eigenvalue falls to this fraction of the reference (paper: 0.5).
-        scale_lr: multiply every param group's LR (and schedulers' ``base_lrs``) by the same factor.
-        power_iters: power-iteration steps at most (paper: ~10).
-        tol: relative tolerance of the power iteration (paper: 1e-2).
-        num_batches: fixed training batches per process the eigenvalue is measured on (paper: 1).
-        bn_mode: batch-norm mode of the measurement (``"eval"``, the paper's, or ``"train"``).
-        loss_fn: ``loss_fn(module, batch) -> mean loss`` (default: the ``(x, y)`` / ``loss_fn`` contract).
-        eigenvalue_fn: replaces the measurement (``fn(trainer, pl_module) -> float``).
-        checkpoint_batches: store the fixed batches in checkpoints, so a resumed run measures on the same
-            data (costs their size; otherwise the first batches after resuming are used).
-        seed: seed of the power iteration's start vector.
+        rule: ``"hessian"`` (default; configured by ``eigenvalue_ratio``/``duration``), ``"noise_scale"``
+            or a :class:`~lightning_lbo.batch_rules.BatchSizeRule` (``NoiseScaleRule(margin=2)``,
+            ``RampRule({0: 1, 2: 2})``).
+        mechanism: ``"accumulate"`` (gradient accumulation) or ``"resize"`` (per-device batch; see
+            :class:`~lightning_lbo.callbacks.batch_mechanisms.Resize` for its Trainer settings).
+        max_factor: largest batch as a multiple of the base batch.
+        duration, eigenvalue_ratio: of the default Hessian rule (paper: 10 epochs, 0.5).
+        scale_lr: let the LR follow the batch (see the module docstring).
+        rewarmup_steps: with LRSchedule, steps over which the LR ramps to its new value after a growth.
+        power_iters, tol, num_batches, bn_mode, loss_fn, seed: the Hessian measurement (power-iteration
+            steps, relative tolerance, fixed batches per process, BN mode, ``loss_fn(module, batch)``,
+            start-vector seed).
+        checkpoint_batches: store the Hessian's fixed batches in checkpoints (resume measures the same data).
+        measure_fn: replaces the measurement (``fn(trainer, pl_module) -> float``).
+        eigenvalue_fn: the same, older name.
+        max_accumulation: older name of ``max_factor``.
+
+    Logged every epoch: ``abs/factor``, ``abs/global_batch`` and the measurement (``abs/eigenvalue``
+    or ``abs/b_simple``).
 
     Example::
 
-        trainer = Trainer(max_epochs=90, callbacks=[AdaptiveBatchSize(max_accumulation=16, duration=10)])
+        trainer = Trainer(max_epochs=30, callbacks=[
+            LRSchedule(reference_batch_size=128, scaling="sqrt"),
+            GradientNoiseScale(beta=0.9, probe_every_n_steps=20),
+            AdaptiveBatchSize(rule=NoiseScaleRule(margin=1), max_factor=16, rewarmup_steps=50)])
     """
 
-    def __init__(self, max_accumulation: int = 16, duration: int = 10, eigenvalue_ratio: float = 0.5,
+    def __init__(self, max_factor: int = 16, duration: int = 10, eigenvalue_ratio: float = 0.5,
                  scale_lr: bool = True, power_iters: int = 10, tol: float = 1e-2, num_batches: int = 1,
-                 bn_mode: str = "eval", loss_fn: LossFn = classifier_loss, eigenvalue_fn: EigenvalueFn | None = None,
-                 checkpoint_batches: bool = True, seed: int = 0) -> None:
+                 bn_mode: str = "eval", loss_fn: LossFn = classifier_loss, eigenvalue_fn: MeasureFn | None = None,
+                 checkpoint_batches: bool = True, seed: int = 0, *, rule: BatchSizeRule | str = "hessian",
+                 mechanism: str = "accumulate", rewarmup_steps: int = 0, measure_fn: MeasureFn | None = None,
+                 max_accumulation: int | None = None) -> None:
         super().__init__()
-        for name, value in (("max_accumulation", max_accumulation), ("duration", duration),
-                            ("power_iters", power_iters), ("num_batches", num_batches)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; use a positive integer.")
-        if not 0.0 < eigenvalue_ratio < 1.0:
-            raise ValueError(f"Invalid eigenvalue_ratio: {eigenvalue_ratio}; use a value in (0, 1) (paper: 0.5).")
+        max_factor = max_accumulation if max_accumulation is not None else max_factor
+        for name, value in (("max_factor", max_factor), ("power_iters", power_iters), ("num_batches", num_batches)):
+            _positive_int(name, value)
+        if not isinstance(rewarmup_steps, int) or rewarmup_steps < 0:
+            raise ValueError(f"Invalid rewarmup_steps: {rewarmup_steps!r}; use an integer >= 0.")
         if not tol > 0:
             raise ValueError(f"Invalid tol: {tol}; use a positive float.")
         if bn_mode not in BN_MODES:
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
-        if eigenvalue_fn is not None and not callable(eigenvalue_fn):
-            raise TypeError(f"eigenvalue_fn must be callable (trainer, pl_module) -> float, got {eigenvalue_fn!r}.")
-        self.max_accumulation, self.duration, self.eigenvalue_ratio = max_accumulation, duration, eigenvalue_ratio
-        self.scale_lr, self.power_iters, self.tol, self.bn_mode = scale_lr, power_iters, tol, bn_mode
-        self.loss_fn, self.eigenvalue_fn = loss_fn, eigenvalue_fn
-        self.checkpoint_batches, self.seed = checkpoint_batches, seed
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"Invalid mechanism: {mechanism!r}. Supported: {tuple(MECHANISMS)}.")
+        if eigenvalue_fn is not None and measure_fn is not None:
+            raise ValueError("Give measure_fn or eigenvalue_fn (its older name), not both.")
+        measure_fn = measure_fn or eigenvalue_fn
+        if measure_fn is not None and not callable(measure_fn):
+            raise TypeError(f"measure_fn must be callable (trainer, pl_module) -> float, got {measure_fn!r}.")
+        if rule == "hessian":
+            rule = HessianRule(eigenvalue_ratio=eigenvalue_ratio, duration=duration)
+        elif (duration, eigenvalue_ratio) != (10, 0.5):
+            raise ValueError("duration and eigenvalue_ratio configure the default Hessian rule; pass them to the rule "
+                             "object instead (HessianRule(eigenvalue_ratio=..., duration=...)).")
+        self.rule = make_rule(rule)
+        self.mechanism = MECHANISMS[mechanism]()
+        self.max_factor, self.scale_lr, self.rewarmup_steps = max_factor, scale_lr, rewarmup_steps
+        self.power_iters, self.tol, self.bn_mode, self.loss_fn = power_iters, tol, bn_mode, loss_fn
+        self.checkpoint_batches, self.seed, self.measure_fn = checkpoint_batches, seed, measure_fn
         self.fixed = FixedBatches(num_batches)
-        self.accumulation = 1
-        self.reference: float | None = None
-        self.epochs_since_increase = 0
+        self.factor = 1
         self.history: list[dict[str, Any]] = []
+        self._lr_schedule: Any = None
+        self._noise: Any = None
+        self._loaded_batches: Any = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(max_accumulation=self.max_accumulation, duration=self.duration)
+        return self._generate_state_key(rule=type(self.rule).__name__, max_factor=self.max_factor)
+
+    @property
+    def accumulation(self) -> int:
+        """The current batch factor (older name, from when accumulation was the only mechanism)."""
+        return self.factor
 
     @property
     def at_maximum(self) -> bool:
-        """True once the batch reached ``max_accumulation`` times the base batch."""
-        return self.accumulation >= self.max_accumulation
+        """True once the batch reached ``max_factor`` times the base batch."""
+        return self.factor >= self.max_factor
 
     # ------------------------------------------------------------------ checks
     @override
@@ -98,111 +138,135 @@ class AdaptiveBatchSize(*callback_bases()):
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
-            raise RuntimeError("AdaptiveBatchSize grows the batch through accumulate_grad_batches, which manual "
-                               "optimization ignores: use automatic optimization or remove the callback.")
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(f"AdaptiveBatchSize sets accumulate_grad_batches itself, but the Trainer was given "
-                             f"accumulate_grad_batches={trainer.accumulate_grad_batches}: remove it (the base batch is "
-                             "the DataLoader's batch size).")
+            raise RuntimeError("AdaptiveBatchSize grows the batch of Lightning's automatic optimization loop, which "
+                               "manual optimization bypasses: use automatic optimization or remove the callback.")
         pkg = lightning_package(package_of(trainer))
         for cb in trainer.callbacks:
             if isinstance(cb, pkg.callbacks.GradientAccumulationScheduler):
-                raise ValueError("AdaptiveBatchSize and GradientAccumulationScheduler both set "
-                                 "accumulate_grad_batches: remove one of them.")
-            if self.scale_lr and type(cb).__name__ == "LRSchedule":
-                raise ValueError("LRSchedule sets every LR each step from the batch size at train start, which would "
-                                 "undo AdaptiveBatchSize's LR scaling: use a torch scheduler in configure_optimizers, "
-                                 "or AdaptiveBatchSize(scale_lr=False).")
-        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
-            raise RuntimeError("DeepSpeed fixes gradient accumulation at initialisation; AdaptiveBatchSize cannot "
-                               "change it during training.")
+                raise ValueError("AdaptiveBatchSize and GradientAccumulationScheduler both change the batch: remove "
+                                 "one of them.")
+        self._lr_schedule = next((cb for cb in trainer.callbacks if type(cb).__name__ == "LRSchedule"), None)
+        if self.rewarmup_steps and self._lr_schedule is None:
+            raise ValueError("rewarmup_steps needs LRSchedule in the Trainer (it ramps the LR); add "
+                             "LRSchedule(reference_batch_size=...) or set rewarmup_steps=0.")
+        if self.rule.needs == "b_simple" and self.measure_fn is None:
+            from lightning_lbo.callbacks.gradient_noise_scale import GradientNoiseScale
+
+            self._noise = next((cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScale)), None)
+            if self._noise is None:
+                raise ValueError("The noise-scale rule reads B_simple from a GradientNoiseScale callback: add "
+                                 "GradientNoiseScale(beta=0.9, probe_every_n_steps=20) to the Trainer's callbacks.")
+        self.mechanism.setup(trainer)
 
     # ------------------------------------------------------------------ hooks
     @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._loaded_batches:
+            self.fixed.load(self._loaded_batches, pl_module.device)
+            self._loaded_batches = None
+        if self.mechanism.name == "accumulate":
+            trainer.accumulate_grad_batches = self.factor  # a resumed run continues at its batch size
+
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        trainer.accumulate_grad_batches = self.accumulation  # a resumed run continues at its batch size
+        if self.mechanism.name == "resize":
+            self.mechanism.start(trainer, self.factor)
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        trainer.accumulate_grad_batches = self.accumulation
+        if self.mechanism.name == "resize":
+            self.mechanism.check(trainer, self.factor)
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.fixed.offer(batch)
+        if self.rule.needs == "eigenvalue":
+            self.fixed.offer(batch)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.mechanism.on_batch_end(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        eigenvalue = self.measure(trainer, pl_module)
-        # Every rank measures the same all-reduced value; rank 0's decision is broadcast so no rank diverges.
-        grow = trainer.strategy.broadcast(self.decide(eigenvalue))
-        if grow:
-            self._grow(trainer)
-        self.history.append({"epoch": trainer.current_epoch, "eigenvalue": eigenvalue,
-                             "accumulation": self.accumulation})
-        pl_module.log("abs/eigenvalue", float(eigenvalue), on_epoch=True)
-        pl_module.log("abs/accumulation", float(self.accumulation), on_epoch=True)
+        value = self.measure(trainer, pl_module)
+        global_batch = self.global_batch(trainer)
+        obs = Observation(epoch=trainer.current_epoch, factor=self.factor, global_batch=global_batch,
+                          eigenvalue=value if self.rule.needs == "eigenvalue" else None,
+                          b_simple=value if self.rule.needs == "b_simple" else None)
+        wanted = min(max(self.rule.decide(obs), self.factor), self.max_factor)
+        new = int(trainer.strategy.broadcast(wanted))  # rank 0's decision on every rank
+        self.history.append({"epoch": trainer.current_epoch, "factor": self.factor, "global_batch": global_batch,
+                             "measurement": value, "next_factor": new})
+        if self.rule.needs is not None:
+            name = "eigenvalue" if self.rule.needs == "eigenvalue" else "b_simple"
+            pl_module.log(f"abs/{name}", float(value), on_epoch=True)
+        pl_module.log("abs/factor", float(self.factor), on_epoch=True)
+        pl_module.log("abs/global_batch", float(global_batch), on_epoch=True)
+        if new != self.factor:
+            self._grow(trainer, new)
 
-    def measure(self, trainer: Any, pl_module: Any) -> float:
-        """The top Hessian eigenvalue on the fixed batches (or ``eigenvalue_fn``'s value)."""
-        if self.eigenvalue_fn is not None:
-            return float(self.eigenvalue_fn(trainer, pl_module))
-        op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
-        result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
-        op.release()
-        return result.eigenvalues[0]
+    def global_batch(self, trainer: Any, factor: int | None = None) -> int:
+        """Global batch at ``factor`` (default: the current one): base per-device batch x factor x world."""
+        per_device = self.mechanism.base_batch if self.mechanism.name == "resize" else _loader_batch(trainer)
+        return int(per_device * (factor or self.factor) * trainer.world_size)
 
-    def decide(self, eigenvalue: float) -> bool:
-        """Update the reference and counter with this epoch's eigenvalue; True when the batch should double."""
-        self.epochs_since_increase += 1
-        if self.reference is None:
-            self.reference = eigenvalue
-            return False
-        if self.at_maximum:
-            return False
-        if eigenvalue <= self.eigenvalue_ratio * self.reference or self.epochs_since_increase >= self.duration:
-            self.reference = eigenvalue
-            self.epochs_since_increase = 0
-            return True
-        return False
+    def measure(self, trainer: Any, pl_module: Any) -> float | None:
+        """What the rule needs: the top Hessian eigenvalue, ``B_simple`` (mean over ranks), or nothing."""
+        if self.rule.needs is None:
+            return None
+        if self.measure_fn is not None:
+            return float(self.measure_fn(trainer, pl_module))
+        if self.rule.needs == "eigenvalue":
+            op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
+            result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
+            op.release()
+            return result.eigenvalues[0]
+        return self._noise.reduced_b_simple(trainer)  # a collective and one host sync per epoch
 
-    def _grow(self, trainer: Any) -> None:
-        new = min(2 * self.accumulation, self.max_accumulation)
-        factor = new / self.accumulation
-        self.accumulation = new
-        trainer.accumulate_grad_batches = new
-        if self.scale_lr:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    for key in LR_KEYS:
-                        value = group.get(key)
-                        if isinstance(value, torch.Tensor):  # tensor LRs (capturable optimizers): in place
-                            value.mul_(factor)
-                        elif isinstance(value, (int, float)):
-                            group[key] = value * factor
-            for config in trainer.lr_scheduler_configs:
-                if hasattr(config.scheduler, "base_lrs"):
-                    config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]
+    def _grow(self, trainer: Any, new: int) -> None:
+        growth = new / self.factor
+        self.factor = new
+        per_device = self.mechanism.apply(trainer, new)
+        if not self.scale_lr:
+            return
+        if self._lr_schedule is not None:
+            self._lr_schedule.global_batch_changed(trainer, per_device_batch_size=per_device,
+                                                   rewarmup_steps=self.rewarmup_steps)
+            return
+        for opt in trainer.optimizers:  # torch schedulers: every LR follows the batch (linear rule)
+            for group in opt.param_groups:
+                for key in LR_KEYS:
+                    value = group.get(key)
+                    if isinstance(value, torch.Tensor):  # tensor LRs (capturable optimizers): in place
+                        value.mul_(growth)
+                    elif isinstance(value, (int, float)):
+                        group[key] = value * growth
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [lr * growth for lr in config.scheduler.base_lrs]
 
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"accumulation": self.accumulation, "reference": self.reference,
-                 "epochs_since_increase": self.epochs_since_increase, "history": list(self.history)}
-        if self.checkpoint_batches:
+        state = {"factor": self.factor, "rule": self.rule.state_dict(), "mechanism": self.mechanism.state_dict(),
+                 "history": list(self.history)}
+        if self.checkpoint_batches and self.rule.needs == "eigenvalue":
             state["fixed_batches"] = self.fixed.to_state()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accumulation = int(state_dict.get("accumulation", 1))
-        self.reference = state_dict.get("reference")
-        self.epochs_since_increase = int(state_dict.get("epochs_since_increase", 0))
+        self.factor = int(state_dict.get("factor", state_dict.get("accumulation", 1)))
+        self.rule.load_state_dict(state_dict.get("rule", state_dict))  # older checkpoints kept the rule's keys flat
+        self.mechanism.load_state_dict(state_dict.get("mechanism", {}))
         self.history = list(state_dict.get("history", []))
         self._loaded_batches = state_dict.get("fixed_batches")
 
-    @override
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        loaded = getattr(self, "_loaded_batches", None)
-        if loaded:
-            self.fixed.load(loaded, pl_module.device)
-            self._loaded_batches = None
+
+def _loader_batch(trainer: Any) -> int:
+    loader = trainer.train_dataloader
+    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if not size:
+        raise ValueError("AdaptiveBatchSize could not read the per-device batch size from the train DataLoader "
+                         f"({type(loader).__name__}).")
+    return int(size)

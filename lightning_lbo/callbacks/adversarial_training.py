@@ -3,7 +3,7 @@
 A fraction ``ratio`` of every training batch is replaced by FGSM examples ``x + eps sign(grad_x L)``
 (clamped to the data range) generated in eval mode, so batch-norm statistics are untouched by the
 generation. With :class:`~lightning_lbo.callbacks.AdaptiveBatchSize` in the same Trainer the ratio is
-halved on every doubling of the batch (``ratio * base / current accumulation``), and the examples stop
+halved on every doubling of the batch (``ratio / factor``, whatever the rule and mechanism), and the examples stop
 once the batch reaches its maximum. They stop in any case after ``stop_fraction`` of training.
 
 Mechanism: ``on_train_batch_start`` writes the examples into the batch's input tensor **in place**
@@ -92,7 +92,7 @@ class AdversarialTraining(*callback_bases()):
             return self.ratio
         if self.stop_at_max_batch and self._abs.at_maximum:
             return 0.0
-        return self.ratio / self._abs.accumulation
+        return self.ratio / self._abs.factor
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

@@ -11,10 +11,12 @@ steps almost proportionally. The two norms it needs come almost for free from tr
 * "big": the gradient the optimizer steps with (``on_before_optimizer_step``: averaged over
   ``accumulate_grad_batches`` micro-batches and all ranks, unscaled by AMP).
 
-So ``B_small`` is the per-device batch and ``B_big`` = per-device batch x micro-batches x world size;
-on one process the estimate needs ``accumulate_grad_batches >= 2`` (steps without two batch sizes are
-skipped). The numerator and denominator are EMA-smoothed separately on each rank (no host sync per
-step); at logging steps their mean over ranks (one 2-element all-reduce) gives ``B_simple``.
+So ``B_small`` is the per-device batch and ``B_big`` = per-device batch x micro-batches x world size.
+On one process without accumulation there is a single batch size; then every ``probe_every_n_steps``
+steps a probe splits the step's first batch in two halves and measures their gradients
+(:func:`~lightning_lbo.noise_scale.split_batch_sq_norms`: one extra forward and backward, ``B_small``
+= half the batch; ``probe_every_n_steps=None`` skips such steps instead). The numerator and
+denominator are EMA-smoothed separately on each rank (no host sync per step); at logging steps their mean over ranks (one 2-element all-reduce) gives ``B_simple``.
 
 Limitations: fp16 mixed precision with a GradScaler is rejected (the hooks would see scaled
 gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results).
@@ -29,7 +31,7 @@ from typing_extensions import override
 
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian.hvp import first_dim_count
-from lightning_lbo.noise_scale import MicroBatchGradNorms, NoiseScaleEstimator, grad_sq_norm
+from lightning_lbo.noise_scale import MicroBatchGradNorms, NoiseScaleEstimator, grad_sq_norm, split_batch_sq_norms
 
 
 class GradientNoiseScale(*callback_bases()):
@@ -40,18 +42,28 @@ class GradientNoiseScale(*callback_bases()):
     ``noise_scale/global_batch`` (the batch of the current step: per-device x accumulation x world).
 
     Args:
-        beta: EMA decay of the two terms per optimizer step (McCandlish et al. smooth over many steps).
+        beta: EMA decay of the two terms per update (McCandlish et al. smooth over many steps).
         log_every_n_steps: logging interval (default: the Trainer's ``log_every_n_steps``).
+        probe_every_n_steps: with a single batch size (one process, no accumulation), measure by the
+            two-halves probe every this many optimizer steps; ``None``: skip those steps.
+
+    :attr:`history` keeps ``(global_step, global_batch, b_simple)`` of every logging step (mean over ranks);
+    :meth:`reduced_b_simple` gives the current estimate on every rank (a collective).
 
     Example::
 
         trainer = Trainer(strategy="ddp", devices=8, callbacks=[GradientNoiseScale(beta=0.99)])
     """
 
-    def __init__(self, beta: float = 0.99, log_every_n_steps: int | None = None) -> None:
+    def __init__(self, beta: float = 0.99, log_every_n_steps: int | None = None,
+                 probe_every_n_steps: int | None = 10) -> None:
         super().__init__()
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"Invalid log_every_n_steps: {log_every_n_steps!r}; use a positive integer or None.")
+        for name, value in (("log_every_n_steps", log_every_n_steps), ("probe_every_n_steps", probe_every_n_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"Invalid {name}: {value!r}; use a positive integer or None.")
+        self.probe_every_n_steps = probe_every_n_steps
+        self._probe: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+        self.history: list[tuple[int, float, float]] = []
         self.estimator = NoiseScaleEstimator(beta)  # validates beta
         self.log_every_n_steps = log_every_n_steps
         self._norms: MicroBatchGradNorms | None = None
@@ -86,7 +98,12 @@ class GradientNoiseScale(*callback_bases()):
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        first = not self._micro_sizes
         self._micro_sizes.append(first_dim_count(batch))
+        every = self.probe_every_n_steps
+        if (first and every is not None and trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
+                and trainer.global_step % every == 0):
+            self._probe = split_batch_sq_norms(pl_module, batch, self._params)
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -95,25 +112,44 @@ class GradientNoiseScale(*callback_bases()):
         micro, k, world = len(sizes), trainer.accumulate_grad_batches, trainer.world_size
         b_small = sum(sizes) / max(micro, 1)
         b_big = b_small * micro * world
+        probe, self._probe = self._probe, None
         if micro == 0 or b_big <= b_small:
-            if not self._warned:
+            if probe is not None:
+                self.estimator.update(*probe)
+                self._maybe_log(trainer, pl_module, b_big)
+                return
+            if self.probe_every_n_steps is None and not self._warned:
                 self._warned = True
                 lightning_package(package_of(trainer)).utilities.rank_zero_warn(
                     "GradientNoiseScale needs two batch sizes: train on >= 2 processes (DDP) or with "
-                    "accumulate_grad_batches >= 2. Steps with a single batch size are skipped.")
+                    "accumulate_grad_batches >= 2, or set probe_every_n_steps. Steps with a single batch size are "
+                    "skipped.")
             return
         # Lightning divides each micro-batch loss by k: undo it, so both are gradients of mean losses.
         small_sq = small_sum * (k * k / micro)
         big_sq = grad_sq_norm(self._params) * (k / micro) ** 2
         self.estimator.update(small_sq, big_sq, b_small, b_big)
+        self._maybe_log(trainer, pl_module, b_big / micro * k)
+
+    def _maybe_log(self, trainer: Any, pl_module: Any, global_batch: float) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every == 0:
-            self._log(trainer, pl_module, b_big / micro * k)
+            self._log(trainer, pl_module, global_batch)
+
+    def reduced_terms(self, trainer: Any) -> torch.Tensor:
+        """``[|G|^2, tr(Sigma)]`` averaged over ranks (a collective: call it on every rank)."""
+        terms = torch.stack([self.estimator.grad_sq(), self.estimator.trace()]).float()
+        return trainer.strategy.reduce(terms, reduce_op="mean")  # linear EMAs: mean of EMAs = EMA of means
+
+    def reduced_b_simple(self, trainer: Any) -> float:
+        """``B_simple`` of the rank-averaged terms, the same on every rank (a collective and a host sync)."""
+        terms = self.reduced_terms(trainer)
+        return float(terms[1] / terms[0])
 
     def _log(self, trainer: Any, pl_module: Any, global_batch: float) -> None:
-        terms = torch.stack([self.estimator.grad_sq(), self.estimator.trace()]).float()
-        terms = trainer.strategy.reduce(terms, reduce_op="mean")  # linear EMAs: mean of EMAs = EMA of means
+        terms = self.reduced_terms(trainer)
         b_simple = terms[1] / terms[0]
+        self.history.append((trainer.global_step, float(global_batch), float(b_simple)))
         pl_module.log("noise_scale/b_simple", b_simple, on_step=True, on_epoch=False)
         pl_module.log("noise_scale/grad_sq", terms[0], on_step=True, on_epoch=False)
         pl_module.log("noise_scale/trace", terms[1], on_step=True, on_epoch=False)
@@ -126,9 +162,10 @@ class GradientNoiseScale(*callback_bases()):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"estimator": self.estimator.state_dict()}
+        return {"estimator": self.estimator.state_dict(), "history": list(self.history)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "estimator" in state_dict:
             self.estimator.load_state_dict(state_dict["estimator"])
+        self.history = list(state_dict.get("history", []))

@@ -59,7 +59,9 @@ class LRSchedule(*callback_bases()):
     :mod:`lightning_lbo.schedules`. The warmup starts at ``warmup_start_factor`` (default: Goyal's
     ``1/k``, i.e. at the unscaled LR) and reaches ``m = 1`` at step ``warmup_steps``. ``poly`` and
     ``cosine`` decay over the steps after warmup; ``step`` milestones and ``slow_start`` epochs count
-    from step 0 and the warmup ramp multiplies them.
+    from step 0 and the warmup ramp multiplies them. A warmup that does not fit the run is an error,
+    except in a run the Trainer cut short (``fast_dev_run``, ``max_steps`` below ``max_epochs``):
+    there it shrinks to half the run, with a warning.
 
     Args:
         warmup_epochs: warmup length in (fractional) epochs; or give ``warmup_steps``.
@@ -266,10 +268,8 @@ class LRSchedule(*callback_bases()):
         self._schedule_build = {"steps_per_epoch": spe, "total": total, "scale": build_scale}
         if self.custom_schedule is not None:
             return self.custom_schedule, total
-        warmup = self.warmup_epochs * spe if self.warmup_epochs else float(self.warmup_steps or 0)
-        if warmup > total:
-            raise ValueError(f"The warmup ({warmup:g} steps) is longer than training ({total:g} steps): shorten "
-                             "warmup_epochs/warmup_steps or train longer (max_epochs, max_steps, total_steps).")
+        warmup = self._fit_warmup(trainer, self.warmup_epochs * spe if self.warmup_epochs
+                                  else float(self.warmup_steps or 0), total)
         relative = True
         if self.decay == "constant":
             decay: S.Schedule = S.constant(1.0)
@@ -277,9 +277,6 @@ class LRSchedule(*callback_bases()):
             if not math.isfinite(total):
                 raise ValueError(f'decay="{self.decay}" needs the training length: set max_steps or max_epochs on the '
                                  "Trainer, or total_steps/total_epochs on LRSchedule.")
-            if total - warmup <= 0:
-                raise ValueError(f"No steps are left for the {self.decay} decay after a warmup of {warmup:g} of "
-                                 f"{total:g} steps: shorten the warmup or train longer.")
             decay = (S.poly(total - warmup, self.power, self.end_factor) if self.decay == "poly"
                      else S.cosine(total - warmup, self.end_factor))
         elif self.decay == "step":
@@ -296,6 +293,43 @@ class LRSchedule(*callback_bases()):
         if start is None:
             start = min(1.0, 1.0 / build_scale)
         return S.warmup_then(decay, warmup, start, kind=self.warmup, relative=relative), total
+
+    def _fit_warmup(self, trainer: Any, warmup: float, total: float) -> float:
+        """The warmup length of this run: as configured, or half the run in a run cut short for a smoke test.
+
+        A warmup fits if it ends within training and, before a ``poly``/``cosine`` decay, leaves at
+        least one step to decay over. When it does not fit because the Trainer cut an epochs-based
+        run short (``fast_dev_run``, or ``max_steps`` below ``max_epochs``), the warmup shrinks to
+        ``floor(total / 2)`` steps, with a warning; otherwise the configuration is wrong: an error.
+        """
+        decays_after = self.decay in ("poly", "cosine")
+        if warmup < total or (warmup == total and not decays_after):
+            return warmup
+        cut_short = self._cut_short_by(trainer, total)
+        if cut_short is None:
+            if warmup > total:
+                raise ValueError(f"The warmup ({warmup:g} steps) is longer than training ({total:g} steps): shorten "
+                                 "warmup_epochs/warmup_steps or train longer (max_epochs, max_steps, total_steps).")
+            raise ValueError(f"No steps are left for the {self.decay} decay after a warmup of {warmup:g} of "
+                             f"{total:g} steps: shorten the warmup or train longer.")
+        shortened = float(math.floor(total / 2))
+        instead = f"warms up over {shortened:g} steps instead" if shortened else "skips the warmup"
+        rank_zero_warn(f"LRSchedule: {cut_short} leaves {total:g} optimizer steps, too few for the {warmup:g}-step "
+                       f"warmup{f' and a {self.decay} decay' if decays_after else ''}; this run {instead} (a full "
+                       "run keeps the configured schedule).")
+        return shortened
+
+    def _cut_short_by(self, trainer: Any, total: float) -> str | None:
+        """``"fast_dev_run"`` or ``"max_steps=N"`` when the Trainer cut an epochs-based run to ``total`` steps."""
+        if self.total_steps is not None or self.total_epochs is not None:
+            return None  # the length was configured on LRSchedule itself
+        if trainer.fast_dev_run:
+            return "fast_dev_run"
+        max_epochs, batches = trainer.max_epochs, trainer.num_training_batches
+        if (trainer.max_steps not in (None, -1) and total == trainer.max_steps and max_epochs not in (None, -1)
+                and math.isfinite(batches) and trainer.max_steps < max_epochs * self._steps_per_epoch(trainer)):
+            return f"max_steps={trainer.max_steps} (below max_epochs={max_epochs})"
+        return None
 
     # ------------------------------------------------------------------ per step
     @override

@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_lbo.compat import callback_bases
 
 REFERENCE_BATCH = 256  # every paper states its LR for (or scales it from) batch 256
+IMAGENET = 1281167  # training images of ImageNet-1k, the papers' data set
 PAPER_EPOCHS = 90  # the ImageNet runs the fractions below come from
 
 
@@ -43,6 +44,8 @@ class Recipe:
         optimizer: ``factory(pl_module)``, the return value of ``configure_optimizers``.
         callbacks: callbacks for the Trainer (fresh instances per recipe call).
         hyperparameters: everything the recipe chose, for logs and the docs.
+        paper_batch: ``(batch, training images, data set)``: the largest batch at which the paper kept
+            small-batch accuracy (its batch / data-set ratio is where the recipe is known to work).
     """
 
     name: str
@@ -50,6 +53,12 @@ class Recipe:
     optimizer: Callable[[nn.Module], Any]
     callbacks: tuple[Any, ...] = ()
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    paper_batch: tuple[int, int, str] | None = None
+
+    @property
+    def paper_batch_fraction(self) -> float | None:
+        """The paper's largest batch as a fraction of its training set (Goyal: 8192 / 1.28M = 0.64%)."""
+        return None if self.paper_batch is None else self.paper_batch[0] / self.paper_batch[1]
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,23 @@ class LARSFactory:
 
         return LARS(param_groups(module, self.weight_decay), lr=self.lr, momentum=self.momentum,
                     weight_decay=self.weight_decay, trust_coefficient=self.trust_coefficient, momentum_form="paper")
+
+
+@dataclass(frozen=True)
+class LAMBFactory:
+    """:class:`~lightning_lbo.optim.lamb.LAMB` with biases and norm layers out of the trust ratio and decay."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+
+    def __call__(self, module: nn.Module) -> torch.optim.Optimizer:
+        from lightning_lbo.optim.lamb import LAMB
+        from lightning_lbo.param_groups import param_groups
+
+        return LAMB(param_groups(module, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps,
+                    weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -222,7 +248,8 @@ def momentum_sgd(global_batch_size: int, epochs: int, steps_per_epoch: int, base
         "sgd", "Nado et al. 2021 (arXiv 2102.06356): tuned Nesterov momentum; Goyal et al. 2017 scaling rule",
         SGDFactory(base_lr, momentum, weight_decay, nesterov=nesterov, decay_norms=True), (schedule,),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum, nesterov=nesterov,
-             weight_decay=weight_decay, warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="cosine"))
+             weight_decay=weight_decay, warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="cosine"),
+        paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
 def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
@@ -247,7 +274,8 @@ def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
              weight_decay=weight_decay, no_decay="BN and biases", warmup_epochs=round(warmup, 4),
              warmup_from=REFERENCE_BATCH / global_batch_size,
              milestones_epochs=tuple(round(m, 4) for m in milestones), gamma=0.1,
-             zero_gamma=True))
+             zero_gamma=True),
+        paper_batch=(8192, IMAGENET, "ImageNet"))
 
 
 def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
@@ -277,7 +305,33 @@ def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
              momentum_form="paper", weight_decay=weight_decay, trust_coefficient=trust_coefficient,
              no_adapt_no_decay="BN and biases", warmup_epochs=round(warmup, 4), warmup_from=0.0,
              decay=f"poly({power:g})",
-             momentum_correction=True))
+             momentum_correction=True),
+        paper_batch=(32768, IMAGENET, "ImageNet"))
+
+
+def lamb(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.005,
+         weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+         warmup_epochs: float | None = None, power: float = 1.0) -> Recipe:
+    """You et al. 2019 (LAMB): Adam moments with a layer-wise trust ratio, square-root LR scaling.
+
+    LAMB (bias-corrected moments, betas 0.9/0.999, eps 1e-6, decoupled weight decay 0.01 inside the
+    trust ratio; BN and biases excluded from ratio and decay); LR ``base_lr * sqrt(B / 256)`` (the
+    paper's square-root scaling rule), linear warmup from 0 over 10% of the run, then poly(1) (linear)
+    decay to 0, as in the paper's BERT runs.
+    """
+    from lightning_lbo.callbacks import LRSchedule
+
+    warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
+    schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=power, scaling="sqrt",
+                          reference_batch_size=REFERENCE_BATCH)
+    return Recipe(
+        "lamb", "You et al. 2019, Large Batch Optimization for Deep Learning: Training BERT in 76 minutes "
+                "(arXiv 1904.00962)",
+        LAMBFactory(base_lr, tuple(betas), eps, weight_decay), (schedule,),
+        dict(lr=base_lr * (global_batch_size / REFERENCE_BATCH) ** 0.5, base_lr=base_lr, scaling="sqrt",
+             betas=tuple(betas), eps=eps, weight_decay=weight_decay, no_adapt_no_decay="BN and biases",
+             warmup_epochs=round(warmup, 4), warmup_from=0.0, decay=f"poly({power:g})"),
+        paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
 def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, lr_rmsprop: float = 3e-4,
@@ -303,11 +357,13 @@ def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, lr_rmsprop=lr_rmsprop,
              momentum=momentum, alpha=0.99, eps=1e-8, weight_decay=weight_decay, no_decay="BN and biases",
              beta_center_epochs=round(center, 4), beta_period_epochs=round(period, 4),
-             slow_start="0.5/0.075/0.01/0.001 at 40/70/85 of 90 epochs, scaled", bn_eval="last training batch"))
+             slow_start="0.5/0.075/0.01/0.001 at 40/70/85 of 90 epochs, scaled", bn_eval="last training batch"),
+        paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
 def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
-         weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None) -> Recipe:
+         weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None,
+         stale_threshold: float | None = None) -> Recipe:
     """Osawa et al. 2018/2019 K-FAC: empirical Fisher, factor running average, fresh inverses, KL clip.
 
     Kronecker factors of every Linear/Conv2d refreshed every step into a running average (new
@@ -315,6 +371,7 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
     inverted every step (Cholesky, factored Tikhonov damping 1e-3); BatchNorm keeps the plain
     momentum update; KL-clip 1e-3; momentum 0.9 without correction; weight decay 5e-4; LR
     ``base_lr * B / 256`` after a linear warmup from 0 over 10% of the run, then poly(2) decay.
+    ``stale_threshold`` adds SP-NGD's stale statistics (adaptive refresh intervals) to this recipe.
     """
     from lightning_lbo.callbacks import LRSchedule
     from lightning_lbo.callbacks.kfac import KFACCallback
@@ -322,19 +379,22 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
     warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
     schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=2.0,
                           reference_batch_size=REFERENCE_BATCH)
-    factory = KFACFactory(base_lr, momentum, weight_decay, damping)
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping, stale_threshold=stale_threshold)
     return Recipe(
         "kfac", "Osawa et al. 2019, Large-Scale Distributed Second-Order Optimization Using K-FAC (arXiv 1811.12019)",
         factory, (schedule, KFACCallback(log_every_n_steps=0)),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
              weight_decay=weight_decay, damping=damping, fisher="empirical", factor_decay=factory.factor_decay,
              factor_update_interval=1, inverse_update_interval=1, kl_clip=factory.kl_clip, batchnorm="plain SGD",
-             warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="poly(2)"))
+             warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="poly(2)",
+             stale_statistics="off" if stale_threshold is None else f"threshold {stale_threshold}"),
+        paper_batch=(16384, IMAGENET, "ImageNet"))
 
 
 def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
-          weight_decay: float = 5e-4, damping: float = 1e-3, stale_threshold: float = 0.1,
-          warmup_epochs: float | None = None) -> Recipe:
+          weight_decay: float = 5e-4, damping: float = 1e-3, stale_threshold: float | None = 0.1,
+          warmup_epochs: float | None = None, fisher: str = "mc", factor_decay: float = 1.0, power: float = 3.5,
+          unit_wise_bn: bool = True) -> Recipe:
     """Osawa et al. 2020 SP-NGD: MC Fisher, stale statistics, unit-wise BN, momentum correction.
 
     One sampled label per example gives the output-gradient factor (MC "true" Fisher); fresh
@@ -342,22 +402,28 @@ def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
     doubles while its relative change stays under 0.1 and halves otherwise (1 to 20 steps);
     BatchNorm preconditioned by its unit-wise 2x2 Fisher; momentum 0.9 with momentum correction;
     damping 1e-3; KL-clip 1e-3; LR ``base_lr * B / 256``, warmup from 0 over 10% of the run, poly(3.5).
+    ``fisher``, ``factor_decay``, ``power``, ``unit_wise_bn`` and ``stale_threshold=None`` switch single
+    ingredients back to K-FAC's (the study's ablation of SP-NGD).
     """
     from lightning_lbo.callbacks import LRSchedule
     from lightning_lbo.callbacks.kfac import KFACCallback
 
     warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
-    schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=3.5,
+    schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=power,
                           reference_batch_size=REFERENCE_BATCH)
-    factory = KFACFactory(base_lr, momentum, weight_decay, damping, fisher="mc", factor_decay=1.0,
-                          unit_wise_bn=True, stale_threshold=stale_threshold, momentum_correction=True)
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping, fisher=fisher, factor_decay=factor_decay,
+                          unit_wise_bn=unit_wise_bn, stale_threshold=stale_threshold, momentum_correction=True)
+    stale = ("off" if stale_threshold is None
+             else f"threshold {stale_threshold}, x2 / x0.5, 1-{factory.stale_max_interval} steps")
     return Recipe(
         "spngd", "Osawa et al. 2020, Scalable and Practical Natural Gradient (SP-NGD, arXiv 2002.06015)",
         factory, (schedule, KFACCallback(log_every_n_steps=0)),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
-             momentum_correction=True, weight_decay=weight_decay, damping=damping, fisher="mc", factor_decay=1.0,
-             stale_statistics=f"threshold {stale_threshold}, x2 / x0.5, 1-{factory.stale_max_interval} steps",
-             kl_clip=factory.kl_clip, batchnorm="unit-wise", warmup_epochs=round(warmup, 4), decay="poly(3.5)"))
+             momentum_correction=True, weight_decay=weight_decay, damping=damping, fisher=fisher,
+             factor_decay=factor_decay, stale_statistics=stale, kl_clip=factory.kl_clip,
+             batchnorm="unit-wise" if unit_wise_bn else "plain SGD", warmup_epochs=round(warmup, 4),
+             decay=f"poly({power:g})"),
+        paper_batch=(131072, IMAGENET, "ImageNet"))
 
 
 def absa(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
@@ -387,11 +453,12 @@ def absa(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
         dict(lr=base_lr * k, base_lr=base_lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
              warmup_steps=warmup_steps, milestones_epochs=milestones, max_accumulation=max_accumulation,
              duration_epochs=duration, eigenvalue_ratio=0.5, adversarial_ratio=adversarial_ratio, epsilon=epsilon,
-             adversarial_stop=0.5))
+             adversarial_stop=0.5),
+        paper_batch=(16384, IMAGENET, "ImageNet"))
 
 
-RECIPES: dict[str, Callable[..., Recipe]] = {"sgd": momentum_sgd, "goyal": goyal, "lars": lars, "akiba": akiba,
-                                             "kfac": kfac, "spngd": spngd, "absa": absa}
+RECIPES: dict[str, Callable[..., Recipe]] = {"sgd": momentum_sgd, "goyal": goyal, "lars": lars, "lamb": lamb,
+                                             "akiba": akiba, "kfac": kfac, "spngd": spngd, "absa": absa}
 
 
 def build_recipe(name: str, global_batch_size: int, epochs: int, steps_per_epoch: int, **overrides: Any) -> Recipe:

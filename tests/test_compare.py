@@ -127,3 +127,78 @@ def test_run_one_fashion_mnist_reference_model():
     """The default path: the reference MLP-BN on a Fashion-MNIST subset learns above chance (0.1) in 4 steps."""
     result = run_one(RunSpec("kfac", 512, 1, model="mlp-bn", train_subset=2048, eval_every=4, progress=False))
     assert result.steps == 4 and result.final_acc > 0.2  # chance: 0.1
+
+
+def test_lbo_compare_batch_larger_than_fashion_mnist_stops_before_training(tmp_path, capsys):
+    """A batch above the 60000 training images fails up front with exit 2 (docs/compare.md), no run, no PNG."""
+    out = tmp_path / "out"
+    assert main(["compare", "--batch-size", "100000", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr()
+    assert "--batch-size 100000 is larger than the training set (all 60000 Fashion-MNIST images)" in err.err
+    assert "==" not in err.out and not out.exists()
+    assert main(["compare", "--baseline-batch-size", "70000", "--out-dir", str(out)]) == 2
+    assert "--baseline-batch-size 70000 is larger" in capsys.readouterr().err
+
+
+def test_lbo_compare_help_paragraphs_whole_every_option_documented(capsys):
+    """--help: no raw RST markup, no cut sentence, every option has a help text and shows its default."""
+    import argparse
+
+    from lightning_lbo.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text
+    description = text.split("options:")[0].split("\n\n", 1)[1]
+    first, *paragraphs = description.strip().split("\n\n")
+    assert first.startswith("lbo compare: ") and first.endswith(".")
+    for paragraph in paragraphs:  # a sentence cut at a paragraph break starts in lower case
+        assert paragraph[0].isupper() and paragraph.rstrip().endswith("."), paragraph
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["compare"]._actions:
+        if action.dest != "help":
+            assert action.help, action.dest
+    assert text.count("(default:") == len(sub.choices["compare"]._actions) - 1
+
+
+def _result(recipe: str, batch: int, acc: float, steps: int = 42) -> RunResult:
+    return RunResult(recipe, batch, steps, acc, acc, None, None, 0.1, 100.0, history=[(steps, 1.0, acc)],
+                     train_examples=60000)
+
+
+def test_below_sgd_notes_say_why_with_the_papers_batch_ratio():
+    """Goyal below SGD at 4096: the batch is 10.7x beyond the ratio of Goyal's 8K ImageNet runs (~384 here)."""
+    from lightning_lbo.compare import below_sgd_notes
+
+    results = [_result("sgd", 4096, 0.85), _result("goyal", 4096, 0.80), _result("lars", 4096, 0.86),
+               _result("sgd", 512, 0.88), _result("lars", 512, 0.87, steps=351)]
+    goyal, lars = below_sgd_notes(results, epochs=3)
+    assert goyal.startswith("goyal ends 5.0% below sgd at batch 4096: the batch is 6.83% of the 60000")
+    assert "10.7x beyond" in goyal and "8192 of 1281167 ImageNet images = 0.64%, a batch of ~384 here" in goyal
+    assert "linear scaling rule's LR overshoots" in goyal
+    assert lars.startswith("lars ends 1.0% below sgd at batch 512") and "within the largest ratio" in lars
+    assert below_sgd_notes([_result("goyal", 4096, 0.8)], epochs=3) == []  # no sgd row: nothing to compare
+
+
+def test_plot_names_model_data_batch_epochs_with_legends_and_plain_step_ticks():
+    """The demo plot: a title naming model, data, batch and epochs; a legend on each panel; ticks like 20, 50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lightning_lbo.compare import plot_accuracy, plot_title
+
+    results = [RunResult("sgd", 128, 1404, 0.88, 0.88, None, None, 0.01, 100.0, train_examples=60000,
+                         history=[(351, 2.0, 0.84), (1404, 8.0, 0.88)]),
+               RunResult("kfac", 4096, 42, 0.87, 0.87, None, None, 0.1, 100.0, train_examples=60000,
+                         history=[(14, 1.0, 0.8), (42, 3.0, 0.87)])]
+    specs = [RunSpec("sgd", 128, 3, model="mlp-bn"), RunSpec("kfac", 4096, 3, model="mlp-bn")]
+    title = plot_title(specs, results)
+    assert title == "MLP-BN 256-128 on Fashion-MNIST (60000 training images): batch 128, 4096, 3 epoch(s)"
+    fig = plot_accuracy(results, 0.8, title)
+    fig.canvas.draw()
+    assert fig._suptitle.get_text() == title
+    steps_axis, time_axis = fig.axes
+    assert steps_axis.get_legend() is not None and time_axis.get_legend() is not None
+    labels = [t.get_text() for t in steps_axis.get_xticklabels() if t.get_text()]
+    assert "100" in labels and "1000" in labels and not any("^" in label for label in labels)

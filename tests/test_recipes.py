@@ -157,3 +157,42 @@ def test_absa_chainable_schedulers_and_callbacks():
     assert schedulers[1]["scheduler"].milestones == {3: 1, 6: 1, 8: 1}
     assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.25)  # warmup starts at the unscaled LR
     assert {type(c) for c in recipe.callbacks} == {AdaptiveBatchSize, AdversarialTraining}
+
+
+def test_lamb_lr_sequence_sqrt_scaling_warmup_then_linear_decay(tmp_path):
+    """LAMB at batch 1024 (k=4): LR 0.005 x sqrt(4), warmup from 0 over 10% of the run, then linear decay to 0."""
+    epochs, spe = 10, 2  # 20 steps, warmup 1 epoch = 2 steps, then 18 steps of poly(1)
+    lrs = _lr_trace(tmp_path, "lamb", 1024, epochs, spe)
+    peak = 0.005 * 2.0
+    expected = [0.0, peak / 2] + [peak * (1 - t / 18) for t in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_lamb_adapts_only_conv_and_linear_weights():
+    """LAMB's trust ratio and decay skip BN and biases, like LARS (the paper's exclusions)."""
+    from lightning_lbo.optim.lamb import LAMB
+
+    module = ClassifierModule("cnn")
+    opt = build_recipe("lamb", 4096, 3, 14).optimizer(module)
+    assert isinstance(opt, LAMB)
+    for group in opt.param_groups:
+        assert group["lars_adapt"] == (group["weight_decay"] > 0) == all(p.ndim > 1 for p in group["params"])
+
+
+def test_spngd_ablation_switches_and_kfac_stale_statistics():
+    """The study's ablations: each SP-NGD ingredient switches back to K-FAC's; K-FAC takes stale statistics."""
+    pre = build_recipe("spngd", 4096, 3, 14, fisher="empirical", factor_decay=0.05, stale_threshold=None,
+                       unit_wise_bn=False).optimizer(ClassifierModule("cnn")).preconditioner
+    assert pre.fisher.value == "empirical" and pre.factor_decay == 0.05
+    assert pre.stale_statistics is None and nn.BatchNorm2d in pre.exclude
+    recipe = build_recipe("kfac", 4096, 3, 14, stale_threshold=0.1)
+    assert recipe.optimizer(ClassifierModule("cnn")).preconditioner.stale_statistics.threshold == 0.1
+    assert recipe.hyperparameters["stale_statistics"] == "threshold 0.1"
+
+
+def test_paper_batch_fraction_is_the_papers_batch_over_imagenet():
+    """Goyal kept small-batch accuracy up to 8K of 1.28M ImageNet images: a batch of ~384 at 60k images."""
+    recipe = build_recipe("goyal", 4096, 3, 14)
+    assert recipe.paper_batch == (8192, 1281167, "ImageNet")
+    assert recipe.paper_batch_fraction * 60000 == pytest.approx(383.65, abs=0.01)
+    assert all(build_recipe(name, 4096, 3, 14).paper_batch for name in RECIPES)

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from lightning_lbo.compat import default_class_attribute, lightning_package, per_package, publish_per_package
+from lightning_lbo.compat import (
+    default_class_attribute,
+    lightning_package,
+    package_of,
+    per_package,
+    publish_per_package,
+)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -222,6 +228,20 @@ def fashion_mnist_datamodule_class(package: str) -> type:
         num_classes = 10
         input_shape = (1, 28, 28)
         data_range = DATA_RANGE
+
+        @property
+        def trainer(self) -> Any:
+            return self._trainer
+
+        @trainer.setter
+        def trainer(self, trainer: Any) -> None:
+            # The other package's Trainer would fail later with Lightning's bare "Expected a parent".
+            if trainer is not None and not isinstance(trainer, pl.Trainer):
+                other = package_of(trainer)
+                raise TypeError(f"This FashionMNISTDataModule is a {package} LightningDataModule, but the Trainer is "
+                                f"{other}'s: build the data module for {other} with lightning_lbo.data."
+                                f"fashion_mnist_datamodule_class({other!r})(...).")
+            self._trainer = trainer
 
         def prepare_data(self) -> None:
             locate_fashion_mnist(self.data_dir, self.download)

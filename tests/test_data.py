@@ -125,3 +125,21 @@ def test_datamodule_validation_split_and_bad_input(tmp_path):
         FashionMNISTDataModule(batch_size=64, data_dir=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="leaves no training data"):
         FashionMNISTDataModule(batch_size=8, data_dir=str(tmp_path), val_size=40).setup("fit")
+
+
+def test_datamodule_of_the_other_package_says_which_class_to_use(pl_package, tmp_path):
+    """A data module built on one Lightning package, given to the other's Trainer: an error naming the factory."""
+    from lightning_lbo.classifier import classifier_module_class
+    from lightning_lbo.data import fashion_mnist_datamodule_class
+    from tests.conftest import make_trainer
+
+    name = pl_package.__name__
+    other = "lightning.pytorch" if name == "pytorch_lightning" else "pytorch_lightning"
+    module = classifier_module_class(name)("mlp", model_kwargs={"hidden": (8,)})
+    trainer = make_trainer(pl_package, tmp_path, fast_dev_run=1)
+    with pytest.raises(TypeError, match=rf"is a {other} LightningDataModule, but the Trainer is {name}'s: .*"
+                                        rf"fashion_mnist_datamodule_class\('{name}'\)"):
+        trainer.fit(module, datamodule=fashion_mnist_datamodule_class(other)(batch_size=32, train_subset=64))
+    dm = fashion_mnist_datamodule_class(name)(batch_size=32, train_subset=64)  # the named class trains
+    make_trainer(pl_package, tmp_path, fast_dev_run=1).fit(module, datamodule=dm)
+    assert dm.trainer is not None

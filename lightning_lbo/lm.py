@@ -37,10 +37,14 @@ class GPT(nn.Module):
         n_layers: transformer blocks.
         d_ff: hidden width of the feed-forward layers (default ``4 * d_model``).
         dropout: dropout inside the blocks (0 in the benchmark).
+        classes_last: logits ``[N, T, V]`` (default) or, with ``False``, ``[N, V, T]``, the class-second
+            layout of ``F.cross_entropy`` and of K-FAC's MC Fisher, which samples labels from the
+            forward's output itself (a transposed copy made outside the model is not in the loss's
+            graph, so no gradient would reach the statistics).
     """
 
     def __init__(self, vocab_size: int = 256, seq_len: int = 128, d_model: int = 128, n_heads: int = 4,
-                 n_layers: int = 4, d_ff: int | None = None, dropout: float = 0.0) -> None:
+                 n_layers: int = 4, d_ff: int | None = None, dropout: float = 0.0, classes_last: bool = True) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("d_model", d_model),
                             ("n_heads", n_heads), ("n_layers", n_layers), ("d_ff", d_ff or 1)):
@@ -51,6 +55,7 @@ class GPT(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Invalid dropout: {dropout}; use a value in [0, 1).")
         self.seq_len = seq_len
+        self.classes_last = classes_last
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(
@@ -78,27 +83,23 @@ class GPT(nn.Module):
                 nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * n_layers))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
+        n, t = tokens.shape
         if t > self.seq_len:
             raise ValueError(f"Sequence of {t} tokens is longer than seq_len={self.seq_len}.")
-        x = self.token_embedding(tokens) + self.position_embedding.weight[:t]
+        # The position embedding is *called* with [N, T] ids (not sliced): a curvature method hooking
+        # nn.Embedding sees it, with the batch as the leading dimension like every other layer.
+        positions = torch.arange(t, device=tokens.device).expand(n, t)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
         mask = self.causal_mask[:t, :t]
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        return logits if self.classes_last else logits.transpose(1, 2)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all positions: ``logits [N, T, V]``, ``targets [N, T]``."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def logits_for_fisher(logits: torch.Tensor) -> torch.Tensor:
-    """``[N, T, V] -> [N, V, T]``: the class-second layout K-FAC's categorical MC Fisher samples from.
-
-    Pass as ``output_to_logits`` to ``KFAC``/``KFACPreconditioner`` with ``fisher="mc"``.
-    """
-    return logits.transpose(1, 2)
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, classes_last: bool = True) -> torch.Tensor:
+    """Mean cross-entropy over all positions: ``logits [N, T, V]`` (or ``[N, V, T]``), ``targets [N, T]``."""
+    return F.cross_entropy(logits.transpose(1, 2) if classes_last else logits, targets)
 
 
 def _adamw(module: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1) -> torch.optim.Optimizer:
@@ -123,8 +124,8 @@ def causal_lm_module_class(package: str) -> type:
 
         Example::
 
-            module = CausalLMModule(optimizer=lambda m: KFAC(m, lr=0.05, fisher="mc",
-                                                             output_to_logits=logits_for_fisher))
+            module = CausalLMModule(model_kwargs=dict(classes_last=False),
+                                    optimizer=lambda m: KFAC(m, lr=0.05, fisher="mc"))
             Trainer(max_steps=500).fit(module, datamodule=GCIDEDataModule(batch_size=32))
         """
 
@@ -142,7 +143,7 @@ def causal_lm_module_class(package: str) -> type:
             return self.model(tokens)
 
         def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return next_token_loss(logits, targets)
+            return next_token_loss(logits, targets, getattr(self.model, "classes_last", True))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch

@@ -9,7 +9,7 @@ import torch
 
 from lightning_lbo import text as lbo_text
 from lightning_lbo.data import DataNotFoundError
-from lightning_lbo.lm import GPT, causal_lm_module_class, logits_for_fisher, next_token_loss
+from lightning_lbo.lm import GPT, causal_lm_module_class, next_token_loss
 from lightning_lbo.text import (
     ByteSequenceDataset,
     clean_entry,
@@ -162,7 +162,8 @@ def test_gpt_is_causal_and_shaped():
     out2 = model(x2)
     torch.testing.assert_close(out2[:, :7], logits[:, :7])
     assert not torch.allclose(out2[:, 7:], logits[:, 7:])
-    assert logits_for_fisher(logits).shape == (3, 32, 12)
+    model.classes_last = False
+    torch.testing.assert_close(model(x), logits.transpose(1, 2))
     with pytest.raises(ValueError, match="n_heads"):
         GPT(d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="longer than seq_len"):
@@ -175,6 +176,7 @@ def test_next_token_loss_is_mean_cross_entropy():
     targets = torch.randint(0, 7, (2, 5))
     brute = -torch.stack([logits[n, t].log_softmax(-1)[targets[n, t]] for n in range(2) for t in range(5)]).mean()
     torch.testing.assert_close(next_token_loss(logits, targets), brute)
+    torch.testing.assert_close(next_token_loss(logits.transpose(1, 2), targets, classes_last=False), brute)
 
 
 def test_causal_lm_module_learns_repeating_text(tmp_path, pl_package):

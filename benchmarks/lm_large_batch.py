@@ -1,0 +1,287 @@
+"""Large-batch training of a small byte-level GPT on GCIDE: AdamW, LAMB and K-FAC at equal tokens.
+
+Every run sees the same number of training tokens (``base_steps`` steps of the baseline batch), so a
+batch ``k`` times larger takes ``k`` times fewer steps. Each method gets a small LR grid per batch
+size; the best LR (lowest final validation loss, seed 0) is rerun with seed 1 ("the chosen point").
+The schedule is the same shape for every run: linear warmup over the first 10% of the steps, then
+cosine decay to 10% of the peak LR.
+
+Methods:
+
+* ``adamw``: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings (the baseline);
+* ``lamb``: :class:`lightning_lbo.LAMB` with the same decay split (no trust ratio on biases/norms);
+* ``kfac``: :class:`lightning_lbo.KFAC`, its momentum form (momentum 0.9, MC Fisher, kl_clip);
+* ``kfac_adam``: :class:`KFACPreconditioner` in front of AdamW (the same AdamW as the baseline).
+
+Each unit of work (one run, or the side-by-side timing) holds the shared benchmark lock
+(:mod:`benchmarks.bench_lock`) and writes one JSON file under ``benchmarks/results/lm/runs``; a run
+whose file exists is skipped, so the study resumes where it stopped. ``--report`` writes
+``results.csv``, ``goals.md`` and the plots from whatever runs exist.
+
+Usage::
+
+    python benchmarks/lm_large_batch.py --phase grid      # LR grids, most informative cells first
+    python benchmarks/lm_large_batch.py --phase seeds     # seed 1 at each chosen LR
+    python benchmarks/lm_large_batch.py --phase timing    # K-FAC / AdamW step time, side by side
+    python benchmarks/lm_large_batch.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_lock import bench_lock  # noqa: E402
+from lightning_lbo.lm import GPT, next_token_loss  # noqa: E402
+from lightning_lbo.optim.kfac import KFAC, KFACPreconditioner  # noqa: E402
+from lightning_lbo.optim.lamb import LAMB  # noqa: E402
+from lightning_lbo.param_groups import param_groups  # noqa: E402
+from lightning_lbo.schedules import cosine, lambda_lr, warmup_then  # noqa: E402
+from lightning_lbo.text import ByteSequenceDataset, load_gcide_splits  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "lm"
+RUNS = OUT / "runs"
+# classes_last=False: logits [N, V, T], so K-FAC's MC Fisher samples from the forward's own output.
+MODEL = dict(vocab_size=256, seq_len=64, d_model=64, n_heads=4, n_layers=2, classes_last=False)
+BASE_BATCH, BASE_STEPS = 32, 1024
+MULTIPLIERS = (1, 4, 16)
+WEIGHT_DECAY = 0.1
+VAL_SEQUENCES = 256
+EVALS = 16  # validation points per run, evenly spaced in tokens
+
+# LR grids per (method, batch multiplier); AdamW's centre follows the square-root rule.
+GRIDS: dict[str, dict[int, tuple[float, ...]]] = {
+    "adamw": {1: (1e-3, 2e-3, 4e-3), 4: (2e-3, 4e-3, 8e-3), 16: (4e-3, 8e-3, 1.6e-2)},
+    "lamb": {1: (2e-3, 5e-3, 1e-2), 4: (5e-3, 1e-2, 2e-2), 16: (1e-2, 2e-2, 4e-2)},
+    "kfac": {1: (0.05, 0.1, 0.2), 4: (0.1, 0.2, 0.4), 16: (0.1, 0.2, 0.4)},
+    "kfac_adam": {1: (1e-3, 2e-3, 4e-3), 4: (2e-3, 4e-3, 8e-3), 16: (4e-3, 8e-3, 1.6e-2)},
+}
+# Cells in the order they are run: the 16x comparison and its baseline first, then the middle batch.
+ORDER = [("adamw", 1), ("adamw", 16), ("lamb", 16), ("kfac", 16), ("kfac_adam", 16),
+         ("adamw", 4), ("lamb", 4), ("kfac", 4), ("kfac_adam", 4), ("kfac", 1), ("lamb", 1), ("kfac_adam", 1)]
+KFAC_DAMPING = 1e-3
+
+
+def refresh_interval(multiplier: int) -> int:
+    """Steps between K-FAC factor/inverse refreshes: every step at 16x, every 10 steps at the baseline."""
+    return max(1, 10 // multiplier)
+
+
+def build_optimizer(method: str, model: torch.nn.Module, lr: float, multiplier: int
+                    ) -> tuple[torch.optim.Optimizer, KFACPreconditioner | None]:
+    """The optimizer of ``method`` (and the preconditioner in front of it, for ``kfac_adam``)."""
+    groups = param_groups(model, WEIGHT_DECAY)
+    interval = refresh_interval(multiplier)
+    kfac_kwargs = dict(damping=KFAC_DAMPING, fisher="mc",
+                       factor_update_interval=interval, inverse_update_interval=interval)
+    if method == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), None
+    if method == "lamb":
+        return LAMB(groups, lr=lr, betas=(0.9, 0.95)), None
+    if method == "kfac":
+        return KFAC(model, lr=lr, momentum=0.9, weight_decay=1e-4, **kfac_kwargs), None
+    if method == "kfac_adam":
+        pre = KFACPreconditioner(model, kl_clip=None, **kfac_kwargs)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), pre
+    raise ValueError(f"Invalid method: {method!r}. Supported: {tuple(GRIDS)}.")
+
+
+def preconditioned_share(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         pre: KFACPreconditioner | None) -> dict[str, Any]:
+    """Fraction of parameters (by count) inside a K-FAC block, and the names of the others."""
+    pre = pre or getattr(optimizer, "preconditioner", None)
+    if pre is None:
+        return {}
+    covered = {id(p) for st in pre.states for p in st.block.params} if hasattr(pre, "states") else set()
+    if not covered and hasattr(pre, "blocks"):
+        covered = {id(p) for b in pre.blocks for p in b.params}
+    total = sum(p.numel() for p in model.parameters())
+    rest = [n for n, p in model.named_parameters() if id(p) not in covered]
+    share = sum(p.numel() for p in model.parameters() if id(p) in covered) / total
+    return {"preconditioned_fraction": share, "not_preconditioned": rest}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor]) -> float:
+    model.eval()
+    x, y = val
+    losses = [next_token_loss(model(x[i:i + 128]), y[i:i + 128], classes_last=False)
+              for i in range(0, x.shape[0], 128)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def run_name(method: str, multiplier: int, lr: float, seed: int) -> str:
+    return f"{method}-b{BASE_BATCH * multiplier}-lr{lr:g}-s{seed}"
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "malloc": {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")},
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSequenceDataset,
+              val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """One training run at equal tokens; returns the record written to its JSON file."""
+    batch = BASE_BATCH * multiplier
+    steps = BASE_STEPS // multiplier
+    torch.manual_seed(seed)
+    model = GPT(**MODEL)
+    optimizer, pre = build_optimizer(method, model, lr, multiplier)
+    warmup = max(1, steps // 10)
+    scheduler = lambda_lr(optimizer, warmup_then(cosine(steps - warmup, end_factor=0.1), warmup, start_factor=0.0))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    eval_every = max(1, steps // EVALS)
+    history = [(0, 0, evaluate(model, val))]
+    step_times, nonfinite = [], 0
+    start_load = os.getloadavg()[0]
+    for step in range(steps):
+        idx = order[(step * batch) % len(order): (step * batch) % len(order) + batch].tolist()
+        x, y = train.__getitems__(idx)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss(model(x), y, classes_last=False)
+        loss.backward()
+        if pre is not None:
+            pre.step(lr=optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        step_times.append(time.perf_counter() - t0)
+        if not math.isfinite(loss.item()):  # the loop's only sync; the CPU runs synchronously anyway
+            nonfinite += 1
+            if nonfinite > 3:
+                break
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            history.append((step + 1, (step + 1) * batch * MODEL["seq_len"], evaluate(model, val)))
+    return {"method": method, "multiplier": multiplier, "batch": batch, "lr": lr, "seed": seed, "steps": steps,
+            "tokens": steps * batch * MODEL["seq_len"], "model": MODEL, "weight_decay": WEIGHT_DECAY,
+            "kfac_damping": KFAC_DAMPING if method.startswith("kfac") else None,
+            "kfac_refresh_interval": refresh_interval(multiplier) if method.startswith("kfac") else None,
+            "final_val_loss": history[-1][2] if nonfinite <= 3 else float("nan"), "history": history,
+            "median_step_s": statistics.median(step_times), "diverged": nonfinite > 3,
+            **preconditioned_share(model, optimizer, pre),
+            "machine": machine(), "loadavg_1m_start": start_load}
+
+
+def load_data(val_sequences: int = VAL_SEQUENCES) -> tuple[ByteSequenceDataset, tuple[torch.Tensor, torch.Tensor]]:
+    train_tokens, val_tokens = load_gcide_splits()
+    train = ByteSequenceDataset(train_tokens, MODEL["seq_len"])
+    val_set = ByteSequenceDataset(val_tokens, MODEL["seq_len"])
+    # A fixed validation sample spread over the whole held-out text (every letter of the alphabet).
+    idx = torch.linspace(0, len(val_set) - 1, val_sequences).long().tolist()
+    return train, val_set.__getitems__(idx)
+
+
+def load_runs() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def best_lr(runs: list[dict[str, Any]], method: str, multiplier: int) -> float | None:
+    cell = [r for r in runs if r["method"] == method and r["multiplier"] == multiplier and r["seed"] == 0
+            and math.isfinite(r["final_val_loss"])]
+    return min(cell, key=lambda r: r["final_val_loss"])["lr"] if cell else None
+
+
+def do_run(method: str, multiplier: int, lr: float, seed: int, data) -> None:
+    path = RUNS / f"{run_name(method, multiplier, lr, seed)}.json"
+    if path.exists():
+        return
+    with bench_lock():
+        record = train_run(method, multiplier, lr, seed, *data)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{path.name}: final val loss {record['final_val_loss']:.4f}, {record['median_step_s'] * 1e3:.0f} ms/step",
+          flush=True)
+
+
+def phase_grid(data, cells) -> None:
+    for method, multiplier in cells:
+        for lr in GRIDS[method][multiplier]:
+            do_run(method, multiplier, lr, 0, data)
+            # Extend the grid upwards or downwards when the best LR sits on its edge.
+        grid = GRIDS[method][multiplier]
+        best = best_lr(load_runs(), method, multiplier)
+        if best == grid[-1]:
+            do_run(method, multiplier, grid[-1] * 2, 0, data)
+        elif best == grid[0]:
+            do_run(method, multiplier, grid[0] / 2, 0, data)
+
+
+def phase_seeds(data, cells) -> None:
+    for method, multiplier in cells:
+        lr = best_lr(load_runs(), method, multiplier)
+        if lr is not None:
+            do_run(method, multiplier, lr, 1, data)
+
+
+def phase_timing(multiplier: int = 16, repeats: int = 12) -> None:
+    """K-FAC (both forms) and LAMB step time over AdamW's, interleaved in one process on the same batch."""
+    path = OUT / f"timing-b{BASE_BATCH * multiplier}.json"
+    batch = BASE_BATCH * multiplier
+    x = torch.randint(0, 256, (batch, MODEL["seq_len"]), generator=torch.Generator().manual_seed(0))
+    with bench_lock():
+        setups = {}
+        for method in ("adamw", "lamb", "kfac", "kfac_adam"):
+            torch.manual_seed(0)
+            model = GPT(**MODEL)
+            setups[method] = (model, *build_optimizer(method, model, 1e-3, multiplier))
+        times = {m: [] for m in setups}
+        for rep in range(repeats + 2):
+            for method, (model, opt, pre) in setups.items():
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                next_token_loss(model(x), x, classes_last=False).backward()
+                if pre is not None:
+                    pre.step(lr=1e-3)
+                opt.step()
+                if rep >= 2:  # the first two steps build factors and inverses for the first time
+                    times[method].append(time.perf_counter() - t0)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    record = {"batch": batch, "refresh_interval": refresh_interval(multiplier), "repeats": repeats,
+              "median_step_s": med, "ratio_to_adamw": {m: med[m] / med["adamw"] for m in med},
+              "machine": machine()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record["ratio_to_adamw"]), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--phase", choices=("grid", "seeds", "timing", "all"), default=None)
+    parser.add_argument("--methods", nargs="*", default=None, help="restrict to these methods")
+    parser.add_argument("--multipliers", nargs="*", type=int, default=None, help="restrict to these batch multipliers")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (on the oversubscribed shared 2-core machine 2 ran 10x slower)")
+    parser.add_argument("--report", action="store_true", help="write results.csv, goals.md and plots")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cells = [(m, k) for m, k in ORDER if (args.methods is None or m in args.methods)
+             and (args.multipliers is None or k in args.multipliers)]
+    if args.phase in ("grid", "all"):
+        phase_grid(load_data(), cells)
+    if args.phase in ("seeds", "all"):
+        phase_seeds(load_data(), cells)
+    if args.phase in ("timing", "all"):
+        phase_timing()
+    if args.report:
+        from benchmarks.lm_report import write_report
+
+        write_report(OUT, load_runs())
+
+
+if __name__ == "__main__":
+    main()

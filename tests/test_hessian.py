@@ -162,6 +162,40 @@ def test_slq_quadrature_is_exact_for_low_degree_moments():
     assert density.moment(1) == pytest.approx(h.trace().item() / h.shape[0], rel=0.5)
 
 
+@pytest.fixture
+def default_float64():
+    """torch.set_default_dtype(float64) for the test, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float64, torch.float32])
+def test_hessian_tools_follow_the_model_dtype_under_default_float64(default_float64, model_dtype):
+    """With default dtype float64, Lanczos, power iteration, Hutchinson and SLQ run in the model's dtype."""
+    model = tiny_net().to(model_dtype)
+    x, y = tiny_data()
+    x = x.to(model_dtype)
+    evals = torch.linalg.eigvalsh(dense_hessian(model, x, y))
+    op = HessianOperator(model, [(x, y)], loss_fn=ce_loss)
+    assert op.dtype == model_dtype and op.matvec(random_vector(op.numel, 0)).dtype == model_dtype
+    rel = 1e-9 if model_dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(op.dense().double(), dense_hessian(model, x, y), rtol=rel, atol=rel)
+    lz = top_eigenvalues(op, k=2, method="lanczos", max_iters=op.numel, tol=1e-6)
+    assert lz.eigenvalues == pytest.approx(evals.flip(0)[:2].tolist(), rel=100 * rel)
+    assert lz.eigenvectors[0].dtype == model_dtype
+    pw = top_eigenvalues(op, k=1, method="power", max_iters=3000, tol=1e-9)
+    assert pw.eigenvalues[0] == pytest.approx(evals[evals.abs().argmax()].item(), rel=1e-3)
+    trace = hutchinson_trace(op, max_samples=20, tol=1e-9)
+    h = dense_hessian(model, x, y)
+    v = random_vector(op.numel, 0, kind="rademacher").double()
+    assert trace.samples[0] == pytest.approx((v @ h @ v).item(), rel=100 * rel)
+    density = slq_density(op, num_probes=1, steps=op.numel)
+    u = random_vector(op.numel, 0).double()
+    assert density.moment(1) == pytest.approx((u @ h @ u / u.dot(u)).item(), rel=100 * rel)
+
+
 def test_hvp_budget_and_capture_paused():
     """The budget stops algorithms (converged=False) and raises on direct use; passes run with capture paused."""
     model = tiny_net()

@@ -78,7 +78,7 @@ def slq_density(op: HessianOperator, num_probes: int = 1, steps: int = 80, seed:
     nodes = torch.zeros(num_probes, width, dtype=torch.float64)
     weights = torch.zeros(num_probes, width, dtype=torch.float64)
     for i in range(num_probes):
-        theta, w = lanczos_quadrature(op, random_vector(op.numel, seed + i, op.device), width)
+        theta, w = lanczos_quadrature(op, random_vector(op.numel, seed + i, op.device, dtype=op.dtype), width)
         nodes[i, : theta.numel()] = theta
         nodes[i, theta.numel():] = theta[-1]
         weights[i, : w.numel()] = w

@@ -13,7 +13,8 @@ Full reorthogonalisation keeps ``V`` orthonormal in floating point. Lanczos retu
 usual Hessian of a trained network, whose spectrum is dominated by positive outliers).
 
 Probe vectors come from an explicit ``torch.Generator`` seeded with ``seed`` on the CPU, so every rank
-and every device draws the same vectors.
+and every device draws the same vectors; they are drawn in float32 and cast to the operator's dtype
+(:attr:`HessianOperator.dtype`, the model's), never in the default dtype.
 """
 
 from __future__ import annotations
@@ -27,16 +28,20 @@ from lightning_lbo.hessian.hvp import HessianOperator, HVPBudgetExceeded
 METHODS = ("power", "lanczos")
 
 
-def random_vector(numel: int, seed: int, device: torch.device | str = "cpu", kind: str = "gaussian") -> torch.Tensor:
-    """A deterministic probe ``[numel]`` (float32): ``"gaussian"`` N(0, 1) or ``"rademacher"`` +-1."""
+def random_vector(numel: int, seed: int, device: torch.device | str = "cpu", kind: str = "gaussian",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A deterministic probe ``[numel]`` of ``dtype``: ``"gaussian"`` N(0, 1) or ``"rademacher"`` +-1.
+
+    Drawn in float32 whatever the default dtype, so a seed gives the same probe in every dtype.
+    """
     gen = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
-        v = torch.randn(numel, generator=gen)
+        v = torch.randn(numel, generator=gen, dtype=torch.float32)
     elif kind == "rademacher":
         v = torch.randint(0, 2, (numel,), generator=gen).float().mul_(2).sub_(1)
     else:
         raise ValueError(f"Invalid probe kind: {kind!r}. Supported: ('gaussian', 'rademacher').")
-    return v.to(device)
+    return v.to(device=device, dtype=dtype)
 
 
 def _orthogonalize(v: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
@@ -77,7 +82,7 @@ def power_iteration(op: HessianOperator, k: int = 1, max_iters: int = 100, tol: 
     vectors: list[torch.Tensor] = []
     all_converged = True
     for i in range(k):
-        v = _orthogonalize(random_vector(op.numel, seed + i, op.device), vectors)
+        v = _orthogonalize(random_vector(op.numel, seed + i, op.device, dtype=op.dtype), vectors)
         v = v / v.norm()
         value, converged = None, False
         try:
@@ -125,7 +130,8 @@ def lanczos(op: HessianOperator, v0: torch.Tensor, steps: int, reorthogonalize: 
     """``m <= steps`` Lanczos iterations from ``v0`` (fewer on an invariant subspace or an exhausted budget)."""
     if steps < 1:
         raise ValueError(f"Invalid steps: {steps}; use a positive integer.")
-    v = v0 / v0.norm()
+    v = v0.to(device=op.device, dtype=op.dtype)
+    v = v / v.norm()
     basis: list[torch.Tensor] = [v]
     alphas: list[float] = []
     betas: list[float] = []
@@ -173,7 +179,7 @@ def lanczos_eigenvalues(op: HessianOperator, k: int = 1, steps: int = 30, tol: f
     """
     _check(k, steps, tol)
     start = op.num_hvps
-    run = lanczos(op, random_vector(op.numel, seed, op.device), min(steps, op.numel))
+    run = lanczos(op, random_vector(op.numel, seed, op.device, dtype=op.dtype), min(steps, op.numel))
     theta, s = tridiagonal_eigh(run.alpha, run.beta)
     q = torch.stack(run.basis)
     values, vectors, converged = [], [], True

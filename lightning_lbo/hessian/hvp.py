@@ -14,8 +14,10 @@ on every process:
 count are all-reduced explicitly (one collective per product): N ranks holding B/N samples each give
 the same operator as one process holding all B.
 
-Vectors are flat ``float32`` tensors ``[num_params]`` over the selected parameters (in the order of
-:attr:`HessianOperator.params`); :meth:`HessianOperator.unflatten` splits one into parameter shapes.
+Vectors are flat tensors ``[num_params]`` over the selected parameters (in the order of
+:attr:`HessianOperator.params`), in the parameters' dtype (:attr:`HessianOperator.dtype`: float64
+for a float64 model, float32 for float32 and for half-precision parameters), whatever
+``torch.get_default_dtype()`` is; :meth:`HessianOperator.unflatten` splits one into parameter shapes.
 
 Batch-norm mode is explicit: ``"eval"`` (default) differentiates the network with its running
 statistics, the function used at test time and the paper's choice (Yao et al. 2018); ``"train"`` uses
@@ -112,6 +114,14 @@ def _distributed(group: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def vector_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype of flat vectors over ``params``: their promoted floating dtype, at least float32."""
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.promote_types(dtype, torch.float32)  # half/bfloat16 parameters: products summed in float32
+
+
 class HVPBudgetExceeded(RuntimeError):
     """Raised when an algorithm asks for more Hessian-vector products than its budget allows."""
 
@@ -141,7 +151,7 @@ class HessianOperator:
     Example::
 
         op = HessianOperator(model, [(x, y)], params=parameters_of(model.layer1))
-        hv = op.matvec(torch.randn(op.numel))
+        hv = op.matvec(torch.randn(op.numel, dtype=op.dtype))
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss_fn: LossFn = classifier_loss,
@@ -166,6 +176,7 @@ class HessianOperator:
         self.cache_graph = cache_graph and len(batches) == 1
         self.numel = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
+        self.dtype = vector_dtype(self.params)
         self.num_hvps = 0
         self._cached: tuple[torch.Tensor, ...] | None = None
         if self.distributed and sync_buffers:
@@ -188,8 +199,8 @@ class HessianOperator:
         return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
 
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Concatenate per-parameter tensors into a flat float32 vector (None counts as zeros)."""
-        return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float()
+        """Concatenate per-parameter tensors into a flat vector of :attr:`dtype` (None counts as zeros)."""
+        return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(self.dtype)
                           for t, p in zip(tensors, self.params, strict=True)])
 
     @contextmanager
@@ -212,10 +223,10 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` ``[numel]``; returns a flat float32 vector."""
+        """``H v`` for a flat vector ``v`` ``[numel]``; returns a flat vector of :attr:`dtype`."""
         self._check_budget()
         vs = [c.to(p.dtype) for c, p in zip(self.unflatten(v.to(self.device)), self.params, strict=True)]
-        total = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        total = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         with self._context():
             for batch in self.batches:
                 if self.cache_graph:
@@ -243,5 +254,5 @@ class HessianOperator:
 
     def dense(self) -> torch.Tensor:
         """The full ``[numel, numel]`` matrix, one product per column (tests and tiny models only)."""
-        eye = torch.eye(self.numel, device=self.device)
+        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
         return torch.stack([self.matvec(eye[i]) for i in range(self.numel)], dim=1)

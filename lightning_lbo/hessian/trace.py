@@ -55,7 +55,7 @@ def hutchinson_trace(op: HessianOperator, max_samples: int = 100, tol: float = 1
     samples: list[float] = []
     converged = False
     for i in range(max_samples):
-        v = random_vector(op.numel, seed + i, op.device, kind="rademacher")
+        v = random_vector(op.numel, seed + i, op.device, kind="rademacher", dtype=op.dtype)
         try:
             samples.append(float(torch.dot(op.matvec(v), v)))
         except HVPBudgetExceeded:

@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
 from lightning_lbo.compat import callback_bases
+from lightning_lbo.optim._step_utils import all_finite
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -180,8 +181,7 @@ class NonFiniteBatchGuard(*callback_bases()):
             return
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            bad = bad | ~torch.isfinite(norms.sum()).to(bad.device)
+            bad = bad | ~all_finite(grads, device=bad.device)
         tensors = _optimizer_tensors(opt)
         snapshot = self._foreign.get(id(opt))
         if snapshot is None or snapshot.ids != [id(t) for t in tensors]:

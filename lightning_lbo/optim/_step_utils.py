@@ -75,10 +75,7 @@ class CheckedOptimizer(torch.optim.Optimizer):
         counter = self.nonfinite_skips
         if grads and counter.device != grads[0].device:  # the model moved after construction: follow it once
             counter = self._skip_counter = counter.to(grads[0].device)
-        if grad_norms is None:
-            grad_norms = [n for bucket in group_by_device_and_dtype([grads]) for n in torch._foreach_norm(bucket[0])]
-        # the sum of the norms is finite iff every norm is (barring an overflow to inf, which is as bad)
-        keep = torch.isfinite(torch.stack(norms_on(grad_norms, counter.device)).sum())
+        keep = all_finite(grads, grad_norms, counter.device)
         if self._skip_request is not None:
             keep = keep & ~self._skip_request.to(device=counter.device, dtype=torch.bool).reshape(())
             self._skip_request = None
@@ -106,9 +103,17 @@ class CheckedOptimizer(torch.optim.Optimizer):
             return closure()
 
 
-def norms_on(norms: list[Tensor], device: torch.device) -> list[Tensor]:
-    """Per-tensor norms as float32 on one device (params may live on several devices or dtypes)."""
-    return [n.to(device=device, dtype=torch.float32) for n in norms]
+def all_finite(tensors: list[Tensor], norms: list[Tensor] | None = None, device: torch.device | None = None
+               ) -> Tensor:
+    """0-d bool on ``device`` (default: the first norm's): every tensor is finite, decided without a host sync.
+
+    Decided from the tensors' norms (``norms``, if the caller has them, else one read of every tensor):
+    their sum is finite iff every entry is, barring an overflow to inf, which is as bad.
+    """
+    if norms is None:
+        norms = [n for bucket in group_by_device_and_dtype([tensors]) for n in torch._foreach_norm(bucket[0])]
+    device = device or norms[0].device
+    return torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]).sum())
 
 
 def check_non_negative(name: str, value: Any, hint: str = "") -> None:

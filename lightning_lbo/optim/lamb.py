@@ -36,6 +36,7 @@ from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
+    all_finite,
     check_momentum,
     check_non_negative,
     group_by_device_and_dtype,
@@ -158,7 +159,7 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     these gradients are all finite.
     """
     if keep is None:
-        keep = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+        keep = all_finite(grads)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
               adapt=adapt)
     if fused:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
+    all_finite,
     check_momentum,
     check_non_negative,
     group_by_device_and_dtype,
@@ -206,7 +207,7 @@ def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, s
     if grad_norms is None:
         grad_norms = torch._foreach_norm(grads)
     if keep is None:
-        keep = torch.isfinite(torch.stack([n.float() for n in grad_norms]).sum())
+        keep = all_finite(grads, grad_norms)
     fn = _multi_tensor_lars if foreach else _single_tensor_lars
     fn(params, grads, bufs, scales, keep, grad_norms, lr=lr, momentum=momentum, weight_decay=weight_decay,
        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, paper_form=paper_form, clip=clip,

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
+    all_finite,
     check_momentum,
     check_non_negative,
     group_by_device_and_dtype,
@@ -192,7 +193,7 @@ def rmsprop_warmup(params: list[Tensor], grads: list[Tensor], velocities: list[T
     ``keep`` (0-d bool) is the step's decision; ``None``: taken iff these gradients are all finite.
     """
     if keep is None:
-        keep = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+        keep = all_finite(grads)
     fn = _multi_tensor_rmsprop_warmup if foreach else _single_tensor_rmsprop_warmup
     fn(params, grads, velocities, square_avgs, keep, lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=momentum,
        alpha=alpha, eps=eps, weight_decay=weight_decay)

@@ -80,6 +80,20 @@ def test_hessian_spectrum_configuration_errors(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="pip install matplotlib"):
         HessianSpectrum()
     HessianSpectrum(plot=False)
+    with pytest.raises(ValueError, match=r"top_k=1000 eigenvalues need at least 1000 Lanczos steps, but max_iters=20"):
+        HessianSpectrum(top_k=1000)
+
+
+def test_hessian_spectrum_warns_once_when_fewer_than_top_k_eigenvalues_exist(tmp_path):
+    """A group with fewer parameters than top_k logs what exists, and says so once."""
+    cb = HessianSpectrum(top_k=20, max_iters=40, trace_samples=0, density_probes=0,
+                         param_groups={"bias": lambda m: [m.model[3].bias]})
+    trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[cb], limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"3 of top_k=20 eigenvalues of group 'bias' .* has 3 parameters") as record:
+        trainer.fit(bn_classifier("pytorch_lightning"), loader())
+    assert sum("top_k=20" in str(w.message) for w in record) == 1  # once, not every epoch
+    assert len(cb.last["bias"]["eigenvalues"]) == 3
+    assert {f"hessian/eig_{i}/bias" for i in range(3)} <= set(trainer.callback_metrics)
 
 
 class CheckInWorkers(pl.Callback):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils._pytree import tree_map
 from typing_extensions import override
@@ -152,6 +153,9 @@ class HessianSpectrum(*callback_bases()):
                 raise ValueError(f"Invalid {name}: {value!r}; use an integer >= {low}.")
         if method not in ("power", "lanczos"):
             raise ValueError(f"Invalid method: {method!r}. Supported: ('power', 'lanczos').")
+        if method == "lanczos" and top_k > max_iters:
+            raise ValueError(f"top_k={top_k} eigenvalues need at least {top_k} Lanczos steps, but max_iters={max_iters}: "
+                             f"raise max_iters (about 2 x top_k for converged values) or lower top_k.")
         if bn_mode not in BN_MODES:
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
         if not tol > 0:
@@ -169,6 +173,7 @@ class HessianSpectrum(*callback_bases()):
         self.fixed = FixedBatches(num_batches)
         self.last: dict[str, dict[str, Any]] = {}
         self.png_paths: list[str] = []
+        self._warned_short: set[str] = set()  # groups that gave fewer than top_k eigenvalues
 
     @property
     def state_key(self) -> str:
@@ -184,8 +189,15 @@ class HessianSpectrum(*callback_bases()):
             return
         for name, select in self.param_groups.items():
             suffix = "" if name == "all" else f"/{name}"
-            result = self.compute(pl_module, list(select(pl_module)))
+            params = list(select(pl_module))
+            result = self.compute(pl_module, params)
             self.last[name] = result
+            found = len(result.get("eigenvalues", []))
+            if self.top_k and found < self.top_k and name not in self._warned_short:
+                self._warned_short.add(name)
+                rank_zero_warn(f"HessianSpectrum: {found} of top_k={self.top_k} eigenvalues of group {name!r} were "
+                               f"found and are logged: the group has {sum(p.numel() for p in params)} parameters, "
+                               f"the HVP budget (max_hvps={self.max_hvps}) allowed {result['num_hvps']} products.")
             for i, value in enumerate(result.get("eigenvalues", [])):
                 pl_module.log(f"hessian/eig_{i}{suffix}", value, on_epoch=True)
             if "trace" in result:

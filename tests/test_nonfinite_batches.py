@@ -218,3 +218,22 @@ def test_tensor_snapshot_restores_only_where_told():
     floats.fill_(float("nan"))
     snap.restore_where(torch.tensor(True))
     assert torch.equal(floats, torch.arange(5.0)) and torch.equal(ints, torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("name", ["sgd", "lamb"])
+def test_nonfinite_batches_under_fp16_grad_scaler(tmp_path, name):
+    """16-mixed with a grad scaler: a non-finite loss is a bad batch (not an overflow): no trace, scale kept."""
+    pl = importlib.import_module("pytorch_lightning")
+    data = batches(BAD)
+
+    def fp16():  # an explicit plugin: Lightning would turn precision="16-mixed" into bf16 on the CPU
+        return [pl.plugins.precision.MixedPrecision("16-mixed", "cpu")]
+
+    guard = NonFiniteBatchGuard()
+    with pytest.warns(UserWarning, match="were skipped"):
+        bad_module, bad_trainer = fit(pl, tmp_path, name, data, callbacks=[guard], plugins=fp16())
+    ref_module, ref_trainer = fit(pl, tmp_path, name, [data[i] for i in dropped(BAD)], plugins=fp16())
+    assert_same_training_state(bad_module, ref_module, bad_trainer.optimizers[0], ref_trainer.optimizers[0])
+    assert guard.total == len(BAD)
+    scalers = [t.precision_plugin.scaler for t in (bad_trainer, ref_trainer)]
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 65536.0

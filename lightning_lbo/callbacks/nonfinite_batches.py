@@ -93,6 +93,12 @@ class TensorSnapshot:
                                                                      strict=True)])
 
 
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    """The AMP grad scaler of a 16-mixed Trainer, or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = [v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor)]
@@ -141,6 +147,7 @@ class NonFiniteBatchGuard(*callback_bases()):
         self._bad: Tensor | None = None  # this cycle's loss was not finite (on the device)
         self._pending: list[tuple[Any, Any]] = []  # optimizers stepped in this batch, with what undoes them
         self._foreign: dict[int, TensorSnapshot] = {}
+        self._scaler_undo: tuple[Any, Tensor, Tensor] | None = None
         self._read_step = -1
 
     @override
@@ -175,12 +182,15 @@ class NonFiniteBatchGuard(*callback_bases()):
         bad = self._bad if self._bad is not None else torch.zeros((), dtype=torch.bool, device=pl_module.device)
         if trainer.world_size > 1:  # every rank must take the same decision
             bad = trainer.strategy.reduce(bad.to(torch.float32), reduce_op="sum") > 0
+        scaler = _grad_scaler(trainer)
+        if scaler is not None:  # its scale as a device tensor (public API, no sync), to undo its backoff
+            self._scaler_undo = (scaler, bad, scaler.scale(torch.ones((), device=pl_module.device)))
         if skips_on_device(opt):
             opt.skip_next_step_where(bad)
             self._pending.append((opt, (bad, opt.nonfinite_skips.clone())))
             return
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
+        if grads and scaler is None:  # under a grad scaler, overflowing gradients are the scaler's (it skips)
             bad = bad | ~all_finite(grads, device=bad.device)
         tensors = _optimizer_tensors(opt)
         snapshot = self._foreign.get(id(opt))
@@ -205,6 +215,10 @@ class NonFiniteBatchGuard(*callback_bases()):
             skipped = skipped | bad.to(skipped.device)
         self._pending = []
         self._cycle_open = False
+        if self._scaler_undo is not None:  # a non-finite loss is a bad batch, not an overflow: keep the scale
+            scaler, loss_bad, scale_before = self._scaler_undo
+            scaler.update(torch.where(loss_bad, scale_before, scaler.scale(torch.ones_like(scale_before))))
+            self._scaler_undo = None
         if self._statistics is not None:
             self._statistics.restore_where(skipped)
         assert self._count is not None

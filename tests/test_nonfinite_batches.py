@@ -20,8 +20,29 @@ from tests.helpers.ddp import REPO_ROOT, run_script
 NUM_BATCHES = 10
 BAD = {0: float("nan"), 3: float("inf"), 6: float("nan")}  # batch index -> injected value (first step included)
 
+class ReplacingMomentum(torch.optim.Optimizer):
+    """Momentum SGD that replaces its state tensors every step instead of updating them in place."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["buf"] = 0.9 * state["buf"] + p.grad if "buf" in state else p.grad.clone()
+                state["count"] = state.get("count", torch.zeros(())) + 1
+                p.add_(state["buf"], alpha=-group["lr"])
+
+
 OPTIMIZERS = {
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    "replacing": lambda m: ReplacingMomentum(m.parameters()),
     "lars": lambda m: LARS(m.parameters(), lr=0.5, weight_decay=1e-4, trust_coefficient=0.02),
     "lamb": lambda m: LAMB(m.parameters(), lr=1e-2, weight_decay=1e-2),
     "kfac": lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2),
@@ -115,7 +136,8 @@ def dropped(bad, accumulate=1):
     return [i for i in range(NUM_BATCHES) if i // accumulate not in cycles]
 
 
-@pytest.mark.parametrize("name", ["sgd", "lars", "lamb", pytest.param("kfac", marks=KFAC_PENDING)])
+@pytest.mark.parametrize("name", ["sgd", "adam", "replacing", "lars", "lamb",
+                                  pytest.param("kfac", marks=KFAC_PENDING)])
 def test_nonfinite_batches_equal_dropped_run(tmp_path, name):
     """NaN and Inf batches (the first one included) leave no trace: the run equals the one without them."""
     pl = importlib.import_module("pytorch_lightning")

@@ -99,26 +99,49 @@ def _grad_scaler(trainer: pl.Trainer) -> Any:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = [v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor)]
-    return params + state
+class OptimizerUndo:
+    """Puts an optimizer that cannot skip on the device (any ``torch.optim`` one) back to before its step.
 
-
-def _drop_state_created_by_bad_step(optimizer: torch.optim.Optimizer, snapshot: TensorSnapshot, bad: Tensor) -> None:
-    """State an optimizer creates at its first step (e.g. SGD's momentum buffer) is not in the snapshot.
-
-    Whether to delete it is a host decision, so this reads ``bad`` once, only on a step that created
-    state (the first step, or the first gradient of a parameter): never on an ordinary step.
+    :meth:`save` before the update copies the parameters and every state tensor; :meth:`restore_where`
+    after it puts them back where ``bad`` is True, on the device. State tensors the step *replaced*
+    (``state["step"] = step + 1``) are copied into the saved objects first, so both kinds restore alike.
+    State the step *created* (SGD's momentum buffer at the first step) has nothing to go back to: whether
+    to delete it is a host decision, made by reading ``bad`` only on a step that created state.
     """
-    known = set(snapshot.ids)
-    created = [(p, key) for g in optimizer.param_groups for p in g["params"]
-               for key, v in optimizer.state.get(p, {}).items() if isinstance(v, Tensor) and id(v) not in known]
-    if created and bool(bad.item()):
-        for p, key in created:
-            del optimizer.state[p][key]
-            if not optimizer.state[p]:
-                del optimizer.state[p]
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._snapshot: TensorSnapshot | None = None
+        self._entries: list[tuple[Tensor, str, Tensor]] = []
+
+    def _state_entries(self) -> list[tuple[Tensor, str, Tensor]]:
+        return [(p, key, v) for g in self.optimizer.param_groups for p in g["params"]
+                for key, v in self.optimizer.state.get(p, {}).items() if isinstance(v, Tensor)]
+
+    def save(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._entries = self._state_entries()
+        tensors = params + [v for _, _, v in self._entries]
+        if self._snapshot is None or self._snapshot.ids != [id(t) for t in tensors]:
+            self._snapshot = TensorSnapshot(tensors)  # first step, or state was created: new buffers
+        self._snapshot.save()
+
+    def restore_where(self, bad: Tensor) -> None:
+        state = self.optimizer.state
+        known = {(id(p), key) for p, key, _ in self._entries}
+        for p, key, saved in self._entries:
+            current = state[p].get(key)
+            if current is not saved and isinstance(current, Tensor) and current.shape == saved.shape:
+                saved.copy_(current)  # replaced by the step: carry its value into the saved object
+                state[p][key] = saved
+        created = [(p, key) for p, key, _ in self._state_entries() if (id(p), key) not in known]
+        if created and bool(bad.item()):
+            for p, key in created:
+                del state[p][key]
+                if not state[p]:
+                    del state[p]
+        assert self._snapshot is not None
+        self._snapshot.restore_where(bad)
 
 
 class NonFiniteBatchGuard(*callback_bases()):
@@ -146,7 +169,7 @@ class NonFiniteBatchGuard(*callback_bases()):
         self._cycle_open = False
         self._bad: Tensor | None = None  # this cycle's loss was not finite (on the device)
         self._pending: list[tuple[Any, Any]] = []  # optimizers stepped in this batch, with what undoes them
-        self._foreign: dict[int, TensorSnapshot] = {}
+        self._foreign: dict[int, OptimizerUndo] = {}
         self._scaler_undo: tuple[Any, Tensor, Tensor] | None = None
         self._read_step = -1
 
@@ -192,12 +215,11 @@ class NonFiniteBatchGuard(*callback_bases()):
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if grads and scaler is None:  # under a grad scaler, overflowing gradients are the scaler's (it skips)
             bad = bad | ~all_finite(grads, device=bad.device)
-        tensors = _optimizer_tensors(opt)
-        snapshot = self._foreign.get(id(opt))
-        if snapshot is None or snapshot.ids != [id(t) for t in tensors]:
-            snapshot = self._foreign[id(opt)] = TensorSnapshot(tensors)
-        snapshot.save()
-        self._pending.append((opt, (bad, snapshot)))
+        if id(opt) not in self._foreign:
+            self._foreign[id(opt)] = OptimizerUndo(opt)
+        undo = self._foreign[id(opt)]
+        undo.save()
+        self._pending.append((opt, (bad, undo)))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -206,8 +228,7 @@ class NonFiniteBatchGuard(*callback_bases()):
             return
         skipped = torch.zeros((), dtype=torch.bool, device=pl_module.device)
         for opt, (bad, undo) in self._pending:
-            if isinstance(undo, TensorSnapshot):
-                _drop_state_created_by_bad_step(opt, undo, bad)
+            if isinstance(undo, OptimizerUndo):
                 undo.restore_where(bad)
             else:  # the optimizer skipped on its own (non-finite gradients) or on our request
                 opt.skip_next_step_where(None)  # withdraw a request an AMP-skipped step did not consume

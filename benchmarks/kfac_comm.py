@@ -72,10 +72,10 @@ def _fit(kfac_kwargs: dict, strategy_kwargs: dict | None, batch: int, steps: int
                          enable_model_summary=False, callbacks=[StepTimer()])
     trainer.fit(module, datamodule=dm)
     pre = trainer.optimizers[0].preconditioner
-    dense_per_step = sum(t.numel() * t.element_size() for st in pre.states for t in st.factors.values())
+    dense_per_step = sum(t.numel() * t.element_size() for st in pre.blocks for t in st.factors.values())
     comm = getattr(trainer.strategy, "communicator", None)
     out = {"steps": steps, "naive_bytes_per_step": dense_per_step, "step_time_median": statistics.median(times[3:]),
-           "refreshes": sum(v for st in pre.states for v in st.refreshes.values())}
+           "refreshes": sum(v for st in pre.blocks for v in st.refreshes.values())}
     if comm is not None:
         out |= {k: v / steps for k, v in comm.stats.as_dict().items()}
     return out

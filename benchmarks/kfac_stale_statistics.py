@@ -34,7 +34,7 @@ def run(train, test, steps: int, batch: int, **kfac) -> tuple[float, int]:
     xt, yt = test
     with torch.no_grad():
         acc = (model(xt).argmax(1) == yt).float().mean().item()
-    refreshes = sum(v for st in opt.preconditioner.states for v in st.refreshes.values())
+    refreshes = sum(v for st in opt.preconditioner.blocks for v in st.refreshes.values())
     return acc, refreshes
 
 

@@ -76,7 +76,7 @@ class _CurvatureAgrees(*callback_bases()):
 
         pre = trainer.optimizers[0].preconditioner
         assert isinstance(pre.comm, TorchDistributedCommunicator) and pre.comm.world_size == 2
-        flat = torch.cat([t.flatten() for st in pre.states for t in st.factors.values()])
+        flat = torch.cat([t.flatten() for block in pre.blocks for t in pre.factors(block.module).values()])
         gathered = trainer.strategy.all_gather(flat)
         assert torch.equal(gathered[0], gathered[1]), "factors differ across ranks"
 

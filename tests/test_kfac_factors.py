@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lbo.optim.kfac import KFACPreconditioner
+from lightning_lbo.optim.kfac.inverses import WoodburyKronecker
 
 
 def _capture(model, x, loss_fn, **kw):
@@ -49,7 +50,7 @@ def test_kfac_linear_factors_equal_per_example_brute_force():
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
     pre = _capture(model, x, lambda out: F.cross_entropy(out, y))
-    for st, layer_in, layer in ((pre.states[0], x, model[0]), (pre.states[1], torch.tanh(model[0](x)), model[2])):
+    for st, layer_in, layer in ((pre.blocks[0], x, model[0]), (pre.blocks[1], torch.tanh(model[0](x)), model[2])):
         abar = torch.cat([layer_in, torch.ones(7, 1, dtype=torch.float64)], 1)
         A_ref = abar.T @ abar / 7
         grads = []
@@ -80,7 +81,7 @@ def test_kfac_conv2d_factors_equal_per_example_brute_force(kw):
     n = 3
     x, y = torch.randn(n, 4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (n,))
     pre = _capture(model, x, lambda out: F.cross_entropy(out, y))
-    st = pre.states[0]
+    st = pre.blocks[0]
     patches = _brute_patches(x, conv)  # [N, L, g, d]
     if conv.bias is not None:
         patches = torch.cat([patches, torch.ones(*patches.shape[:3], 1, dtype=torch.float64)], 3)
@@ -101,7 +102,7 @@ def test_kfac_conv2d_factors_equal_per_example_brute_force(kw):
     conv.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grad_ref = torch.einsum("nlgo,nlgi->goi", gout, patches) / n
-    torch.testing.assert_close(st.block.grad_matrix().double(), grad_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(st.grad_matrix().double(), grad_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_kfac_linear_nd_expand_and_reduce_factors():
@@ -121,8 +122,8 @@ def test_kfac_linear_nd_expand_and_reduce_factors():
         else:
             a, gs = abar.mean(1), g.sum(1)
             A_ref, G_ref = a.T @ a / 4, gs.T @ gs / 4
-        torch.testing.assert_close(pre.states[0].factors["A"][0].double(), A_ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(pre.states[0].factors["G"][0].double(), G_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pre.blocks[0].factors["A"][0].double(), A_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pre.blocks[0].factors["G"][0].double(), G_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
@@ -141,11 +142,11 @@ def test_kfac_preconditioned_gradient_equals_dense_kronecker_solve(method, layer
     pre = KFACPreconditioner(model, damping=lam, factor_decay=1.0, kl_clip=None, inverse_method=method)
     model.zero_grad()
     model(x).pow(2).sum(1).mean().backward()
-    st = pre.states[0]
-    grad = st.block.grad_matrix().double().clone()
+    st = pre.blocks[0]
+    grad = st.grad_matrix().double().clone()
     pre.step()
     A, G = st.factors["A"].double(), st.factors["G"].double()
-    for k in range(st.block.groups):
+    for k in range(st.groups):
         a, g = A[k], G[k]
         if method == "eigen":
             M = torch.kron(g, a) + lam * torch.eye(a.shape[0] * g.shape[0], dtype=torch.float64)
@@ -154,7 +155,7 @@ def test_kfac_preconditioned_gradient_equals_dense_kronecker_solve(method, layer
             eye_a, eye_g = torch.eye(a.shape[0], dtype=torch.float64), torch.eye(g.shape[0], dtype=torch.float64)
             M = torch.kron(g + lam ** 0.5 / pi * eye_g, a + pi * lam ** 0.5 * eye_a)
         ref = torch.linalg.solve(M, grad[k].reshape(-1)).reshape(grad[k].shape)  # row-major vec
-        torch.testing.assert_close(st.block.grad_matrix()[k].double(), ref, rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(st.grad_matrix()[k].double(), ref, rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("norm", ["bn2d", "bn1d", "ln"])
@@ -201,7 +202,7 @@ def test_kfac_unit_wise_norm_block_equals_explicit_2x2_formula(norm):
     v_beta = n * gy.sum(other) if other else n * gy
     v = torch.stack([v_gamma, v_beta], 2)  # [N, units, 2]
     F_ref = torch.einsum("nuk,nul->ukl", v, v) / n
-    torch.testing.assert_close(pre.states[0].factors["F"].double(), F_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pre.blocks[0].factors["F"].double(), F_ref, rtol=1e-4, atol=1e-6)
     P_ref = torch.linalg.solve(F_ref + lam * torch.eye(2, dtype=torch.float64), grad.unsqueeze(2)).squeeze(2)
     P = torch.stack([layer.weight.grad, layer.bias.grad], 1).double()
     torch.testing.assert_close(P, P_ref, rtol=1e-4, atol=1e-6)
@@ -219,12 +220,12 @@ def test_kfac_mc_fisher_converges_to_exact_fisher():
         model.zero_grad()
         F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
         pre.step()
-        total += pre.states[0].factors["G"][0]
+        total += pre.blocks[0].factors["G"][0]
     with torch.no_grad():
         p = torch.softmax(model(x[:8]), 1)
     exact = (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)).mean(0)
     assert (total / refreshes - exact).abs().max() < 0.012  # ~5 standard errors of 76,800 samples
-    assert (pre.states[0].factors["G"][0] - exact).abs().max() > 1e-3  # a single refresh is noisy
+    assert (pre.blocks[0].factors["G"][0] - exact).abs().max() > 1e-3  # a single refresh is noisy
 
 
 def test_kfac_woodbury_low_rank_inverse_equals_dense_inverse():
@@ -237,7 +238,7 @@ def test_kfac_woodbury_low_rank_inverse_equals_dense_inverse():
         x, y = torch.randn(5, 8, 4, 4), torch.randint(0, 3, (5,))
         F.cross_entropy(model(x), y).backward()
         pre.step()
-        assert all(("U" in st.inverse) == low_rank for st in pre.states)
+        assert all(isinstance(st.inverse, WoodburyKronecker) == low_rank for st in pre.blocks)
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

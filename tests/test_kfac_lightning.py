@@ -53,7 +53,7 @@ def test_kfac_callback_binds_params_built_optimizer_and_logs(pl_package, tmp_pat
     trainer.fit(module, train_dataloaders=_tiny_loader())
     opt = trainer.optimizers[0]
     assert opt.bound and opt.preconditioner.steps == 3
-    assert all(st.refreshes[s] == 3 for st in opt.preconditioner.states for s in st.refreshes)
+    assert all(st.refreshes[s] == 3 for st in opt.preconditioner.blocks for s in st.refreshes)
     metrics = trainer.callback_metrics
     for key in ("kfac/damping", "kfac/kl_clip_factor", "kfac/refreshes", "kfac/skipped_refreshes"):
         assert key in metrics, sorted(metrics)

@@ -3,16 +3,17 @@
 DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. After the
 optimizers are set up it
 
-1. binds K-FAC optimizers built from ``params`` alone (LightningCLI) to the LightningModule;
-2. checks that every rank registered the same layers and settings (an ``all_gather_object`` of a
-   signature) and fails with the differing rank and key instead of hanging in a later collective;
-3. installs a :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a
+1. builds a :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a
    dedicated process group: factors are all-reduced asynchronously in buckets as packed triangles,
    inverse work is assigned by greedy LPT on ``n^3``, and ``grad_worker_fraction`` chooses between
    broadcasting inverses (``1.0``) and broadcasting preconditioned gradients from one owner per layer
    (``1 / world_size``);
-4. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
-5. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
+2. hands it to :func:`lightning_lbo.callbacks.kfac.attach_kfac`, the one lifecycle path (bind
+   ``KFAC(params)``, the precision plugin's grad scaler, the communicator, a cross-rank check of
+   layers and settings), and warns once when the run has no K-FAC optimizer; ``teardown`` removes
+   the capture hooks;
+3. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
+4. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
    ``A`` reductions overlap the backward (full buckets go out from the hooks as they fill).
 
 Registered as ``"ddp_kfac"`` (subprocess launch, like ``"ddp"``) and ``"ddp_kfac_spawn"``. Multi-node
@@ -43,6 +44,7 @@ def kfac_ddp_strategy_class(package: str) -> type:
     """The ``KFACDDPStrategy`` class built on ``package``'s ``DDPStrategy`` (one class per package)."""
     pl = lightning_package(package)
     register_ddp_comm_hook = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
+    rank_zero_warn = importlib.import_module(f"{package}.utilities").rank_zero_warn
     fitting = pl.trainer.states.TrainerFn.FITTING
 
     class KFACDDPStrategy(pl.strategies.DDPStrategy):
@@ -102,33 +104,33 @@ def kfac_ddp_strategy_class(package: str) -> type:
                 self.setup_curvature_sync()
 
         def setup_curvature_sync(self) -> None:
-            """Bind, verify and connect every K-FAC optimizer of the LightningModule (all ranks call it)."""
-            # Imported here so that `import lightning_lbo` (which registers this strategy) stays light.
-            from lightning_lbo.optim.kfac.distributed import (
-                TorchDistributedCommunicator,
-                bind_kfac,
-                find_kfac,
-                kfac_signature,
-                verify_same_signature,
-            )
+            """Attach every K-FAC instance through the one lifecycle path, with this strategy's communicator."""
+            # Imported here so that registering this strategy stays light.
+            from lightning_lbo.callbacks.kfac import attach_kfac, find_kfac
+            from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
 
-            found = find_kfac(self.optimizers, self.lightning_module)
-            for optimizer, preconditioner in found:
-                bind_kfac(optimizer, preconditioner, self.lightning_module)
             settings = {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
                         "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric}
-            signature = {"strategy": settings, "kfac": [kfac_signature(opt, pre) for opt, pre in found]}
-            verify_same_signature(signature)
-            if not found or not dist.is_initialized():
-                return
-            if self._curvature_group is None:
-                # K-FAC's own group: its collectives never interleave with DDP's gradient buckets.
-                self._curvature_group = dist.new_group(backend=dist.get_backend())
-            self.communicator = TorchDistributedCommunicator(
-                group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
-                pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction)
-            for _, preconditioner in found:
-                preconditioner.set_communicator(self.communicator)
+            if not find_kfac(self.optimizers, self.lightning_module):
+                rank_zero_warn("strategy='ddp_kfac' found no K-FAC optimizer: it trains like strategy='ddp'. Return "
+                               "lightning_lbo.KFAC(self, ...) from configure_optimizers, or use strategy='ddp'.",
+                               category=UserWarning)
+            if dist.is_initialized():
+                if self._curvature_group is None:
+                    # K-FAC's own group: its collectives never interleave with DDP's gradient buckets.
+                    self._curvature_group = dist.new_group(backend=dist.get_backend())
+                self.communicator = TorchDistributedCommunicator(
+                    group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
+                    pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction)
+            attach_kfac(self.optimizers, self.lightning_module, self.precision_plugin, self.communicator,
+                        signature_extra=settings)
+
+        @override
+        def teardown(self) -> None:
+            from lightning_lbo.callbacks.kfac import detach_kfac
+
+            detach_kfac(self.optimizers, self.lightning_module)
+            super().teardown()
 
         @classmethod
         @override

@@ -144,8 +144,8 @@ def main() -> None:
     trainer, module = train(pl, args, "ddp_kfac", STALE)
     check("ddp_kfac stale statistics", module, reference(args.package, STALE, EPOCHS * STEPS_PER_EPOCH), trainer)
     pre = trainer.optimizers[0].preconditioner
-    refreshes = sum(v for st in pre.states for v in st.refreshes.values())
-    assert refreshes < EPOCHS * STEPS_PER_EPOCH * 2 * len(pre.states), "stale statistics skipped no refresh"
+    refreshes = sum(v for st in pre.blocks for v in st.refreshes.values())
+    assert refreshes < EPOCHS * STEPS_PER_EPOCH * 2 * len(pre.blocks), "stale statistics skipped no refresh"
 
     # checkpoint after epoch 1 (rank 0 writes), resume on both ranks, compare with the uninterrupted run
     path = os.path.join(tempfile.gettempdir(), f"ddp_kfac_{os.environ['MASTER_PORT']}.ckpt")

@@ -21,9 +21,10 @@ with batch ``B`` (for per-example-mean factors). This module implements the four
 * :meth:`~TorchDistributedCommunicator.all_min` is the collective decision (logical AND of flags).
 
 Every collective is counted in :attr:`TorchDistributedCommunicator.stats` (payload bytes per rank),
-which ``benchmarks/kfac_comm.py`` reads. No Lightning import: the strategy in
-:mod:`lightning_lbo.strategies.ddp_kfac` builds the communicator, and :func:`ensure_communicator`
-installs a synchronous one for plain ``strategy="ddp"``.
+which ``benchmarks/kfac_comm.py`` reads. No Lightning import, and the K-FAC core never imports this
+module at import time: the Lightning layer (:mod:`lightning_lbo.callbacks.kfac`) builds the
+communicator and injects it, and :func:`default_communicator` is the synchronous fallback of a bare
+``KFAC`` under plain ``strategy="ddp"``.
 
 Example::
 
@@ -291,7 +292,7 @@ class TorchDistributedCommunicator(Communicator):
         return tensor
 
 
-# ---- glue for the Lightning layer (strategy and plain-DDP fallback); no Lightning import ---------------------
+# ---- cross-rank checks and the plain-DDP fallback; no Lightning import --------------------------------------
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         items = obj.items()
@@ -330,82 +331,22 @@ def verify_same_signature(signature: Any, group: Any = None) -> None:
                            "same model, the same K-FAC layers (exclusions) and the same hyperparameters.")
 
 
-def find_kfac(optimizers: Sequence[Any], module: Any = None) -> list[tuple[Any, Any]]:
-    """``(optimizer or None, preconditioner)`` for every K-FAC preconditioner, each once.
-
-    A preconditioner is an object with ``set_communicator`` and ``bind``: the ``preconditioner`` of
-    an optimizer (Lightning wrappers unwrapped), or a standalone one stored as an attribute of
-    ``module`` (``self.kfac = KFACPreconditioner(self)`` in ``configure_optimizers``).
-    """
-
-    def is_kfac(obj: Any) -> bool:
-        return callable(getattr(obj, "set_communicator", None)) and callable(getattr(obj, "bind", None))
-
-    found: dict[int, tuple[Any, Any]] = {}
-    for optimizer in optimizers:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-        pre = getattr(optimizer, "preconditioner", None)
-        if is_kfac(pre):
-            found.setdefault(id(pre), (optimizer, pre))
-    for value in (vars(module).values() if module is not None else ()):
-        if is_kfac(value):
-            found.setdefault(id(value), (None, value))
-    return list(found.values())
-
-
-def bind_kfac(optimizer: Any, preconditioner: Any, module: Any) -> None:
-    """Bind a preconditioner built from parameters alone (LightningCLI) to ``module``; no-op if bound."""
-    if getattr(preconditioner, "bound", True):
-        return
-    (optimizer if callable(getattr(optimizer, "bind", None)) else preconditioner).bind(module)
-
-
-def _describe(value: Any) -> Any:
-    """A rank-independent, picklable description of a setting (callables by name, enums by value)."""
-    if callable(value) and not isinstance(value, type):
-        return getattr(value, "__qualname__", type(value).__qualname__)
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    return getattr(value, "value", None) if hasattr(value, "value") else repr(value)
-
-
-_SETTINGS = ("damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "inverse_method",
-             "fisher", "likelihood", "kl_clip", "stale_statistics", "linear_variant", "l2")
-
-
-def kfac_signature(optimizer: Any, preconditioner: Any) -> dict[str, Any]:
-    """Layers (name, module type, factor sizes) and settings of one K-FAC instance, to compare across ranks."""
-    layers = []
-    for st in getattr(preconditioner, "states", []):
-        block = st.block
-        dims = getattr(block, "dims", None) if getattr(block, "kind", "") == "kronecker" else getattr(block, "k", None)
-        layers.append(f"{block.name}: {type(block.module).__name__} {getattr(block, 'kind', '')} {dims}")
-    settings = {name: _describe(getattr(preconditioner, name, None)) for name in _SETTINGS}
-    if optimizer is not None:
-        settings |= {f"optimizer.{k}": _describe(v) for k, v in sorted(getattr(optimizer, "defaults", {}).items())}
-    return {"class": type(preconditioner).__qualname__, "layers": layers, "settings": settings}
-
-
 _HINT_SHOWN = False
 
 
-def ensure_communicator(preconditioner: Any) -> Communicator:
-    """Give ``preconditioner`` a synchronous torch.distributed communicator if it still has the no-op one.
+def default_communicator() -> Communicator:
+    """The communicator of a bare ``KFAC`` under plain ``strategy="ddp"`` (no Lightning layer installed one).
 
-    The plain ``strategy="ddp"`` path: Lightning's DDP averages gradients but knows nothing about
-    Kronecker factors, so without this every rank would precondition with its own factors. Call it
-    on every rank at the same point (e.g. the first optimizer step); it creates a process group
-    (a collective). A one-time hint recommends ``strategy="ddp_kfac"``, which overlaps and packs the
-    reductions. Returns the communicator in use.
+    Lightning's DDP averages gradients but knows nothing about Kronecker factors, so without this
+    every rank would precondition with its own factors: a synchronous communicator on a new process
+    group (a collective: every rank calls it at the same point, the first capture). One-process runs
+    get the no-op :class:`Communicator`. A one-time hint recommends ``strategy="ddp_kfac"``, which
+    overlaps and packs the reductions and shares the inverse work.
     """
     global _HINT_SHOWN
-    comm = preconditioner.comm
-    if type(comm) is not Communicator or not dist.is_available() or not dist.is_initialized():
-        return comm
-    if dist.get_world_size() == 1:
-        return comm
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return Communicator()
     comm = TorchDistributedCommunicator(group=dist.new_group(backend=dist.get_backend()), async_op=False)
-    preconditioner.set_communicator(comm)
     if not _HINT_SHOWN and comm.rank == 0:
         _HINT_SHOWN = True
         warnings.warn("K-FAC under plain DDP: Kronecker factors are now averaged across ranks synchronously. "

@@ -1,30 +1,44 @@
-"""Damped inverses of Kronecker factors and unit-wise blocks, with a numerical fallback ladder.
+"""Damped inverses of curvature blocks: one class per method, and the numerical fallback ladder.
 
-Two methods (``InverseMethod``):
+Every method is a :class:`BlockInverse` with ``from_factors(factors, damping, dtype)`` (the inverse
+and an on-device "ok" flag), ``apply(grad, damping)`` (the preconditioned gradient, fp32, same layout)
+and ``tensors()`` (what an owner rank broadcasts; ``receiver(...)`` builds empty buffers of the same
+layout on the other ranks).
 
-* ``"cholesky"``: factored Tikhonov damping (Martens & Grosse 2015, section 6.3),
+* :class:`CholeskyKronecker` (``inverse_method="cholesky"``): factored Tikhonov damping
+  (Martens & Grosse 2015, section 6.3),
 
   .. math:: (A + \\pi\\sqrt{\\lambda} I)^{-1} \\otimes (G + \\frac{\\sqrt{\\lambda}}{\\pi} I)^{-1},
      \\qquad \\pi = \\sqrt{\\frac{\\operatorname{tr}(A)/d_A}{\\operatorname{tr}(G)/d_G}},
 
-  each inverse through a Cholesky factorisation (several times faster than ``eigh`` on big factors).
-  Damping is fixed at inversion time.
-* ``"eigen"``: eigendecompositions ``A = Q_A diag(d_A) Q_A^T`` (same for G) and the exact damping
-  ``1 / (d_G d_A^T + \\lambda)`` applied at preconditioning time, so a damping schedule acts at
-  every step without re-inverting.
+  each inverse through a Cholesky factorisation; damping fixed at inversion time.
+* :class:`WoodburyKronecker`: the same damped system when ``A = U^T U / n`` has fewer rows ``r``
+  than ``d_A / 2`` (fresh statistics, one process):
+  :math:`(U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}(I - U^T (n\\delta I + U U^T)^{-1} U)`,
+  ``O(d_G d_A r)`` per step instead of ``O(d_G d_A^2)``.
+* :class:`EigenKronecker` (``inverse_method="eigen"``): ``A = Q_A diag(d_A) Q_A^T`` (same for G) and
+  the exact damping ``1 / (d_G d_A^T + \\lambda)`` applied at every step with the current damping.
+* :class:`DiagonalKronecker`: exact damping with a diagonal ``A`` (embeddings).
+* :class:`UnitWise`: ``(F_u + \\lambda I)^{-1}`` per unit (BatchNorm/LayerNorm, SP-NGD).
 
-All work is done in fp32 whatever the training precision. A block whose factorisation fails or is
-not finite is retried in fp64, then with 10x and 100x the damping, and finally replaced by the
-identity (the plain gradient for that layer) with a warning. Factors are ``[groups, d, d]``.
+Precision. In fp32, directions of the gradient the factors barely see are amplified by ``1 /
+damping`` together with the rounding error of the projection onto them (``~1e-7 |grad|``), so each
+method computes, stores and applies its inverse in fp64 below a damping of ``precise_below``
+(1e-3 for the Cholesky, Woodbury and unit-wise methods; always for the eigen methods, whose fp32
+eigenvectors alone cost 1e-4). The relative error against a dense fp64 solve then stays below 1e-4
+from damping 1e-2 to 1e-6 (tested); the exact damping of the eigen methods below 1e-3 also needs
+``factor_dtype=torch.float64``, as fp32 factors are rounded by ``~1e-7 |A|``, more than the damping.
+A block whose factorisation fails or is not finite is retried in fp64, then with 10x and 100x the
+damping, and finally replaced by the identity (the plain gradient for that layer) with a warning.
 """
 
 from __future__ import annotations
 
 import warnings
 from enum import Enum
+from typing import Any
 
 import torch
-
 
 class InverseMethod(str, Enum):
     CHOLESKY = "cholesky"
@@ -60,106 +74,225 @@ def _cholesky_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inv, ok
 
 
-def kronecker_inverse(A: torch.Tensor, G: torch.Tensor, damping: float, method: InverseMethod,
-                      dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
-                      n: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Damped inverse data of one Kronecker block and an ok flag.
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
-    Returns ``{"A_inv", "G_inv"}`` (cholesky) or ``{"QA", "dA", "QG", "dG"}`` (eigen), in fp32.
-    With ``rows`` (``U: [groups, r, d_A]``, ``A = U^T U / n``, fewer rows than columns; fresh
-    statistics only), the A side uses the Sherman-Morrison-Woodbury identity
 
-    .. math:: (U^T U / n + \\delta I)^{-1} = \frac{1}{\\delta}\\left(I - U^T (n\\delta I + U U^T)^{-1} U\right)
+class BlockInverse:
+    """Base of the inverse methods: a named set of tensors and how to apply them."""
 
-    and returns ``{"U", "K_inv", "delta_A", "G_inv"}``: applying it costs ``O(d_G d_A r)`` instead
-    of ``O(d_G d_A^2)`` per step.
-    """
-    A, G = A.to(dtype), G.to(dtype)
-    if method is InverseMethod.CHOLESKY:
-        pi = pi_factor(A, G)
-        root = damping ** 0.5
-        if rows is not None:
-            U = rows.to(dtype)
-            delta = pi * root
-            eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
-            K = torch.bmm(U, U.transpose(1, 2)) + (n.to(dtype) * delta) * eye_r
-            k_inv, ok_k = _cholesky_inverse(K)
-            g_inv, ok_g = _cholesky_inverse(G + (root / pi) * _eye_like(G))
-            inv = {"U": U.float(), "K_inv": k_inv.float(), "delta_A": delta.float(), "G_inv": g_inv.float()}
-            return inv, ok_k & ok_g
+    names: tuple[str, ...] = ()
+    #: dampings below this are inverted and applied in fp64 (see the module docstring)
+    precise_below = 1e-3
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.data = tensors
+
+    @classmethod
+    def storage_dtype(cls, damping: float, factor_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this inverse is stored and applied in: fp64 for small damping or fp64 factors."""
+        return torch.float64 if damping < cls.precise_below or factor_dtype == torch.float64 else torch.float32
+
+    @classmethod
+    def from_factors(cls, factors: dict[str, torch.Tensor], damping: float, dtype: torch.dtype,
+                     out_dtype: torch.dtype) -> tuple[BlockInverse, torch.Tensor]:
+        """The damped inverse computed in ``dtype``, stored in ``out_dtype``, and an ok flag (no sync)."""
+        raise NotImplementedError
+
+    @classmethod
+    def identity(cls, factors: dict[str, torch.Tensor], out_dtype: torch.dtype) -> BlockInverse:
+        """An inverse of this layout that leaves the gradient unchanged (the plain-gradient fallback)."""
+        raise NotImplementedError
+
+    @classmethod
+    def receiver(cls, factors: dict[str, torch.Tensor], out_dtype: torch.dtype) -> BlockInverse:
+        """Empty buffers of this layout, to receive a broadcast inverse."""
+        template = cls.identity(factors, out_dtype)
+        return cls(**{k: torch.empty_like(v) for k, v in template.data.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors an owner broadcasts (in a fixed order)."""
+        return [self.data[k] for k in self.names]
+
+    def apply(self, grad: torch.Tensor, damping: float) -> torch.Tensor:
+        """The preconditioned gradient (fp32, layout of ``grad``)."""
+        raise NotImplementedError
+
+    def _cast(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(self.data[self.names[0]].dtype)
+
+
+class CholeskyKronecker(BlockInverse):
+    """Factored Tikhonov damping, ``P = G_inv @ grad @ A_inv`` (grad ``[groups, d_g, d_a]``)."""
+
+    names = ("A_inv", "G_inv")
+
+    @classmethod
+    def from_factors(cls, factors, damping, dtype, out_dtype):
+        A, G = factors["A"].to(dtype), factors["G"].to(dtype)
+        pi, root = pi_factor(A, G), damping ** 0.5
         a_inv, ok_a = _cholesky_inverse(A + (pi * root) * _eye_like(A))
         g_inv, ok_g = _cholesky_inverse(G + (root / pi) * _eye_like(G))
-        return {"A_inv": a_inv.float(), "G_inv": g_inv.float()}, ok_a & ok_g
-    try:
-        dA, QA = torch.linalg.eigh(A)
-        dG, QG = torch.linalg.eigh(G)
-    except RuntimeError:  # "failed to converge"
-        return {}, torch.zeros((), dtype=torch.bool, device=A.device)
-    # Factors are PSD: negative eigenvalues are round-off.
-    dA, dG = dA.clamp_min(0), dG.clamp_min(0)
-    ok = torch.isfinite(QA).all() & torch.isfinite(QG).all() & torch.isfinite(dA).all() & torch.isfinite(dG).all()
-    mask = torch.ones((), device=A.device)
-    return {"QA": QA.float(), "dA": dA.float(), "QG": QG.float(), "dG": dG.float(), "mask": mask}, ok
+        return cls(A_inv=a_inv.to(out_dtype), G_inv=g_inv.to(out_dtype)), ok_a & ok_g
+
+    @classmethod
+    def identity(cls, factors, out_dtype):
+        A, G = factors["A"], factors["G"]
+        return cls(A_inv=_eye_like(A).to(out_dtype).clone(), G_inv=_eye_like(G).to(out_dtype).clone())
+
+    def apply(self, grad, damping):
+        return torch.bmm(torch.bmm(self.data["G_inv"], self._cast(grad)), self.data["A_inv"]).float()
 
 
-def identity_kronecker(A: torch.Tensor, G: torch.Tensor, method: InverseMethod) -> dict[str, torch.Tensor]:
-    """Inverse data that leaves the gradient unchanged (the plain-gradient fallback)."""
-    if method is InverseMethod.CHOLESKY:
-        return {"A_inv": _eye_like(A).float().clone(), "G_inv": _eye_like(G).float().clone()}
-    # Q = I, unit eigenvalues and ``mask = 0`` (no damping term): 1 / (dG dA^T + mask * lambda) = 1.
-    return {"QA": _eye_like(A).float().clone(), "dA": torch.ones(A.shape[:2], device=A.device),
-            "QG": _eye_like(G).float().clone(), "dG": torch.ones(G.shape[:2], device=G.device),
-            "mask": torch.zeros((), device=A.device)}
+class WoodburyKronecker(BlockInverse):
+    """:class:`CholeskyKronecker`'s system with the A side through the Woodbury identity (low-rank A)."""
+
+    names = ("U", "K_inv", "delta_A", "G_inv")
+
+    @classmethod
+    def from_factors(cls, factors, damping, dtype, out_dtype):
+        """``factors`` also holds ``rows`` (``U: [groups, r, d_A]``) and ``n`` with ``A = U^T U / n``."""
+        A, G, U = factors["A"].to(dtype), factors["G"].to(dtype), factors["rows"].to(dtype)
+        pi, root = pi_factor(A, G), damping ** 0.5
+        delta = pi * root
+        eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
+        k_inv, ok_k = _cholesky_inverse(torch.bmm(U, U.transpose(1, 2)) + (factors["n"] * delta) * eye_r)
+        g_inv, ok_g = _cholesky_inverse(G + (root / pi) * _eye_like(G))
+        inverse = cls(U=U.to(out_dtype), K_inv=k_inv.to(out_dtype), delta_A=delta.to(out_dtype),
+                      G_inv=g_inv.to(out_dtype))
+        return inverse, ok_k & ok_g
+
+    def apply(self, grad, damping):
+        d = self.data
+        grad = self._cast(grad)
+        U = d["U"]
+        low = torch.bmm(torch.bmm(torch.bmm(grad, U.transpose(1, 2)), d["K_inv"]), U)
+        return torch.bmm(d["G_inv"], (grad - low) / d["delta_A"]).float()
 
 
-def unit_inverse(F: torch.Tensor, damping: float, dtype: torch.dtype = torch.float32
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``(F_u + damping I)^{-1}`` for every unit, ``[units, k, k]``, and an ok flag."""
-    F = F.to(dtype)
-    inv, ok = _cholesky_inverse(F + damping * _eye_like(F))
-    return {"F_inv": inv.float()}, ok
+class EigenKronecker(BlockInverse):
+    """Exact damping: ``P = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + mask * lambda)] Q_A^T``."""
+
+    names = ("QA", "dA", "QG", "dG", "mask")
+    precise_below = float("inf")
+
+    @staticmethod
+    def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d, q = torch.linalg.eigh(m)
+        return d.clamp_min(0), q  # factors are PSD: negative eigenvalues are round-off
+
+    @classmethod
+    def from_factors(cls, factors, damping, dtype, out_dtype):
+        try:
+            dA, QA = cls._eigh(factors["A"].to(dtype))
+            dG, QG = cls._eigh(factors["G"].to(dtype))
+        except RuntimeError:  # "failed to converge"
+            return cls.identity(factors, out_dtype), torch.zeros((), dtype=torch.bool, device=factors["G"].device)
+        ok = _all_finite(QA, QG, dA, dG)
+        mask = torch.ones((), dtype=out_dtype, device=QA.device)
+        return cls(QA=QA.to(out_dtype), dA=dA.to(out_dtype), QG=QG.to(out_dtype), dG=dG.to(out_dtype),
+                   mask=mask), ok
+
+    @classmethod
+    def identity(cls, factors, out_dtype):
+        # Q = I, unit eigenvalues and mask = 0 (no damping term): 1 / (dG dA^T + mask * lambda) = 1.
+        A, G = factors["A"], factors["G"]
+        return cls(QA=_eye_like(A).to(out_dtype).clone(), dA=A.new_ones(A.shape[:2], dtype=out_dtype),
+                   QG=_eye_like(G).to(out_dtype).clone(), dG=G.new_ones(G.shape[:2], dtype=out_dtype),
+                   mask=A.new_zeros((), dtype=out_dtype))
+
+    def apply(self, grad, damping):
+        d = self.data
+        QA, QG = d["QA"], d["QG"]
+        v = torch.bmm(torch.bmm(QG.transpose(1, 2), self._cast(grad)), QA)
+        v = v / (d["dG"].unsqueeze(2) * d["dA"].unsqueeze(1) + damping * d["mask"])
+        return torch.bmm(torch.bmm(QG, v), QA.transpose(1, 2)).float()
 
 
-def invert_with_fallback(blocks: list, factors: list[dict[str, torch.Tensor]], damping: float | list[float],
-                         method: InverseMethod) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
-    """Invert every block (fp32, then fp64, then 10x/100x damping, then identity).
+class DiagonalKronecker(EigenKronecker):
+    """Exact damping with a diagonal ``A`` (``[1, d_A]``, its own eigenbasis): ``Q_A = I``."""
 
-    One host sync per attempt round (the ok flags of all blocks are read together).
-    Returns the inverse data per block and the names of blocks that fell back to the plain gradient.
+    names = ("dA", "QG", "dG", "mask")
+
+    @classmethod
+    def from_factors(cls, factors, damping, dtype, out_dtype):
+        try:
+            dG, QG = cls._eigh(factors["G"].to(dtype))
+        except RuntimeError:
+            return cls.identity(factors, out_dtype), torch.zeros((), dtype=torch.bool, device=factors["G"].device)
+        dA = factors["A"].to(dtype).clamp_min(0)
+        ok = _all_finite(dA, QG, dG)
+        mask = torch.ones((), dtype=out_dtype, device=QG.device)
+        return cls(dA=dA.to(out_dtype), QG=QG.to(out_dtype), dG=dG.to(out_dtype), mask=mask), ok
+
+    @classmethod
+    def identity(cls, factors, out_dtype):
+        A, G = factors["A"], factors["G"]
+        return cls(dA=torch.ones_like(A, dtype=out_dtype), QG=_eye_like(G).to(out_dtype).clone(),
+                   dG=G.new_ones(G.shape[:2], dtype=out_dtype), mask=A.new_zeros((), dtype=out_dtype))
+
+    def apply(self, grad, damping):
+        d = self.data
+        QG = d["QG"]
+        v = torch.bmm(QG.transpose(1, 2), self._cast(grad))
+        v = v / (d["dG"].unsqueeze(2) * d["dA"].unsqueeze(1) + damping * d["mask"])
+        return torch.bmm(QG, v).float()
+
+
+class UnitWise(BlockInverse):
+    """``P_u = (F_u + lambda I)^{-1} grad_u`` for every unit (grad ``[units, k]``)."""
+
+    names = ("F_inv",)
+
+    @classmethod
+    def from_factors(cls, factors, damping, dtype, out_dtype):
+        F = factors["F"].to(dtype)
+        inv, ok = _cholesky_inverse(F + damping * _eye_like(F))
+        return cls(F_inv=inv.to(out_dtype)), ok
+
+    @classmethod
+    def identity(cls, factors, out_dtype):
+        return cls(F_inv=_eye_like(factors["F"]).to(out_dtype).clone())
+
+    def apply(self, grad, damping):
+        return torch.bmm(self.data["F_inv"], self._cast(grad).unsqueeze(2)).squeeze(2).float()
+
+
+def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, torch.Tensor], float, torch.dtype]]
+                         ) -> tuple[list[BlockInverse], list[str]]:
+    """Invert every job ``(block, method class, factors, damping, storage dtype)``.
+
+    Ladder: fp32 (fp64 if the storage dtype is fp64), fp64, 10x and 100x damping in fp64, identity.
+    A Woodbury job that fails retries as the dense :class:`CholeskyKronecker` (its rows may come from
+    a non-finite batch). One host sync per attempt round (the ok flags of all jobs are read together).
+    Returns the inverses and the names of blocks that fell back to the plain gradient.
     """
-
-    dampings = damping if isinstance(damping, list) else [damping] * len(blocks)
-
-    def attempt(i: int, dtype: torch.dtype, scale: float):
-        f, damp = factors[i], dampings[i] * scale
-        if blocks[i].kind == "unit":
-            return unit_inverse(f["F"], damp, dtype)
-        # Retries drop the Woodbury rows (they may come from a non-finite batch) and use the dense A.
-        rows = f.get("rows") if dtype is torch.float32 else None
-        return kronecker_inverse(f["A"], f["G"], damp, method, dtype, rows=rows, n=f.get("n"))
-
-    results: list = [None] * len(blocks)
-    pending = list(range(len(blocks)))
-    for dtype, damp in ((torch.float32, 1.0), (torch.float64, 1.0), (torch.float64, 10.0), (torch.float64, 100.0)):
+    results: list[BlockInverse | None] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    for attempt, (dtype, scale) in enumerate(((torch.float32, 1.0), (torch.float64, 1.0), (torch.float64, 10.0),
+                                              (torch.float64, 100.0))):
         if not pending:
             break
-        tries = {i: attempt(i, dtype, damp) for i in pending}
+        tries = {}
+        for i in pending:
+            _, method, factors, damping, out_dtype = jobs[i]
+            if attempt and method is WoodburyKronecker:
+                method = CholeskyKronecker
+            compute = torch.float64 if out_dtype == torch.float64 else dtype
+            tries[i] = method.from_factors(factors, damping * scale, compute, out_dtype)
         flags = torch.stack([ok.reshape(()) for _, ok in tries.values()]).tolist()
-        still = []
-        for (i, (inv, _)), ok in zip(tries.items(), flags, strict=True):
+        pending = []
+        for (i, (inverse, _)), ok in zip(tries.items(), flags, strict=True):
             if ok:
-                results[i] = inv
+                results[i] = inverse
             else:
-                still.append(i)
-        pending = still
+                pending.append(i)
     failed = []
     for i in pending:
-        failed.append(blocks[i].name)
-        f = factors[i]
-        if blocks[i].kind == "unit":
-            results[i] = {"F_inv": _eye_like(f["F"]).float().clone()}
-        else:
-            results[i] = identity_kronecker(f["A"], f["G"], method)
+        block, method, factors, _, out_dtype = jobs[i]
+        failed.append(block.name)
+        method = CholeskyKronecker if method is WoodburyKronecker else method
+        results[i] = method.identity(factors, out_dtype)
     if failed:
         warnings.warn(f"K-FAC: inverting the curvature of {failed} failed in fp32, fp64 and with 100x damping; "
                       "these layers use the plain gradient until the next inverse update. Increase `damping`.",

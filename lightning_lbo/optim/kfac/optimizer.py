@@ -10,30 +10,67 @@ does not support), ``lr_t`` the learning rate and ``m`` the momentum:
 
 This is PyTorch's SGD form, which equals Goyal et al.'s ``v <- m (lr_t / lr_{t-1}) v + lr_t d``
 update *with* momentum correction. ``momentum_correction=False`` gives the uncorrected
-``v <- m v + lr_t d`` instead. ``weight_rescaling`` (Osawa et al. 2019) clips the norm of every
-Linear/Conv weight to ``sqrt(2 * d_out)`` after the update. Steps whose gradients are not finite
-leave weights and momentum unchanged and are counted in ``skipped_steps`` (no host sync).
+``v <- m v + lr_t d`` instead (the factor of :func:`lightning_lbo.optim.momentum.correction_factor`).
+``weight_rescaling`` (Osawa et al. 2019) clips the norm of every Linear/Conv weight to
+``sqrt(2 * d_out)`` after the update.
+
+Non-finite steps follow the package's skip contract (:mod:`lightning_lbo.optim._step_utils`): a step
+whose gradients are not all finite, or one skipped on request (``skip_next_step_where``), leaves
+weights, momentum buffers and K-FAC factors bit-identical and counts in ``nonfinite_skips``, decided
+on the device (no host sync). The refresh schedule still advances.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
-from torch.optim import Optimizer
+from torch import Tensor, nn
 
-from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
+from lightning_lbo.optim._step_utils import CheckedOptimizer, check_momentum, check_non_negative
+from lightning_lbo.optim.kfac.blocks import KroneckerBlock
+from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner, check_keywords
+from lightning_lbo.optim.momentum import MOMENTUM_BUFFER, correction_factor
+
+#: keyword arguments ``KFAC`` passes on to :class:`KFACPreconditioner`
+PRECONDITIONER_ARGUMENTS = tuple(name for name, p in inspect.signature(KFACPreconditioner).parameters.items()
+                                 if p.kind is p.KEYWORD_ONLY and name != "params")
 
 
-class KFAC(Optimizer):
+def _select(keep: Tensor, value: float, otherwise: float) -> Tensor:
+    """``value`` where ``keep`` else ``otherwise``, as a 0-d device tensor, exact in both cases, no sync."""
+    k = keep.to(torch.float32)
+    return k * value + (1.0 - k) * otherwise
+
+
+def kfac_sgd(params: list[Tensor], updates: list[Tensor], bufs: list[Tensor | None], *, keep: Tensor, lr: float,
+             momentum: float, momentum_scale: float = 1.0) -> None:
+    """The momentum-SGD part of a KFAC step, masked by ``keep`` (0-d bool), on the device.
+
+    ``updates`` are the (preconditioned, decayed) directions ``d``, finite; ``bufs`` the momentum
+    buffers (``None``: first step, the buffer becomes ``d``; the new buffers are written into the
+    caller's ``state`` by the caller). With ``keep`` False nothing changes: buffers are multiplied by
+    1 and ``d`` is 0; weights move by ``0 * v``.
+    """
+    if momentum:
+        existing = [(b, d) for b, d in zip(bufs, updates, strict=True) if b is not None]
+        if existing:
+            old = [b for b, _ in existing]
+            torch._foreach_mul_(old, _select(keep, momentum * momentum_scale, 1.0))
+            torch._foreach_add_(old, [d for _, d in existing])
+        updates = [d if b is None else b for b, d in zip(bufs, updates, strict=True)]
+    torch._foreach_add_(params, torch._foreach_mul(updates, _select(keep, -lr, 0.0)))
+
+
+class KFAC(CheckedOptimizer):
     """K-FAC natural-gradient descent with momentum.
 
     Args:
         params: a module (hooks are registered now: ``KFAC(self, ...)`` in ``configure_optimizers``)
             or parameters / parameter groups (bind later: ``KFACCallback`` or the ``ddp_kfac``
-            strategy calls :meth:`bind` with the LightningModule at setup).
+            strategy binds it to the LightningModule at setup).
         lr: learning rate.
         momentum: momentum factor.
         weight_decay: L2 penalty added to the (preconditioned) gradient.
@@ -43,7 +80,8 @@ class KFAC(Optimizer):
         weight_rescaling: clip Linear/Conv weight norms to ``sqrt(2 * d_out)`` after each step.
         **preconditioner_kwargs: :class:`KFACPreconditioner` arguments (``damping``,
             ``factor_decay``, ``factor_update_interval``, ``inverse_update_interval``, ``fisher``,
-            ``kl_clip``, ``stale_statistics``, ``exclude``, ...).
+            ``kl_clip``, ``stale_statistics``, ``exclude``, ``factor_dtype``, ...); an unknown name
+            raises ``TypeError`` listing the valid ones.
 
     Example::
 
@@ -55,12 +93,8 @@ class KFAC(Optimizer):
     def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, fold_weight_decay: bool = False, momentum_correction: bool = True,
                  weight_rescaling: bool = False, **preconditioner_kwargs: Any) -> None:
-        if not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr}; use lr >= 0.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum}; use a value in [0, 1).")
-        if not weight_decay >= 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay}; use a non-negative value.")
+        check_keywords("KFAC", preconditioner_kwargs, PRECONDITIONER_ARGUMENTS + tuple(
+            n for n in inspect.signature(KFAC.__init__).parameters if n not in ("self", "preconditioner_kwargs")))
         module = params if isinstance(params, nn.Module) else None
         param_source = module.parameters() if module is not None else params
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_correction=momentum_correction,
@@ -71,9 +105,17 @@ class KFAC(Optimizer):
             preconditioner_kwargs["l2"] = weight_decay
         all_params = [p for g in self.param_groups for p in g["params"]]
         self.preconditioner = KFACPreconditioner(None, params=all_params, **preconditioner_kwargs)
-        self.skipped_steps = torch.zeros((), dtype=torch.long)
+        self._preconditioned: set[int] = set()
+        self._rescaled: dict[int, int] = {}
+        self._pending_kfac_state: dict[str, Any] | None = None
         if module is not None:
             self.bind(module)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_non_negative("learning rate", group["lr"])
+        check_momentum(group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -84,98 +126,86 @@ class KFAC(Optimizer):
     def bind(self, module: nn.Module) -> None:
         """Register K-FAC's hooks on ``module``'s supported layers among this optimizer's parameters."""
         self.preconditioner.bind(module)
-        self._preconditioned = {id(p) for st in self.preconditioner.states for p in st.block.params}
-        self._rescaled = {id(st.block.weight): st.block.weight.shape[0] for st in self.preconditioner.states
-                          if st.block.kind == "kronecker"}
-        self.skipped_steps = self.skipped_steps.to(self.preconditioner.states[0].block.weight.device)
-        pending = getattr(self, "_pending_kfac_state", None)
-        if pending is not None:
-            self.preconditioner.load_state_dict(pending)
+        blocks = self.preconditioner.blocks
+        self._preconditioned = {id(p) for block in blocks for p in block.params}
+        self._rescaled = {id(b.weight): b.weight.shape[0] for b in blocks if isinstance(b, KroneckerBlock)}
+        if self._pending_kfac_state is not None:
+            self.preconditioner.load_state_dict(self._pending_kfac_state)
             self._pending_kfac_state = None
 
     @property
     def bound(self) -> bool:
         return self.preconditioner.bound
 
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Deprecated alias of :attr:`nonfinite_skips`."""
+        return self.nonfinite_skips
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """One K-FAC step; ``closure`` (re-evaluates the loss) runs once under ``torch.enable_grad()``."""
+        loss = self._evaluate_closure(closure)
         if not self.preconditioner.bound:
             raise RuntimeError("KFAC was built from parameters and is not bound to its module: add "
                                "lightning_lbo.callbacks.KFACCallback() to the Trainer, use strategy='ddp_kfac', "
                                "or call optimizer.bind(model).")
-        self.preconditioner.step(lr=self.param_groups[0]["lr"])
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            self.preconditioner.step(lr=self.param_groups[0]["lr"])
             return loss
-        grads = [p.grad for p in params]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        self.skipped_steps += (~finite).long()
+        keep = self._step_keep(grads)
+        self.preconditioner.step(lr=self.param_groups[0]["lr"], keep=keep)
         for group in self.param_groups:
-            self._update_group(group, finite)
+            self._update_group(group, keep)
         return loss
 
-    def _update_group(self, group: dict[str, Any], finite: torch.Tensor) -> None:
+    def _update_group(self, group: dict[str, Any], keep: Tensor) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        zero = torch.zeros((), device=params[0].device)
-        grads = [torch.where(finite, p.grad, zero) for p in params]
+        zero = torch.zeros((), dtype=params[0].grad.dtype, device=params[0].device)
+        updates = [torch.where(keep, p.grad, zero) for p in params]  # NaN-free, zero on a skipped step
         if wd:
-            decayed = [(g, p) for g, p in zip(grads, params, strict=True)
+            decayed = [(d, p) for d, p in zip(updates, params, strict=True)
                        if not (self.fold_weight_decay and id(p) in self._preconditioned)]
             if decayed:
-                torch._foreach_add_([g for g, _ in decayed], [p for _, p in decayed], alpha=wd)
-        lr_t = torch.where(finite, torch.tensor(float(lr), device=zero.device), zero)
+                torch._foreach_add_([d for d, _ in decayed], torch._foreach_mul([p for _, p in decayed],
+                                                                                _select(keep, wd, 0.0)))
+        bufs = [self.state[p].get(MOMENTUM_BUFFER) for p in params] if momentum else [None] * len(params)
+        scale = 1.0 if group["momentum_correction"] else correction_factor(group.get("prev_lr", lr), lr,
+                                                                           lr_in_buffer=False)
+        kfac_sgd(params, updates, bufs, keep=keep, lr=lr, momentum=momentum, momentum_scale=scale)
         if momentum:
-            bufs = []
-            prev_lr = group.get("prev_lr", lr)
-            scale = 1.0 if group["momentum_correction"] or not lr else prev_lr / lr
-            m_t = torch.where(finite, torch.tensor(momentum * scale, device=zero.device), torch.ones_like(zero))
-            for p, g in zip(params, grads, strict=True):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.where(finite, g, zero).clone()
-                    bufs.append(None)
-                else:
-                    bufs.append(state["momentum_buffer"])
-            existing = [(b, g) for b, g in zip(bufs, grads, strict=True) if b is not None]
-            if existing:
-                torch._foreach_mul_([b for b, _ in existing], m_t)
-                torch._foreach_add_([b for b, _ in existing], [g for _, g in existing])
-            updates = [self.state[p]["momentum_buffer"] for p in params]
-            group["prev_lr"] = lr
-        else:
-            updates = grads
-        torch._foreach_add_(params, torch._foreach_mul(updates, -lr_t))
+            for p, b, d in zip(params, bufs, updates, strict=True):
+                if b is None:
+                    self.state[p][MOMENTUM_BUFFER] = d
+        group["prev_lr"] = lr
         if group["weight_rescaling"]:
-            self._rescale([p for p in params if id(p) in self._rescaled])
+            self._rescale([p for p in params if id(p) in self._rescaled], keep)
 
-    def _rescale(self, weights: list[torch.Tensor]) -> None:
+    def _rescale(self, weights: list[Tensor], keep: Tensor) -> None:
         if not weights:
             return
         norms = torch._foreach_norm(weights)
-        factors = [torch.clamp((2.0 * self._rescaled[id(w)]) ** 0.5 / n.clamp_min(1e-12), max=1.0)
+        k = keep.to(torch.float32)
+        factors = [k * torch.clamp((2.0 * self._rescaled[id(w)]) ** 0.5 / n.clamp_min(1e-12), max=1.0) + (1 - k)
                    for w, n in zip(weights, norms, strict=True)]
         torch._foreach_mul_(weights, factors)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["kfac"] = self.preconditioner.state_dict() if self.preconditioner.bound else None
-        state["skipped_steps"] = self.skipped_steps.clone()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         kfac_state = state_dict.pop("kfac", None)
-        skipped = state_dict.pop("skipped_steps", None)
+        legacy = state_dict.pop("skipped_steps", None)  # checkpoints before the package-wide skip counter
+        if legacy is not None and "nonfinite_skips" not in state_dict:
+            state_dict["nonfinite_skips"] = legacy
         super().load_state_dict(state_dict)
-        if skipped is not None:
-            self.skipped_steps = skipped.to(self.skipped_steps.device).clone()
         if kfac_state is not None:
             if self.preconditioner.bound:
                 self.preconditioner.load_state_dict(kfac_state)

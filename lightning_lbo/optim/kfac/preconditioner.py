@@ -2,41 +2,55 @@
 
 Martens & Grosse 2015 (K-FAC), Grosse & Martens 2016 (KFC for conv), Osawa et al. 2019/2020
 (large-batch K-FAC, SP-NGD: unit-wise BN Fisher, stale statistics). Formulas and the scaling
-convention: :mod:`.layers`; damping and inverses: :mod:`.inverses`; stale statistics: :mod:`.stale`.
+convention: :mod:`.blocks`; damping and inverses: :mod:`.inverses`; hooks: :mod:`.capture`; stale
+statistics: :mod:`.stale`. The preconditioner only schedules: capture -> commit -> invert -> apply.
 """
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac.blocks import BLOCK_TYPES, EXPAND, CurvatureBlock, make_block
+from lightning_lbo.optim.kfac.capture import Capture, Captured
 from lightning_lbo.optim.kfac.comm import Communicator
 from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
-from lightning_lbo.optim.kfac.hooks import CaptureHooks, _BlockState
-from lightning_lbo.optim.kfac.inverses import InverseMethod, invert_with_fallback, parse_inverse_method
-from lightning_lbo.optim.kfac.layers import EXPAND, SUPPORTED, make_block
-from lightning_lbo.optim.kfac.precondition import apply_inverse, inverse_template
 from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 FloatSchedule = float | Callable[[int], float]
 IntSchedule = int | Callable[[int], int]
+Layer = nn.Module | str
 
 
 def _resolve(value, step: int):
     return value(step) if callable(value) else value
 
 
-class KFACPreconditioner(CaptureHooks):
+def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise ``TypeError`` naming ``owner``, each unknown keyword (with a close match) and the valid names."""
+    accepted = sorted(accepted)
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, accepted, 1))
+                             else "") for k in unknown]
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}. "
+                        f"Valid: {', '.join(accepted)}.")
+
+
+class KFACPreconditioner:
     """Replace the gradients of supported layers by their K-FAC natural gradient, in place.
 
-    Supported: ``nn.Linear`` (any input rank), ``nn.Conv2d``, ``BatchNorm1d/2d`` and ``LayerNorm``
-    (unit-wise). Other parameters are left untouched (the optimizer behind applies its own update)
-    and listed once in a warning. Usable in front of any optimizer::
+    Supported (:data:`~lightning_lbo.optim.kfac.blocks.BLOCK_TYPES`, extensible with
+    :func:`~lightning_lbo.optim.kfac.blocks.register_block`): ``nn.Linear`` (any input rank),
+    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``BatchNorm1d/2d/3d`` and ``LayerNorm`` (unit-wise).
+    Other parameters are left untouched (the optimizer behind applies its own update) and listed
+    once in a warning. Usable in front of any optimizer::
 
         pre = KFACPreconditioner(model, damping=1e-3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -70,25 +84,22 @@ class KFACPreconditioner(CaptureHooks):
         low_rank_inverse: with fresh statistics (``factor_decay=1``), the cholesky method and one
             process, apply ``(A + delta I)^{-1}`` through the Woodbury identity when the batch has
             fewer rows (examples x positions) than half of ``d_A`` (much cheaper per step on wide layers).
-        comm: the :class:`Communicator` (single process: the no-op default).
+        factor_dtype: dtype of the factors (``torch.float32``; ``torch.float64`` for fp64 models or
+            the exact damping of ``"eigen"`` below 1e-3).
+        comm: the :class:`Communicator` (single process: the no-op default; injected by the Lightning
+            layer under DDP).
 
     Distributed seam (all collectives go through ``self.comm``; in one process they are no-ops):
 
-    * ``comm.reduce_factors([A_part], symmetric=True)``: in the forward hook right after a
-      micro-batch's ``A`` (sum over its examples) is computed; ``comm.reduce_factors([G_part])`` /
-      ``([F_part])`` in the backward tensor hook (or the MC backward) right after ``G``/``F`` is
-      computed. These may be asynchronous.
-    * Plain ``strategy="ddp"``: at the first capture (and the first step) a no-op communicator is
-      replaced through :func:`lightning_lbo.optim.kfac.distributed.ensure_communicator` (synchronous
-      averaging); ``set_communicator`` (the ``ddp_kfac`` strategy) installs a faster one up front.
-    * ``comm.wait()``: at the start of :meth:`step`, before any pending statistic is read.
+    * ``comm.reduce_factors([stat], symmetric)``: as soon as the hooks finish a micro-batch's
+      statistic (forward for ``A``, backward for ``G``/``F``); may be asynchronous.
+    * ``comm.wait()``: at the start of :meth:`step`, before any statistic is read.
     * ``comm.all_min(flags)``: on every refresh step, on the "statistic finite" flags (a skipped
-      refresh is skipped on every rank) and, with ``stale_statistics``, on the "statistic stable"
-      flags before intervals change.
-    * ``comm.assign(costs)``: on every inverse update, with ``cost = sum d^3`` of each block to invert;
-      the owner computes the inverse, then ``comm.broadcast(inverse_tensors, src=owner)`` per block.
-    * With ``precondition_on_owner_only = True`` inverses are not broadcast: the owner preconditions
-      the block's gradient and ``comm.broadcast([P], src=owner)`` sends the result.
+      refresh is skipped on every rank) and, with ``stale_statistics``, on the "statistic stable" flags.
+    * ``comm.assign(costs)``: on every inverse update; the owner computes the inverse, then
+      ``comm.broadcast(inverse.tensors(), src=owner)`` per block.
+    * With a communicator whose ``owners_precondition`` is true, inverses are not broadcast: the owner
+      preconditions the block's gradient and ``comm.broadcast([P], src=owner)`` sends the result.
     """
 
     def __init__(self, module: nn.Module | None = None, *, damping: FloatSchedule = 1e-3,
@@ -98,8 +109,8 @@ class KFACPreconditioner(CaptureHooks):
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
                  linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
-                 low_rank_inverse: bool = True, comm: Communicator | None = None,
-                 params: Iterable[torch.Tensor] | None = None) -> None:
+                 low_rank_inverse: bool = True, factor_dtype: torch.dtype = torch.float32,
+                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
         if not callable(damping) and not damping > 0:
             raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
         if not 0.0 < factor_decay <= 1.0:
@@ -115,253 +126,353 @@ class KFACPreconditioner(CaptureHooks):
         if stale_statistics is not None and not isinstance(stale_statistics, StaleStatistics):
             raise TypeError("stale_statistics must be a StaleStatistics policy, got "
                             f"{type(stale_statistics).__name__}.")
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid factor_dtype: {factor_dtype}; use torch.float32 or torch.float64.")
+        if linear_variant not in ("expand", "reduce"):
+            raise ValueError(f"Invalid linear_variant: {linear_variant!r}. Supported: ('expand', 'reduce').")
         self.damping = damping
         self.factor_decay = factor_decay
         self.factor_update_interval = factor_update_interval
         self.inverse_update_interval = inverse_update_interval
-        self.inverse_method: InverseMethod = parse_inverse_method(inverse_method)
+        self.inverse_method: inv.InverseMethod = inv.parse_inverse_method(inverse_method)
         self.fisher: Fisher = parse_enum(Fisher, fisher, "fisher")
         self.likelihood: Likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        if (self.inverse_method is inv.InverseMethod.EIGEN and factor_dtype == torch.float32
+                and not callable(damping) and damping < 1e-3):
+            warnings.warn(f"inverse_method='eigen' with damping {damping:g} < 1e-3 and fp32 factors: the factors' "
+                          "rounding (~1e-7 of their norm) exceeds the damping; pass factor_dtype=torch.float64.",
+                          UserWarning, stacklevel=2)
         self.output_to_logits = output_to_logits
         self.kl_clip = kl_clip
         self.stale_statistics = stale_statistics
         self.exclude = tuple(exclude)
         self.linear_variant = linear_variant
         self.l2 = l2
-        self.grad_scaler = grad_scaler
         self.low_rank_inverse = low_rank_inverse
-        #: Distributed only: precondition on the owner rank and broadcast P instead of the inverses.
-        self.precondition_on_owner_only = False
-        self.set_communicator(comm if comm is not None else Communicator())
+        self.factor_dtype = factor_dtype
+        self.comm: Communicator = comm if comm is not None else Communicator()
+        self._comm_injected = comm is not None
+        self._grad_scaler = grad_scaler
         self.steps = 0
         self.module: nn.Module | None = None
-        self.states: list[_BlockState] = []
+        self.blocks: list[CurvatureBlock] = []
+        self.capture: Capture | None = None
         self.last_kl_clip_factor: torch.Tensor | None = None
         self.skipped_refreshes = torch.zeros((), dtype=torch.long)
         self.inverse_fallbacks = 0
-        self._handles: list[Any] = []
-        self._cycle_open = False
-        self._capturing = False
-        self._mc_targets: list[tuple[_BlockState, Any, torch.Tensor | None]] = []
-        self._in_mc = False
-        self._inverses_stale = True
-        self._comm_checked = False
+        self._due: dict[int, set[str]] = {}
+        self._warned_missing = False
         self._params = None if params is None else list(params)
         if module is not None:
             self.bind(module)
 
-    # ------------------------------------------------------------------ binding
+    # ------------------------------------------------------------------ binding and teardown
     def set_communicator(self, comm: Communicator) -> None:
-        """Install the communicator (the distributed strategy does this at setup).
-
-        A communicator with ``owners_precondition = True`` switches on ``precondition_on_owner_only``.
-        """
+        """Install the communicator (the Lightning layer does this at setup under DDP)."""
         self.comm = comm
-        self.precondition_on_owner_only = bool(getattr(comm, "owners_precondition", False))
+        self._comm_injected = True
+        if self.capture is not None and comm.is_distributed:
+            self.capture.keep_rows = set()  # the low-rank inverse is single-process only
+
+    @property
+    def precondition_on_owner_only(self) -> bool:
+        """Distributed only: the owner of a layer preconditions it and broadcasts P (not the inverse)."""
+        return self.comm.is_distributed and bool(getattr(self.comm, "owners_precondition", False))
+
+    @property
+    def grad_scaler(self) -> Any:
+        return self._grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: Any) -> None:
+        self._grad_scaler = scaler
+        if self.capture is not None:
+            self.capture.grad_scaler = scaler
 
     @property
     def bound(self) -> bool:
         return self.module is not None
 
     def bind(self, module: nn.Module, params: Iterable[torch.Tensor] | None = None) -> None:
-        """Find the supported layers of ``module`` and register the capture hooks.
+        """Build a block for each supported layer of ``module`` and register the capture hooks.
 
         Only layers whose parameters are all in ``params`` (default: the constructor's ``params``,
         else all) and require grad get a block. Binding twice to the same module is a no-op.
+        Building another preconditioner on the same module later removes these hooks.
         """
-        if self.module is module:
+        if self.module is module and self.capture is not None and self.capture.hooked:
             return
-        if self.module is not None:
+        if self.module is not None and self.module is not module:
             raise RuntimeError("This KFACPreconditioner is already bound to another module; build a new one.")
         params = list(params) if params is not None else self._params
         allowed = None if params is None else {id(p) for p in params}
-        excluded_ids = {id(m) for m in self.exclude if isinstance(m, nn.Module)}
         excluded_types = tuple(t for t in self.exclude if isinstance(t, type))
-        unsupported, excluded_ids_sub = [], set()
-        for m in self.exclude:
-            if isinstance(m, nn.Module):
-                excluded_ids_sub |= {id(sub) for sub in m.modules()}
-        interval = _resolve(self.factor_update_interval, 0)
+        excluded = {id(sub) for m in self.exclude if isinstance(m, nn.Module) for sub in m.modules()}
+        blocks, unsupported, seen = [], [], {}
         for name, sub in module.named_modules():
             own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            if id(sub) in excluded_ids_sub or (excluded_types and isinstance(sub, excluded_types)):
+            if not own or id(sub) in excluded or (excluded_types and isinstance(sub, excluded_types)):
                 continue
             if allowed is not None and not all(id(p) in allowed for p in own):
                 continue
-            block = make_block(sub, name or type(sub).__name__, self.linear_variant) \
-                if isinstance(sub, SUPPORTED) else None
-            if block is None or any(id(p) not in {id(q) for q in block.params} for p in own):
-                unsupported.append(f"{name or '<root>'} ({type(sub).__name__})")
+            label = name or "<root>"
+            block = make_block(sub, name or type(sub).__name__, self.factor_dtype, self.linear_variant)
+            if block is None or {id(p) for p in own} != {id(p) for p in block.params}:
+                unsupported.append(f"{label} ({type(sub).__name__})")
                 continue
-            self.states.append(_BlockState(block, interval))
-        del excluded_ids
-        if not self.states:
-            supported = ", ".join(t.__name__ for t in SUPPORTED)
+            shared = [seen[id(p)] for p in block.params if id(p) in seen]
+            if shared:  # a parameter of two layers (tied input/output embeddings): one block cannot own it
+                unsupported.append(f"{label} ({type(sub).__name__}, shares a parameter with {shared[0]})")
+                blocks = [b for b in blocks if b.name != shared[0]]
+                continue
+            seen.update({id(p): block.name for p in block.params})
+            blocks.append(block)
+        if not blocks:
+            supported = ", ".join(t.__name__ for t in BLOCK_TYPES)
             raise ValueError(f"{type(module).__name__} has no layer K-FAC supports ({supported}) among the "
                              "optimized, non-excluded parameters; use a first-order optimizer.")
         if unsupported:
-            warnings.warn(f"K-FAC preconditions {len(self.states)} layers; these get the plain momentum-SGD update: "
+            warnings.warn(f"K-FAC preconditions {len(blocks)} layers; these get the plain momentum-SGD update: "
                           f"{', '.join(unsupported)}.", UserWarning, stacklevel=3)
+        interval = int(_resolve(self.factor_update_interval, 0))
+        for block in blocks:
+            block.interval = dict.fromkeys(block.stat_names, interval)
         self.module = module
-        for state in self.states:
-            self._handles.append(state.block.module.register_forward_hook(partial(self._forward_hook, state)))
-        self._handles.append(module.register_forward_hook(self._root_forward_hook))
-        device = self.states[0].block.weight.device
-        self.skipped_refreshes = self.skipped_refreshes.to(device)
+        self.blocks = blocks
+        self.capture = Capture(blocks, module, fisher=self.fisher, likelihood=self.likelihood,
+                               output_to_logits=self.output_to_logits, on_statistic=self._reduce)
+        self.capture.grad_scaler = self._grad_scaler
+        self.skipped_refreshes = self.skipped_refreshes.to(blocks[0].weight.device)
         self._plan_captures()
 
-    def _check_communicator(self) -> None:
-        """Plain ``strategy="ddp"``: swap the no-op communicator for a synchronous one, once.
-
-        Runs at the first capture (the first training forward, the same point on every rank) and at
-        the first step, before any statistic is reduced.
-        """
-        if self._comm_checked:
-            return
-        self._comm_checked = True
-        if type(self.comm) is Communicator:
-            from lightning_lbo.optim.kfac.distributed import ensure_communicator
-
-            ensure_communicator(self)
-
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Remove every capture hook (teardown). The preconditioner still applies its last inverses."""
+        if self.capture is not None:
+            self.capture.remove()
+
+    def _reduce(self, statistic: torch.Tensor, symmetric: bool) -> None:
+        self._resolve_communicator()
+        self.comm.reduce_factors([statistic], symmetric=symmetric)
+
+    def _resolve_communicator(self) -> None:
+        """Plain ``strategy="ddp"`` without the Lightning layer: a synchronous communicator, once.
+
+        Runs at the first capture and the first step (the same point on every rank). The Lightning
+        layer (``KFACCallback``, ``ddp_kfac``) injects its communicator before, so this is only the
+        fallback of a bare ``KFAC(self)`` under plain DDP.
+        """
+        if self._comm_injected:
+            return
+        from lightning_lbo.optim.kfac.distributed import default_communicator
+
+        self.set_communicator(default_communicator())
+
+    # ------------------------------------------------------------------ public read access
+    def block(self, layer: Layer) -> CurvatureBlock:
+        """The curvature block of ``layer`` (the module or its qualified name)."""
+        for block in self.blocks:
+            if block.module is layer or block.name == layer:
+                return block
+        names = [b.name for b in self.blocks]
+        raise KeyError(f"{layer!r} is not a layer K-FAC preconditions; preconditioned layers: {names}.")
+
+    def factors(self, layer: Layer) -> dict[str, torch.Tensor]:
+        """The current factors of ``layer`` (``{"A", "G"}`` or ``{"F"}``; empty before the first capture).
+
+        Read only: the tensors are replaced, never modified, at the next refresh.
+        """
+        return dict(self.block(layer).factors)
+
+    def inverse(self, layer: Layer) -> inv.BlockInverse | None:
+        """The inverse in use for ``layer`` (``None`` before the first inversion, or on a non-owner rank
+        when owners precondition); ``inverse(layer).apply(grad_matrix, damping)`` preconditions."""
+        return self.block(layer).inverse
 
     # ------------------------------------------------------------------ step
     def current_damping(self) -> float:
         return max(float(_resolve(self.damping, self.steps)), self.l2)
 
-    def _commit_statistics(self) -> list[tuple[_BlockState, str]]:
-        """Turn pending sums into factors (running average); returns the refreshed statistics."""
-        self.comm.wait()
-        if not self._cycle_open:
-            return []
-        news: list[tuple[_BlockState, str, torch.Tensor]] = []
-        fresh_rows = {}
-        for st in self.states:
-            n = max(st.pending_n, 1)
-            if st.pending.get("A") and st.pending_rows:
-                rows = torch.cat(st.pending_rows, dim=1) if len(st.pending_rows) > 1 else st.pending_rows[0]
-                if 2 * rows.shape[1] <= st.block.dims[0]:
-                    fresh_rows[id(st)] = {"rows": st.block.with_ones(rows),
-                                          "n": torch.tensor(float(n), device=rows.device)}
-            for s, parts in st.pending.items():
-                if not parts:
-                    continue
-                total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-                if s == "A":
-                    total = total / n
-                elif self.fisher is Fisher.EMPIRICAL:
-                    total = total * n  # per-example gradients: (N dL/dy)(N dL/dy)^T / N
-                else:
-                    total = total / n  # sampled-label grads are already per-example
-                news.append((st, s, total))
-        self.discard_pending()
-        if not news:
-            return []
-        finite = torch.stack([torch.isfinite(t).all() for _, _, t in news]).float()
-        finite = self.comm.all_min(finite)
-        ok = finite > 0
-        self.skipped_refreshes += (~ok).sum().to(self.skipped_refreshes.device)
-        decay = self.factor_decay
-        rel = []
-        for j, (st, s, new) in enumerate(news):
-            old = st.factors.get(s)
-            if old is None:
-                eye = torch.eye(new.shape[-1], device=new.device).expand_as(new)
-                st.factors[s] = torch.where(ok[j], new, eye)
+    def _plan_captures(self) -> None:
+        """Arm the hooks for the coming step (host-side ints only)."""
+        self._due = {id(b): {s for s, due in b.next_due.items() if due <= self.steps} for b in self.blocks}
+        low_rank = (self.low_rank_inverse and self.factor_decay == 1.0 and not self.comm.is_distributed
+                    and self.inverse_method is inv.InverseMethod.CHOLESKY)
+        keep_rows = {id(b) for b in self.blocks if b.low_rank_capable} if low_rank else set()
+        self.capture.begin(self._due, keep_rows)
+
+    def discard_pending(self) -> None:
+        """Drop statistics captured since the last step (e.g. after a step skipped by the AMP scaler)."""
+        if self.capture is not None:
+            self.capture.discard()
+
+    def run_mc_backward(self, logits: torch.Tensor) -> None:
+        """Run the sampled-label backward for the current forward now (if the model's output is not the logits).
+
+        Call it before the training backward, with the logits computed by the current forward.
+        """
+        self.capture.run_mc_backward(logits)
+
+    def _totals(self, block: CurvatureBlock, captured: Captured) -> list[tuple[str, torch.Tensor]]:
+        """Per-example-scaled statistics of one block (the scaling convention of :mod:`.blocks`)."""
+        n = max(captured.examples, 1)
+        out = []
+        for stat, parts in captured.sums.items():
+            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            if stat in block.input_stats or self.fisher is Fisher.MC:
+                total = total / n  # input statistics; sampled-label gradients are already per example
             else:
-                if self.stale_statistics is not None:
-                    rel.append(StaleStatistics.relative_change(new, old))
-                st.factors[s] = torch.where(ok[j], new if decay == 1.0 else (1 - decay) * old + decay * new, old)
-            st.refreshes[s] += 1
-            if s == "A":  # rows describe this A only if it is the fresh statistic (a skipped refresh keeps old)
-                st.rows = dict(fresh_rows.get(id(st), {}), factor=st.factors["A"]) if id(st) in fresh_rows else {}
-        refreshed = [(st, s) for st, s, _ in news]
+                total = total * n  # empirical: (N dL/dy)(N dL/dy)^T / N
+            out.append((stat, total))
+        return out
+
+    def _warn_missing(self, missing: list[str]) -> None:
+        if self._warned_missing or not missing:
+            return
+        self._warned_missing = True
+        if self.fisher is Fisher.MC:
+            fix = (f"with fisher='mc' the sampled-label backward starts from the output of the module K-FAC is "
+                   f"bound to ({type(self.module).__name__}), whose forward was not called (e.g. training_step "
+                   "calls self.net(x)). Build K-FAC on the module that returns the logits (KFAC(self.net, ...)), "
+                   "or call preconditioner.run_mc_backward(logits) before the backward")
+        else:
+            fix = "their outputs received no gradient; exclude them (exclude=[...]) if they do not reach the loss"
+        warnings.warn(f"K-FAC captured no output-gradient statistic for {missing} on a refresh step: {fix}. "
+                      "These layers keep their previous (initially identity) factor.", RuntimeWarning, stacklevel=4)
+
+    def _commit_statistics(self, keep: torch.Tensor | None) -> None:
+        """Turn captured sums into factors (running average), skipping non-finite ones on every rank."""
+        self.comm.wait()
+        captured = self.capture.collect()
+        if not captured:
+            return
+        news: list[tuple[CurvatureBlock, str, torch.Tensor]] = []
+        rows: dict[int, tuple[torch.Tensor, int]] = {}
+        missing = []
+        for block in self.blocks:
+            record = captured.get(id(block))
+            if record is None:
+                continue
+            if block.output_stat in self._due[id(block)] and block.output_stat not in record.sums:
+                missing.append(block.name)
+            news.extend((block, stat, total) for stat, total in self._totals(block, record))
+            if record.rows and "A" in record.sums:
+                raw = torch.cat(record.rows, dim=1) if len(record.rows) > 1 else record.rows[0]
+                rows[id(block)] = (block.with_ones(raw), max(record.examples, 1))
+        self._warn_missing(missing)
+        if not news:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for _, _, t in news])
+        if keep is not None:
+            finite = finite & keep.to(finite.device)
+        ok = self.comm.all_min(finite.float()) > 0
+        self.skipped_refreshes += (~ok).sum().to(self.skipped_refreshes.device)
+        decay, rel = self.factor_decay, []
+        for j, (block, stat, new) in enumerate(news):
+            old = block.factors.get(stat)
+            if old is None:
+                old = block.identity_factor(stat)
+            elif self.stale_statistics is not None:
+                rel.append(StaleStatistics.relative_change(new, old))
+            mixed = new if decay == 1.0 or stat not in block.factors else torch.lerp(old, new, decay)
+            block.set_factor(stat, torch.where(ok[j], mixed, old))
+            block.refreshes[stat] += 1
+            if stat == "A":
+                # the rows describe A only when A is this fresh statistic; a non-finite refresh keeps the
+                # old A while its rows fail the Woodbury inverse, which then falls back to the dense A
+                block.low_rank = rows.get(id(block))
+                block.low_rank_version = block.versions["A"]
         self._update_intervals(news, ok, rel)
-        return refreshed
 
     def _update_intervals(self, news, ok: torch.Tensor, rel: list[torch.Tensor]) -> None:
         base = max(1, int(_resolve(self.factor_update_interval, self.steps)))
         policy = self.stale_statistics
         if policy is None:
-            for st, s, _ in news:
-                st.interval[s] = base
-                st.next_due[s] = self.steps + base
+            for block, stat, _ in news:
+                block.interval[stat] = base
+                block.next_due[stat] = self.steps + base
             return
         j_rel, stable_flags = 0, []
-        for j, (st, s, _) in enumerate(news):
-            if st.refreshes[s] > 1:
+        for j, (block, stat, _) in enumerate(news):
+            if block.refreshes[stat] > 1:
                 stable_flags.append((rel[j_rel] < policy.threshold) & ok[j])
                 j_rel += 1
             else:
                 stable_flags.append(torch.zeros((), dtype=torch.bool, device=ok.device))
         stable = self.comm.all_min(torch.stack(stable_flags).float()).tolist()  # one sync per refresh step
-        for (st, s, _), flag in zip(news, stable, strict=True):
-            if st.refreshes[s] > 1:
-                st.interval[s] = policy.next_interval(st.interval[s], flag > 0)
-            st.next_due[s] = self.steps + st.interval[s]
+        for (block, stat, _), flag in zip(news, stable, strict=True):
+            if block.refreshes[stat] > 1:
+                block.interval[stat] = policy.next_interval(block.interval[stat], flag > 0)
+            block.next_due[stat] = self.steps + block.interval[stat]
+
+    def _inverse_job(self, block: CurvatureBlock, damping: float) -> tuple:
+        """``(block, method class, source factors, damping, storage dtype)`` of the inverse to compute now."""
+        restored = block.restored_source
+        if restored is not None:  # after load_state_dict: rebuild the inverse the checkpointed run used
+            source, damping, _, _ = restored
+        else:
+            source = dict(block.factors)
+            if (block.low_rank is not None and block.low_rank_version == block.versions["A"]
+                    and not self.comm.is_distributed):
+                source.update(rows=block.low_rank[0], n=block.low_rank[1])
+        method = block.inverse_type(self.inverse_method)
+        if "rows" in source:
+            method = inv.WoodburyKronecker
+        return block, method, source, damping, method.storage_dtype(damping, self.factor_dtype)
 
     def _update_inverses(self) -> None:
         due = self.steps % max(1, int(_resolve(self.inverse_update_interval, self.steps))) == 0
         damping = self.current_damping()
-        todo = []  # (state, factors to invert, damping)
-        for st in self.states:
-            if len(st.factors) != len(st.block.stat_names):
-                continue  # not captured yet
-            changed = any(st.factors[s] is not st.inverse_factors.get(s) for s in st.factors)
-            restore = self._inverses_stale and bool(st.inverse_factors)  # after load_state_dict
-            if (due and changed) or (st.owner is None and not restore):
-                source = dict(st.factors)
-                if st.rows and st.rows["factor"] is st.factors.get("A"):
-                    source.update(rows=st.rows["rows"], n=st.rows["n"])
-                todo.append((st, source, damping))
-            elif restore:  # rebuild the inverse the checkpointed run was using
-                todo.append((st, st.inverse_factors, st.inverse_damping or damping))
-        self._inverses_stale = False
+        for block in self.blocks:
+            if block.restored_source is not None and due and block.versions != block.restored_source[3]:
+                block.restored_source = None  # refreshed since the checkpoint and due: invert the fresh factors
+        todo = [block for block in self.blocks if block.captured
+                and (block.owner is None or (due and not block.inverse_is_current))]
         if not todo:
             return
-        owners = self.comm.assign([st.block.cost() for st, _, _ in todo])
-        mine = [(item, o) for item, o in zip(todo, owners, strict=True) if o == self.comm.rank]
+        jobs = [self._inverse_job(block, damping) for block in todo]
+        owners = self.comm.assign([block.cost() for block in todo])
+        rank = self.comm.rank
+        mine = [job for job, owner in zip(jobs, owners, strict=True) if owner == rank]
         if mine:
-            inverses, failed = invert_with_fallback([st.block for (st, _, _), _ in mine],
-                                                    [f for (_, f, _), _ in mine], [d for (_, _, d), _ in mine],
-                                                    self.inverse_method)
+            inverses, failed = inv.invert_with_fallback(mine)
             self.inverse_fallbacks += len(failed)
-            for ((st, _, _), _), inv in zip(mine, inverses, strict=True):
-                st.inverse = inv
-        for (st, factors, damp), owner in zip(todo, owners, strict=True):
-            st.owner = owner
-            st.inverse_factors = factors
-            st.inverse_damping = damp
+            for (block, *_), inverse in zip(mine, inverses, strict=True):
+                block.inverse = inverse
+        for (block, method, source, damp, dtype), owner in zip(jobs, owners, strict=True):
+            restored = block.restored_source
+            block.owner = owner
+            block.inverse_source, block.inverse_damping = source, damp
+            block.inverse_versions = ({s: -1 for s in block.versions}
+                                      if restored is not None and restored[2] else dict(block.versions))
+            block.restored_source = None
             if not self.comm.is_distributed:
                 continue
             if self.precondition_on_owner_only:
-                if owner != self.comm.rank:
-                    st.inverse = None
+                if owner != rank:
+                    block.inverse = None
                 continue
-            if owner != self.comm.rank:
-                st.inverse = inverse_template(st.block, factors, self.inverse_method)
-            self.comm.broadcast(list(st.inverse.values()), src=owner)
+            if owner != rank:
+                block.inverse = method.receiver(source, dtype)
+            self.comm.broadcast(block.inverse.tensors(), src=owner)
 
     @torch.no_grad()
-    def step(self, lr: float | None = None) -> None:
+    def step(self, lr: float | None = None, keep: torch.Tensor | None = None) -> None:
         """Refresh factors/inverses when due and precondition the gradients in place.
+
+        A step that refreshes nothing makes no host synchronisation.
 
         Args:
             lr: the learning rate of the update that follows (needed by ``kl_clip``).
+            keep: 0-d bool tensor, False when the optimizer skips this step: the statistics captured
+                for it are then not committed (factors stay bit-identical), decided on the device.
         """
         if self.module is None:
             raise RuntimeError("KFACPreconditioner is not bound to a module: call bind(model) first "
                                "(with Lightning, add lightning_lbo.callbacks.KFACCallback or build KFAC(self, ...)).")
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the learning rate: call step(lr=...) or set kl_clip=None.")
-        self._check_communicator()
-        self._commit_statistics()
+        self._resolve_communicator()
+        self._commit_statistics(keep)
         self._update_inverses()
         self._precondition(lr)
         self.steps += 1
@@ -369,18 +480,18 @@ class KFACPreconditioner(CaptureHooks):
 
     def _precondition(self, lr: float | None) -> None:
         damping = self.current_damping()
-        work = [st for st in self.states if st.owner is not None and all(p.grad is not None for p in st.block.params)]
+        work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
         grads, precond = [], []
-        rank = self.comm.rank
-        for st in work:
-            g = st.block.grad_matrix()
+        owners_only = self.precondition_on_owner_only
+        for block in work:
+            g = block.grad_matrix()
             if self.l2 > 0:
-                g = g + self.l2 * _param_matrix(st.block)
-            if self.precondition_on_owner_only and self.comm.is_distributed:
-                p = apply_inverse(st, g, damping, self.inverse_method) if st.owner == rank else torch.empty_like(g)
-                self.comm.broadcast([p], src=st.owner)
+                g = g + self.l2 * block.param_matrix()
+            if owners_only:
+                p = block.inverse.apply(g, damping) if block.owner == self.comm.rank else torch.empty_like(g)
+                self.comm.broadcast([p], src=block.owner)
             else:
-                p = apply_inverse(st, g, damping, self.inverse_method)
+                p = block.inverse.apply(g, damping)
             grads.append(g)
             precond.append(p)
         if self.kl_clip is not None and precond:
@@ -390,56 +501,78 @@ class KFACPreconditioner(CaptureHooks):
             nu = torch.where(torch.isfinite(nu), nu, torch.ones_like(nu))
             torch._foreach_mul_(precond, nu)
             self.last_kl_clip_factor = nu
-        for st, p in zip(work, precond, strict=True):
-            st.block.set_grad(p)
+        for block, p in zip(work, precond, strict=True):
+            block.set_grad(p)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Factors, intervals, counters (inverses are recomputed on load from the saved factors)."""
+        """Factors, schedules, counters, and what the current inverses were built from.
+
+        Inverses are not saved: :meth:`load_state_dict` rebuilds them from exactly the factors (and
+        low-rank rows) and damping the checkpointed run used, so a resume continues bit for bit.
+        """
         blocks = []
-        for st in self.states:
-            entry = {"name": st.block.name, "factors": dict(st.factors), "interval": dict(st.interval),
-                     "next_due": dict(st.next_due), "refreshes": dict(st.refreshes),
-                     "inverse_damping": st.inverse_damping}
-            # Factors refreshed since the last inversion: keep those the current inverse was built from.
-            entry["inverse_factors"] = {s: t for s, t in st.inverse_factors.items() if t is not st.factors.get(s)}
+        for block in self.blocks:
+            source = block.inverse_source or {}
+            entry = {"name": block.name, "type": block.description, "factors": dict(block.factors),
+                     "interval": dict(block.interval), "next_due": dict(block.next_due),
+                     "refreshes": dict(block.refreshes), "inverse_damping": block.inverse_damping,
+                     # factors refreshed since the last inversion (the others are the current ones)
+                     "inverse_factors": {s: t for s, t in source.items() if t is not block.factors.get(s)}}
             blocks.append(entry)
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}
 
+    def _check_entry(self, block: CurvatureBlock, entry: dict[str, Any]) -> bool:
+        """Validate a checkpointed block: wrong shapes raise; non-finite factors reset it (returns False)."""
+        shapes = block.factor_shapes()
+        saved = {**entry.get("factors", {}), **{k: v for k, v in entry.get("inverse_factors", {}).items()
+                                                 if k in shapes}}
+        for stat, tensor in saved.items():
+            if stat not in shapes or tuple(tensor.shape) != shapes[stat]:
+                raise ValueError(f"K-FAC checkpoint: layer {block.name!r} has {stat} of shape "
+                                 f"{tuple(getattr(tensor, 'shape', ()))}, the model's needs "
+                                 f"{shapes.get(stat)}; the checkpoint is from another model or configuration.")
+        if all(bool(torch.isfinite(t).all()) for t in saved.values()):
+            return True
+        warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
+                      "and re-estimated at the next step (the running average would never recover from NaN).",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Factors of the wrong shape raise ``ValueError`` naming the layer;
+        a layer with non-finite factors is reset (statistics re-estimated at the next step) with a warning."""
         if self.module is None:
             raise RuntimeError("Bind the preconditioner to its module before load_state_dict.")
-        blocks = state.get("blocks", [])
-        names = [st.block.name for st in self.states]
-        if [b["name"] for b in blocks] != names:
-            raise ValueError(f"K-FAC checkpoint layers {[b['name'] for b in blocks]} do not match the model's {names}.")
+        entries = state.get("blocks", [])
+        names = [block.name for block in self.blocks]
+        if [e["name"] for e in entries] != names:
+            raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
+                             f"{names}.")
+        valid = [self._check_entry(block, entry) for block, entry in zip(self.blocks, entries, strict=True)]
         self.steps = int(state.get("steps", 0))
-        self.skipped_refreshes = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long)).to(
-            self.skipped_refreshes.device).clone()
+        skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
+        self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
-        for st, entry in zip(self.states, blocks, strict=True):
-            device = st.block.weight.device
-            st.factors = {s: t.to(device) for s, t in entry.get("factors", {}).items()}
-            st.interval.update(entry.get("interval", {}))
-            st.next_due.update(entry.get("next_due", {}))
-            st.refreshes.update(entry.get("refreshes", {}))
-            saved = {s: t.to(device) for s, t in entry.get("inverse_factors", {}).items()}
-            st.inverse_factors = {**{s: st.factors[s] for s in st.factors}, **saved}
-            st.inverse_damping = entry.get("inverse_damping")
-            st.inverse, st.owner = None, None
-        self._inverses_stale = True  # the next step recomputes the inverses from inverse_factors
+        for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
+            device, dtype = block.weight.device, self.factor_dtype
+            block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, None
+            block.restored_source, block.inverse_versions = None, None
+            block.interval.update(entry.get("interval", {}))
+            block.refreshes.update(entry.get("refreshes", {}))
+            if not ok:
+                block.next_due = dict.fromkeys(block.stat_names, self.steps)
+                continue
+            block.next_due.update(entry.get("next_due", {}))
+            for stat, tensor in entry.get("factors", {}).items():
+                block.set_factor(stat, tensor.to(device=device, dtype=dtype))
+            saved = {s: t.to(device) if isinstance(t, torch.Tensor) else t
+                     for s, t in entry.get("inverse_factors", {}).items()}
+            if block.captured:
+                source = {**block.factors, **saved}
+                stale = any(s in saved for s in block.stat_names)
+                block.restored_source = (source, entry.get("inverse_damping") or self.current_damping(), stale,
+                                         dict(block.versions))
         self.discard_pending()
         self._plan_captures()
-
-
-def _param_matrix(block) -> torch.Tensor:
-    """The block's parameters in the layout of its gradient matrix (for folding L2 in)."""
-    if block.kind == "unit":
-        cols = [block.weight.reshape(-1).float()] + ([block.bias.reshape(-1).float()] if block.bias is not None else [])
-        return torch.stack(cols, dim=1)
-    g = block.groups
-    w = block.weight.reshape(g, block.weight.shape[0] // g, -1).float()
-    if block.bias is None:
-        return w
-    return torch.cat([w, block.bias.reshape(g, -1, 1).float()], dim=2)

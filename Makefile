@@ -14,7 +14,7 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 export WANDB_MODE ?= disabled
 
-.PHONY: install data data-text demo test lint bench clean
+.PHONY: install data data-text demo test lint bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ bench: data
 	$(PY) benchmarks/kfac_overhead.py --case a
 	$(PY) benchmarks/kfac_comm.py
 	$(PY) benchmarks/report.py --epochs 8
+
+# The prepared GPU check (docs/gpu.md): needs no venv; on a machine without CUDA it says so and exits 0.
+# Writes gpu_check.json / gpu_check.txt to $OUT (the device machine's result folder), else build/gpu_check.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out "$${OUT:-build/gpu_check}" $(GPU_CHECK_ARGS)
+
+# Wheels the GPU machine lacks and cannot download (no package registry there): carry build/gpu_wheels.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d build/gpu_wheels \
+		"asdfghjkl==0.1a5"
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs lbo_runs

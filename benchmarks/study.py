@@ -1,0 +1,497 @@
+"""The large-batch study (issue 15): a resumable grid of training runs, one JSON per finished run.
+
+Every run is one ``lbo compare`` training (:func:`lightning_lbo.compare.run_one`, in a fresh child
+process): Fashion-MNIST with ``--val-size`` (default 5000) training images held out for choosing the
+learning rate, the rest for training, and the 10k test split evaluated once after training. Each
+finished run is cached as ``<results>/<key>.json`` (key: model, recipe[+variant], batch, epochs, base LR,
+seed), so the grid grows over several sessions and a rerun trains only what is missing. A run is
+reused only while the recipe's hyperparameters are unchanged (a changed default retrains it).
+
+The plan, most informative first (each step waits for what it needs from the steps above):
+
+1. breadth first over the baseline (``sgd`` at the first batch of ``--batches``, 128) and every
+   recipe at the next two batches (2048, 8192): each recipe's scaling-rule LR (its default
+   ``base_lr``), then half and double;
+2. the LR grids of the baseline and at 2048 grown to 4-5 log-spaced values (factor 2 apart): one
+   or two more steps outwards where the best LR sits on the edge of the grid;
+3. the baseline's best LR with seeds 1 and 2, then the ``--top`` best recipes at 2048 (seeds wait
+   for a complete LR grid);
+4. the ablations (:data:`VARIANTS`: SP-NGD's ingredients switched one at a time, K-FAC with stale
+   statistics) at their parent recipe's best LR so far, at 8192 then 2048;
+5. the grids at 8192 completed, its top recipes' seeds; the headline cells of the second model
+   (``--headline-model``, at its own epoch budget, at the recipes' default LRs);
+6. the remaining batches (512) in the same way, then every recipe's best cell with 3 seeds.
+
+Selection uses the final held-out accuracy of seed 0; the test split is never used for it.
+``--until HH:MM`` (UTC) stops starting new runs at that time; ``--dry-run`` prints the next runs.
+Every run holds the shared benchmark lock (:mod:`benchmarks.bench_lock`) so that other studies on
+the machine interleave run by run. ``python benchmarks/report.py`` regenerates REPORT.md from the cache.
+
+Usage::
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 nice -n 5 python benchmarks/study.py --until 10:45
+    python benchmarks/study.py --accelerator gpu --threads 0 --headline-epochs 10   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "study"
+if str(HERE.parent) not in sys.path:  # `python benchmarks/study.py` from the repository root
+    sys.path.insert(0, str(HERE.parent))
+
+RECIPES = ("sgd", "goyal", "lars", "lamb", "akiba", "kfac", "spngd")
+LR_FACTOR = 2.0  # spacing of the LR grid (log-spaced, factor 2)
+MIN_LRS, MAX_LRS = 4, 5  # LR values per (recipe, batch): at least 4, a 5th where the best is on the edge
+SEEDS = (0, 1, 2)
+
+#: Ablations, run at the parent recipe's best LR: name -> (parent recipe, recipe keyword overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "stale": ("kfac", {"stale_threshold": 0.1}),  # K-FAC with SP-NGD's stale statistics (goal 4)
+    "fresh": ("spngd", {"stale_threshold": None}),  # SP-NGD refreshing every statistic every step
+    "empfisher": ("spngd", {"fisher": "empirical"}),
+    "avgfactors": ("spngd", {"factor_decay": 0.05}),
+    "poly2": ("spngd", {"power": 2.0}),
+    "plainbn": ("spngd", {"unit_wise_bn": False}),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    model: str
+    recipe: str
+    batch: int
+    epochs: int
+    base_lr: float
+    seed: int = 0
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.recipe + (f"+{self.variant}" if self.variant else "")
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-{self.name}-b{self.batch}-e{self.epochs}-lr{self.base_lr:.4g}-s{self.seed}"
+
+    def recipe_kwargs(self) -> dict[str, Any]:
+        extra = VARIANTS[self.variant][1] if self.variant else {}
+        return {"base_lr": self.base_lr, **extra}
+
+
+@dataclass
+class StudyConfig:
+    """What the study trains (see the module docstring for the order)."""
+
+    model: str = "mlp-bn"
+    recipes: tuple[str, ...] = RECIPES
+    batches: tuple[int, ...] = (128, 2048, 8192, 512)  # the first is the baseline's; the rest in priority order
+    epochs: int = 10
+    headline_model: str = "cnn"
+    headline_recipes: tuple[str, ...] = ("sgd", "lars", "kfac")
+    headline_epochs: int = 4
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    top: int = 3
+    val_size: int = 5000
+    train_subset: int = 0
+    data_dir: str | None = None
+    threads: int = 1
+    accelerator: str = "cpu"
+    results: Path = RESULTS
+
+    @property
+    def baseline(self) -> int:
+        return self.batches[0]
+
+
+def default_base_lr(recipe: str) -> float:
+    """The recipe's default ``base_lr``: the scaling rule's prediction the LR grid is centred on."""
+    from lightning_lbo.recipes import RECIPES as FUNCTIONS
+
+    return float(inspect.signature(FUNCTIONS[recipe]).parameters["base_lr"].default)
+
+
+def hyperparameters(cell: Cell, steps_per_epoch: int) -> dict[str, Any]:
+    from lightning_lbo.recipes import build_recipe
+
+    hp = build_recipe(cell.recipe, cell.batch, cell.epochs, steps_per_epoch, **cell.recipe_kwargs()).hyperparameters
+    return json.loads(json.dumps(hp, default=str))
+
+
+def train_images(config: StudyConfig) -> int:
+    return (config.train_subset or 60000) - config.val_size
+
+
+def steps_per_epoch(config: StudyConfig, batch: int) -> int:
+    return train_images(config) // batch  # drop_last: every step sees a full batch
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class Cache:
+    """The finished runs under ``config.results`` (one JSON each), reloaded after every run."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+        self.records: dict[str, dict[str, Any]] = {}
+        self._hyperparameters: dict[str, dict[str, Any]] = {}  # per cell key: what the recipe would use now
+        self.reload()
+
+    def reload(self) -> None:
+        self.records = {}
+        if self.config.results.is_dir():
+            for path in sorted(self.config.results.glob("*.json")):
+                record = json.loads(path.read_text())
+                self.records[path.stem] = record
+
+    def get(self, cell: Cell) -> dict[str, Any] | None:
+        """The cached record of ``cell`` when its hyperparameters are still the recipe's (else None).
+
+        A failed run counts once it failed twice (a crash of the machine or a broken checkout is
+        retried once; a configuration that fails again is a result).
+        """
+        record = self.records.get(cell.key)
+        if record is None:
+            return None
+        if cell.key not in self._hyperparameters:
+            self._hyperparameters[cell.key] = hyperparameters(cell, steps_per_epoch(self.config, cell.batch))
+        if record["hyperparameters"] != self._hyperparameters[cell.key]:
+            return None
+        if record["result"].get("error") and record.get("attempts", 1) < 2:
+            return None
+        return record
+
+
+def score(record: dict[str, Any]) -> float:
+    """Selection score: final held-out accuracy; a failed or diverged run scores 0."""
+    result = record["result"]
+    acc = result.get("final_acc")
+    if result.get("error") or acc is None or not math.isfinite(acc):
+        return 0.0
+    return float(acc)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Tune:
+    """The LR grid of one (model, recipe[, variant], batch) on seed 0."""
+
+    model: str
+    recipe: str
+    batch: int
+    epochs: int
+    variant: str = ""
+    center: float | None = None  # default: the recipe's base_lr (the scaling rule's prediction)
+    fixed: bool = False  # only the centre (ablations, headline cells of the second model)
+
+    def cell(self, lr: float, seed: int = 0) -> Cell:
+        return Cell(self.model, self.recipe, self.batch, self.epochs, _round_lr(lr), seed, self.variant)
+
+    def tried(self, cache: Cache) -> dict[float, float]:
+        """{base LR: score} of the cached seed-0 runs of this grid."""
+        found = {}
+        prefix = f"{self.model}-{self.cell(1.0).name}-b{self.batch}-e{self.epochs}-lr"
+        for key in cache.records:
+            if key.startswith(prefix) and key.endswith("-s0"):
+                lr = float(key[len(prefix):-3])
+                record = cache.get(self.cell(lr))
+                if record is not None:
+                    found[lr] = score(record)
+        return found
+
+    @property
+    def centre(self) -> float:
+        return self.center if self.center is not None else default_base_lr(self.recipe)
+
+    def proposal(self, cache: Cache, budget: int) -> Cell | None:
+        """The next LR to try when fewer than ``budget`` were tried, or None."""
+        center = self.centre
+        tried = self.tried(cache)
+        if self.fixed:
+            return None if tried else self.cell(center)
+        if len(tried) >= min(budget, MAX_LRS):
+            return None
+        for lr in (center, center / LR_FACTOR, center * LR_FACTOR):
+            if _round_lr(lr) not in tried:
+                return self.cell(lr)
+        lrs = sorted(tried)
+        best = self.best(cache)
+        if best == lrs[0]:
+            return self.cell(lrs[0] / LR_FACTOR)
+        if best == lrs[-1]:
+            return self.cell(lrs[-1] * LR_FACTOR)
+        if len(lrs) >= MIN_LRS:
+            return None  # the best LR is inside a grid of 4 or more
+        lower_side = tried[lrs[0]] >= tried[lrs[-1]]
+        return self.cell(lrs[0] / LR_FACTOR if lower_side else lrs[-1] * LR_FACTOR)
+
+    def done(self, cache: Cache) -> bool:
+        return self.proposal(cache, MAX_LRS) is None
+
+    def best(self, cache: Cache) -> float | None:
+        """The best seed-0 LR tried so far (None before the first); ties go to the LR nearest the centre."""
+        tried = self.tried(cache)
+        return max(sorted(tried), key=lambda lr: (tried[lr], -abs(math.log(lr / self.centre)))) if tried else None
+
+
+def _round_lr(lr: float) -> float:
+    return float(f"{lr:.4g}")
+
+
+def _seed_cells(grid: Tune, cache: Cache) -> list[Cell]:
+    """Seeds 1, 2 at the best LR once the LR grid is complete (an unfinished grid may still move)."""
+    best = grid.best(cache)
+    return [] if best is None or not grid.done(cache) else [grid.cell(best, seed) for seed in SEEDS[1:]]
+
+
+def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
+    """Every missing run whose prerequisites are cached, most informative first (see the docstring)."""
+    model, epochs = config.model, config.epochs
+    early = config.batches[:3]  # baseline, then the two batches of the goals (2048, 8192)
+
+    def grids(batch: int) -> list[Tune]:
+        names = ["sgd"] if batch == config.baseline else list(config.recipes)
+        return [Tune(model, r, batch, epochs) for r in names]
+
+    def round_robin(tunes: Sequence[Tune], budgets: Sequence[int] = (1, 3, MIN_LRS, MAX_LRS)) -> Iterator[Cell]:
+        for budget in budgets:
+            for grid in tunes:
+                cell = grid.proposal(cache, budget)
+                if cell is not None:
+                    yield cell
+
+    def top_seeds(batch: int, k: int) -> Iterator[Cell]:
+        tunes = [g for g in grids(batch) if g.tried(cache)]
+        tunes.sort(key=lambda g: -max(g.tried(cache).values()))
+        for grid in tunes[:k]:
+            yield from _seed_cells(grid, cache)
+
+    def variants(batch: int) -> Iterator[Cell]:
+        for name in config.variants:
+            parent = Tune(model, VARIANTS[name][0], batch, epochs)
+            best = parent.best(cache) if parent.recipe in config.recipes else None
+            if best is not None:
+                yield from round_robin([Tune(model, parent.recipe, batch, epochs, name, center=best, fixed=True)])
+
+    # breadth first: every recipe's scaling-rule LR, then half and double, at the goals' batches
+    yield from round_robin([g for b in early for g in grids(b)], (1, 3))
+    yield from round_robin([g for b in early[:2] for g in grids(b)], (MIN_LRS, MAX_LRS))
+    for grid in grids(config.baseline):
+        yield from _seed_cells(grid, cache)
+    if len(early) > 1:
+        yield from top_seeds(early[1], config.top)
+    for batch in reversed(early[1:]):  # the ablations at 8192 (goal 4) first
+        yield from variants(batch)
+    yield from round_robin([g for b in early[2:] for g in grids(b)], (MIN_LRS, MAX_LRS))
+    for batch in early[2:]:
+        yield from top_seeds(batch, config.top)
+    if config.headline_model and len(config.batches) > 1:
+        head = [Tune(config.headline_model, r, b, config.headline_epochs, fixed=True)
+                for b in config.batches[:2] for r in (["sgd"] if b == config.baseline else config.headline_recipes)]
+        yield from round_robin(head)
+    for batch in config.batches[3:]:
+        yield from round_robin(grids(batch))
+        yield from top_seeds(batch, config.top)
+        yield from variants(batch)
+    for batch in config.batches[1:]:
+        yield from top_seeds(batch, len(config.recipes))
+
+
+def next_cell(config: StudyConfig, cache: Cache) -> Cell | None:
+    return next((cell for cell in plan(config, cache) if cache.get(cell) is None), None)
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _host() -> dict[str, Any]:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}}
+
+
+def train(cell: Cell, config: StudyConfig, runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Train ``cell`` (in a child process unless ``runner`` is given) and write its JSON record."""
+    from benchmarks.bench_lock import bench_lock
+    from lightning_lbo.compare import RunSpec, _run_in_child
+
+    spe = steps_per_epoch(config, cell.batch)
+    hp = hyperparameters(cell, spe)
+    every = max(1, spe // 4)  # validate ~4 times per epoch (every step at large batch)
+    spec = RunSpec(cell.recipe, cell.batch, cell.epochs, recipe_kwargs=cell.recipe_kwargs(), model=cell.model,
+                   seed=cell.seed, eval_every=every, threads=config.threads, progress=False,
+                   train_subset=config.train_subset or None, data_dir=config.data_dir, val_size=config.val_size,
+                   test=True, accelerator=config.accelerator)
+    asked = time.time()
+    with bench_lock():
+        load_before, start = os.getloadavg()[0], time.time()
+        try:
+            result = asdict((runner or _run_in_child)(spec))
+        except Exception as err:  # recorded: a diverged or crashed configuration is a result too
+            result = {"recipe": cell.recipe, "batch_size": cell.batch, "error": f"{type(err).__name__}: {err}",
+                      "history": []}
+        end = time.time()
+    record = {"cell": asdict(cell), "recipe_kwargs": cell.recipe_kwargs(), "hyperparameters": hp, "result": result,
+              "eval_every": every, "steps_per_epoch": spe, "val_size": config.val_size,
+              "train_images": train_images(config), "threads": config.threads, "accelerator": config.accelerator,
+              "wall_seconds": end - start, "lock_wait_seconds": start - asked, "load_before": load_before,
+              "load_after": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "host": _host()}
+    config.results.mkdir(parents=True, exist_ok=True)
+    path = config.results / f"{cell.key}.json"
+    if path.exists() and result.get("error"):  # count consecutive failures of this cell
+        before = json.loads(path.read_text())
+        record["attempts"] = before.get("attempts", 1) + 1 if before["result"].get("error") else 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)  # atomic: an interrupted run leaves no half-written record
+    return record
+
+
+def run_study(config: StudyConfig, until: float | None = None, max_runs: int | None = None,
+              runner: Callable[[Any], Any] | None = None, log: Callable[[str], None] = print) -> int:
+    """Train missing cells in plan order until none is left, ``until`` (epoch seconds) or ``max_runs``."""
+    cache = Cache(config)
+    runs = 0
+    while max_runs is None or runs < max_runs:
+        if until is not None and time.time() >= until:
+            log("stopping: --until reached")
+            break
+        cell = next_cell(config, cache)
+        if cell is None:
+            log("nothing left to train")
+            break
+        log(f"== {cell.key}")
+        record = train(cell, config, runner)
+        res = record["result"]
+        error = f", error {res['error']}" if res.get("error") else ""
+        log(f"   held-out {res.get('final_acc')}, test {res.get('test_acc')}, {record['wall_seconds']:.0f} s "
+            f"(waited {record['lock_wait_seconds']:.0f} s for the lock){error}")
+        runs += 1
+        cache.reload()
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return values
+    return parse
+
+
+def _until(text: str) -> float:
+    """``HH:MM`` (UTC, today; tomorrow if already past) as epoch seconds."""
+    try:
+        hours, minutes = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use HH:MM (UTC)") from None
+    if not (0 <= hours < 24 and 0 <= minutes < 60):
+        raise argparse.ArgumentTypeError(f"{text!r}: use HH:MM (UTC)")
+    now = time.gmtime()
+    target = calendar.timegm((now.tm_year, now.tm_mon, now.tm_mday, hours, minutes, 0))
+    return target if target > time.time() - 60 else target + 86400
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp-bn", help="model of the full grid (lbo compare --model; default mlp-bn)")
+    p.add_argument("--recipes", type=_csv(str), default=RECIPES, help="comma-separated (default: all seven)")
+    p.add_argument("--batches", type=_csv(int), default=(128, 2048, 8192, 512),
+                   help="the baseline's batch first, then the others in priority order (default 128,2048,8192,512)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of every run of the full grid (default 10)")
+    p.add_argument("--headline-model", default="cnn", help="second model, headline cells only ('' for none)")
+    p.add_argument("--headline-recipes", type=_csv(str), default=("sgd", "lars", "kfac"),
+                   help="recipes of the second model at the second batch (default sgd,lars,kfac)")
+    p.add_argument("--headline-epochs", type=int, default=4, help="epochs of the second model's runs (default 4)")
+    p.add_argument("--variants", type=_csv(str), default=tuple(VARIANTS),
+                   help=f"ablations (default all: {','.join(VARIANTS)})")
+    p.add_argument("--top", type=int, default=3, help="recipes per batch rerun with 3 seeds first (default 3)")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for LR selection")
+    p.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0: all 60000)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: lbo data's search)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default; default 1)")
+    p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu", "cuda", "mps", "auto"),
+                   help="Lightning accelerator of every run (default cpu)")
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"cache directory (default {RESULTS})")
+    p.add_argument("--until", type=_until, default=None, help="HH:MM UTC: start no run after this time")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--dry-run", action="store_true", help="print the runs the plan would start next")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    from lightning_lbo.compare import MODELS
+    from lightning_lbo.recipes import RECIPES as FUNCTIONS
+
+    unknown = [r for r in (*args.recipes, *args.headline_recipes) if r not in FUNCTIONS]
+    if unknown:
+        raise SystemExit(f"Unknown recipe(s): {', '.join(unknown)}. Available: {', '.join(FUNCTIONS)}.")
+    for model in (args.model, args.headline_model):
+        if model and model not in MODELS:
+            raise SystemExit(f"Unknown model {model!r}. Available: {', '.join(MODELS)}.")
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"Unknown variant(s): {', '.join(bad)}. Available: {', '.join(VARIANTS)}.")
+    if args.epochs < 1 or args.headline_epochs < 1 or min(args.batches) < 1 or args.val_size < 0:
+        raise SystemExit("--epochs, --headline-epochs and every batch must be positive, --val-size >= 0.")
+    config = StudyConfig(model=args.model, recipes=tuple(args.recipes), batches=tuple(args.batches),
+                         epochs=args.epochs, headline_model=args.headline_model,
+                         headline_recipes=tuple(args.headline_recipes), headline_epochs=args.headline_epochs,
+                         variants=tuple(args.variants), top=args.top, val_size=args.val_size,
+                         train_subset=args.train_subset, data_dir=args.data_dir, threads=args.threads,
+                         accelerator=args.accelerator, results=args.results)
+    too_big = [b for b in config.batches if b > train_images(config)]
+    if too_big:
+        raise SystemExit(f"Batch size(s) {too_big} exceed the {train_images(config)} training images "
+                         "(--train-subset minus --val-size): lower them.")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.dry_run:
+        cache = Cache(config)
+        missing = [cell.key for cell in plan(config, cache) if cache.get(cell) is None]
+        print("\n".join(dict.fromkeys(missing)) or "nothing left to train (given what is cached)")
+        return 0
+    run_study(config, until=args.until, max_runs=args.max_runs, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The large-batch study runner (benchmarks/study.py) and its report (benchmarks/report.py).
+
+The plan and the report are checked with a synthetic runner whose accuracies are known in closed
+form; one real run on a Fashion-MNIST subset checks the path through ``lbo compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import report, study
+from lightning_lbo.compare import RunResult, RunSpec, run_one
+
+
+@pytest.fixture(autouse=True)
+def _private_bench_lock(tmp_path, monkeypatch):
+    """The study holds the machine-wide benchmark lock per run; tests must not wait for real benchmarks."""
+    monkeypatch.setenv("LBO_BENCH_LOCK", str(tmp_path / "bench.lock"))
+
+
+def _fake_runner(calls: list[RunSpec], best_lr: float = 0.4):
+    """Accuracy peaks at ``best_lr`` (per 256) in log space, 2% lower above batch 1000; K-FAC: 0.9 at any LR
+    and batch, reached in a quarter of the steps."""
+
+    def run(spec: RunSpec) -> RunResult:
+        calls.append(spec)
+        lr = spec.recipe_kwargs["base_lr"]
+        acc = 0.9 - 0.01 * math.log2(lr / best_lr) ** 2 - 0.02 * (spec.batch_size > 1000)
+        acc = (0.9 if spec.recipe == "kfac" else acc) + 0.001 * spec.seed
+        steps = 40
+        reach = 10 if spec.recipe == "kfac" else 30  # first step at the final accuracy
+        history = [(s, s * 0.1, acc if s >= reach else acc - 0.1) for s in range(5, steps + 1, 5)]
+        refreshes = {"done": 30, "possible": 100} if spec.recipe == "spngd" else {}
+        return RunResult(spec.recipe, spec.batch_size, steps, acc, acc, None, None, 0.1, 100.0, 4.0, history,
+                         test_acc=acc - 0.005, kfac_refreshes=refreshes, train_examples=1000)
+
+    return run
+
+
+def _config(tmp_path, **kw) -> study.StudyConfig:
+    base = dict(recipes=("sgd",), batches=(100, 250), epochs=1, headline_model="", variants=(), val_size=200,
+                train_subset=1200, results=tmp_path / "cache")
+    return study.StudyConfig(**(base | kw))
+
+
+def test_lr_grid_grows_toward_the_best_value_and_stops_at_five(tmp_path):
+    """Centre 0.1, then 0.05 and 0.2; the best (0.2) on the edge adds 0.4, then 0.8; at most 5 values."""
+    calls: list[RunSpec] = []
+    config = _config(tmp_path, batches=(100,))
+    study.run_study(config, runner=_fake_runner(calls), log=lambda _: None)
+    grid = [c.recipe_kwargs["base_lr"] for c in calls if c.seed == 0]
+    assert grid == [0.1, 0.05, 0.2, 0.4, 0.8]
+    assert study.Tune(config.model, "sgd", 100, 1).best(study.Cache(config)) == 0.4
+    assert [(c.recipe_kwargs["base_lr"], c.seed) for c in calls[5:]] == [(0.4, 1), (0.4, 2)]  # the best, 3 seeds
+    assert all(c.val_size == 200 and c.test and c.train_subset == 1200 for c in calls)
+
+
+def test_lr_grid_with_best_inside_stops_at_four(tmp_path):
+    """The best value inside the grid: one more value on the better side, 4 in all."""
+    calls: list[RunSpec] = []
+    config = _config(tmp_path, batches=(100,))
+    study.run_study(config, runner=_fake_runner(calls, best_lr=0.09), log=lambda _: None)
+    assert [c.recipe_kwargs["base_lr"] for c in calls if c.seed == 0] == [0.1, 0.05, 0.2, 0.025]
+
+
+def test_study_resumes_from_the_cache_and_retrains_changed_or_failed_runs(tmp_path):
+    """A second invocation trains only what is missing; changed hyperparameters or a first failure retrain."""
+    config = _config(tmp_path)
+    first: list[RunSpec] = []
+    assert study.run_study(config, max_runs=3, runner=_fake_runner(first), log=lambda _: None) == 3
+    assert len(list(config.results.glob("*.json"))) == 3
+    rest: list[RunSpec] = []
+    study.run_study(config, runner=_fake_runner(rest), log=lambda _: None)
+    done = {(s.recipe, s.batch_size, s.recipe_kwargs["base_lr"], s.seed) for s in first}
+    assert not done & {(s.recipe, s.batch_size, s.recipe_kwargs["base_lr"], s.seed) for s in rest}
+    assert study.next_cell(config, study.Cache(config)) is None
+    again: list[RunSpec] = []
+    assert study.run_study(config, runner=_fake_runner(again), log=lambda _: None) == 0 and not again
+
+    path = config.results / "mlp-bn-sgd-b100-e1-lr0.1-s0.json"
+    record = json.loads(path.read_text())
+    record["hyperparameters"]["momentum"] = 0.5  # the recipe changed since: the run is stale
+    path.write_text(json.dumps(record))
+    cell = study.Cell("mlp-bn", "sgd", 100, 1, 0.1)
+    assert study.Cache(config).get(cell) is None
+
+    def crash(spec):
+        raise RuntimeError("the training process died")
+
+    study.train(cell, config, runner=crash)
+    assert study.Cache(config).get(cell) is None  # a first failure is retried
+    record = study.train(cell, config, runner=crash)
+    assert record["attempts"] == 2 and study.Cache(config).get(cell)["result"]["error"].endswith("died")
+
+
+def test_plan_order_baseline_then_every_recipe_then_seeds_then_ablations(tmp_path):
+    """Breadth first: the scaling-rule LR of every recipe before any LR is halved; ablations at the best LR."""
+    calls: list[RunSpec] = []
+    config = _config(tmp_path, recipes=("sgd", "spngd"), batches=(100, 250), variants=("fresh",), top=1)
+    study.run_study(config, runner=_fake_runner(calls), log=lambda _: None)
+    first = [(c.recipe, c.batch_size, c.recipe_kwargs["base_lr"]) for c in calls[:4]]
+    assert first == [("sgd", 100, 0.1), ("sgd", 250, 0.1), ("spngd", 250, 0.02), ("sgd", 100, 0.05)]
+    first_seed = next(i for i, c in enumerate(calls) if c.seed)
+    assert all(c.seed == 0 for c in calls[:first_seed]) and len({c.recipe_kwargs["base_lr"]
+                                                                   for c in calls[:first_seed]}) >= 4
+    variant = next(c for c in calls if c.recipe_kwargs.get("stale_threshold", 0.1) is None)
+    cache = study.Cache(config)
+    # spngd: 0.02, 0.01, 0.04, then outwards to 0.08 and 0.16 (5 values; the true optimum 0.4 lies beyond)
+    assert variant.recipe_kwargs["base_lr"] == study.Tune("mlp-bn", "spngd", 250, 1).best(cache) == 0.16
+    assert variant.seed == 0 and study.next_cell(config, cache) is None
+
+
+def test_cli_accelerator_gpu_and_bad_arguments(tmp_path):
+    """--accelerator gpu reaches every run's Trainer settings; bad recipes and batches fail up front."""
+    args = study.build_parser().parse_args(["--accelerator", "gpu", "--threads", "0", "--batches", "128,2048",
+                                            "--recipes", "sgd,kfac", "--results", str(tmp_path)])
+    config = study.config_from_args(args)
+    assert (config.accelerator, config.threads, config.batches, config.recipes) == ("gpu", 0, (128, 2048),
+                                                                                     ("sgd", "kfac"))
+    calls: list[RunSpec] = []
+    study.train(study.Cell("mlp-bn", "sgd", 128, 1, 0.1), config, runner=_fake_runner(calls))
+    assert calls[0].accelerator == "gpu"
+    with pytest.raises(SystemExit, match="Unknown recipe"):
+        study.config_from_args(study.build_parser().parse_args(["--recipes", "sgd,adam"]))
+    with pytest.raises(SystemExit, match="exceed the 1000 training images"):
+        study.config_from_args(study.build_parser().parse_args(["--train-subset", "6000", "--batches", "128,2048"]))
+    with pytest.raises(SystemExit):
+        study.build_parser().parse_args(["--until", "25:00"])
+
+
+def test_report_goals_and_tables_from_a_synthetic_cache(tmp_path):
+    """The report's figures: baseline band, gaps, steps-to-target ratio, SP-NGD's skipped refreshes."""
+    config = _config(tmp_path, recipes=("sgd", "kfac", "spngd"), batches=(128, 2048, 8192), train_subset=0,
+                     val_size=5000)
+    study.run_study(config, runner=_fake_runner([]), log=lambda _: None)
+    text = report.write_report(config)
+    # baseline sgd@128 at LR 0.4: held-out 0.9 (+0.001/seed), test 0.895, 0.896, 0.897 over seeds 0-2
+    assert "Test accuracy at the chosen LR: 0.8960 ± 0.0010 (n=3)." in text
+    # batch 2048: K-FAC 0.9 held-out at its centre LR 0.02 (all tie), test 0.895-0.897 over 3 seeds: gap 0
+    assert ("| 1. MLP-BN: best recipe at 2048 within 0.3% of the baseline (3 seeds) | kfac 0.8960 vs sgd@128 "
+            "0.8960: gap +0.0000 | **met** |") in text
+    # target 0.9 - 0.005: K-FAC at step 10, sgd at 2048 (0.88) never in its 40 steps: ratio < 0.25
+    assert "| K-FAC 10 steps; sgd never in 40 (ratio < 0.25) | **met** |" in text
+    # 8192: the best is K-FAC again; SP-NGD's grid ends at 0.16 (0.8625 held-out, test 0.8575-0.8595), 70% skipped
+    assert "| 3. gap of the best recipe at 8192 (goal <= 1%) | kfac 0.8960 (n=3): gap +0.0000 | **met** |" in text
+    assert "| 4. spngd within 0.3% of K-FAC at 8192, >= 60% refreshes skipped | 0.8585 vs 0.8960 (gap +0.0375); " \
+           "skipped 70% | **not met** |" in text
+    assert "**Status: complete.**" in text
+    assert report.plot_error_vs_batch(report.collect(study.Cache(config), "mlp-bn", 1), config, None,
+                                      tmp_path / "e.png").stat().st_size > 0
+
+
+def test_one_real_run_holds_out_validation_and_measures_test(tmp_path):
+    """Through lbo compare's run_one: 1000 training images (200 held out), 10 steps, test accuracy measured."""
+    config = _config(tmp_path)
+    record = study.train(study.Cell("mlp-bn", "sgd", 100, 1, 0.1), config, runner=run_one)
+    result = record["result"]
+    assert result["error"] == "" and result["steps"] == 10 and result["train_examples"] == 1000
+    assert 0.2 < result["final_acc"] <= 1 and 0.2 < result["test_acc"] <= 1  # chance: 0.1
+    assert [h[0] for h in result["history"]] == [2, 4, 6, 8, 10]  # every 10 // 4 steps

@@ -163,6 +163,8 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
               adapt=adapt)
     if fused:
+        if not bias_correction:
+            raise ValueError("fused=True always applies bias correction; use fused=False with bias_correction=False.")
         _fused_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, keep, **kw)
         return
     fn = _multi_tensor_lamb if foreach else _single_tensor_lamb

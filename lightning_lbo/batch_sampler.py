@@ -86,6 +86,11 @@ class ResizableBatchSampler(Sampler[list[int]]):
             return self._rank
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
+    @property
+    def sampler(self) -> ResizableBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``."""
+        return self
+
     # ------------------------------------------------------------------ control
     def set_batch_size(self, batch_size: int) -> None:
         """Per-device batch size of the batches drawn from now on."""

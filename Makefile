@@ -50,14 +50,16 @@ test: data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_lbo tests benchmarks examples
 
-# The measurements quoted in docs/ and benchmarks/REPORT.md (long: tens of minutes on 2 cores).
+# The measurements quoted in docs/ and benchmarks/REPORT.md (long: the study alone takes hours on 2 cores;
+# it caches every run and resumes where it stopped).
 bench: data
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/kfac_overhead.py --case a
 	$(PY) benchmarks/kfac_comm.py
-	$(PY) benchmarks/report.py --epochs 8
+	$(PY) benchmarks/study.py
+	$(PY) benchmarks/report.py
 
 # The prepared GPU check (docs/gpu.md): needs no venv; on a machine without CUDA it says so and exits 0.
 # Writes gpu_check.json / gpu_check.txt to $OUT (the device machine's result folder), else build/gpu_check.

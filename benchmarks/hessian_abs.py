@@ -115,9 +115,9 @@ def abs_schedule(epochs: int, train_subset: int, batch_size: int, max_accumulati
         wall = time.perf_counter() - start
         acc = trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"]
         abs_cb = next((cb for cb in callbacks if isinstance(cb, AdaptiveBatchSize)), None)
-        schedule = ([batch_size * h["accumulation"] for h in abs_cb.history] if abs_cb
+        schedule = ([batch_size * h["next_factor"] for h in abs_cb.history] if abs_cb
                     else [batch_size * accumulate] * epochs)
-        eigs = [f"{h['eigenvalue']:.1f}" for h in abs_cb.history] if abs_cb else []
+        eigs = [f"{h['measurement']:.1f}" for h in abs_cb.history] if abs_cb else []
         rows.append((name, trainer.global_step, acc, wall, schedule, eigs))
         print(f"finished {name}: {trainer.global_step} steps, test acc {acc:.4f}", flush=True)
     print(f"\nABS on Fashion-MNIST ({train_subset} train images, full test set), SmallCNN, {epochs} epochs, "

@@ -376,7 +376,7 @@ def dry_run(args: argparse.Namespace, report: dict[str, Any], chosen: dict[str, 
     report["machine"].update({k: chosen.get(k) for k in ("executable", "python", "torch", "cuda_version")})
     code = ("import gpu_check, gpu_check_parts, lightning_lbo, pytorch_lightning, torchvision; "
             "from lightning_lbo import KFAC; from lightning_lbo.strategies import KFACDDPStrategy; "
-            "from tests.gpu.kfac_access import layer_factors; "
+            "from tests.gpu.accessors import layer_factors; "
             "print(sorted(gpu_check_parts.PARTS))")
     env = part_env(chosen["executable"])
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env["PYTHONPATH"]])

@@ -8,7 +8,7 @@ Every part runs on ``cuda`` or, for the smoke run, on ``cpu`` with tiny sizes; t
 except where the CPU lacks the feature (``set_sync_debug_mode``: there host syncs are counted with a
 dispatch mode; Lightning's ``"16-mixed"`` flag: there the same ``MixedPrecision`` plugin is given a CPU
 ``GradScaler``). Only the package's public API is used; factors are read through
-``tests/gpu/kfac_access.py``.
+``tests/gpu/accessors.py``.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def part_amp(ctx: PartContext) -> PartResult:
     from lightning_lbo.classifier import ClassifierModule
     from lightning_lbo.compat import callback_bases, lightning_package
     from lightning_lbo.models import SmallCNN
-    from tests.gpu.kfac_access import layer_factors, skip_count
+    from tests.gpu.accessors import layer_factors, skip_count
 
     pl = lightning_package()
     result = PartResult()
@@ -276,7 +276,7 @@ def part_sync(ctx: PartContext) -> PartResult:
     from lightning_lbo.models import SmallCNN
 
     result = PartResult()
-    batch = 16 if ctx.smoke else 256
+    batch = 8 if ctx.smoke else 256
     x = torch.randn(batch, 1, 28, 28).to(ctx.device)
     y = torch.randint(0, 10, (batch,)).to(ctx.device)
     for variant in ("fp32", "bf16 autocast"):
@@ -480,7 +480,7 @@ SPEED_CASES = {
     "smallcnn": ("smallcnn", 28, 1, 1024, False, {}, 10, 6),
 }
 SMOKE_SPEED_CASES = {
-    "resnet18 (smoke)": ("resnet18", 32, 3, 4, True, dict(factor_update_interval=1, inverse_update_interval=2), 1, 2),
+    "resnet18 (smoke)": ("resnet18", 32, 3, 2, True, dict(factor_update_interval=2, inverse_update_interval=2), 1, 2),
     "smallcnn (smoke)": ("smallcnn", 28, 1, 16, False, dict(factor_update_interval=1, inverse_update_interval=2), 1, 2),
 }
 

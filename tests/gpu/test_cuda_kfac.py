@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lbo import KFAC
+from tests.gpu.accessors import layer_factors, skip_count
 from tests.gpu.conftest import assert_close_rel
-from tests.gpu.kfac_access import layer_factors, skip_count
 
 STEPS = 4
 # Tolerances are 10x the fp32 floor: the relative distance of these fp32 results to a float64 model's,

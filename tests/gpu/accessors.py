@@ -1,4 +1,4 @@
-"""Read access to K-FAC's per-layer factors, in one place for the GPU checks.
+"""Read access to the optimizer state the GPU checks compare: K-FAC's factors, skip counters.
 
 Issue 13 adds a public read accessor for each layer's factors (``preconditioner.factors(layer)``). This
 module is the only code of tests/gpu and benchmarks/gpu_check*.py that reads factors: it uses the
@@ -21,9 +21,10 @@ def layer_factors(optimizer: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def skip_count(optimizer: Any) -> torch.Tensor:
-    """The optimizer's count of steps skipped for non-finite gradients (a 0-d device tensor, no host sync).
+    """An optimizer's count of updates skipped for non-finite gradients (a 0-d device tensor, no host sync).
 
-    Issue 14 names the shared counter ``nonfinite_skips``; ``KFAC.skipped_steps`` is the older name.
+    Issue 14 makes ``nonfinite_skips`` (a property; a method before) the counter of every optimizer of the
+    package; ``KFAC.skipped_steps`` is the older name.
     """
     counter = getattr(optimizer, "nonfinite_skips", None)
     if counter is None:

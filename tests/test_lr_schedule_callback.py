@@ -361,11 +361,12 @@ def test_lr_schedule_momentum_correction_matches_lr_outside_buffer(tmp_path):
 def test_lr_schedule_momentum_correction_reaches_lars_scaled_buffer():
     """Momentum correction uses an optimizer's own scale_momentum_ (LARS keeps scale x buffer)."""
     from lightning_lbo.optim.lars import LARS
+    from lightning_lbo.optim.momentum import scale_momentum_
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = LARS([w], lr=0.1, momentum=0.9, momentum_form="paper")
     w.grad = torch.full((3,), 0.5)
     opt.step()
     before = opt.momentum_buffer(w).clone()
-    LRSchedule._scale_momentum(opt, opt.param_groups[0], 2.0)
+    scale_momentum_(opt, 2.0, opt.param_groups[0])
     torch.testing.assert_close(opt.momentum_buffer(w), 2.0 * before)

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_lbo import schedules as S
 from lightning_lbo.compat import callback_bases
+from lightning_lbo.optim.momentum import correction_factor, scale_momentum_
 
 WARMUPS = ("linear", "constant", "exponential")
 DECAYS = ("constant", "poly", "cosine", "step", "slow_start")
@@ -350,8 +351,8 @@ class LRSchedule(*callback_bases()):
             for i, group in enumerate(opt.param_groups):
                 new = self.base_lrs[j][i] * scale * multiplier
                 old = self._last_lrs[j][i]
-                if self.momentum_correction and old > 0 and new != old:
-                    self._scale_momentum(opt, group, new / old)
+                if self.momentum_correction:
+                    scale_momentum_(opt, correction_factor(old, new, lr_in_buffer=True), group)
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(new)
                 else:
@@ -359,7 +360,9 @@ class LRSchedule(*callback_bases()):
                 self._last_lrs[j][i] = new
                 if self.log:
                     name = group.get("name") or f"pg{i}"
-                    pl_module.log(f"lr/opt{j}/{name}" if many else f"lr/{name}", new, on_step=True, on_epoch=False)
+                    # a tensor filled on the device: a Python float would be copied host-to-device every step
+                    value = torch.full((), new, device=pl_module.device)
+                    pl_module.log(f"lr/opt{j}/{name}" if many else f"lr/{name}", value, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ batch changes
     def global_batch_changed(self, trainer: Any, per_device_batch_size: int | None = None,
@@ -402,16 +405,6 @@ class LRSchedule(*callback_bases()):
             return self.scale
         return change["from_scale"] + (step - change["step"]) / change["rewarmup_steps"] * (self.scale -
                                                                                            change["from_scale"])
-
-    @staticmethod
-    def _scale_momentum(opt: torch.optim.Optimizer, group: dict, ratio: float) -> None:
-        if hasattr(opt, "scale_momentum_"):  # optimizers that store momentum their own way (LARS: scale x buffer)
-            opt.scale_momentum_(ratio, group)
-            return
-        bufs = [opt.state[p]["momentum_buffer"] for p in group["params"]
-                if isinstance(opt.state.get(p, {}).get("momentum_buffer"), torch.Tensor)]
-        if bufs:
-            torch._foreach_mul_(bufs, ratio)
 
     # ------------------------------------------------------------------ checkpoint
     @override

@@ -144,3 +144,37 @@ def test_adaptive_batch_size_rejects_conflicting_settings(pl_package, tmp_path):
     with pytest.raises(RuntimeError, match="manual"):
         trainer.fit(module, tiny_loader())
     assert package_of(trainer) == pl_package.__name__
+
+
+def test_noise_scale_rule_grows_on_the_measured_b_simple(tmp_path):
+    """The rule sees GradientNoiseScale's probe estimate each epoch and doubles exactly when B_simple >= the batch."""
+    import pytorch_lightning as pl
+
+    from lightning_lbo.batch_rules import NoiseScaleRule
+    from lightning_lbo.callbacks.gradient_noise_scale import GradientNoiseScale
+
+    gns = GradientNoiseScale(beta=0.5, probe_every_n_steps=2, log_every_n_steps=2)
+    cb = AdaptiveBatchSize(rule=NoiseScaleRule(margin=1.0), max_factor=8)
+    trainer = make_trainer(pl, tmp_path, max_epochs=3, callbacks=[gns, cb])
+    trainer.fit(tiny_classifier(pl), tiny_loader())
+    # factor 1: a probe every 2nd step; factor >= 2: every step has two batch sizes (micro-batch vs accumulated)
+    step, expected = 0, 0
+    for row in cb.history:
+        for _ in range(BATCHES_PER_EPOCH // row["factor"]):
+            expected += row["factor"] > 1 or step % 2 == 0
+            step += 1
+    assert gns.estimator.updates == expected and trainer.global_step == step
+    for row in cb.history:
+        grows = row["measurement"] >= row["global_batch"]
+        assert row["next_factor"] == row["factor"] * (2 if grows else 1), row
+    assert cb.history[-1]["measurement"] == pytest.approx(gns.b_simple(), rel=1e-5)  # one process: the same terms
+    assert [h[0] for h in gns.history][:2] == [0, 2]  # probed and logged every 2 steps
+
+
+def test_noise_scale_rule_needs_gradient_noise_scale(tmp_path):
+    """Without the sensor callback, setup says which callback to add."""
+    import pytorch_lightning as pl
+
+    trainer = make_trainer(pl, tmp_path, max_epochs=1, callbacks=[AdaptiveBatchSize(rule="noise_scale")])
+    with pytest.raises(ValueError, match=r"add GradientNoiseScale\("):
+        trainer.fit(tiny_classifier(pl), tiny_loader())

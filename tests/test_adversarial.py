@@ -94,3 +94,19 @@ def test_adversarial_training_needs_a_data_range(tmp_path):
     trainer = make_trainer(pl, tmp_path, max_epochs=1, callbacks=[AdversarialTraining()])
     with pytest.raises(ValueError, match="data_range"):
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def test_adversarial_ratio_follows_any_rule(tmp_path):
+    """ABSA's halving composes with a ramp (no Hessian): ratio 0.25 -> 0.125 when the batch doubles."""
+    import pytorch_lightning as pl
+
+    from lightning_lbo.batch_rules import RampRule
+
+    module = classifier_module_class("pytorch_lightning")(conv_bn_net(), num_classes=3,
+                                                          optimizer=sgd_factory(lr=0.05, weight_decay=0.0))
+    x, y = images(32)
+    abs_cb = AdaptiveBatchSize(rule=RampRule({0: 1, 1: 2}))
+    adv = AdversarialTraining(ratio=0.25, epsilon=0.01, stop_fraction=1.0, data_range=RANGE, stop_at_max_batch=False)
+    trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[abs_cb, adv])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert adv.replaced == 4 * 2 + 4 * 1  # 4 batches of 8 per epoch: 2 each, then 1 each

@@ -6,6 +6,7 @@ preconditioner plus momentum SGD. Curvature blocks (:mod:`.blocks`, extensible w
 communicator contract (:mod:`.comm`) are the parts. See docs/kfac.md.
 """
 
+from lightning_lbo.optim.kfac.attention import MultiheadAttentionBlock
 from lightning_lbo.optim.kfac.blocks import (
     BLOCK_TYPES,
     Conv1dBlock,
@@ -26,4 +27,4 @@ from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 __all__ = ["KFAC", "KFACPreconditioner", "Communicator", "Fisher", "Likelihood", "InverseMethod", "StaleStatistics",
            "BLOCK_TYPES", "BlockInverse", "CurvatureBlock", "KroneckerBlock", "LinearBlock", "Conv1dBlock",
-           "Conv2dBlock", "EmbeddingBlock", "UnitWiseBlock", "register_block"]
+           "Conv2dBlock", "EmbeddingBlock", "UnitWiseBlock", "MultiheadAttentionBlock", "register_block"]

@@ -178,7 +178,7 @@ class MultiheadAttentionBlock(KroneckerBlock):
         m = self.module
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                  "is_causal")
-        call = dict(zip(names, inputs))
+        call = dict(zip(names, inputs, strict=False))
         call.update(kwargs)
         y = output[0] if isinstance(output, tuple) else output
         query, key, value = (call[n].detach() for n in ("query", "key", "value"))
@@ -196,7 +196,7 @@ class MultiheadAttentionBlock(KroneckerBlock):
     def _projections(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = self.weight.detach().chunk(3)
         b = self.bias.detach().chunk(3) if self.bias is not None else (None, None, None)
-        return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((call.query, call.key, call.value), w, b))
+        return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((call.query, call.key, call.value), w, b, strict=True))
 
     def input_statistics(self, x: AttentionCall, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
         if "A" not in due:

@@ -116,6 +116,17 @@ class CurvatureBlock:
         self.refreshes = {s: 0 for s in self.stat_names}
 
     # ---- contract ----------------------------------------------------------------------------------------
+    @classmethod
+    def trainable(cls, module: nn.Module) -> bool:
+        """Whether ``module`` has the trainable parameters this block type preconditions."""
+        return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+    def hook_io(self, inputs: tuple, kwargs: dict[str, Any], output: Any) -> tuple[Any, int, Any]:
+        """From one hooked call: the input passed to :meth:`input_statistics`, the number of examples,
+        and the output tensor whose gradient feeds :meth:`output_statistic`."""
+        x = inputs[0].detach()
+        return x, x.shape[0], output
+
     @property
     def params(self) -> list[nn.Parameter]:
         """The parameters this block preconditions."""
@@ -560,7 +571,7 @@ def make_block(module: nn.Module, name: str, factor_dtype: torch.dtype = torch.f
                linear_variant: str = EXPAND) -> CurvatureBlock | None:
     """The curvature block of a registered module with a trainable ``weight`` parameter, else ``None``."""
     block_type = block_type_for(module)
-    if block_type is None or not isinstance(getattr(module, "weight", None), nn.Parameter):
+    if block_type is None or not block_type.trainable(module):
         return None
     if issubclass(block_type, LinearBlock):
         return block_type(module, name, factor_dtype=factor_dtype, linear_variant=linear_variant)

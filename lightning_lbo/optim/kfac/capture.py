@@ -100,7 +100,8 @@ class Capture:
         self._handles: list[Any] = []
         for block in blocks:
             self._claim(block.module)
-            self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block)))
+            self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block),
+                                                                    with_kwargs=True))
         self._claim(root)
         self._handles.append(root.register_forward_hook(self._root_forward_hook))
 
@@ -161,16 +162,19 @@ class Capture:
     def _recording(self, module: nn.Module) -> bool:
         return module.training and not capture_paused() and torch.is_grad_enabled()
 
-    def _forward_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def _forward_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple, kwargs: dict[str, Any],
+                      output: Any) -> None:
         due = self.due.get(id(block))
-        if not due or not self._recording(module) or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not due or not self._recording(module):
             return
-        x = inputs[0].detach()
+        x, examples, output = block.hook_io(inputs, kwargs, output)
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
         record = self.captured.setdefault(id(block), Captured())
         record.forwards += 1
         if record.batch is None or record.batch.closed:  # a new micro-batch (the previous one saw its backward)
-            record.batch = _MicroBatch(x.shape[0])
-            record.examples += x.shape[0]
+            record.batch = _MicroBatch(examples)
+            record.examples += examples
         else:  # another use of the layer in the same forward
             record.batch.uses += 1
         stats, context = block.input_statistics(x, due)

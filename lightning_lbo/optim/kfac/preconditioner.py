@@ -208,18 +208,23 @@ class KFACPreconditioner:
         allowed = None if params is None else {id(p) for p in params}
         excluded_types = tuple(t for t in self.exclude if isinstance(t, type))
         excluded = {id(sub) for m in self.exclude if isinstance(m, nn.Module) for sub in m.modules()}
-        blocks, unsupported, seen = [], [], {}
+        blocks, unsupported, seen, inside = [], [], {}, set()
         for name, sub in module.named_modules():
             own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-            if not own or id(sub) in excluded or (excluded_types and isinstance(sub, excluded_types)):
+            skip = id(sub) in excluded or id(sub) in inside or (excluded_types and isinstance(sub, excluded_types))
+            if not own or skip:
                 continue
             if allowed is not None and not all(id(p) in allowed for p in own):
                 continue
             label = name or "<root>"
             block = make_block(sub, name or type(sub).__name__, self.factor_dtype, self.linear_variant)
-            if block is None or {id(p) for p in own} != {id(p) for p in block.params}:
+            if block is None or not {id(p) for p in own} <= {id(p) for p in block.params}:
                 unsupported.append(f"{label} ({type(sub).__name__})")
                 continue
+            # A block that owns its submodules' parameters too (nn.MultiheadAttention's out_proj) covers them.
+            children = {id(p) for p in block.params} - {id(p) for p in own}
+            inside.update(id(m) for m in sub.modules() if m is not sub and
+                          {id(p) for p in m.parameters(recurse=False)} <= children)
             shared = [seen[id(p)] for p in block.params if id(p) in seen]
             if shared:  # a parameter of two layers (tied input/output embeddings): one block cannot own it
                 unsupported.append(f"{label} ({type(sub).__name__}, shares a parameter with {shared[0]})")

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("lightning_lbo.compare", "add_compare_parser",
                 "train recipes side by side on Fashion-MNIST and print a table"),
     "advise": ("lightning_lbo.critical_batch", "add_advise_parser",
-               "estimate the critical batch (gradient noise scale) and recommend a batch and LR"),
+               "estimate the critical batch, recommend a batch and LR"),
 }
 
 

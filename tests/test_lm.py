@@ -191,3 +191,22 @@ def test_causal_lm_module_learns_repeating_text(tmp_path, pl_package):
     assert trainer.callback_metrics["val_loss"] < 1.0 < torch.log(torch.tensor(256.0))
     with pytest.raises(ValueError, match="not both"):
         causal_lm_module_class(pl_package.__name__)(model=GPT(), model_kwargs={"d_model": 8})
+
+
+def test_causal_lm_module_trains_with_kfac_on_every_layer(tmp_path, pl_package):
+    """KFAC(self) with the MC Fisher on the class-second GPT: every layer's factors refresh, the loss falls."""
+    from lightning_lbo.optim.kfac import KFAC
+
+    data = torch.tensor(list(b"abcdefgh" * 40), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(ByteSequenceDataset(data, 16), batch_size=8)
+    module = causal_lm_module_class(pl_package.__name__)(
+        optimizer=lambda m: KFAC(m, lr=0.05, damping=1e-2, fisher="mc", factor_update_interval=1,
+                                 inverse_update_interval=1),
+        model_kwargs=dict(seq_len=16, d_model=16, n_heads=2, n_layers=1, classes_last=False))
+    trainer = make_trainer(pl_package, tmp_path, max_steps=10, limit_val_batches=1)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    pre = trainer.optimizers[0].preconditioner
+    assert {type(b).__name__ for b in pre.blocks} == {"EmbeddingBlock", "MultiheadAttentionBlock", "LinearBlock",
+                                                       "UnitWiseBlock"}
+    assert all(min(b.refreshes.values()) == 10 for b in pre.blocks)
+    assert trainer.callback_metrics["val_loss"] < 1.0 < torch.log(torch.tensor(256.0))

@@ -76,9 +76,8 @@ def _merged_mask(module: nn.MultiheadAttention, n: int, t_q: int, t_k: int, attn
                  key_padding_mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype) -> torch.Tensor | None:
     """Attention mask and key padding mask as one additive mask ``[N or 1, H or 1, T_q, T_k]``."""
     h = module.num_heads
-    if attn_mask is None and is_causal:
-        attn_mask = torch.ones(t_q, t_k, dtype=torch.bool, device=key_padding_mask.device if key_padding_mask
-                               is not None else module.in_proj_weight.device).triu(1)
+    if attn_mask is None and is_causal:  # MHA requires the mask with the hint; kept for direct calls
+        attn_mask = torch.ones(t_q, t_k, dtype=torch.bool, device=module.in_proj_weight.device).triu(1)
     mask = _additive(attn_mask, dtype)
     if mask is not None:
         mask = mask.view(1, 1, t_q, t_k) if mask.dim() == 2 else mask.view(n, h, t_q, t_k)

@@ -24,6 +24,7 @@ whose file exists is skipped, so the study resumes where it stopped. ``--report`
 
 Usage::
 
+    python benchmarks/lm_large_batch.py --phase priority  # the order used on the shared machine
     python benchmarks/lm_large_batch.py --phase grid      # LR grids, most informative cells first
     python benchmarks/lm_large_batch.py --phase seeds     # seed 1 at each chosen LR
     python benchmarks/lm_large_batch.py --phase timing    # K-FAC / AdamW step time, side by side
@@ -239,6 +240,24 @@ def phase_grid(data, cells) -> None:
             do_run(method, multiplier, grid[0] / 2, 0, data)
 
 
+def phase_priority(data) -> None:
+    """The study on a busy shared machine: each method's central LR at 16x first, then the side LRs,
+    the step-time ratio, seed 1 at the chosen points, then the middle batch (4x)."""
+    base = GRIDS["adamw"][1]
+    for lr in base:
+        do_run("adamw", 1, lr, 0, data)
+    big = ("adamw", "kfac", "kfac_adam", "lamb")
+    for method in big:
+        do_run(method, 16, GRIDS[method][16][1], 0, data)
+    for method in big:
+        for lr in (GRIDS[method][16][2], GRIDS[method][16][0]):
+            do_run(method, 16, lr, 0, data)
+    if not (OUT / "timing-b512.json").exists():
+        phase_timing(16, repeats=6)
+    phase_seeds(data, [("adamw", 1)] + [(m, 16) for m in big])
+    phase_grid(data, [(m, 4) for m in big])
+
+
 def phase_seeds(data, cells) -> None:
     for method, multiplier in cells:
         lr = best_lr(load_runs(), method, multiplier)
@@ -391,7 +410,7 @@ def write_report(runs: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=("grid", "seeds", "timing", "coverage", "all"), default=None)
+    parser.add_argument("--phase", choices=("priority", "grid", "seeds", "timing", "coverage", "all"), default=None)
     parser.add_argument("--methods", nargs="*", default=None, help="restrict to these methods")
     parser.add_argument("--multipliers", nargs="*", type=int, default=None, help="restrict to these batch multipliers")
     parser.add_argument("--threads", type=int, default=1,
@@ -401,6 +420,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cells = [(m, k) for m, k in ORDER if (args.methods is None or m in args.methods)
              and (args.multipliers is None or k in args.multipliers)]
+    if args.phase == "priority":
+        phase_priority(load_data())
     if args.phase in ("grid", "all"):
         phase_grid(load_data(), cells)
     if args.phase in ("seeds", "all"):

@@ -292,3 +292,69 @@ def test_kfac_amp_grad_scaler_scale_is_removed_from_g():
     for a, b in zip(*factors, strict=True):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_kfac_skipped_step_with_weight_decay_leaves_everything_bit_identical(fold):
+    """A non-finite gradient with weight_decay > 0: weights, momentum buffers and factors bit-identical."""
+    torch.manual_seed(0)
+    model = _net()
+    opt = KFAC(model, lr=0.1, weight_decay=1e-2, fold_weight_decay=fold, factor_update_interval=1,
+               momentum_correction=False, weight_rescaling=True)
+    _train(model, opt, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    factors = [pre_factors for pre_factors in (opt.preconditioner.factors(b.module) for b in opt.preconditioner.blocks)]
+    x, y = _batch()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")  # finite statistics, non-finite gradient
+    opt.param_groups[0]["lr"] = 0.05  # an LR change on the skipped step (momentum correction off)
+    opt.step()
+    assert opt.nonfinite_skips.item() == 1
+    for p, b, m in zip(model.parameters(), before, bufs, strict=True):
+        assert torch.equal(p, b) and torch.equal(opt.state[p]["momentum_buffer"], m)
+    for block, old in zip(opt.preconditioner.blocks, factors, strict=True):
+        for stat, value in old.items():
+            assert torch.equal(block.factors[stat], value), (block.name, stat)
+
+
+def test_kfac_requested_skip_leaves_factors_of_finite_statistics_unchanged():
+    """skip_next_step_where(True) on a refresh step: the (finite) statistics are not committed either."""
+    torch.manual_seed(0)
+    model = _net()
+    opt = KFAC(model, lr=0.1, factor_update_interval=1)
+    _train(model, opt, 1)
+    factors = [dict(b.factors) for b in opt.preconditioner.blocks]
+    x, y = _batch(seed=5)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.skip_next_step_where(torch.tensor(True))
+    opt.step()
+    for block, old in zip(opt.preconditioner.blocks, factors, strict=True):
+        assert all(torch.equal(block.factors[s], old[s]) for s in old)
+
+
+def test_kfac_load_state_dict_validates_factors():
+    """Wrong-shape factors raise naming the layer; non-finite factors reset that layer's statistics (warned)."""
+    torch.manual_seed(0)
+    model = _net()
+    opt = KFAC(model, lr=0.1, factor_update_interval=1)
+    _train(model, opt, 2)
+    state = copy.deepcopy(opt.state_dict())
+    bad_shape = copy.deepcopy(state)
+    bad_shape["kfac"]["blocks"][1]["factors"]["A"] = torch.zeros(1, 7, 7)
+    fresh = KFAC(_net(), lr=0.1, factor_update_interval=1)
+    with pytest.raises(ValueError, match=r"layer '3' has A of shape \(1, 7, 7\).*needs \(1, 101, 101\)"):
+        fresh.load_state_dict(bad_shape)
+    nan = copy.deepcopy(state)
+    nan["kfac"]["blocks"][0]["factors"]["G"][0, 0, 0] = float("nan")
+    resumed_model = _net()
+    resumed = KFAC(resumed_model, lr=0.1, factor_update_interval=1)
+    with pytest.warns(RuntimeWarning, match="layer '0' has non-finite factors; its statistics are reset"):
+        resumed.load_state_dict(nan)
+    assert resumed.preconditioner.factors(resumed_model[0]) == {}  # re-estimated at the next step
+    assert torch.equal(resumed.preconditioner.factors(resumed_model[3])["A"], state["kfac"]["blocks"][1]["factors"]["A"])
+    _train(resumed_model, resumed, 1, start=2)
+    assert all(torch.isfinite(t).all() for b in resumed.preconditioner.blocks for t in b.factors.values())
+    assert all(torch.isfinite(p).all() for p in resumed_model.parameters())

@@ -531,14 +531,14 @@ class KFACPreconditioner:
     def _check_entry(self, block: CurvatureBlock, entry: dict[str, Any]) -> bool:
         """Validate a checkpointed block: wrong shapes raise; non-finite factors reset it (returns False)."""
         shapes = block.factor_shapes()
-        saved = {**entry.get("factors", {}), **{k: v for k, v in entry.get("inverse_factors", {}).items()
-                                                 if k in shapes}}
-        for stat, tensor in saved.items():
+        saved = list(entry.get("factors", {}).items())
+        saved += [(k, v) for k, v in entry.get("inverse_factors", {}).items() if k in block.stat_names]
+        for stat, tensor in saved:
             if stat not in shapes or tuple(tensor.shape) != shapes[stat]:
                 raise ValueError(f"K-FAC checkpoint: layer {block.name!r} has {stat} of shape "
                                  f"{tuple(getattr(tensor, 'shape', ()))}, the model's needs "
                                  f"{shapes.get(stat)}; the checkpoint is from another model or configuration.")
-        if all(bool(torch.isfinite(t).all()) for t in saved.values()):
+        if all(bool(torch.isfinite(t).all()) for _, t in saved):
             return True
         warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
                       "and re-estimated at the next step (the running average would never recover from NaN).",

@@ -20,6 +20,7 @@ from tests.helpers.ddp import REPO_ROOT, run_script
 NUM_BATCHES = 10
 BAD = {0: float("nan"), 3: float("inf"), 6: float("nan")}  # batch index -> injected value (first step included)
 
+
 class ReplacingMomentum(torch.optim.Optimizer):
     """Momentum SGD that replaces its state tensors every step instead of updating them in place."""
 
@@ -45,11 +46,10 @@ OPTIMIZERS = {
     "replacing": lambda m: ReplacingMomentum(m.parameters()),
     "lars": lambda m: LARS(m.parameters(), lr=0.5, weight_decay=1e-4, trust_coefficient=0.02),
     "lamb": lambda m: LAMB(m.parameters(), lr=1e-2, weight_decay=1e-2),
-    "kfac": lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2),
+    # refresh every step: K-FAC's refresh schedule is a host-side counter of attempted steps
+    "kfac": lambda m: KFAC(m, lr=0.05, momentum=0.9, damping=1e-2, factor_update_interval=1,
+                           inverse_update_interval=1),
 }
-KFAC_PENDING = pytest.mark.xfail(
-    strict=True, reason="KFAC does not follow the skip contract yet (nonfinite_skips / skip_next_step_where; "
-                        "its factors take the bad batch's statistics): helper A, issue 13/14")
 
 
 def module_class(pl):
@@ -103,15 +103,18 @@ def assert_same_training_state(a, b, opt_a, opt_b):
 
 
 # Host-side counters count attempted steps by design (reading the device's decision would be a host sync
-# per step): LARS' count of steps since its momentum scale was folded into the buffers is one of them.
-HOST_COUNTERS = ("steps_since_rescale",)
+# per step): LARS' count of steps since its momentum scale was folded into the buffers, K-FAC's step and
+# refresh schedule. The skip counters differ by definition.
+HOST_COUNTERS = ("steps_since_rescale", "steps", "next_due", "refreshes")
+SKIP_COUNTERS = ("nonfinite_skips", "skipped_steps", "skipped_refreshes")
 
 
 def _without_counters(state):
-    """The optimizer state minus the skip counters and the host-side step counters."""
-    state = {k: v for k, v in state.items() if k not in ("nonfinite_skips", "skipped_steps")}
-    if "param_groups" in state:
-        state["param_groups"] = [{k: v for k, v in g.items() if k not in HOST_COUNTERS} for g in state["param_groups"]]
+    """The optimizer state minus the skip counters and the host-side step counters, at any depth."""
+    if isinstance(state, dict):
+        return {k: _without_counters(v) for k, v in state.items() if k not in HOST_COUNTERS + SKIP_COUNTERS}
+    if isinstance(state, (list, tuple)):
+        return [_without_counters(v) for v in state]
     return state
 
 
@@ -136,8 +139,7 @@ def dropped(bad, accumulate=1):
     return [i for i in range(NUM_BATCHES) if i // accumulate not in cycles]
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "replacing", "lars", "lamb",
-                                  pytest.param("kfac", marks=KFAC_PENDING)])
+@pytest.mark.parametrize("name", ["sgd", "adam", "replacing", "lars", "lamb", "kfac"])
 def test_nonfinite_batches_equal_dropped_run(tmp_path, name):
     """NaN and Inf batches (the first one included) leave no trace: the run equals the one without them."""
     pl = importlib.import_module("pytorch_lightning")

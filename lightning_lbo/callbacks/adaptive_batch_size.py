@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, make_rule
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
+from lightning_lbo.callbacks.lr_schedule import LRSchedule
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
 from lightning_lbo.hessian.hvp import BN_MODES, LossFn
@@ -145,7 +146,7 @@ class AdaptiveBatchSize(*callback_bases()):
             if isinstance(cb, pkg.callbacks.GradientAccumulationScheduler):
                 raise ValueError("AdaptiveBatchSize and GradientAccumulationScheduler both change the batch: remove "
                                  "one of them.")
-        self._lr_schedule = next((cb for cb in trainer.callbacks if type(cb).__name__ == "LRSchedule"), None)
+        self._lr_schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
         if self.rewarmup_steps and self._lr_schedule is None:
             raise ValueError("rewarmup_steps needs LRSchedule in the Trainer (it ramps the LR); add "
                              "LRSchedule(reference_batch_size=...) or set rewarmup_steps=0.")

@@ -283,12 +283,13 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(report: dict[str, Any], out: Path, t0: float) -> str:
+    """Write ``gpu_check.json`` and ``gpu_check.txt`` (after every part, so a killed run keeps what it did)."""
+    report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     text = render_text(report)
     (out / "gpu_check.txt").write_text(text)
-    print(text, flush=True)
+    return text
 
 
 # ------------------------------------------------------------------------------------- main
@@ -303,11 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
 
-    t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.log").write_text("")
     # Only four files go to --out (the device returns at most 8); trainer folders and part results go here.
     args.work = Path(tempfile.mkdtemp(prefix="lbo_gpu_check_"))
+    try:
+        return run_check(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Probe, install, run the parts in order within the budget, write the report; the exit status."""
+    t0 = time.perf_counter()
     budgets = plan(args)
     report: dict[str, Any] = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "mode": f"{args.device}{' smoke' if args.smoke else ''}", "plan": budgets,
@@ -315,13 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen, probes = choose_interpreter(args.device)
     report["interpreters"] = probes
     report["machine"] = machine_info(chosen)
+    gpu_listed = "," in report["machine"]["nvidia_smi"]  # a "name, driver, memory" row
+    if chosen is None and args.device == "cuda" and gpu_listed:
+        report["notes"].append(f"nvidia-smi lists {report['machine']['nvidia_smi']!r} but no interpreter's torch sees "
+                               "CUDA: install a CUDA build of torch for python3 (the check cannot run)")
+        return finish(report, args, t0, "error")
     if chosen is None or args.dry_run:
         return dry_run(args, report, chosen, probes, t0)
 
-    # Only the GPU machine installs; a CPU smoke run measures without what is missing (ASDL) and says so.
     budget = args.budget_s or (TOTAL_S if not args.smoke else sum(budgets.values()) + 300)
     deadline = t0 + budget
     install_s = min(120.0, (deadline - time.perf_counter()) / 4)
+    # Only the GPU machine installs; a CPU smoke run measures without what is missing (ASDL) and says so.
     report["install"] = install_missing(chosen, install_s) if args.device == "cuda" else {"skipped": "CPU smoke run"}
     missing = [m for m in report["install"].get("missing_after", chosen["missing"]) if m not in OPTIONAL]
     if missing:
@@ -343,20 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         part["budget_s"] = round(timeout)
         report["parts"][name] = part
         print(f"[{name}] {part['status']} in {part['seconds']:.0f} s", flush=True)
-        write_report_quietly(report, args.out, t0)  # a killed driver still leaves the parts done so far
+        write_report(report, args.out, t0)
     ok = all(p["status"] == "pass" for p in report["parts"].values())
     return finish(report, args, t0, "pass" if ok else "fail")
 
 
-def write_report_quietly(report: dict[str, Any], out: Path, t0: float) -> None:
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-
-
 def finish(report: dict[str, Any], args: argparse.Namespace, t0: float, status: str) -> int:
     report["status"] = status
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(report, args.out)
+    print(write_report(report, args.out, t0), flush=True)
     return 0 if status in ("pass", "no_cuda", "dry_run") else 1
 
 

@@ -38,6 +38,19 @@ def test_gpu_check_without_cuda_says_so_checks_imports_and_exits_zero(tmp_path):
     assert (tmp_path / "gpu_check.txt").read_text().startswith("lightning_lbo GPU check (cuda)")
 
 
+def test_gpu_check_with_a_gpu_but_no_cuda_torch_fails_naming_the_fix(tmp_path):
+    """nvidia-smi lists a GPU that no interpreter's torch sees: exit 1, and say what to install."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H200, 580.159.03, 143771 MiB'\n")
+    fake.chmod(0o755)
+    out = _run_script("--out", str(tmp_path), env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["status"] == "error" and "install a CUDA build of torch" in report["notes"][0]
+
+
 def test_gpu_check_rejects_bad_arguments(capsys):
     """A CPU run without --smoke and a malformed budget fail at parsing, naming the fix."""
     with pytest.raises(SystemExit):

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lbo.callbacks import BatchNormStats
 from lightning_lbo.classifier import ClassifierModule, sgd_factory
 from lightning_lbo.compat import lightning_package
+from tests.conftest import make_trainer
 from tests.gpu.conftest import assert_close_rel
 
 # Per-channel means and variances of a few hundred values: the fp32 floor is ~1e-7 relative.
@@ -25,11 +26,8 @@ def _fit(device: torch.device, mode: str, tmp_path) -> list[torch.Tensor]:
     x = torch.randn(48, 2, 6, 6, generator=gen) * 2 + 1
     loader = DataLoader(TensorDataset(x, (x.mean((1, 2, 3)) > 1).long()), batch_size=16)
     module = ClassifierModule(model, optimizer=sgd_factory(lr=0.0, momentum=0.0, weight_decay=0.0), num_classes=2)
-    pl = lightning_package()
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=3,
-                         callbacks=[BatchNormStats(mode=mode, num_batches=3)], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(tmp_path))
+    trainer = make_trainer(lightning_package(), tmp_path, accelerator="gpu" if device.type == "cuda" else "cpu",
+                           max_steps=3, callbacks=[BatchNormStats(mode=mode, num_batches=3)])
     trainer.fit(module, train_dataloaders=loader)
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert all(m.running_mean.device.type == device.type for m in layers)

@@ -87,3 +87,22 @@ def test_lr_schedule_warmup_longer_than_a_max_steps_run_is_still_an_error(tmp_pa
     """A run whose length is max_steps alone is not cut short: a warmup longer than it is a configuration error."""
     with pytest.raises(ValueError, match="longer than training"):
         _fit_short(tmp_path, LRSchedule(warmup_steps=5, warmup_start_factor=0.0), max_steps=3)
+
+
+@pytest.mark.parametrize("trainer_kwargs, steps", [(dict(fast_dev_run=2), 2), (dict(max_epochs=10, max_steps=3), 3)],
+                         ids=["fast_dev_run", "max_steps"])
+def test_every_recipe_trains_a_short_run(tmp_path, trainer_kwargs, steps):
+    """Each recipe of lightning_lbo.recipes, fitted to 10 epochs of 4 steps, trains a run cut to 2-3 steps."""
+    from lightning_lbo.recipes import RECIPES, build_recipe
+
+    pl = lightning_package("pytorch_lightning")
+    datamodule = fashion_mnist_datamodule_class()(batch_size=64, train_subset=256, eval_batch_size=64)
+    for name in RECIPES:
+        recipe = build_recipe(name, global_batch_size=64, epochs=10, steps_per_epoch=4)
+        module = classifier_module_class()("mlp", optimizer=recipe.optimizer,
+                                           model_kwargs={"hidden": (16,), "batch_norm": True})
+        trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=list(recipe.callbacks), logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=1, **trainer_kwargs)
+        trainer.fit(module, datamodule=datamodule)
+        assert trainer.global_step == steps, name

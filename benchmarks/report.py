@@ -2,7 +2,8 @@
 
 Reads every run cached in ``benchmarks/results/study/`` (nothing is trained here) and writes:
 
-* ``benchmarks/REPORT.md``: setup (machine, threads, allocator, wall time), the tuned baseline and how
+* ``benchmarks/REPORT.md``: setup (machine, threads, allocator, wall time), the goals with the
+  hand-written reading of ``benchmarks/results/study_notes.md`` below them, the tuned baseline and how
   close it is to its plateau, test accuracy against batch per recipe (mean and standard deviation
   over seeds), the LR grids, steps to the target, the SP-NGD ablation, goals 1-4 of issue 15 with
   the measured figures, and the cells still missing;
@@ -37,6 +38,7 @@ from benchmarks.study import RESULTS, VARIANTS, Cache, StudyConfig, Tune, plan, 
 
 REPORT = HERE / "REPORT.md"
 PLOTS = HERE / "results"
+NOTES = PLOTS / "study_notes.md"  # hand-written reading of the figures (dated), included verbatim
 FASHION_MNIST = 60000
 FIRST_ORDER = ("sgd", "goyal", "lars", "lamb", "akiba")
 GOAL_BATCH, BEYOND_BATCH = 2048, 8192
@@ -248,6 +250,13 @@ def _ablation(cells: dict, batch: int) -> list[str]:
         skipped = _refresh_fraction(cell)
         lines.append(f"| `{name}`: {text} | {score(cell.seed0):.4f} | {res.get('test_acc', math.nan):.4f} | "
                      + ("-" if skipped is None else f"{skipped:.0%}") + " |")
+    spngd = cells.get(("spngd", batch))
+    same_lr = [(name, cell) for name, _, cell in found
+               if cell and name.startswith("spngd+") and spngd and cell.lr == spngd.lr]
+    if spngd and same_lr:
+        gains = sorted(((score(c.seed0) - score(spngd.seed0), n) for n, c in same_lr), reverse=True)
+        lines += ["", f"Held-out accuracy gained by switching one SP-NGD ingredient back to K-FAC's (at SP-NGD's LR "
+                  f"{spngd.lr:g}): " + ", ".join(f"`{n.split('+')[1]}` {g:+.4f}" for g, n in gains) + "."]
     return lines + [""]
 
 
@@ -333,7 +342,7 @@ def plot_error_vs_batch(cells: dict, config: StudyConfig, base: Chosen | None, p
         return None
     from lightning_lbo.recipes import build_recipe
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for i, recipe in enumerate(config.recipes):
         points = sorted((b, cells[(recipe, b)]) for (r, b) in cells if r == recipe and b != config.baseline)
         if not points:
@@ -358,7 +367,7 @@ def plot_error_vs_batch(cells: dict, config: StudyConfig, base: Chosen | None, p
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -400,7 +409,8 @@ def write_report(config: StudyConfig) -> str:
         lines[-1] += (f"The plan's next {len(todo)} runs are still missing (the LR grids and seeds grow as results "
                       "arrive, so more follow); every figure below says how many seeds and LR values it rests on. "
                       "Next: " + ", ".join(f"`{k}`" for k in todo[:8]) + ("..." if len(todo) > 8 else "") + ".")
-    lines += ["", *_setup(cache, config), *_goals(cells, head, config, base, target), *baseline_lines,
+    notes = NOTES.read_text().strip().splitlines() if NOTES.exists() and config.results == RESULTS else []
+    lines += ["", *_setup(cache, config), *_goals(cells, head, config, base, target), *notes, "", *baseline_lines,
               *_by_batch_table(cells, config, base), *_steps_table(cells, config, target),
               "## SP-NGD against K-FAC", ""]
     for batch in (BEYOND_BATCH, GOAL_BATCH):

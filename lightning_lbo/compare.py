@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_RECIPES = "sgd,goyal,lars,kfac"
-DEFAULT_BATCH, DEFAULT_BASELINE_BATCH, DEFAULT_EPOCHS = 4096, 0, 3  # `make demo`
+DEFAULT_BATCH, DEFAULT_BASELINE_BATCH, DEFAULT_EPOCHS = 4096, 128, 3  # `make demo`
 FASHION_MNIST_TRAIN = 60000
 DATASETS = ("fashion-mnist",)
 #: ``--model`` choices: reference model name and its keyword arguments (lightning_lbo.models).

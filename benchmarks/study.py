@@ -11,7 +11,7 @@ The plan, most informative first (each step waits for what it needs from the ste
 
 1. breadth first over the baseline (``sgd`` at the first batch of ``--batches``, 128) and every
    recipe at the next two batches (2048, 8192): each recipe's scaling-rule LR (its default
-   ``base_lr``), then half and double;
+   ``base_lr``); then the ablations (below) at 8192 at that LR; then half and double the LRs;
 2. the LR grids of the baseline and at 2048 grown to 4-5 log-spaced values (factor 2 apart): one
    or two more steps outwards where the best LR sits on the edge of the grid;
 3. the baseline's best LR with seeds 1 and 2, then the ``--top`` best recipes at 2048 (seeds wait
@@ -285,15 +285,18 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
         for grid in tunes[:k]:
             yield from _seed_cells(grid, cache)
 
-    def variants(batch: int) -> Iterator[Cell]:
+    def variants(batch: int, at_centre: bool = False) -> Iterator[Cell]:
         for name in config.variants:
             parent = Tune(model, VARIANTS[name][0], batch, epochs)
-            best = parent.best(cache) if parent.recipe in config.recipes else None
-            if best is not None:
-                yield from round_robin([Tune(model, parent.recipe, batch, epochs, name, center=best, fixed=True)])
+            lr = parent.centre if at_centre else parent.best(cache)
+            if parent.recipe in config.recipes and lr is not None and parent.tried(cache):
+                yield from round_robin([Tune(model, parent.recipe, batch, epochs, name, center=lr, fixed=True)])
 
     # breadth first: every recipe's scaling-rule LR, then half and double, at the goals' batches
-    yield from round_robin([g for b in early for g in grids(b)], (1, 3))
+    yield from round_robin([g for b in early for g in grids(b)], (1,))
+    for batch in early[2:]:  # the ablations of goal 4 at the LR the recipes share by default (K-FAC's)
+        yield from variants(batch, at_centre=True)
+    yield from round_robin([g for b in early for g in grids(b)], (3,))
     yield from round_robin([g for b in early[:2] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for grid in grids(config.baseline):
         yield from _seed_cells(grid, cache)

@@ -241,19 +241,18 @@ def phase_grid(data, cells) -> None:
 
 
 def phase_priority(data) -> None:
-    """The study on a busy shared machine: each method's central LR at 16x first, then the side LRs,
-    the step-time ratio, seed 1 at the chosen points, then the middle batch (4x)."""
-    base = GRIDS["adamw"][1]
-    for lr in base:
-        do_run("adamw", 1, lr, 0, data)
+    """The study on a busy shared machine: each method's central LR at 16x first, the baseline's grid,
+    the step-time ratio, the side LRs at 16x, seed 1 at the chosen points, then the middle batch (4x)."""
     big = ("adamw", "kfac", "kfac_adam", "lamb")
     for method in big:
         do_run(method, 16, GRIDS[method][16][1], 0, data)
+    for lr in GRIDS["adamw"][1]:
+        do_run("adamw", 1, lr, 0, data)
+    if not (OUT / "timing-b512.json").exists():
+        phase_timing(16, repeats=6)
     for method in big:
         for lr in (GRIDS[method][16][2], GRIDS[method][16][0]):
             do_run(method, 16, lr, 0, data)
-    if not (OUT / "timing-b512.json").exists():
-        phase_timing(16, repeats=6)
     phase_seeds(data, [("adamw", 1)] + [(m, 16) for m in big])
     phase_grid(data, [(m, 4) for m in big])
 

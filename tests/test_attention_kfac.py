@@ -189,3 +189,27 @@ def test_register_block_for_a_user_module_type():
             torch.testing.assert_close(mine_grad, torch_grad)
     finally:
         BLOCK_TYPES.pop(_MyLinear)
+
+
+def test_attention_block_resumes_from_checkpoint():
+    """A preconditioner restored from state_dict gives the attention layer the same next update."""
+    mha, xq, xk, attn_mask, padding, weights, _ = _problem(batch_first=True, bias=True)
+
+    def step(model, pre):
+        model.zero_grad()
+        ((model(xq, xk, attn_mask, padding) * weights).sum() / xq.shape[0]).backward()
+        pre.step()
+        return _attention_block(pre).grad_matrix().clone()
+
+    kwargs = dict(fisher="empirical", factor_update_interval=2, inverse_update_interval=2, kl_clip=None)
+    model = _Wrapper(mha)
+    pre = KFACPreconditioner(model, **kwargs)
+    step(model, pre)
+    state = pre.state_dict()
+    with torch.no_grad():  # an optimizer step: fresh statistics would now differ from the checkpointed ones
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    expected = step(model, pre)  # a step that reuses the checkpointed factors and inverse
+    restored = KFACPreconditioner(model, **kwargs)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(step(model, restored), expected)

@@ -46,12 +46,15 @@ def test_ddp_kfac_rejects_bad_settings():
 @pytest.mark.slow
 def test_ddp_kfac_two_ranks_match_one_process():
     """2 ranks x B/2 equal 1 process x B: ddp_kfac (both grad-worker settings, stale statistics,
-    accumulation, resume, CPU comm hook), plain ddp; a mismatched configuration fails on every rank."""
+    accumulation, resume, CPU comm hook), plain ddp; conv weights bit-identical across ranks (both settings and
+    plain ddp); a mismatched configuration fails on every rank."""
     out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", torchrun_nproc=2, timeout=420).stdout
     assert "rank 0 ok" in out and "rank 1 ok" in out
     for name in ("ddp_kfac", "ddp_kfac grad_worker_fraction=1/2", "ddp_kfac stale statistics",
                  "ddp_kfac accumulate_grad_batches=2", "ddp_kfac resumed", "plain ddp"):
         assert f"{name}: equal to 1 process" in out, name
+    for name in ("conv ddp_kfac", "conv ddp_kfac grad_worker_fraction=1/2", "conv plain ddp"):
+        assert f"{name}: ranks bit-identical" in out, name
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ with batch ``B`` and the same K-FAC settings is the oracle. Configurations share
   accumulation (micro-batches of B/4 under no_sync), a checkpoint/resume (rank 0 saves, both restore),
   and a DDP comm hook that must run on CPU/gloo;
 * plain ``ddp`` (factors averaged by the synchronous fallback);
+* a small CNN under both ``ddp_kfac`` settings and plain ``ddp``: weights bit-identical across ranks;
 * a configuration that differs between ranks, which must fail on every rank with a clear message.
 
 Usage: ``torchrun --nproc_per_node=2 ddp_kfac_equivalence.py [--package lightning.pytorch] [--nodes 2]
@@ -99,6 +100,33 @@ def train(pl, args, strategy, kfac_kwargs, epochs=EPOCHS, accumulate=1, ckpt_pat
     return trainer, module
 
 
+IMAGES = torch.randn(B * STEPS_PER_EPOCH, 1, 6, 6, generator=DATA)
+
+
+def train_conv(pl, args, strategy):
+    """A small CNN (conv weights are where ranks drifted apart by 1 ulp in K-FAC v1)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, stride=2),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(6 * 2 * 2, CLASSES))
+    module = classifier_module_class(args.package)(net, optimizer=lambda m: KFAC(m, **BASE), num_classes=CLASSES)
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    loader = DataLoader(TensorDataset(IMAGES, Y), batch_size=B // world, sampler=RankSlices(rank, world, 1))
+    trainer = pl.Trainer(accelerator="cpu", devices=world // args.nodes, num_nodes=args.nodes, strategy=strategy,
+                         max_epochs=EPOCHS, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer, module
+
+
+def check_ranks_identical(name, module, trainer):
+    """Data-parallel ranks hold bit-identical weights (gathered and compared exactly)."""
+    for pname, p in module.named_parameters():
+        gathered = trainer.strategy.all_gather(p.detach())
+        assert torch.equal(gathered[0], gathered[1]), f"{name}: {pname} differs across ranks"
+    if trainer.global_rank == 0:
+        print(f"{name}: ranks bit-identical", flush=True)
+
+
 def check(name, module, expected, trainer):
     got = [p.detach() for p in module.parameters()]
     for g, e in zip(got, expected, strict=True):
@@ -161,6 +189,14 @@ def main() -> None:
     comm = trainer.optimizers[0].preconditioner.comm
     assert comm.is_distributed and not comm.async_op, f"plain ddp left K-FAC with {type(comm).__name__}"
     check("plain ddp", module, full, trainer)
+
+    # conv weights: bit-identical on every rank after every step, for both grad-worker settings and plain ddp
+    Strategy = kfac_ddp_strategy_class(args.package)
+    for name, strategy in (("conv ddp_kfac", Strategy()),
+                           ("conv ddp_kfac grad_worker_fraction=1/2", Strategy(grad_worker_fraction=0.5)),
+                           ("conv plain ddp", "ddp")):
+        trainer, module = train_conv(pl, args, strategy)
+        check_ranks_identical(name, module, trainer)
 
     # a rank with other settings must fail on every rank with a message, not hang
     try:

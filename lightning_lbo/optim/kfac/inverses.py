@@ -86,7 +86,10 @@ class BlockInverse:
     precise_below = 1e-3
 
     def __init__(self, **tensors: torch.Tensor) -> None:
-        self.data = tensors
+        # Contiguous, so that an owner's inverse and a broadcast copy (received into contiguous buffers)
+        # run the same kernels: equal values in another memory layout round differently in bmm, and
+        # data-parallel ranks would drift apart by an ulp per step.
+        self.data = {name: t.contiguous() for name, t in tensors.items()}
 
     @classmethod
     def storage_dtype(cls, damping: float, factor_dtype: torch.dtype) -> torch.dtype:
@@ -108,7 +111,7 @@ class BlockInverse:
     def receiver(cls, factors: dict[str, torch.Tensor], out_dtype: torch.dtype) -> BlockInverse:
         """Empty buffers of this layout, to receive a broadcast inverse."""
         template = cls.identity(factors, out_dtype)
-        return cls(**{k: torch.empty_like(v) for k, v in template.data.items()})
+        return cls(**{k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in template.data.items()})
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors an owner broadcasts (in a fixed order)."""

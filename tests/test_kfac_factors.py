@@ -242,3 +242,20 @@ def test_kfac_woodbury_low_rank_inverse_equals_dense_inverse():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_kfac_fp64_model_gets_fp64_factors_and_an_fp64_preconditioned_gradient():
+    """factor_dtype follows an fp64 model by default; the step matches a dense fp64 solve to 1e-10."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    lam = 1e-3
+    pre = KFACPreconditioner(model, damping=lam, kl_clip=None, inverse_method="eigen")
+    model(torch.randn(16, 3, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+    grad = pre.blocks[0].grad_matrix()[0].clone()
+    pre.step()
+    A, G = pre.factors(model[0])["A"][0], pre.factors(model[0])["G"][0]
+    assert pre.factor_dtype == torch.float64 and A.dtype == torch.float64
+    M = torch.kron(G, A) + lam * torch.eye(16, dtype=torch.float64)
+    ref = torch.linalg.solve(M, grad.reshape(-1)).reshape(4, 4)
+    torch.testing.assert_close(pre.blocks[0].grad_matrix()[0], ref, rtol=1e-10, atol=1e-12)
+    assert KFACPreconditioner(nn.Linear(2, 2)).factor_dtype == torch.float32

@@ -52,6 +52,11 @@ from lightning_lbo.optim.kfac import inverses as inv
 EXPAND, REDUCE = "expand", "reduce"
 
 
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision gradients are preconditioned in: fp64 stays fp64, anything else is fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x^T x`` batched: ``[groups, rows, d] -> [groups, d, d]`` in ``dtype``."""
     x = x.to(dtype)
@@ -154,7 +159,7 @@ class CurvatureBlock:
         raise NotImplementedError
 
     def grad_matrix(self) -> torch.Tensor:
-        """The gradient in the block's layout (fp32)."""
+        """The gradient in the block's layout (fp32, fp64 for fp64 parameters)."""
         raise NotImplementedError
 
     def param_matrix(self) -> torch.Tensor:
@@ -228,10 +233,10 @@ class KroneckerBlock(CurvatureBlock):
 
     def _as_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.groups
-        w = weight.reshape(g, weight.shape[0] // g, -1).float()
+        w = _work(weight.reshape(g, weight.shape[0] // g, -1))
         if bias is None:
             return w
-        return torch.cat([w, bias.reshape(g, -1, 1).float()], dim=2)
+        return torch.cat([w, _work(bias.reshape(g, -1, 1))], dim=2)
 
     def grad_matrix(self) -> torch.Tensor:
         return self._as_matrix(self.weight.grad, self.bias.grad if self.bias is not None else None)
@@ -444,10 +449,10 @@ class EmbeddingBlock(KroneckerBlock):
         return self._g_gram(grad.reshape(1, -1, grad.shape[-1]), positions)
 
     def grad_matrix(self) -> torch.Tensor:
-        return self.weight.grad.float().t().unsqueeze(0)
+        return _work(self.weight.grad).t().unsqueeze(0)
 
     def param_matrix(self) -> torch.Tensor:
-        return self.weight.float().t().unsqueeze(0)
+        return _work(self.weight).t().unsqueeze(0)
 
     def set_grad(self, matrix: torch.Tensor) -> None:
         self.weight.grad.copy_(matrix[0].t())
@@ -510,11 +515,11 @@ class UnitWiseBlock(CurvatureBlock):
         return torch.einsum("nuk,nul->ukl", v, v)
 
     def _as_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        cols = [weight.reshape(-1).float()] + ([bias.reshape(-1).float()] if bias is not None else [])
+        cols = [_work(weight.reshape(-1))] + ([_work(bias.reshape(-1))] if bias is not None else [])
         return torch.stack(cols, dim=1)
 
     def grad_matrix(self) -> torch.Tensor:
-        """``[units, k]`` gradient (fp32)."""
+        """``[units, k]`` gradient (fp32, fp64 for fp64 parameters)."""
         return self._as_matrix(self.weight.grad, self.bias.grad if self.bias is not None else None)
 
     def param_matrix(self) -> torch.Tensor:

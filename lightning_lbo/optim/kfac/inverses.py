@@ -118,7 +118,7 @@ class BlockInverse:
         return [self.data[k] for k in self.names]
 
     def apply(self, grad: torch.Tensor, damping: float) -> torch.Tensor:
-        """The preconditioned gradient (fp32, layout of ``grad``)."""
+        """The preconditioned gradient (layout and dtype of ``grad``)."""
         raise NotImplementedError
 
     def _cast(self, grad: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class CholeskyKronecker(BlockInverse):
         return cls(A_inv=_eye_like(A).to(out_dtype).clone(), G_inv=_eye_like(G).to(out_dtype).clone())
 
     def apply(self, grad, damping):
-        return torch.bmm(torch.bmm(self.data["G_inv"], self._cast(grad)), self.data["A_inv"]).float()
+        return torch.bmm(torch.bmm(self.data["G_inv"], self._cast(grad)), self.data["A_inv"]).to(grad.dtype)
 
 
 class WoodburyKronecker(BlockInverse):
@@ -167,10 +167,10 @@ class WoodburyKronecker(BlockInverse):
 
     def apply(self, grad, damping):
         d = self.data
-        grad = self._cast(grad)
+        g = self._cast(grad)
         U = d["U"]
-        low = torch.bmm(torch.bmm(torch.bmm(grad, U.transpose(1, 2)), d["K_inv"]), U)
-        return torch.bmm(d["G_inv"], (grad - low) / d["delta_A"]).float()
+        low = torch.bmm(torch.bmm(torch.bmm(g, U.transpose(1, 2)), d["K_inv"]), U)
+        return torch.bmm(d["G_inv"], (g - low) / d["delta_A"]).to(grad.dtype)
 
 
 class EigenKronecker(BlockInverse):
@@ -209,7 +209,7 @@ class EigenKronecker(BlockInverse):
         QA, QG = d["QA"], d["QG"]
         v = torch.bmm(torch.bmm(QG.transpose(1, 2), self._cast(grad)), QA)
         v = v / (d["dG"].unsqueeze(2) * d["dA"].unsqueeze(1) + damping * d["mask"])
-        return torch.bmm(torch.bmm(QG, v), QA.transpose(1, 2)).float()
+        return torch.bmm(torch.bmm(QG, v), QA.transpose(1, 2)).to(grad.dtype)
 
 
 class DiagonalKronecker(EigenKronecker):
@@ -239,7 +239,7 @@ class DiagonalKronecker(EigenKronecker):
         QG = d["QG"]
         v = torch.bmm(QG.transpose(1, 2), self._cast(grad))
         v = v / (d["dG"].unsqueeze(2) * d["dA"].unsqueeze(1) + damping * d["mask"])
-        return torch.bmm(QG, v).float()
+        return torch.bmm(QG, v).to(grad.dtype)
 
 
 class UnitWise(BlockInverse):
@@ -258,7 +258,7 @@ class UnitWise(BlockInverse):
         return cls(F_inv=_eye_like(factors["F"]).to(out_dtype).clone())
 
     def apply(self, grad, damping):
-        return torch.bmm(self.data["F_inv"], self._cast(grad).unsqueeze(2)).squeeze(2).float()
+        return torch.bmm(self.data["F_inv"], self._cast(grad).unsqueeze(2)).squeeze(2).to(grad.dtype)
 
 
 def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, torch.Tensor], float, torch.dtype]]

@@ -84,8 +84,9 @@ class KFACPreconditioner:
         low_rank_inverse: with fresh statistics (``factor_decay=1``), the cholesky method and one
             process, apply ``(A + delta I)^{-1}`` through the Woodbury identity when the batch has
             fewer rows (examples x positions) than half of ``d_A`` (much cheaper per step on wide layers).
-        factor_dtype: dtype of the factors (``torch.float32``; ``torch.float64`` for fp64 models or
-            the exact damping of ``"eigen"`` below 1e-3).
+        factor_dtype: dtype of the factors; ``None`` (default): ``torch.float64`` for a model with
+            fp64 weights, else ``torch.float32``. Exact damping (``"eigen"``, unit-wise blocks) below
+            1e-3 needs ``torch.float64`` (fp32 factors are rounded by more than the damping).
         comm: the :class:`Communicator` (single process: the no-op default; injected by the Lightning
             layer under DDP).
 
@@ -109,7 +110,7 @@ class KFACPreconditioner:
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
                  linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
-                 low_rank_inverse: bool = True, factor_dtype: torch.dtype = torch.float32,
+                 low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
                  comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
         if not callable(damping) and not damping > 0:
             raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
@@ -126,8 +127,9 @@ class KFACPreconditioner:
         if stale_statistics is not None and not isinstance(stale_statistics, StaleStatistics):
             raise TypeError("stale_statistics must be a StaleStatistics policy, got "
                             f"{type(stale_statistics).__name__}.")
-        if factor_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid factor_dtype: {factor_dtype}; use torch.float32 or torch.float64.")
+        if factor_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"Invalid factor_dtype: {factor_dtype}; use torch.float32, torch.float64 or None "
+                             "(the model's precision).")
         if linear_variant not in ("expand", "reduce"):
             raise ValueError(f"Invalid linear_variant: {linear_variant!r}. Supported: ('expand', 'reduce').")
         self.damping = damping
@@ -137,11 +139,6 @@ class KFACPreconditioner:
         self.inverse_method: inv.InverseMethod = inv.parse_inverse_method(inverse_method)
         self.fisher: Fisher = parse_enum(Fisher, fisher, "fisher")
         self.likelihood: Likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        if (self.inverse_method is inv.InverseMethod.EIGEN and factor_dtype == torch.float32
-                and not callable(damping) and damping < 1e-3):
-            warnings.warn(f"inverse_method='eigen' with damping {damping:g} < 1e-3 and fp32 factors: the factors' "
-                          "rounding (~1e-7 of their norm) exceeds the damping; pass factor_dtype=torch.float64.",
-                          UserWarning, stacklevel=2)
         self.output_to_logits = output_to_logits
         self.kl_clip = kl_clip
         self.stale_statistics = stale_statistics
@@ -206,6 +203,14 @@ class KFACPreconditioner:
             raise RuntimeError("This KFACPreconditioner is already bound to another module; build a new one.")
         params = list(params) if params is not None else self._params
         allowed = None if params is None else {id(p) for p in params}
+        if self.factor_dtype is None:
+            weights = [p for p in module.parameters() if p.is_floating_point()]
+            self.factor_dtype = torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
+        if (self.inverse_method is inv.InverseMethod.EIGEN and self.factor_dtype == torch.float32
+                and not callable(self.damping) and self.damping < 1e-3):
+            warnings.warn(f"inverse_method='eigen' with damping {self.damping:g} < 1e-3 and fp32 factors: the "
+                          "factors' rounding (~1e-7 of their norm) exceeds the damping; pass "
+                          "factor_dtype=torch.float64.", UserWarning, stacklevel=3)
         excluded_types = tuple(t for t in self.exclude if isinstance(t, type))
         excluded = {id(sub) for m in self.exclude if isinstance(m, nn.Module) for sub in m.modules()}
         blocks, unsupported, seen, inside = [], [], {}, set()

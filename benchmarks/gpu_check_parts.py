@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_CHECKER_FILES = {str(Path(__file__).resolve()), str(Path(__file__).resolve().with_name("gpu_check.py"))}
 
 
 @dataclass
@@ -223,22 +224,32 @@ def part_amp(ctx: PartContext) -> PartResult:
 # ---------------------------------------------------------------------------------- part 3: host syncs
 @contextlib.contextmanager
 def count_host_syncs(device: str) -> Iterator[collections.Counter]:
-    """Count host synchronisations by source location: CUDA's sync debug mode ("warn"), or on the CPU,
-    ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``) seen by a dispatch mode."""
+    """Count host synchronisations by the code that asked for them (see :func:`_caller`).
+
+    CUDA: the sync debug mode in "warn" mode, each warning attributed when it is issued (the stack is
+    then still the one that made the sync). CPU: scalar reads (``aten._local_scalar_dense``: ``.item()``,
+    ``float(t)``, ``bool(t)``) seen by a dispatch mode.
+    """
     import torch
 
     counts: collections.Counter = collections.Counter()
     if device == "cuda":
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            original = warnings.showwarning
+
+            def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+                if "synchroniz" in str(message):
+                    counts[_caller()] += 1
+                else:
+                    original(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 yield counts
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        for w in caught:
-            if "synchroniz" in str(w.message):
-                counts[f"{_short(w.filename)}:{w.lineno}"] += 1
         return
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -253,18 +264,22 @@ def count_host_syncs(device: str) -> Iterator[collections.Counter]:
 
 
 def _short(filename: str) -> str:
+    """A path relative to the repository, or from its package folder for an installed library."""
     with contextlib.suppress(ValueError):
         return str(Path(filename).resolve().relative_to(REPO_ROOT))
-    return filename
+    return filename.split("site-packages/")[-1]
 
 
 def _caller() -> str:
-    """The innermost frame of this repository's code (the code that asked for the sync; not a venv inside it)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if str(REPO_ROOT) in frame.filename and "site-packages" not in frame.filename \
-                and "gpu_check_parts" not in frame.filename:
+    """``file:line`` of the code that asked for the sync: the innermost frame outside torch (and this checker)."""
+    import torch
+
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        path = os.path.realpath(frame.filename)
+        if path not in _CHECKER_FILES and not path.startswith(torch_dir) and not path.endswith("warnings.py"):
             return f"{_short(frame.filename)}:{frame.lineno}"
-    return "<outside the repository>"
+    return "<unknown>"
 
 
 def part_sync(ctx: PartContext) -> PartResult:
@@ -321,7 +336,53 @@ def part_sync(ctx: PartContext) -> PartResult:
         with count_host_syncs(ctx.device) as counts:
             step()  # step 10: factors refresh (may sync: informational)
         result.figures[f"{variant}: syncs in the refresh step"] = dict(counts.most_common(8))
+    counts = _trainer_syncs(ctx, batch)
+    ours = {k: v for k, v in counts.items() if k.startswith("lightning_lbo/")}
+    result.figures["Trainer (KFACCallback, LRSchedule): syncs in 4 non-refresh steps"] = dict(counts.most_common(8))
+    result.check("Trainer: no host sync from lightning_lbo in 4 steps that refresh nothing", not ours,
+                 f"{sum(ours.values())} at {', '.join(ours)}" if ours else
+                 f"none ({sum(counts.values())} elsewhere: Lightning's own, for information)")
     return result
+
+
+def _trainer_syncs(ctx: PartContext, batch: int) -> collections.Counter:
+    """Host syncs in training steps 1-4 of a Lightning run with ``KFACCallback`` (logging every step) and
+    ``LRSchedule``, counted from each step's start to its end (data loading and its copy excluded)."""
+    import torch
+
+    from lightning_lbo import KFAC
+    from lightning_lbo.callbacks import KFACCallback, LRSchedule
+    from lightning_lbo.classifier import ClassifierModule
+    from lightning_lbo.compat import callback_bases, lightning_package
+    from lightning_lbo.models import SmallCNN
+
+    total: collections.Counter = collections.Counter()
+
+    class SyncWindow(*callback_bases()):
+        def __init__(self) -> None:
+            self.window, self.counts = None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if 1 <= batch_idx <= 4:
+                self.window = count_host_syncs(ctx.device)
+                self.counts = self.window.__enter__()  # filled while the window is open
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.window is not None:
+                self.window.__exit__(None, None, None)
+                total.update(self.counts)
+                self.window = None
+
+    torch.manual_seed(0)
+    module = ClassifierModule(SmallCNN(), optimizer=lambda m: KFAC(m, lr=0.05, momentum=0.9,
+                                                                    factor_update_interval=10,
+                                                                    inverse_update_interval=100))
+    schedule = LRSchedule(warmup_steps=3, warmup_start_factor=0.1, decay="poly", total_steps=6, batch_size=batch)
+    trainer = _trainer(lightning_package(), ctx, ctx.work_dir, max_steps=6,
+                       callbacks=[KFACCallback(), schedule, SyncWindow()])
+    batches = _synthetic_batches(6, batch, 28, 1, 10)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_BatchList(batches), batch_size=None))
+    return total
 
 
 # -------------------------------------------------------------------------------------- part 4: DDP

@@ -270,16 +270,20 @@ def _short(filename: str) -> str:
     return filename.split("site-packages/")[-1]
 
 
-def _caller() -> str:
-    """``file:line`` of the code that asked for the sync: the innermost frame outside torch (and this checker)."""
+def _origin(frames: list[traceback.FrameSummary]) -> str:
+    """``file:line`` of the code that asked for a sync: the innermost frame outside torch (and this checker)."""
     import torch
 
     torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
-    for frame in reversed(traceback.extract_stack()[:-1]):
+    for frame in reversed(frames):
         path = os.path.realpath(frame.filename)
         if path not in _CHECKER_FILES and not path.startswith(torch_dir) and not path.endswith("warnings.py"):
             return f"{_short(frame.filename)}:{frame.lineno}"
     return "<unknown>"
+
+
+def _caller() -> str:
+    return _origin(traceback.extract_stack()[:-1])
 
 
 def part_sync(ctx: PartContext) -> PartResult:
@@ -323,7 +327,7 @@ def part_sync(ctx: PartContext) -> PartResult:
                 for _ in range(4):  # steps 5-8
                     step()
             except RuntimeError as exc:
-                error = f"{_short(traceback.extract_tb(exc.__traceback__)[-1].filename)}: {str(exc)[:160]}"
+                error = f"{_origin(traceback.extract_tb(exc.__traceback__))}: {str(exc)[:160]}"
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             result.check(f"{variant}: 4 non-refresh steps under set_sync_debug_mode('error')", not error,

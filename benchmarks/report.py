@@ -275,7 +275,7 @@ def _goals(cells: dict, head: dict, config: StudyConfig, base: Chosen | None, ta
     else:
         gap = base.test_mean - best.test_mean
         seeds = min(len(best.runs), len(base.runs))
-        verdict = ("**met**" if gap <= 0.003 else "**not met**") + ("" if seeds >= 3 else f" (only {seeds} seed(s))")
+        verdict = ("**met**" if gap <= 0.003 else "**not met**") + ("" if seeds >= 3 else f" so far ({seeds} seed(s))")
         lines.append(f"| 1. MLP-BN: best recipe at {GOAL_BATCH} within 0.3% of the baseline (3 seeds) | "
                      f"{best.name} {best.test_mean:.4f} vs sgd@{config.baseline} {base.test_mean:.4f}: gap "
                      f"{gap:+.4f} | {verdict} |")

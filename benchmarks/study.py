@@ -10,8 +10,9 @@ reused only while the recipe's hyperparameters are unchanged (a changed default 
 The plan, most informative first (each step waits for what it needs from the steps above):
 
 1. breadth first over the baseline (``sgd`` at the first batch of ``--batches``, 128) and every
-   recipe at the next two batches (2048, 8192): each recipe's scaling-rule LR (its default
-   ``base_lr``); then the ablations (below) at 8192 at that LR; then half and double the LRs;
+   recipe at the next two batches (2048, 8192), in the order of ``--recipes``: each recipe's
+   scaling-rule LR (its default ``base_lr``), then half and double; the ablations (below) at 8192
+   at that LR come first as soon as their parent recipe has run there;
 2. the LR grids of the baseline and at 2048 grown to 4-5 log-spaced values (factor 2 apart): one
    or two more steps outwards where the best LR sits on the edge of the grid;
 3. the baseline's best LR with seeds 1 and 2, then the ``--top`` best recipes at 2048 (seeds wait
@@ -61,12 +62,12 @@ SEEDS = (0, 1, 2)
 
 #: Ablations, run at the parent recipe's best LR: name -> (parent recipe, recipe keyword overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "stale": ("kfac", {"stale_threshold": 0.1}),  # K-FAC with SP-NGD's stale statistics (goal 4)
+    "poly2": ("spngd", {"power": 2.0}),  # K-FAC's decay instead of poly(3.5)
     "fresh": ("spngd", {"stale_threshold": None}),  # SP-NGD refreshing every statistic every step
-    "empfisher": ("spngd", {"fisher": "empirical"}),
     "avgfactors": ("spngd", {"factor_decay": 0.05}),
-    "poly2": ("spngd", {"power": 2.0}),
+    "empfisher": ("spngd", {"fisher": "empirical"}),
     "plainbn": ("spngd", {"unit_wise_bn": False}),
+    "stale": ("kfac", {"stale_threshold": 0.1}),  # K-FAC with SP-NGD's stale statistics (goal 4)
 }
 
 
@@ -292,11 +293,12 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
             if parent.recipe in config.recipes and lr is not None and parent.tried(cache):
                 yield from round_robin([Tune(model, parent.recipe, batch, epochs, name, center=lr, fixed=True)])
 
-    # breadth first: every recipe's scaling-rule LR, then half and double, at the goals' batches
-    yield from round_robin([g for b in early for g in grids(b)], (1,))
-    for batch in early[2:]:  # the ablations of goal 4 at the LR the recipes share by default (K-FAC's)
+    # Goal 4's question first: the ablations at 8192, at the LR the recipes share by default (K-FAC's),
+    # as soon as their parent recipe has run there; then breadth first: every recipe's scaling-rule
+    # LR, then half and double, at the goals' batches
+    for batch in early[2:]:
         yield from variants(batch, at_centre=True)
-    yield from round_robin([g for b in early for g in grids(b)], (3,))
+    yield from round_robin([g for b in early for g in grids(b)], (1, 3))
     yield from round_robin([g for b in early[:2] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for grid in grids(config.baseline):
         yield from _seed_cells(grid, cache)

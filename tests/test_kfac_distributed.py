@@ -67,6 +67,17 @@ def _check_collectives(rank: int, world_size: int) -> None:
     assert comm.all_min(vals).tolist() == [0.0, -(world_size - 1.0), 3.0]
     assert comm.assign([5.0, 1.0, 9.0, 3.0]) == greedy_assignment([5.0, 1.0, 9.0, 3.0], world_size)
     assert comm.stats.broadcast_bytes == (9 + 5) * 4 and comm.stats.decision_bytes == 3 + 12
+    # symmetric tensors travel as packed triangles and come back symmetric on every rank, the source too
+    x = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(rank))
+    sym = x @ x.transpose(1, 2)
+    vec = torch.full((5,), float(rank))
+    comm.broadcast([sym, vec], src=1, symmetric=[True, False])
+    y = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1))  # rank 1's matrices, recomputed
+    want = y @ y.transpose(1, 2)
+    torch.testing.assert_close(sym, want)
+    assert torch.equal(sym, sym.transpose(1, 2)) and torch.equal(vec, torch.full((5,), 1.0))
+    assert comm.stats.broadcast_bytes == (9 + 5) * 4 + (2 * 10 + 5) * 4
+    assert comm.stats.broadcast_dense_bytes == (9 + 5) * 4 + (2 * 16 + 5) * 4
 
     # a dedicated process group (what the strategy injects) behaves the same
     group = dist.new_group(backend="gloo")

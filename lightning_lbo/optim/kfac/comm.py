@@ -48,8 +48,12 @@ class Communicator:
         """Owner rank of each work item (e.g. a layer's inverse) given its cost; identical on all ranks."""
         return [0] * len(costs)
 
-    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> None:
-        """Overwrite ``tensors`` on every rank with their values on rank ``src``."""
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int, symmetric: Sequence[bool] | None = None) -> None:
+        """Overwrite ``tensors`` on every rank with their values on rank ``src``.
+
+        ``symmetric[i]`` promises that ``tensors[i]`` is a (batch of) symmetric matrices, which lets an
+        implementation send only upper triangles.
+        """
 
     def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise minimum over ranks (in place, returned): the shared form of a collective decision.

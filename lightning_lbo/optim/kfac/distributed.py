@@ -135,7 +135,8 @@ class CommStats:
     factor_bytes: int = 0  #: bytes all-reduced for factors (packed when symmetric)
     factor_dense_bytes: int = 0  #: bytes the same reductions would carry as full matrices
     factor_reductions: int = 0  #: all_reduce calls (buckets) for factors
-    broadcast_bytes: int = 0  #: bytes of inverses / preconditioned gradients broadcast
+    broadcast_bytes: int = 0  #: bytes of inverses / preconditioned gradients broadcast (packed when symmetric)
+    broadcast_dense_bytes: int = 0  #: bytes the same broadcasts would carry as full tensors
     decision_bytes: int = 0  #: bytes of all_min decisions
 
     @property
@@ -262,23 +263,35 @@ class TorchDistributedCommunicator(Communicator):
         """Owners by :func:`greedy_assignment` (pure: identical on every rank for identical costs)."""
         return greedy_assignment(costs, self.world_size)
 
-    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> None:
-        """Overwrite ``tensors`` with rank ``src``'s values; tensors of one dtype/device travel as one buffer."""
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int, symmetric: Sequence[bool] | None = None) -> None:
+        """Overwrite ``tensors`` with rank ``src``'s values; tensors of one dtype/device travel as one buffer.
+
+        Tensors flagged in ``symmetric`` (batches of symmetric matrices, e.g. Cholesky inverses) travel
+        as packed upper triangles (with ``pack_symmetric``) and are written back into both triangles on
+        every rank, the source included, so all ranks hold the same bits.
+        """
         if self.world_size == 1 or not tensors:
             return
         if not 0 <= src < self.world_size:
             raise ValueError(f"Invalid src: {src}; ranks are 0..{self.world_size - 1}.")
-        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for t in tensors:
-            groups.setdefault((t.dtype, t.device), []).append(t)
+        flags = list(symmetric) if symmetric is not None else [False] * len(tensors)
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[torch.Tensor, bool]]] = {}
+        for t, sym in zip(tensors, flags, strict=True):
+            groups.setdefault((t.dtype, t.device), []).append((t, sym and self.pack_symmetric and _is_square(t)))
         for same in groups.values():
-            buffer = torch.cat([t.reshape(-1) for t in same]) if len(same) > 1 else same[0].reshape(-1).clone()
+            parts = [pack_symmetric(t) if packed else t.reshape(-1) for t, packed in same]
+            buffer = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
             self.stats.broadcast_bytes += buffer.numel() * buffer.element_size()
+            self.stats.broadcast_dense_bytes += sum(t.numel() * t.element_size() for t, _ in same)
             dist.broadcast(buffer, src=self._global_rank(src), group=self.group)
             offset = 0
-            for t in same:
-                t.copy_(buffer[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+            for (t, packed), part in zip(same, parts, strict=True):
+                chunk = buffer[offset:offset + part.numel()]
+                offset += part.numel()
+                if packed:
+                    unpack_symmetric_(t, chunk)
+                else:
+                    t.copy_(chunk.view_as(t))
 
     def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise minimum over ranks, in place (bool flags become their logical AND)."""

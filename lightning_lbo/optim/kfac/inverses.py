@@ -82,6 +82,8 @@ class BlockInverse:
     """Base of the inverse methods: a named set of tensors and how to apply them."""
 
     names: tuple[str, ...] = ()
+    #: the tensors (by name) that are batches of symmetric matrices: broadcast as packed triangles
+    symmetric: frozenset[str] = frozenset()
     #: dampings below this are inverted and applied in fp64 (see the module docstring)
     precise_below = 1e-3
 
@@ -117,6 +119,10 @@ class BlockInverse:
         """The tensors an owner broadcasts (in a fixed order)."""
         return [self.data[k] for k in self.names]
 
+    def symmetric_flags(self) -> list[bool]:
+        """For each of :meth:`tensors`: whether it is a batch of symmetric matrices."""
+        return [k in self.symmetric for k in self.names]
+
     def apply(self, grad: torch.Tensor, damping: float) -> torch.Tensor:
         """The preconditioned gradient (layout and dtype of ``grad``)."""
         raise NotImplementedError
@@ -129,6 +135,7 @@ class CholeskyKronecker(BlockInverse):
     """Factored Tikhonov damping, ``P = G_inv @ grad @ A_inv`` (grad ``[groups, d_g, d_a]``)."""
 
     names = ("A_inv", "G_inv")
+    symmetric = frozenset(names)
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype):
@@ -246,6 +253,7 @@ class UnitWise(BlockInverse):
     """``P_u = (F_u + lambda I)^{-1} grad_u`` for every unit (grad ``[units, k]``)."""
 
     names = ("F_inv",)
+    symmetric = frozenset(names)
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype):

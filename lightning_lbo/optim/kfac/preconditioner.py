@@ -463,7 +463,7 @@ class KFACPreconditioner:
                 continue
             if owner != rank:
                 block.inverse = method.receiver(source, dtype)
-            self.comm.broadcast(block.inverse.tensors(), src=owner)
+            self.comm.broadcast(block.inverse.tensors(), src=owner, symmetric=block.inverse.symmetric_flags())
 
     @torch.no_grad()
     def step(self, lr: float | None = None, keep: torch.Tensor | None = None) -> None:

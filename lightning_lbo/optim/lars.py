@@ -162,7 +162,8 @@ class LARS(CheckedOptimizer):
         if not work:
             return loss
         # ||g|| of every tensor of every group first: they decide whether the step is taken (all or none)
-        grad_norms = [torch._foreach_norm(grads) for _, _, grads in work]
+        grad_norms = [torch._foreach_norm(grads) if use_foreach(group["foreach"], params)
+                      else [torch.linalg.vector_norm(g) for g in grads] for group, params, grads in work]
         keep = self._step_keep([g for _, _, grads in work for g in grads], [n for ns in grad_norms for n in ns])
         for (group, params, grads), norms in zip(work, grad_norms, strict=True):
             bufs = scales = None

@@ -83,6 +83,9 @@ class RMSpropWarmup(CheckedOptimizer):
             :class:`~lightning_lbo.callbacks.fractional_epoch.FractionalEpoch` callback sets it.
         foreach: multi-tensor path; ``None`` picks it for plain tensors.
 
+    Non-finite gradients: the whole step is skipped and counted in :attr:`nonfinite_skips` (see
+    :mod:`lightning_lbo.optim._step_utils`); ``steps_taken``, a host-side count, still advances.
+
     Example::
 
         from lightning_lbo import RMSpropWarmup

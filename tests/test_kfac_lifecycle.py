@@ -18,6 +18,14 @@ from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
 from tests.conftest import make_trainer
 
 
+@pytest.fixture
+def single_process_group():
+    """ddp_kfac on one CPU device initialises a process group; destroy it so later tests see none."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _net():
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
@@ -111,7 +119,7 @@ def _fit_amp(pl, tmp_path, strategy, scaler, kfac_kwargs):
     return trainer.optimizers[0].preconditioner
 
 
-def test_ddp_kfac_without_callback_removes_the_amp_loss_scale_from_g(tmp_path):
+def test_ddp_kfac_without_callback_removes_the_amp_loss_scale_from_g(tmp_path, single_process_group):
     """16-mixed under ddp_kfac and no KFACCallback, a real torch.amp.GradScaler: G carries no scale^2."""
     import pytorch_lightning as pl
 
@@ -125,7 +133,7 @@ def test_ddp_kfac_without_callback_removes_the_amp_loss_scale_from_g(tmp_path):
         torch.testing.assert_close(a.factors["G"], b.factors["G"], rtol=0.05, atol=1e-3)
 
 
-def test_ddp_kfac_without_a_kfac_optimizer_warns(tmp_path):
+def test_ddp_kfac_without_a_kfac_optimizer_warns(tmp_path, single_process_group):
     """strategy='ddp_kfac' training a plain SGD module warns once, naming the fix."""
     import pytorch_lightning as pl
 

@@ -9,7 +9,7 @@ must measure the baseline's bytes exactly, which checks the accounting.
 Part 2 (time): median step time of one process with global batch B against two ``ddp_kfac``
 processes with B/2 each (both grad-worker settings), in interleaved rounds of one run.
 
-    python benchmarks/kfac_comm.py [--steps 30] [--batch 256] [--rounds 3]
+    python benchmarks/kfac_comm.py [--steps 30] [--batch 256] [--rounds 3] [--bytes-only]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--part", default="bytes", choices=("bytes", "time"))
     parser.add_argument("--config", default="")
+    parser.add_argument("--bytes-only", action="store_true", help="skip part 2 (step times)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -133,6 +134,8 @@ def main() -> None:
               f"{(r['broadcast_bytes'] + r['decision_bytes']) / 1e3:.1f} | {r['total_bytes'] / naive:.3f} |")
     check = next(iter(res.values()))
     print(f"\naccounting check: naive model {naive} B/step, measured unpacked every-step {check['factor_bytes']:.0f}")
+    if args.bytes_only:
+        return
 
     times: dict[str, list[float]] = {name: [] for name in TIME_CONFIGS}
     for _ in range(args.rounds):

@@ -23,6 +23,7 @@ on the device (no host sync). The refresh schedule still advances.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -140,6 +141,8 @@ class KFAC(CheckedOptimizer):
     @property
     def skipped_steps(self) -> Tensor:
         """Deprecated alias of :attr:`nonfinite_skips`."""
+        warnings.warn("KFAC.skipped_steps is deprecated; read KFAC.nonfinite_skips (the counter every optimizer "
+                      "of the package exposes).", DeprecationWarning, stacklevel=2)
         return self.nonfinite_skips
 
     @torch.no_grad()

@@ -9,8 +9,8 @@ step and peak memory. A recipe that ends below plain SGD at the same batch gets 
 Results go to <out_dir>/results.csv, history.csv and accuracy.png.
 
 The defaults are those of make demo: the SGD baseline at batch 128, then the tuned SGD recipe, Goyal, LARS
-and K-FAC at global batch 4096, on all 60k Fashion-MNIST images for 3 epochs with an MLP-BN (about a
-minute on 2 cores). Your own model and data can be trained instead (--module pkg.mod:Class
+and K-FAC at global batch 4096, on all 60k Fashion-MNIST images for 3 epochs with an MLP-BN (about 1.5
+minutes on 2 idle cores). Your own model and data can be trained instead (--module pkg.mod:Class
 --datamodule pkg.mod:Class): the recipe replaces the module's configure_optimizers; the data module
 must take a batch_size (per device) argument and the module must log the monitored accuracy
 (--monitor, default val_acc) during validation.

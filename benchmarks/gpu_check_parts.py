@@ -7,8 +7,8 @@ budget, so a crash, a hang or a CUDA error in one part cannot take the report do
 Every part runs on ``cuda`` or, for the smoke run, on ``cpu`` with tiny sizes; the code path is the same
 except where the CPU lacks the feature (``set_sync_debug_mode``: there host syncs are counted with a
 dispatch mode; Lightning's ``"16-mixed"`` flag: there the same ``MixedPrecision`` plugin is given a CPU
-``GradScaler``). Only the package's public API is used; factors are read through
-``tests/gpu/accessors.py``.
+``GradScaler``). Only the package's public API is used (factors: ``preconditioner.factors(layer)``,
+through ``tests/gpu/accessors.py``).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def part_amp(ctx: PartContext) -> PartResult:
     from lightning_lbo.classifier import ClassifierModule
     from lightning_lbo.compat import callback_bases, lightning_package
     from lightning_lbo.models import SmallCNN
-    from tests.gpu.accessors import layer_factors, skip_count
+    from tests.gpu.accessors import layer_factors
 
     pl = lightning_package()
     result = PartResult()
@@ -196,7 +196,7 @@ def part_amp(ctx: PartContext) -> PartResult:
         factors = layer_factors(opt)
         finite_factors = all(bool(torch.isfinite(t).all()) for stats in factors.values() for t in stats.values())
         finite_weights = all(bool(torch.isfinite(p).all()) for p in module.parameters())
-        kfac_skips = int(skip_count(opt))
+        kfac_skips = int(opt.nonfinite_skips)
         losses = [v for v in recorder.losses if v == v and abs(v) != float("inf")]
         k = max(1, min(20, len(losses) // 4))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lbo import KFAC
-from tests.gpu.accessors import layer_factors, skip_count
+from tests.gpu.accessors import layer_factors
 from tests.gpu.conftest import assert_close_rel
 
 STEPS = 4
@@ -102,15 +102,20 @@ def test_cuda_kfac_bf16_autocast_keeps_fp32_finite_factors(device):
 
 
 def test_cuda_kfac_nonfinite_step_counted_on_device_and_changes_nothing(device):
-    """A NaN batch leaves the weights unchanged and is counted in a counter that lives on the device."""
+    """A NaN batch (on a refresh step) leaves weights, momentum and factors bit-identical; counted on the device."""
     model = _net().to(device)
     opt = KFAC(model, **KW)
     batches = _batches(3)
     _train(model, opt, batches[:2], device)
-    before = [p.detach().clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    factors = layer_factors(opt)
     x, y = batches[2]
     _train(model, opt, [(torch.full_like(x, float("nan")), y)], device)
-    count = skip_count(opt)
+    count = opt.nonfinite_skips
     assert count.device.type == device.type and int(count) == 1
-    for a, b in zip(before, model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    for p, w, m in zip(model.parameters(), weights, momentum, strict=True):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
+    for layer, stats in layer_factors(opt).items():
+        for name, factor in stats.items():
+            assert torch.equal(factor, factors[layer][name]), f"{layer}.{name} changed"

@@ -138,3 +138,27 @@ def test_communicator_needs_process_group():
     assert not Communicator().is_distributed
     with pytest.raises(RuntimeError, match="init_process_group"):
         TorchDistributedCommunicator()
+
+
+def _check_low_precision_reduce(rank: int, world_size: int) -> None:
+    expected = [sum(fs) / world_size for fs in zip(*[_rank_factors(r) for r in range(world_size)], strict=True)]
+    comm = TorchDistributedCommunicator(reduce_dtype=torch.bfloat16)
+    factors = _rank_factors(rank)
+    comm.reduce_factors(factors, symmetric=True)
+    comm.wait()
+    for got, want in zip(factors, expected, strict=True):
+        # each rank's entries are rounded to bf16 (relative 2^-9) before an fp32 sum
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=2 ** -8 * want.abs().max().item())
+        assert not torch.equal(got, want) or got.numel() == 1
+    packed = sum(f.numel() // f.shape[-1] ** 2 * f.shape[-1] * (f.shape[-1] + 1) // 2 for f in factors)
+    assert comm.stats.factor_bytes == packed * 2  # half the fp32 payload
+    gathered = [torch.empty_like(factors[-1]) for _ in range(world_size)]
+    dist.all_gather(gathered, factors[-1])
+    assert all(torch.equal(g, gathered[0]) for g in gathered)  # every rank holds the same bits
+    with pytest.raises(ValueError, match="reduce_dtype"):
+        TorchDistributedCommunicator(reduce_dtype=torch.int8)
+
+
+def test_communicator_bf16_reduce_accumulates_in_fp32():
+    """reduce_dtype=bfloat16: half the factor bytes, averages within bf16 rounding, identical on all ranks."""
+    spawn_gloo(_check_low_precision_reduce, world_size=2)

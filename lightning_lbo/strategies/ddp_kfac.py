@@ -58,6 +58,9 @@ def kfac_ddp_strategy_class(package: str) -> type:
             bucket_cap_mb: size of a factor all-reduce bucket in MiB.
             async_factors: launch factor reductions without blocking, waited on before inversion.
             pack_symmetric: send symmetric factors as packed upper triangles.
+            factor_reduce_dtype: ``None`` (factors' dtype) or ``torch.bfloat16``: factors travel
+                rounded to 16 bits and are summed in fp32 on every rank (half the factor bytes; see
+                :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator`).
             **kwargs: everything :class:`DDPStrategy` takes (``ddp_comm_hook``, ``start_method``,
                 ``process_group_backend``, ``find_unused_parameters``, ...).
 
@@ -69,7 +72,8 @@ def kfac_ddp_strategy_class(package: str) -> type:
         strategy_name = STRATEGY_NAME
 
         def __init__(self, *args: Any, grad_worker_fraction: float = 1.0, bucket_cap_mb: float = 25.0,
-                     async_factors: bool = True, pack_symmetric: bool = True, **kwargs: Any) -> None:
+                     async_factors: bool = True, pack_symmetric: bool = True, factor_reduce_dtype: Any = None,
+                     **kwargs: Any) -> None:
             if not 0.0 < grad_worker_fraction <= 1.0:
                 raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction}; use 1.0 (every rank "
                                  "preconditions) or 1/world_size (each layer's owner preconditions).")
@@ -80,6 +84,7 @@ def kfac_ddp_strategy_class(package: str) -> type:
             self.bucket_cap_mb = bucket_cap_mb
             self.async_factors = async_factors
             self.pack_symmetric = pack_symmetric
+            self.factor_reduce_dtype = factor_reduce_dtype
             self.communicator: Any = None  # TorchDistributedCommunicator once set up
             self._curvature_group: Any = None
 
@@ -110,7 +115,8 @@ def kfac_ddp_strategy_class(package: str) -> type:
             from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
 
             settings = {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
-                        "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric}
+                        "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric,
+                        "factor_reduce_dtype": str(self.factor_reduce_dtype)}
             if not find_kfac(self.optimizers, self.lightning_module):
                 rank_zero_warn("strategy='ddp_kfac' found no K-FAC optimizer: it trains like strategy='ddp'. Return "
                                "lightning_lbo.KFAC(self, ...) from configure_optimizers, or use strategy='ddp'.",
@@ -121,7 +127,8 @@ def kfac_ddp_strategy_class(package: str) -> type:
                     self._curvature_group = dist.new_group(backend=dist.get_backend())
                 self.communicator = TorchDistributedCommunicator(
                     group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
-                    pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction)
+                    pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction,
+                    reduce_dtype=self.factor_reduce_dtype)
             attach_kfac(self.optimizers, self.lightning_module, self.precision_plugin, self.communicator,
                         signature_extra=settings)
 

@@ -356,7 +356,31 @@ def test_kfac_load_state_dict_validates_factors():
     with pytest.warns(RuntimeWarning, match="layer '0' has non-finite factors; its statistics are reset"):
         resumed.load_state_dict(nan)
     assert resumed.preconditioner.factors(resumed_model[0]) == {}  # re-estimated at the next step
-    assert torch.equal(resumed.preconditioner.factors(resumed_model[3])["A"], state["kfac"]["blocks"][1]["factors"]["A"])
+    saved_a = state["kfac"]["blocks"][1]["factors"]["A"]
+    assert torch.equal(resumed.preconditioner.factors(resumed_model[3])["A"], saved_a)
     _train(resumed_model, resumed, 1, start=2)
     assert all(torch.isfinite(t).all() for b in resumed.preconditioner.blocks for t in b.factors.values())
     assert all(torch.isfinite(p).all() for p in resumed_model.parameters())
+
+
+def test_kfac_skipped_first_refresh_is_no_estimate_for_the_running_average():
+    """factor_decay < 1: a non-finite first batch leaves an identity placeholder that the next refresh
+    replaces (not averages with): factors and weights equal the run that never saw the bad batch."""
+    results = []
+    for bad_first in (True, False):
+        torch.manual_seed(0)
+        model = _net()
+        opt = KFAC(model, lr=0.1, factor_decay=0.5, factor_update_interval=1, inverse_update_interval=1)
+        if bad_first:
+            x, y = _batch(seed=9)
+            x[0, 0, 0, 0] = float("nan")
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        _train(model, opt, 2)
+        factors = [dict(b.factors) for b in opt.preconditioner.blocks]
+        results.append((factors, [p.detach().clone() for p in model.parameters()]))
+    (f_bad, p_bad), (f_ref, p_ref) = results
+    for a, b in zip(f_bad, f_ref, strict=True):
+        assert all(torch.equal(a[s], b[s]) for s in b)
+    assert all(torch.equal(a, b) for a, b in zip(p_bad, p_ref, strict=True))

@@ -119,6 +119,8 @@ class CurvatureBlock:
         self.interval = {s: 1 for s in self.stat_names}
         self.next_due = {s: 0 for s in self.stat_names}
         self.refreshes = {s: 0 for s in self.stat_names}
+        # per statistic, on the device: has a finite estimate been committed (vs the identity placeholder)
+        self.estimated = {s: torch.zeros((), dtype=torch.bool, device=self.weight.device) for s in self.stat_names}
 
     # ---- contract ----------------------------------------------------------------------------------------
     @classmethod

@@ -376,15 +376,19 @@ class KFACPreconditioner:
             finite = finite & keep.to(finite.device)
         ok = self.comm.all_min(finite.float()) > 0
         self.skipped_refreshes += (~ok).sum().to(self.skipped_refreshes.device)
-        decay, rel = self.factor_decay, []
+        decay, rel = self.factor_decay, {}
         for j, (block, stat, new) in enumerate(news):
             old = block.factors.get(stat)
             if old is None:
                 old = block.identity_factor(stat)
             elif self.stale_statistics is not None:
-                rel.append(StaleStatistics.relative_change(new, old))
-            mixed = new if decay == 1.0 or stat not in block.factors else torch.lerp(old, new, decay)
+                rel[j] = StaleStatistics.relative_change(new, old)
+            mixed = new
+            if decay != 1.0 and stat in block.factors:
+                # the identity placeholder of a skipped first refresh is not an estimate: no average with it
+                mixed = torch.where(block.estimated[stat], torch.lerp(old, new, decay), new)
             block.set_factor(stat, torch.where(ok[j], mixed, old))
+            block.estimated[stat] = block.estimated[stat] | ok[j]
             block.refreshes[stat] += 1
             if stat == "A":
                 # the rows describe A only when A is this fresh statistic; a non-finite refresh keeps the
@@ -393,7 +397,7 @@ class KFACPreconditioner:
                 block.low_rank_version = block.versions["A"]
         self._update_intervals(news, ok, rel)
 
-    def _update_intervals(self, news, ok: torch.Tensor, rel: list[torch.Tensor]) -> None:
+    def _update_intervals(self, news, ok: torch.Tensor, rel: dict[int, torch.Tensor]) -> None:
         base = max(1, int(_resolve(self.factor_update_interval, self.steps)))
         policy = self.stale_statistics
         if policy is None:
@@ -401,16 +405,11 @@ class KFACPreconditioner:
                 block.interval[stat] = base
                 block.next_due[stat] = self.steps + base
             return
-        j_rel, stable_flags = 0, []
-        for j, (block, stat, _) in enumerate(news):
-            if block.refreshes[stat] > 1:
-                stable_flags.append((rel[j_rel] < policy.threshold) & ok[j])
-                j_rel += 1
-            else:
-                stable_flags.append(torch.zeros((), dtype=torch.bool, device=ok.device))
+        stable_flags = [(rel[j] < policy.threshold) & ok[j] if j in rel else
+                        torch.zeros((), dtype=torch.bool, device=ok.device) for j in range(len(news))]
         stable = self.comm.all_min(torch.stack(stable_flags).float()).tolist()  # one sync per refresh step
-        for (block, stat, _), flag in zip(news, stable, strict=True):
-            if block.refreshes[stat] > 1:
+        for j, ((block, stat, _), flag) in enumerate(zip(news, stable, strict=True)):
+            if j in rel:
                 block.interval[stat] = policy.next_interval(block.interval[stat], flag > 0)
             block.next_due[stat] = self.steps + block.interval[stat]
 
@@ -527,6 +526,7 @@ class KFACPreconditioner:
             entry = {"name": block.name, "type": block.description, "factors": dict(block.factors),
                      "interval": dict(block.interval), "next_due": dict(block.next_due),
                      "refreshes": dict(block.refreshes), "inverse_damping": block.inverse_damping,
+                     "estimated": {stat: flag.clone() for stat, flag in block.estimated.items()},
                      # factors refreshed since the last inversion (the others are the current ones)
                      "inverse_factors": {s: t for s, t in source.items() if t is not block.factors.get(s)}}
             blocks.append(entry)
@@ -568,6 +568,7 @@ class KFACPreconditioner:
         for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
             device, dtype = block.weight.device, self.factor_dtype
             block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, None
+            block.estimated = {stat: torch.zeros((), dtype=torch.bool, device=device) for stat in block.stat_names}
             block.restored_source, block.inverse_versions = None, None
             block.interval.update(entry.get("interval", {}))
             block.refreshes.update(entry.get("refreshes", {}))
@@ -577,6 +578,7 @@ class KFACPreconditioner:
             block.next_due.update(entry.get("next_due", {}))
             for stat, tensor in entry.get("factors", {}).items():
                 block.set_factor(stat, tensor.to(device=device, dtype=dtype))
+                block.estimated[stat] = torch.as_tensor(entry.get("estimated", {}).get(stat, True), device=device)
             saved = {s: t.to(device) if isinstance(t, torch.Tensor) else t
                      for s, t in entry.get("inverse_factors", {}).items()}
             if block.captured:

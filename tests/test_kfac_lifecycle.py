@@ -152,3 +152,15 @@ def test_kfac_preconditioner_reports_missing_layer_clearly():
     pre = KFACPreconditioner(model)
     with pytest.raises(KeyError, match=r"preconditioned layers: \['0', '2'\]"):
         pre.factors(model[1])
+
+
+def test_kfac_core_imports_no_lightning_and_no_distributed_implementation():
+    """`optim/kfac` is pure torch: no Lightning package and no torch.distributed communicator at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_lbo.optim.kfac, lightning_lbo.optim.kfac.capture;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')"
+            " or m == 'lightning_lbo.optim.kfac.distributed'];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -116,7 +116,7 @@ def probe(python: str) -> dict[str, Any] | None:
     """What ``python`` has: its torch, whether it sees CUDA, which needed modules are missing."""
     try:
         out = subprocess.run([python, "-c", PROBE % (list(MODULES),)], capture_output=True, text=True, timeout=120,
-                             env=part_env(python))
+                             env=part_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = out.stdout.strip().splitlines()
@@ -145,7 +145,8 @@ def choose_interpreter(device: str) -> tuple[dict[str, Any] | None, list[dict[st
     return (usable[0] if usable else None), probes
 
 
-def part_env(python: str | None = None) -> dict[str, str]:
+def part_env() -> dict[str, str]:
+    """The environment of every child: the repository and the install folder on the path, offline wandb."""
     paths = [str(REPO_ROOT), str(SITE_DIR), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1",
             "WANDB_MODE": "disabled", "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "0"),
@@ -180,7 +181,7 @@ def run_tests_part(python: str, args: argparse.Namespace, timeout: float) -> dic
 
     junit = args.out / "gpu_tests.xml"
     junit.unlink(missing_ok=True)
-    env = part_env(python)
+    env = part_env()
     if args.device == "cpu":
         env["LBO_GPU_TEST_DEVICE"] = "cpu"
     cmd = [python, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
@@ -193,7 +194,8 @@ def run_tests_part(python: str, args: argparse.Namespace, timeout: float) -> dic
 
 
 def summarize_junit(path: Path, expect_device: str) -> dict[str, Any]:
-    """A part result from a JUnit XML file: counts, one check per failed test, skips are failures on CUDA."""
+    """A part result from a JUnit XML file: counts, one check per test that failed or skipped (a skip means
+    the device under test was missing, so it fails the part too)."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
@@ -220,7 +222,7 @@ def run_worker_part(python: str, name: str, args: argparse.Namespace, timeout: f
     result = args.work / f"part_{name}.json"
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--device", args.device, "--work", str(args.work),
            "--result", str(result), "--budget-s", str(timeout)] + (["--smoke"] if args.smoke else [])
-    codes, timed_out, tail = run_bounded([cmd], timeout, part_env(python), args.out / "gpu_check.log")
+    codes, timed_out, tail = run_bounded([cmd], timeout, part_env(), args.out / "gpu_check.log")
     if result.exists():
         return json.loads(result.read_text())
     return {"status": "timeout" if timed_out else "error", "checks": [], "figures": {}, "notes": [],
@@ -386,7 +388,7 @@ def dry_run(args: argparse.Namespace, report: dict[str, Any], chosen: dict[str, 
             "from lightning_lbo import KFAC; from lightning_lbo.strategies import KFACDDPStrategy; "
             "from tests.gpu.accessors import layer_factors; "
             "print(sorted(gpu_check_parts.PARTS))")
-    env = part_env(chosen["executable"])
+    env = part_env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env["PYTHONPATH"]])
     out = subprocess.run([chosen["executable"], "-c", code], capture_output=True, text=True, timeout=180, env=env,
                          cwd=REPO_ROOT)

@@ -348,7 +348,7 @@ def write_report(runs: list[dict[str, Any]]) -> None:
     def mean_final(cell: list[dict[str, Any]]) -> float:
         return statistics.mean(r["final_val_loss"] for r in cell)
 
-    fig, (ax_b, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_b, ax_s, ax_t) = plt.subplots(1, 3, figsize=(17, 4.5))
     colors = {"adamw": "C0", "lamb": "C1", "kfac": "C2", "kfac_adam": "C3"}
     for method in GRIDS:
         points = [(BASE_BATCH * k, mean_final(chosen(runs, method, k))) for k in MULTIPLIERS if chosen(runs, method, k)]
@@ -356,14 +356,19 @@ def write_report(runs: list[dict[str, Any]]) -> None:
             ax_b.plot(*zip(*points, strict=True), "o-", color=colors[method], label=method)
         for k, style in zip(MULTIPLIERS, (":", "--", "-"), strict=True):
             for r in chosen(runs, method, k)[:1]:
-                steps, _, losses = zip(*r["history"], strict=True)
-                ax_s.plot(steps, losses, style, color=colors[method], label=f"{method} b{r['batch']} lr{r['lr']:g}")
+                steps, tokens, losses = zip(*r["history"][1:], strict=True)  # step 0 has no place on a log axis
+                label = f"{method} b{r['batch']} lr{r['lr']:g}"
+                ax_s.plot(steps, losses, style, color=colors[method], label=label)
+                ax_t.plot([t / 1e6 for t in tokens], losses, style, color=colors[method], label=label)
     ax_b.set(xscale="log", xlabel="batch (sequences of 64 bytes)", ylabel="final validation loss (nats/byte)",
              title=f"Equal tokens ({BASE_BATCH * BASE_STEPS * MODEL['seq_len'] / 1e6:.1f}M), best LR per cell")
     ax_b.set_xticks([BASE_BATCH * k for k in MULTIPLIERS], [str(BASE_BATCH * k) for k in MULTIPLIERS])
+    ax_b.minorticks_off()
     ax_s.set(xscale="log", xlabel="optimizer step", ylabel="validation loss", title="Validation loss vs steps (seed 0)",
              ylim=(None, 3.5))
-    for ax in (ax_b, ax_s):
+    ax_t.set(xlabel="training tokens (millions)", ylabel="validation loss", title="Validation loss vs tokens (seed 0)",
+             ylim=(None, 3.5))
+    for ax in (ax_b, ax_s, ax_t):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -241,15 +241,15 @@ def phase_grid(data, cells) -> None:
 
 
 def phase_priority(data) -> None:
-    """The study on a busy shared machine: each method's central LR at 16x first, the baseline's grid,
-    the step-time ratio, the side LRs at 16x, seed 1 at the chosen points, then the middle batch (4x)."""
+    """The study on a busy shared machine: each method's central LR at 16x first, the step-time ratio,
+    the baseline's grid, the side LRs at 16x, seed 1 at the chosen points, then the middle batch (4x)."""
     big = ("adamw", "kfac", "kfac_adam", "lamb")
     for method in big:
         do_run(method, 16, GRIDS[method][16][1], 0, data)
-    for lr in GRIDS["adamw"][1]:
-        do_run("adamw", 1, lr, 0, data)
     if not (OUT / "timing-b512.json").exists():
         phase_timing(16, repeats=6)
+    for lr in GRIDS["adamw"][1]:
+        do_run("adamw", 1, lr, 0, data)
     for method in big:
         for lr in (GRIDS[method][16][2], GRIDS[method][16][0]):
             do_run(method, 16, lr, 0, data)

@@ -172,7 +172,7 @@ class MultiheadAttentionBlock(KroneckerBlock):
             out.bias.grad.copy_(matrix[3, :, e])
 
     # ---- capture -------------------------------------------------------------------------------------------
-    def hook_io(self, inputs: tuple, kwargs: dict[str, Any], output: Any) -> tuple[Any, int, torch.Tensor] | None:
+    def hook_io(self, inputs: tuple, kwargs: dict[str, Any], output: Any) -> tuple[AttentionCall, int, torch.Tensor]:
         """The hooked call as ``(AttentionCall, examples, attention output)``, batch first and detached."""
         m = self.module
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-
 from typing import Any
 
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback

@@ -19,7 +19,8 @@ import lightning_lbo, lightning_lbo.optim, lightning_lbo.schedules, lightning_lb
 import lightning_lbo.optim.kfac, lightning_lbo.param_groups, lightning_lbo.batchnorm, lightning_lbo.models
 import lightning_lbo.data, lightning_lbo.classifier, lightning_lbo.cli, lightning_lbo.compat, lightning_lbo.capture
 import lightning_lbo.noise_scale, lightning_lbo.adversarial, lightning_lbo.strategies.ddp_kfac
-lightning_lbo.KFAC, lightning_lbo.LARS, lightning_lbo.LAMB, lightning_lbo.RMSpropWarmup, lightning_lbo.hessian.top_eigenvalues
+lightning_lbo.KFAC, lightning_lbo.LARS, lightning_lbo.LAMB, lightning_lbo.RMSpropWarmup
+lightning_lbo.hessian.top_eigenvalues
 print(sorted(m for m in {names} if m in sys.modules))
 """
 

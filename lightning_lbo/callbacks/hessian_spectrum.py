@@ -154,8 +154,9 @@ class HessianSpectrum(*callback_bases()):
         if method not in ("power", "lanczos"):
             raise ValueError(f"Invalid method: {method!r}. Supported: ('power', 'lanczos').")
         if method == "lanczos" and top_k > max_iters:
-            raise ValueError(f"top_k={top_k} eigenvalues need at least {top_k} Lanczos steps, but max_iters={max_iters}: "
-                             f"raise max_iters (about 2 x top_k for converged values) or lower top_k.")
+            raise ValueError(f"top_k={top_k} eigenvalues need at least {top_k} Lanczos steps, but "
+                             f"max_iters={max_iters}: raise max_iters (about 2 x top_k for converged values) "
+                             "or lower top_k.")
         if bn_mode not in BN_MODES:
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
         if not tol > 0:

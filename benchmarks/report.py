@@ -260,6 +260,22 @@ def _ablation(cells: dict, batch: int) -> list[str]:
     return lines + [""]
 
 
+def _step_race(kfac: Chosen, firsts: Sequence[Chosen], target: float) -> tuple[str, str]:
+    """K-FAC's steps to ``target`` against the first-order recipe that gets there in the fewest steps."""
+    mine = first_step(kfac.seed0["result"]["history"], target)
+    reached = [(first_step(c.seed0["result"]["history"], target), c.name) for c in firsts]
+    reached = sorted((step, name) for step, name in reached if step is not None)
+    if mine is None:
+        return f"K-FAC never reached {target:.4f}", "**not met**"
+    if not reached:
+        total = min(c.seed0["result"]["steps"] for c in firsts)
+        return (f"K-FAC {mine} steps; no first-order recipe in {total} (ratio < {mine / total:.2f})",
+                "**met**" if mine / total <= 0.5 else "not decided")
+    theirs, name = reached[0]
+    return f"K-FAC {mine} vs {name} {theirs} steps = {mine / theirs:.2f}", (
+        "**met**" if mine / theirs <= 0.5 else "**not met**")
+
+
 def _goals(cells: dict, head: dict, config: StudyConfig, base: Chosen | None, target: float | None) -> list[str]:
     lines = ["## Goals of issue 15", "", "| goal | measured | verdict |", "|---|---|---|"]
 
@@ -287,24 +303,20 @@ def _goals(cells: dict, head: dict, config: StudyConfig, base: Chosen | None, ta
                          f"{'met' if hgap <= 0.003 else 'not met'} (untuned, 1 seed: indicative) |")
         else:
             lines.append("| 1. SmallCNN | not measured yet | - |")
-    # 2. K-FAC at 2048 in <= half the steps of the best first-order recipe
+    # 2. K-FAC at 2048 in <= half the steps of the first-order recipe that gets there first
     kf = cells.get(("kfac", GOAL_BATCH))
-    first = best_at(GOAL_BATCH, [r for r in FIRST_ORDER if r in config.recipes], cells)
-    if kf is None or first is None or target is None:
+    firsts = [cells[(r, GOAL_BATCH)] for r in FIRST_ORDER if r in config.recipes and (r, GOAL_BATCH) in cells]
+    if kf is None or not firsts or target is None:
         lines.append(f"| 2. K-FAC at {GOAL_BATCH} reaches the baseline - 0.5% in <= 1/2 the steps of the best "
                      "first-order recipe | not measured yet | - |")
     else:
-        mine = first_step(kf.seed0["result"]["history"], target)
-        theirs = first_step(first.seed0["result"]["history"], target)
-        if mine is None:
-            text, verdict = f"K-FAC never reached {target:.4f}", "**not met**"
-        elif theirs is None:
-            total = first.seed0["result"]["steps"]
-            text = f"K-FAC {mine} steps; {first.name} never in {total} (ratio < {mine / total:.2f})"
-            verdict = "**met**" if mine / total <= 0.5 else "not decided"
-        else:
-            text = f"K-FAC {mine} vs {first.name} {theirs} steps = {mine / theirs:.2f}"
-            verdict = "**met**" if mine / theirs <= 0.5 else "**not met**"
+        text, verdict = _step_race(kf, firsts, target)
+        lower = [t for t in (0.89, 0.88, 0.87, 0.85) if t < target] if text.startswith("K-FAC never") else []
+        for t in lower:  # the same race at lower targets, for the shape of the curves (not the goal)
+            other, _ = _step_race(kf, firsts, t)
+            if "never" not in other.split(";")[0]:
+                text += f"; at {t:.2f} instead: {other}"
+                break
         lines.append(f"| 2. K-FAC at {GOAL_BATCH} to {target:.4f} in <= 1/2 the steps of the best first-order "
                      f"recipe | {text} | {verdict} |")
     # 3. gap at 8192

@@ -161,3 +161,19 @@ def test_one_real_run_holds_out_validation_and_measures_test(tmp_path):
     assert result["error"] == "" and result["steps"] == 10 and result["train_examples"] == 1000
     assert 0.2 < result["final_acc"] <= 1 and 0.2 < result["test_acc"] <= 1  # chance: 0.1
     assert [h[0] for h in result["history"]] == [2, 4, 6, 8, 10]  # every 10 // 4 steps
+
+
+def test_step_race_against_the_fastest_first_order_recipe():
+    """Goal 2 compares K-FAC with whichever first-order recipe reaches the target in the fewest steps."""
+
+    def chosen(name: str, history: list) -> report.Chosen:
+        run = {"result": {"history": history, "steps": history[-1][0]}}
+        return report.Chosen("mlp-bn", name, 2048, 0.1, {0.1: history[-1][2]}, [run])
+
+    kfac = chosen("kfac", [(25, 1.0, 0.86), (50, 2.0, 0.885), (260, 9.0, 0.889)])
+    lars = chosen("lars", [(50, 1.0, 0.80), (150, 3.0, 0.885), (260, 5.0, 0.893)])
+    sgd = chosen("sgd", [(50, 1.0, 0.80), (200, 3.0, 0.885), (260, 5.0, 0.89)])
+    assert report._step_race(kfac, [sgd, lars], 0.88) == ("K-FAC 50 vs lars 150 steps = 0.33", "**met**")
+    assert report._step_race(kfac, [sgd, lars], 0.893) == ("K-FAC never reached 0.8930", "**not met**")
+    assert report._step_race(lars, [sgd], 0.893) == ("K-FAC 260 steps; no first-order recipe in 260 (ratio < 1.00)",
+                                                     "not decided")

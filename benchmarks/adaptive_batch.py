@@ -1,8 +1,8 @@
 """Batch size that grows by itself, measured on Fashion-MNIST (issue 16, goals 1-4).
 
 Cells, each one training run cached as ``benchmarks/adaptive_batch_results/<model>/<cell>-s<seed>.json``
-(a finished cell is never rerun, so the study resumes where it stopped; every run holds the shared
-benchmark lock, :mod:`benchmarks.bench_lock`):
+(a finished cell is never rerun, so the study resumes where it stopped; the runs of one model and
+seed, a few minutes in all, hold the shared benchmark lock together, :mod:`benchmarks.bench_lock`):
 
 * ``fixed-B``: momentum SGD (Nesterov 0.9, wd 5e-4) at a fixed batch ``B``, LR ``0.1 x B / 128``
   (LRSchedule, linear rule, Goyal warmup over the first epoch for ``B > 128``), cosine decay to 0.
@@ -185,23 +185,29 @@ def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: i
     warnings.filterwarnings("ignore")
     for seed in seeds:
         for model in models:
-            for cell in cells or cell_order():
-                path = cell_path(model, cell, seed)
-                if path.exists():
-                    continue
-                with bench_lock():
+            todo = [c for c in (cells or cell_order()) if not cell_path(model, c, seed).exists()]
+            if not todo:
+                continue
+            # One lock per (model, seed): its MLP runs take 15-60 s each, the whole group a few minutes.
+            with bench_lock():
+                for cell in todo:
                     load_before = os.getloadavg()[0]
                     result = run_cell(model, cell, seed, EPOCHS[model])
                     load_after = os.getloadavg()[0]
-                result.update(model=model, cell=cell, seed=seed, epochs=EPOCHS[model], threads=threads,
-                              load_before=load_before, load_after=load_after, torch=torch.__version__,
-                              allocator=f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}",
-                              machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result))
-                print(f"{model} {cell} seed {seed}: {result.get('steps')} steps, test acc "
-                      f"{result.get('test_acc', float('nan')):.4f}, {result['wall_s']:.0f} s", flush=True)
+                    save(model, cell, seed, threads, result, load_before, load_after)
 
+
+def save(model: str, cell: str, seed: int, threads: int, result: dict[str, Any], load_before: float,
+         load_after: float) -> None:
+    path = cell_path(model, cell, seed)
+    result.update(model=model, cell=cell, seed=seed, epochs=EPOCHS[model], threads=threads,
+                  load_before=load_before, load_after=load_after, torch=torch.__version__,
+                  allocator=f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}",
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    print(f"{model} {cell} seed {seed}: {result.get('steps')} steps, test acc "
+          f"{result.get('test_acc', float('nan')):.4f}, {result['wall_s']:.0f} s", flush=True)
 
 # ---------------------------------------------------------------------------------------------- report
 def steps_to(curve: list, target: float) -> int | None:

@@ -13,17 +13,21 @@ from lightning_lbo.compat import _PostImportFinder, after_import
 
 LIGHTNING_MODULES = ("lightning", "pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
 
+# The core modules; NO_LIGHTNING_YET asserts that no Lightning package came with them.
 CORE = """
-import sys
 import lightning_lbo, lightning_lbo.optim, lightning_lbo.schedules, lightning_lbo.hessian
 import lightning_lbo.optim.kfac, lightning_lbo.param_groups, lightning_lbo.batchnorm, lightning_lbo.models
 import lightning_lbo.data, lightning_lbo.classifier, lightning_lbo.cli, lightning_lbo.compat, lightning_lbo.capture
 import lightning_lbo.noise_scale, lightning_lbo.adversarial, lightning_lbo.strategies.ddp_kfac
 lightning_lbo.KFAC, lightning_lbo.LARS, lightning_lbo.LAMB, lightning_lbo.RMSpropWarmup
 lightning_lbo.hessian.top_eigenvalues
-print(sorted(m for m in {names} if m in sys.modules))
+"""
+NO_LIGHTNING_YET = """
+loaded = [m for m in {names} if m in sys.modules]
+assert not loaded, f"the core imported {{loaded}}"
 """
 
+# In a fresh interpreter: `first`, then `second` import; then a Trainer resolves "ddp_kfac".
 STRATEGY = """
 import sys
 {first}
@@ -52,12 +56,12 @@ def _result(proc: subprocess.Popen) -> list[str]:
 def test_import_light_core_and_both_orders_in_fresh_interpreters():
     """Core imports no Lightning; Trainer(strategy="ddp_kfac") works for each package, imported before or after."""
     names = repr(LIGHTNING_MODULES)
-    procs = {"core": _python(CORE.format(names=names))}
+    procs = {}
     for package in ("pytorch_lightning", "lightning.pytorch"):
-        imports = (f"import {package}", "import lightning_lbo")
-        for order, (first, second) in (("lightning first", imports), ("lightning_lbo first", imports[::-1])):
+        lightning, checked_core = f"import {package}", CORE + NO_LIGHTNING_YET.format(names=names)
+        orders = {"lightning first": (lightning, CORE), "core first": (checked_core, lightning)}
+        for order, (first, second) in orders.items():
             procs[package, order] = _python(STRATEGY.format(first=first, second=second, package=package, names=names))
-    assert _result(procs.pop("core")) == []
     for (package, order), proc in procs.items():
         loaded = _result(proc)
         # The strategy of one package never imports the other one.

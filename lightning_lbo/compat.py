@@ -176,6 +176,14 @@ class _PostImportFinder:
         with self._lock:
             self.hooks.setdefault(module_name, []).append(hook)
 
+    def take(self, module_name: str) -> list[Callable[[ModuleType], None]]:
+        """Remove and return the hooks of ``module_name``; leave ``sys.meta_path`` when none are left."""
+        with self._lock:
+            hooks = self.hooks.pop(module_name, [])
+            if not self.hooks and self in sys.meta_path:
+                sys.meta_path.remove(self)
+        return hooks
+
     def find_spec(self, fullname: str, path: Any = None, target: ModuleType | None = None) -> ModuleSpec | None:
         if fullname not in self.hooks:
             return None
@@ -190,19 +198,17 @@ class _PostImportFinder:
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec  # a namespace package or a legacy loader: imported unhooked
-        with self._lock:
-            hooks = self.hooks.pop(fullname, [])
-            if not self.hooks and self in sys.meta_path:
-                sys.meta_path.remove(self)
-        spec.loader = _HookedLoader(spec.loader, hooks)
+        # The hooks are taken only when the module executes: importlib.util.find_spec alone
+        # (availability checks of other libraries) consumes nothing.
+        spec.loader = _HookedLoader(spec.loader, self)
         return spec
 
 
 class _HookedLoader:
     """Runs the real loader, puts it back on the module (``__loader__``, ``__spec__.loader``), then the hooks."""
 
-    def __init__(self, loader: Any, hooks: list[Callable[[ModuleType], None]]) -> None:
-        self.loader, self.hooks = loader, hooks
+    def __init__(self, loader: Any, finder: _PostImportFinder) -> None:
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
@@ -210,13 +216,8 @@ class _HookedLoader:
     def exec_module(self, module: ModuleType) -> None:
         module.__loader__ = self.loader
         module.__spec__.loader = self.loader
-        try:
-            self.loader.exec_module(module)
-        except BaseException:
-            for hook in self.hooks:  # a later import of the module may still succeed
-                _PostImportFinder.instance().add(module.__name__, hook)
-            raise
-        for hook in self.hooks:
+        self.loader.exec_module(module)  # if it raises, the hooks wait for the next import
+        for hook in self.finder.take(module.__name__):
             _run_hook(hook, module)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader

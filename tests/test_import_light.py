@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -84,6 +86,7 @@ def test_after_import_runs_the_hook_once_after_the_module_finished(fake_module):
     """The hook sees the complete module, once; the module keeps its real loader; the finder leaves meta_path."""
     seen = []
     after_import("lbo_fake_pkg", lambda m: seen.append((m.__name__, m.VALUE)))
+    assert importlib.util.find_spec("lbo_fake_pkg") is not None  # an availability check consumes nothing
     assert seen == []
     import lbo_fake_pkg
 
@@ -117,8 +120,6 @@ def test_after_import_survives_a_failed_import(fake_module):
     assert seen == []
     fake_module.write_text("VALUE = 2\n")
     sys.modules.pop("lbo_fake_pkg", None)
-    import importlib
-
     importlib.invalidate_caches()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -266,7 +266,8 @@ def _step_race(kfac: Chosen, firsts: Sequence[Chosen], target: float) -> tuple[s
     reached = [(first_step(c.seed0["result"]["history"], target), c.name) for c in firsts]
     reached = sorted((step, name) for step, name in reached if step is not None)
     if mine is None:
-        return f"K-FAC never reached {target:.4f}", "**not met**"
+        return f"K-FAC never reached {target:.4f}", ("**not met**" if reached
+                                                     else "undecided (no recipe at this batch reached it)")
     if not reached:
         total = min(c.seed0["result"]["steps"] for c in firsts)
         return (f"K-FAC {mine} steps; no first-order recipe in {total} (ratio < {mine / total:.2f})",

@@ -175,5 +175,7 @@ def test_step_race_against_the_fastest_first_order_recipe():
     sgd = chosen("sgd", [(50, 1.0, 0.80), (200, 3.0, 0.885), (260, 5.0, 0.89)])
     assert report._step_race(kfac, [sgd, lars], 0.88) == ("K-FAC 50 vs lars 150 steps = 0.33", "**met**")
     assert report._step_race(kfac, [sgd, lars], 0.893) == ("K-FAC never reached 0.8930", "**not met**")
+    assert report._step_race(kfac, [sgd], 0.893) == ("K-FAC never reached 0.8930",
+                                                     "undecided (no recipe at this batch reached it)")
     assert report._step_race(lars, [sgd], 0.893) == ("K-FAC 260 steps; no first-order recipe in 260 (ratio < 1.00)",
                                                      "not decided")

@@ -360,14 +360,14 @@ def plot_error_vs_batch(cells: dict, config: StudyConfig, base: Chosen | None, p
         points = sorted((b, cells[(recipe, b)]) for (r, b) in cells if r == recipe and b != config.baseline)
         if not points:
             continue
-        xs = [b for b, _ in points]
+        xs = [b * 1.04 ** (i - len(config.recipes) / 2) for b, _ in points]  # side by side, not on top
         ys = [1 - c.test_mean for _, c in points]
         errs = [0 if math.isnan(c.test_std) else c.test_std for _, c in points]
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=f"C{i}", label=recipe)
     if base is not None:
         err, std = 1 - base.test_mean, 0 if math.isnan(base.test_std) else base.test_std
         ax.axhspan(err - max(std, 5e-4), err + max(std, 5e-4), color="grey", alpha=0.3,
-                   label=f"sgd at {config.baseline} (± std)")
+                   label=f"sgd at {config.baseline} (mean ± std, n={len(base.runs)})")
     marks = {"goyal": "Goyal 8K", "lars": "LARS, Akiba 32K", "spngd": "SP-NGD 131K"}
     for recipe, text in marks.items():
         fraction = build_recipe(recipe, 256, 1, 1).paper_batch_fraction

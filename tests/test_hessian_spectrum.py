@@ -134,6 +134,12 @@ def test_hessian_spectrum_sends_the_density_to_wandb(tmp_path, monkeypatch):
     logged = []
     monkeypatch.setattr(logger.experiment, "log", lambda data, *args, **kwargs: logged.append(data))
     trainer = make_trainer(pl, tmp_path, max_epochs=1, logger=logger, callbacks=[cb])
-    trainer.fit(bn_classifier("pytorch_lightning"), loader())
+    try:
+        trainer.fit(bn_classifier("pytorch_lightning"), loader())
+    finally:
+        # Close the run and reset wandb's process-wide settings (mode "disabled"): a later WandbLogger
+        # (tests/test_examples.py's offline run) would inherit them and write nothing.
+        wandb.finish()
+        wandb.teardown()
     images = [value for data in logged for value in data.values() if isinstance(value, wandb.Image)]
     assert len(images) == 1 and cb.png_paths == []

@@ -157,3 +157,30 @@ def test_resize_two_ranks_equal_one_process(tmp_path):
                            callbacks=[LRSchedule(reference_batch_size=8, log=False),
                                       AdaptiveBatchSize(rule=RampRule(ramp), mechanism="resize"), check])
     trainer.fit(module(pl), resizable_loader(4))
+
+
+def test_resize_growth_corrects_momentum_through_lr_schedule(tmp_path):
+    """momentum_correction: at each LR change of the re-warmup ramp the buffers are scaled by lr_new / lr_old."""
+    pl = lightning_package(PYTORCH_LIGHTNING)
+
+    class BufferSpy(pl.Callback):
+        def __init__(self):
+            self.ratios, self.saved = [], None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after LRSchedule's hook
+            opt = trainer.optimizers[0]
+            buf = opt.state[next(iter(pl_module.parameters()))].get("momentum_buffer")
+            if buf is not None and self.saved is not None:
+                lr = opt.param_groups[0]["lr"]
+                self.ratios.append((round(lr / self.saved[1], 9), round((buf / self.saved[0]).mean().item(), 5)))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            buf = opt.state[next(iter(pl_module.parameters()))]["momentum_buffer"]
+            self.saved = (buf.clone(), opt.param_groups[0]["lr"])
+
+    spy = BufferSpy()
+    schedule = LRSchedule(reference_batch_size=4, momentum_correction=True, log=False)
+    fit(pl, tmp_path, {0: 1, 1: 2}, 2, callbacks=[spy], rewarmup_steps=2, schedule=schedule)
+    assert [r for r in spy.ratios if r[0] != 1.0] == [(1.5, 1.5), (round(0.2 / 0.15, 9), round(0.2 / 0.15, 5))]
+    assert all(b == 1.0 for lr, b in spy.ratios if lr == 1.0)

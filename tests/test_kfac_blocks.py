@@ -15,7 +15,7 @@ def _per_example_output_grads(model, layer, x, loss_fn):
     out = []
     for i in range(x.shape[0]):
         store = []
-        handle = layer.register_forward_hook(lambda m, a, o: store.append(o))
+        handle = layer.register_forward_hook(lambda m, a, o, store=store: store.append(o))
         loss = loss_fn(model(x[i:i + 1]), i)
         handle.remove()
         out.append(torch.stack([g[0] for g in torch.autograd.grad(loss, store)]))

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+
 class InverseMethod(str, Enum):
     CHOLESKY = "cholesky"
     EIGEN = "eigen"

@@ -62,3 +62,66 @@ def test_kfac_unit_wise_inverse_matches_dense_solve(damping):
     want = torch.linalg.solve(F64 + damping * torch.eye(2, dtype=torch.float64), grad.double().unsqueeze(2))[..., 0]
     got = inverse.apply(grad, damping).double()
     assert bool(ok) and ((got - want).norm() / want.norm()).item() <= 1e-4
+
+
+class _Named:
+    """A stand-in for a block in invert_with_fallback's jobs (only its name is read)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _psd_projection(m64):
+    d, q = torch.linalg.eigh(m64)
+    return q @ torch.diag(d.clamp_min(0)) @ q.T
+
+
+def test_kfac_cholesky_inverse_of_singular_damped_factor_flags_instead_of_raising():
+    """G + delta I exactly singular in fp32 (delta below G's rounding): ok is False, no LinAlgError; the ladder's
+    fp64 rung then equals a dense fp64 solve."""
+    A = torch.eye(3).mul(1e12).unsqueeze(0)  # pi = 1e6: root / pi = 3e-8, lost next to 1 in fp32
+    G = torch.ones(1, 2, 2)
+    grad = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(2))
+    inverse, ok = inv.CholeskyKronecker.from_factors({"A": A, "G": G}, 1e-3, torch.float32, torch.float32)
+    assert not bool(ok)
+    (inverse,), failed = inv.invert_with_fallback([(_Named("conv"), inv.CholeskyKronecker, {"A": A, "G": G},
+                                                    1e-3, torch.float32)])
+    want = _dense_solve(A[0].double(), G[0].double(), grad, 1e-3, exact=False)
+    got = inverse.apply(grad, 1e-3)[0].double()
+    assert failed == [] and ((got - want).norm() / want.norm()).item() <= 1e-4
+
+
+def test_kfac_inverse_ladder_projects_factors_indefinite_by_rounding():
+    """A G with an eigenvalue -1.2e-7 (fp32 rounding of a rank-1 factor) below every damping rung: the plain gradient
+    before; now the damped inverse of its PSD projection, equal to a dense fp64 solve of the projected system."""
+    A = torch.eye(3).mul(1e14).unsqueeze(0)  # root / pi = 3e-9 (3e-8 at 100x damping) < 1.2e-7
+    off = 1.0 + 2.0 ** -23
+    G = torch.tensor([[[1.0, off], [off, 1.0]]])
+    grad = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(3))
+    (inverse,), failed = inv.invert_with_fallback([(_Named("conv"), inv.CholeskyKronecker, {"A": A, "G": G},
+                                                    1e-3, torch.float32)])
+    want = _dense_solve(A[0].double(), _psd_projection(G[0].double()), grad, 1e-3, exact=False)
+    got = inverse.apply(grad, 1e-3)[0].double()
+    assert failed == [] and ((got - want).norm() / want.norm()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e9])
+@pytest.mark.parametrize("damping", [1e-2, 1e-3])
+def test_kfac_unit_wise_inverse_of_rank_one_unit_matches_dense_fp64_solve(scale, damping):
+    """A unit whose gamma/beta gradients are exactly collinear (a BatchNorm channel seeing two values): F_u is rank 1
+    and, at scale 1e9, its fp32 Cholesky fails; the closed form equals a dense fp64 solve of the same fp32 factor."""
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(2, 6, 1, generator=g) * torch.tensor([1.0, -0.5])  # [examples, units, (gamma, beta)]
+    F = (torch.einsum("nuk,nul->ukl", v, v) * scale).float()
+    grad = torch.randn(6, 2, generator=g)
+    inverse, ok = inv.UnitWise.from_factors({"F": F}, damping, torch.float32, torch.float32)
+    want = torch.linalg.solve(F.double() + damping * torch.eye(2, dtype=torch.float64), grad.double().unsqueeze(2))
+    got = inverse.apply(grad, damping).double()
+    assert bool(ok) and ((got - want[..., 0]).norm() / want.norm()).item() <= 1e-4
+
+
+def test_kfac_unit_wise_inverse_without_bias_is_reciprocal():
+    """k = 1 (BatchNorm(affine) without bias, LayerNorm(bias=False)): 1 / (F + lambda)."""
+    F = torch.tensor([[[0.0]], [[3.0]]])
+    inverse, ok = inv.UnitWise.from_factors({"F": F}, 0.5, torch.float32, torch.float32)
+    assert bool(ok) and torch.equal(inverse.apply(torch.ones(2, 1), 0.5), torch.tensor([[2.0], [1.0 / 3.5]]))

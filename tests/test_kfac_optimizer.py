@@ -170,6 +170,24 @@ def test_kfac_failed_inverse_falls_back_to_plain_gradient_with_warning():
     assert pre.inverse_fallbacks == 1
 
 
+def test_kfac_batch_of_two_through_batchnorm_stack_steps_without_crash_or_fallback():
+    """BatchNorm over two examples blows G up to ~1e8, so G + delta I is singular in fp32 (the resnet18 16x16 batch-2
+    LinAlgError): the step neither raises nor falls back to the plain gradient, and the weights stay finite."""
+    torch.manual_seed(9)
+    layers = [nn.Linear(8, 64)]
+    for _ in range(4):
+        layers += [nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64)]
+    model = nn.Sequential(*layers, nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    opt = KFAC(model, lr=0.1, momentum=0.9)
+    x, y = torch.randn(2, 8), torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.preconditioner.inverse_fallbacks == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_kfac_captures_only_in_training_when_due_and_not_paused():
     """No statistics in eval mode, inside curvature_capture_paused, or on steps that are not due."""
     torch.manual_seed(0)

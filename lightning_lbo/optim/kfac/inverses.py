@@ -28,8 +28,15 @@ method computes, stores and applies its inverse in fp64 below a damping of ``pre
 eigenvectors alone cost 1e-4). The relative error against a dense fp64 solve then stays below 1e-4
 from damping 1e-2 to 1e-6 (tested); the exact damping of the eigen methods below 1e-3 also needs
 ``factor_dtype=torch.float64``, as fp32 factors are rounded by ``~1e-7 |A|``, more than the damping.
-A block whose factorisation fails or is not finite is retried in fp64, then with 10x and 100x the
-damping, and finally replaced by the identity (the plain gradient for that layer) with a warning.
+A block whose factorisation fails or is not finite is retried in fp64, then in fp64 on the PSD
+projection of its factors, then with 10x and 100x the damping, and finally replaced by the identity
+(the plain gradient for that layer) with a warning. The projection rung exists because a factor
+accumulated in fp32 is symmetric positive semi-definite only up to its rounding, ``~1e-7 |A|``: a
+damping below that (a huge, low-rank ``G`` from a tiny batch through BatchNorm) leaves the damped
+factor indefinite in any precision. Its eigenvalues are then clamped at zero before damping
+(``Q diag(1 / (max(d, 0) + delta)) Q^T``), the damped inverse of the nearest PSD factor, provided
+the negative ones are rounding (above ``-1e-5`` times the largest): a factor more negative than
+that is broken, not rounded, and goes on down the ladder.
 """
 
 from __future__ import annotations
@@ -68,11 +75,43 @@ def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def _cholesky_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of SPD ``m`` and an ok flag (device tensor; no sync)."""
+    """Inverse of SPD ``m`` and an ok flag (device tensor; no sync).
+
+    A matrix whose factorisation fails (``info > 0``: singular at this precision, e.g. a huge
+    low-rank ``G`` next to a damping below its rounding) gets the flag False, never an exception:
+    ``cholesky_inverse`` raises on the zero pivot a failed factor can hold, so such factors are
+    swapped for the identity first (on the device) and the caller's fallback ladder takes over.
+    """
     chol, info = torch.linalg.cholesky_ex(m)
-    inv = torch.cholesky_inverse(chol)
+    failed = (info != 0).reshape(*info.shape, 1, 1)
+    inv = torch.cholesky_inverse(torch.where(failed, _eye_like(chol), chol))
     ok = (info == 0).all() & torch.isfinite(inv).all()
     return inv, ok
+
+
+#: negative eigenvalues down to this fraction of the largest one are rounding (fp32 factors: ~1e-7
+#: per accumulation, 100x headroom); below it a factor is not PSD and the projection is refused
+ROUNDING_TOLERANCE = 1e-5
+
+
+def _projected_inverse(m: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P(m) + shift I)^{-1}`` with ``P`` the projection onto PSD matrices (eigenvalues clamped at 0),
+    and an ok flag, False for a non-finite ``m`` or one more negative than rounding explains;
+    ``m: [groups, d, d]``, ``shift: [groups, 1, 1]``, positive."""
+    try:
+        d, q = torch.linalg.eigh(m)
+    except RuntimeError:  # "failed to converge" (non-finite input)
+        return _eye_like(m).clone(), torch.zeros((), dtype=torch.bool, device=m.device)
+    inv = torch.matmul(q / (d.clamp_min(0) + shift.reshape(-1, 1)).unsqueeze(1), q.transpose(1, 2))
+    rounding = (d[:, 0] >= -ROUNDING_TOLERANCE * d.abs().amax(1)).all()
+    return inv, _all_finite(inv) & rounding
+
+
+def _damped_inverse(m: torch.Tensor, shift: torch.Tensor, psd_projection: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m + shift I)^{-1}`` by Cholesky, or of ``m``'s PSD projection by eigh (the fallback rung)."""
+    if psd_projection:
+        return _projected_inverse(m, shift)
+    return _cholesky_inverse(m + shift * _eye_like(m))
 
 
 def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -101,8 +140,13 @@ class BlockInverse:
 
     @classmethod
     def from_factors(cls, factors: dict[str, torch.Tensor], damping: float, dtype: torch.dtype,
-                     out_dtype: torch.dtype) -> tuple[BlockInverse, torch.Tensor]:
-        """The damped inverse computed in ``dtype``, stored in ``out_dtype``, and an ok flag (no sync)."""
+                     out_dtype: torch.dtype, psd_projection: bool = False) -> tuple[BlockInverse, torch.Tensor]:
+        """The damped inverse computed in ``dtype``, stored in ``out_dtype``, and an ok flag (no sync).
+
+        ``psd_projection``: invert the damped PSD projection of each factor (eigenvalues clamped at
+        0; the fallback for factors indefinite by their rounding). Methods that clamp eigenvalues
+        anyway (eigen, diagonal, unit-wise) ignore it.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -139,11 +183,11 @@ class CholeskyKronecker(BlockInverse):
     symmetric = frozenset(names)
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype):
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
         A, G = factors["A"].to(dtype), factors["G"].to(dtype)
         pi, root = pi_factor(A, G), damping ** 0.5
-        a_inv, ok_a = _cholesky_inverse(A + (pi * root) * _eye_like(A))
-        g_inv, ok_g = _cholesky_inverse(G + (root / pi) * _eye_like(G))
+        a_inv, ok_a = _damped_inverse(A, pi * root, psd_projection)
+        g_inv, ok_g = _damped_inverse(G, root / pi, psd_projection)
         return cls(A_inv=a_inv.to(out_dtype), G_inv=g_inv.to(out_dtype)), ok_a & ok_g
 
     @classmethod
@@ -161,14 +205,14 @@ class WoodburyKronecker(BlockInverse):
     names = ("U", "K_inv", "delta_A", "G_inv")
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype):
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
         """``factors`` also holds ``rows`` (``U: [groups, r, d_A]``) and ``n`` with ``A = U^T U / n``."""
         A, G, U = factors["A"].to(dtype), factors["G"].to(dtype), factors["rows"].to(dtype)
         pi, root = pi_factor(A, G), damping ** 0.5
         delta = pi * root
         eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
         k_inv, ok_k = _cholesky_inverse(torch.bmm(U, U.transpose(1, 2)) + (factors["n"] * delta) * eye_r)
-        g_inv, ok_g = _cholesky_inverse(G + (root / pi) * _eye_like(G))
+        g_inv, ok_g = _damped_inverse(G, root / pi, psd_projection)
         inverse = cls(U=U.to(out_dtype), K_inv=k_inv.to(out_dtype), delta_A=delta.to(out_dtype),
                       G_inv=g_inv.to(out_dtype))
         return inverse, ok_k & ok_g
@@ -193,7 +237,7 @@ class EigenKronecker(BlockInverse):
         return d.clamp_min(0), q  # factors are PSD: negative eigenvalues are round-off
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype):
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
         try:
             dA, QA = cls._eigh(factors["A"].to(dtype))
             dG, QG = cls._eigh(factors["G"].to(dtype))
@@ -226,7 +270,7 @@ class DiagonalKronecker(EigenKronecker):
     names = ("dA", "QG", "dG", "mask")
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype):
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
         try:
             dG, QG = cls._eigh(factors["G"].to(dtype))
         except RuntimeError:
@@ -251,15 +295,36 @@ class DiagonalKronecker(EigenKronecker):
 
 
 class UnitWise(BlockInverse):
-    """``P_u = (F_u + lambda I)^{-1} grad_u`` for every unit (grad ``[units, k]``)."""
+    """``P_u = (F_u + lambda I)^{-1} grad_u`` for every unit (grad ``[units, k]``), in closed form.
+
+    With ``F_u = [[a, b], [b, c]]`` (PSD) the damped inverse is the adjugate over the determinant,
+
+    .. math:: (F_u + \\lambda I)^{-1} = \\frac{1}{\\det}\\begin{pmatrix} c + \\lambda & -b \\\\ -b & a + \\lambda
+       \\end{pmatrix}, \\qquad \\det = \\max(ac - b^2, 0) + \\lambda (a + c) + \\lambda^2 > 0,
+
+    (``1 / (a + lambda)`` for ``k = 1``), computed in fp64 whatever ``dtype``: a unit whose
+    per-example gradients are collinear (a BatchNorm channel seeing two values) has ``ac = b^2`` up to
+    rounding, and in fp32 that cancellation exceeds ``lambda (a + c)`` (a Cholesky then fails, and the
+    adjugate's determinant can be negative). Clamping the Gram determinant, which is non-negative for a
+    PSD ``F``, keeps ``det >= lambda (a + c) + lambda^2``: the inverse exists for any finite ``F``.
+    The ``units x 4`` numbers cost nothing next to the Kronecker blocks.
+    """
 
     names = ("F_inv",)
     symmetric = frozenset(names)
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype):
-        F = factors["F"].to(dtype)
-        inv, ok = _cholesky_inverse(F + damping * _eye_like(F))
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
+        F = factors["F"].to(torch.float64)
+        a = F[:, 0, 0].clamp_min(0)
+        if F.shape[-1] == 1:
+            inv = (1.0 / (a + damping)).view(-1, 1, 1)
+            return cls(F_inv=inv.to(out_dtype)), _all_finite(inv)
+        c, b = F[:, 1, 1].clamp_min(0), 0.5 * (F[:, 0, 1] + F[:, 1, 0])
+        det = (a * c - b * b).clamp_min(0) + damping * (a + c) + damping * damping
+        adjugate = torch.stack([torch.stack([c + damping, -b], 1), torch.stack([-b, a + damping], 1)], 1)
+        inv = adjugate / det.view(-1, 1, 1)
+        ok = _all_finite(inv) & (det > 0).all()
         return cls(F_inv=inv.to(out_dtype)), ok
 
     @classmethod
@@ -274,24 +339,29 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
                          ) -> tuple[list[BlockInverse], list[str]]:
     """Invert every job ``(block, method class, factors, damping, storage dtype)``.
 
-    Ladder: fp32 (fp64 if the storage dtype is fp64), fp64, 10x and 100x damping in fp64, identity.
-    A Woodbury job that fails retries as the dense :class:`CholeskyKronecker` (its rows may come from
-    a non-finite batch). One host sync per attempt round (the ok flags of all jobs are read together).
+    Ladder: fp32 (fp64 if the storage dtype is fp64), fp64, fp64 on the PSD projection of the factors,
+    10x and 100x damping (projected, fp64), identity.
+    A Woodbury job whose rows are not finite (a non-finite batch) retries as the dense
+    :class:`CholeskyKronecker`; with finite rows it stays low-rank (its failure is on the G side, and a
+    dense ``d_A`` inverse would cost far more). One host sync per attempt round (the ok flags of all
+    jobs are read together), one more per failed Woodbury job.
     Returns the inverses and the names of blocks that fell back to the plain gradient.
     """
     results: list[BlockInverse | None] = [None] * len(jobs)
+    methods = [job[1] for job in jobs]
     pending = list(range(len(jobs)))
-    for attempt, (dtype, scale) in enumerate(((torch.float32, 1.0), (torch.float64, 1.0), (torch.float64, 10.0),
-                                              (torch.float64, 100.0))):
+    rungs = ((torch.float32, 1.0, False), (torch.float64, 1.0, False), (torch.float64, 1.0, True),
+             (torch.float64, 10.0, True), (torch.float64, 100.0, True))
+    for attempt, (dtype, scale, psd_projection) in enumerate(rungs):
         if not pending:
             break
         tries = {}
         for i in pending:
-            _, method, factors, damping, out_dtype = jobs[i]
-            if attempt and method is WoodburyKronecker:
-                method = CholeskyKronecker
+            _, _, factors, damping, out_dtype = jobs[i]
+            if attempt == 1 and methods[i] is WoodburyKronecker and not bool(torch.isfinite(factors["rows"]).all()):
+                methods[i] = CholeskyKronecker
             compute = torch.float64 if out_dtype == torch.float64 else dtype
-            tries[i] = method.from_factors(factors, damping * scale, compute, out_dtype)
+            tries[i] = methods[i].from_factors(factors, damping * scale, compute, out_dtype, psd_projection)
         flags = torch.stack([ok.reshape(()) for _, ok in tries.values()]).tolist()
         pending = []
         for (i, (inverse, _)), ok in zip(tries.items(), flags, strict=True):
@@ -303,10 +373,11 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
     for i in pending:
         block, method, factors, _, out_dtype = jobs[i]
         failed.append(block.name)
-        method = CholeskyKronecker if method is WoodburyKronecker else method
+        method = CholeskyKronecker if method is WoodburyKronecker else method  # no low-rank identity
         results[i] = method.identity(factors, out_dtype)
     if failed:
-        warnings.warn(f"K-FAC: inverting the curvature of {failed} failed in fp32, fp64 and with 100x damping; "
-                      "these layers use the plain gradient until the next inverse update. Increase `damping`.",
+        warnings.warn(f"K-FAC: inverting the curvature of {failed} failed in fp32, fp64, on the PSD projection "
+                      "and with 100x damping; these layers use the plain gradient until the next inverse update. "
+                      "Increase `damping`.",
                       RuntimeWarning, stacklevel=3)
     return results, failed

@@ -200,10 +200,16 @@ class BatchNormMomentRecorder:
 
     def reset(self) -> None:
         """Forget everything recorded."""
-        maxlen = self.window
-        # Window mode: per layer a deque of (n, mean, m2, rows). Total mode: [n, mean, m2, rows, batches].
+        # Window mode: per layer a deque of [n, mean, m2, rows, kept], ``kept`` a 0-d bool on the device that
+        # discard_cycle_where() clears for the batches of a skipped (non-finite) step. Twice the window is kept
+        # so that the last ``window`` kept batches are there after a few skipped ones; pooling picks them.
+        # Total mode: [n, mean, m2, rows, batches].
+        maxlen = None if self.window is None else 2 * self.window
         self._recent: list[deque] = [deque(maxlen=maxlen) for _ in self.layers]
         self._totals: list[list[Any]] = [[0, None, None, 0, 0] for _ in self.layers]
+        # Window entries recorded since the last discard_cycle_where(); bounded by what the window can hold,
+        # so that it stays small when no guard ever calls it.
+        self._cycle: deque = deque(maxlen=None if maxlen is None else maxlen * len(self.layers))
 
     def attach(self) -> BatchNormMomentRecorder:
         """Register the hooks (idempotent)."""
@@ -224,7 +230,9 @@ class BatchNormMomentRecorder:
             x = args[0].detach()
             n, mean, m2 = batch_moments(x)
             if self.window is not None:
-                self._recent[index].append((n, mean, m2, x.shape[0]))
+                entry = [n, mean, m2, x.shape[0], torch.ones((), dtype=torch.bool, device=mean.device)]
+                self._recent[index].append(entry)
+                self._cycle.append(entry)
             else:
                 self._accumulate(index, n, mean, m2, x.shape[0])
         return hook
@@ -247,12 +255,31 @@ class BatchNormMomentRecorder:
         """Batches recorded at the first layer on this rank (within the window, if any)."""
         if not self.layers:
             return 0
-        return len(self._recent[0]) if self.window is not None else self._totals[0][4]
+        return len(self._kept(0)) if self.window is not None else self._totals[0][4]
+
+    def discard_cycle_where(self, bad: Tensor) -> None:
+        """Forget, where ``bad`` (0-d bool on the device) is true, the batches recorded since the last call.
+
+        :class:`~lightning_lbo.callbacks.NonFiniteBatchGuard` calls this at the end of every accumulation
+        cycle, so that a skipped (non-finite) step leaves the window as if its batches had never been run.
+        No host sync: the flags are read when the window is pooled.
+        """
+        for entry in self._cycle:
+            entry[4] = entry[4] & ~bad.to(entry[4].device)
+        self._cycle.clear()
+
+    def _kept(self, index: int) -> list[list[Any]]:
+        """The last ``window`` entries of layer ``index`` not discarded (reads their flags: one host sync)."""
+        entries = list(self._recent[index])
+        if entries:
+            flags = torch.stack([e[4] for e in entries]).tolist()
+            entries = [e for e, keep in zip(entries, flags, strict=True) if keep]
+        return entries[-self.window:] if self.window is not None else entries
 
     def _local(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[float, Tensor, Tensor, int]:
         channels = self.layers[index].num_features
-        if self.window is not None and self._recent[index]:
-            entries = list(self._recent[index])
+        entries = self._kept(index) if self.window is not None else []
+        if entries:
             counts = torch.tensor([e[0] for e in entries], dtype=dtype, device=device)
             means = torch.stack([e[1].to(device, dtype) for e in entries])
             m2s = torch.stack([e[2].to(device, dtype) for e in entries])
@@ -284,7 +311,8 @@ class BatchNormMomentRecorder:
     def state_dict(self) -> dict[str, Any]:
         """Recorded moments (window mode) as CPU tensors."""
         return {"window": self.window,
-                "recent": [[(n, mean.cpu(), m2.cpu(), rows) for n, mean, m2, rows in d] for d in self._recent]}
+                "recent": [[(n, mean.cpu(), m2.cpu(), rows) for n, mean, m2, rows, _ in self._kept(i)]
+                           for i in range(len(self.layers))]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore moments saved by :meth:`state_dict` (ignored if the layer count differs)."""
@@ -293,7 +321,8 @@ class BatchNormMomentRecorder:
             return
         for d, entries in zip(self._recent, recent, strict=True):
             d.clear()
-            d.extend(entries)
+            d.extend([n, mean, m2, rows, torch.ones((), dtype=torch.bool, device=mean.device)]
+                     for n, mean, m2, rows in entries)
 
 
 def estimate_precise_stats(module: nn.Module, batches: Iterable[Any], num_batches: int,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_lbo.callbacks.batchnorm_stats import BatchNormStats
 from lightning_lbo.callbacks.nonfinite_batches import NonFiniteBatchGuard, TensorSnapshot
 from lightning_lbo.optim.kfac import KFAC
 from lightning_lbo.optim.lamb import LAMB
@@ -186,6 +187,20 @@ def test_nonfinite_batches_two_ranks():
     """2 DDP ranks (torchrun, gloo): a bad batch on either rank skips the step on both; equal to dropping it."""
     out = run_script(REPO_ROOT / "tests" / "scripts" / "nonfinite_ddp.py", torchrun_nproc=2, timeout=420).stdout
     assert out.count("ok") >= 2, out
+
+
+def test_nonfinite_batches_leave_the_batchnorm_stats_window_as_if_dropped(tmp_path):
+    """BatchNormStats' last-batches window forgets skipped batches: statistics and state equal the dropped run."""
+    pl = importlib.import_module("pytorch_lightning")
+    data = batches(BAD)
+    stats_bad, stats_ref = BatchNormStats(num_batches=4), BatchNormStats(num_batches=4)
+    with pytest.warns(UserWarning, match="were skipped"):
+        bad_module, bad_trainer = fit(pl, tmp_path, "sgd", data, callbacks=[NonFiniteBatchGuard(), stats_bad])
+    ref_module, ref_trainer = fit(pl, tmp_path, "sgd", [data[i] for i in dropped(BAD)], callbacks=[stats_ref])
+    assert stats_bad.num_batches_used == stats_ref.num_batches_used == 4
+    assert_same_training_state(bad_module, ref_module, bad_trainer.optimizers[0], ref_trainer.optimizers[0])
+    window_bad, window_ref = stats_bad.state_dict()["window"], stats_ref.state_dict()["window"]
+    _assert_equal(window_bad, window_ref, "window")
 
 
 def test_without_guard_bn_statistics_are_poisoned(tmp_path):

@@ -151,6 +151,15 @@ class BatchNormStats(*callback_bases()):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._batches_seen += 1
 
+    def discard_cycle_where(self, bad: torch.Tensor) -> None:
+        """Forget the batches of the accumulation cycle that just ended where ``bad`` is true.
+
+        Called by :class:`~lightning_lbo.callbacks.NonFiniteBatchGuard` after a skipped (non-finite) step, so
+        that the window holds the same batches as a run in which the bad ones were dropped.
+        """
+        if self._recorder is not None:
+            self._recorder.discard_cycle_where(bad)
+
     @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:

@@ -151,6 +151,10 @@ class NonFiniteBatchGuard(*callback_bases()):
         log_every_n_steps: read and log the count every this many optimizer steps (default: the
             Trainer's ``log_every_n_steps``).
 
+    Callbacks that record training batches (``BatchNormStats``' window) take part through one method,
+    ``discard_cycle_where(bad)``: called at the end of every accumulation cycle with a 0-d bool device tensor,
+    it forgets what was recorded in that cycle where ``bad`` is true, without a host sync.
+
     Example::
 
         Trainer(callbacks=[NonFiniteBatchGuard()])   # any optimizer; LARS/LAMB/RMSpropWarmup skip for free
@@ -242,6 +246,9 @@ class NonFiniteBatchGuard(*callback_bases()):
             self._scaler_undo = None
         if self._statistics is not None:
             self._statistics.restore_where(skipped)
+        for callback in trainer.callbacks:  # callbacks that record training batches forget the skipped ones
+            if callback is not self and hasattr(callback, "discard_cycle_where"):
+                callback.discard_cycle_where(skipped)
         assert self._count is not None
         self._count += skipped.to(self._count.device, torch.int64)
         self._log(trainer, pl_module)

@@ -213,3 +213,20 @@ def test_attention_block_resumes_from_checkpoint():
     restored = KFACPreconditioner(model, **kwargs)
     restored.load_state_dict(state)
     torch.testing.assert_close(step(model, restored), expected)
+
+
+def test_mc_fisher_capture_frees_each_steps_graph():
+    """With fisher='mc' the forward's graph is freed after the backward (the MC hook once kept it alive)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    pre = KFACPreconditioner(model, fisher="mc", factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
+    out = model(torch.randn(16, 4))
+    alive = weakref.ref(out)
+    F.cross_entropy(out, torch.randint(0, 3, (16,))).backward()
+    del out
+    gc.collect()
+    assert alive() is None
+    pre.step()
+    assert all(b.refreshes["G"] == 1 for b in pre.blocks)

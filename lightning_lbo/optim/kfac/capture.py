@@ -97,6 +97,10 @@ class Capture:
         self.captured: dict[int, Captured] = {}
         self._mc_targets: list[tuple[CurvatureBlock, Any, Any, _MicroBatch]] = []
         self._in_mc = False
+        # id(logits) -> (logits, targets) of forwards whose training backward has not started yet. The MC
+        # hook gets the key, not the tensor: a hook holding the tensor it is registered on is a reference
+        # cycle through the autograd graph that Python's GC cannot see (every step's graph leaked).
+        self._mc_pending: dict[int, tuple[torch.Tensor, list]] = {}
         self._handles: list[Any] = []
         for block in blocks:
             self._claim(block.module)
@@ -125,20 +129,20 @@ class Capture:
     def collect(self) -> dict[int, Captured]:
         """The statistics captured since :meth:`begin`, by ``id(block)``; disarms the hooks."""
         captured, self.captured = self.captured, {}
-        self.due, self._mc_targets = {}, []
+        self.due, self._mc_targets, self._mc_pending = {}, [], {}
         return captured
 
     def discard(self) -> None:
         """Drop what was captured (e.g. the statistics of a step the AMP scaler skipped)."""
         self.captured = {}
-        self._mc_targets = []
+        self._mc_targets, self._mc_pending = [], {}
 
     def remove(self) -> None:
         """Remove every hook (teardown); idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.due, self.captured, self._mc_targets = {}, {}, []
+        self.due, self.captured, self._mc_targets, self._mc_pending = {}, {}, [], {}
 
     @property
     def hooked(self) -> bool:
@@ -227,12 +231,14 @@ class Capture:
             raise TypeError(f"fisher='mc' needs the module's forward to return the logits tensor, got "
                             f"{type(logits).__name__}; pass output_to_logits=... to extract them.")
         if logits.requires_grad:
-            logits.register_hook(partial(self._mc_hook, logits, targets))
+            self._mc_pending[id(logits)] = (logits, targets)
+            logits.register_hook(partial(self._mc_hook, id(logits)))
 
-    def _mc_hook(self, logits: torch.Tensor, targets: list, grad: torch.Tensor) -> None:
+    def _mc_hook(self, key: int, grad: torch.Tensor) -> None:
         """At the start of the training backward: the sampled-label backward to the layer outputs only."""
-        if not self._in_mc and not capture_paused():
-            self._mc_backward(logits, targets)
+        pending = self._mc_pending.pop(key, None)
+        if pending is not None and not self._in_mc and not capture_paused():
+            self._mc_backward(*pending)
 
     def _mc_backward(self, logits: torch.Tensor, targets: list) -> None:
         self._in_mc = True

@@ -402,3 +402,21 @@ def test_kfac_skipped_first_refresh_is_no_estimate_for_the_running_average():
     for a, b in zip(f_bad, f_ref, strict=True):
         assert all(torch.equal(a[s], b[s]) for s in b)
     assert all(torch.equal(a, b) for a, b in zip(p_bad, p_ref, strict=True))
+
+
+def test_kfac_skipped_refresh_keeps_its_rows_out_of_the_low_rank_inverse():
+    """A refresh on a step the optimizer skips (finite statistics, keep False) must not reach the inverse: the
+    low-rank (Woodbury) preconditioner after it equals the dense one built from the kept factors."""
+    grads = {}
+    for low_rank in (True, False):
+        torch.manual_seed(0)
+        model = _net()
+        pre = KFACPreconditioner(model, kl_clip=None, factor_update_interval=2, inverse_update_interval=2,
+                                 low_rank_inverse=low_rank)
+        for step in range(4):  # refreshes and inverses at steps 0 and 2; step 2 is skipped
+            model.zero_grad()
+            x, y = _batch(seed=step)
+            F.cross_entropy(model(x), y).backward()
+            pre.step(keep=torch.tensor(step != 2))
+        grads[low_rank] = model[3].weight.grad.clone()
+    assert ((grads[True] - grads[False]).norm() / grads[False].norm()).item() <= 1e-4

@@ -391,9 +391,13 @@ class KFACPreconditioner:
             block.estimated[stat] = block.estimated[stat] | ok[j]
             block.refreshes[stat] += 1
             if stat == "A":
-                # the rows describe A only when A is this fresh statistic; a non-finite refresh keeps the
-                # old A while its rows fail the Woodbury inverse, which then falls back to the dense A
-                block.low_rank = rows.get(id(block))
+                # the rows describe A only when A is this fresh statistic; a refresh that is not committed
+                # (non-finite, or a step the optimizer skips) keeps the old A, and its rows are made NaN
+                # (on the device) so that they fail the Woodbury inverse, which then uses the dense old A
+                low_rank = rows.get(id(block))
+                if low_rank is not None:
+                    low_rank = (torch.where(ok[j], low_rank[0], float("nan")), low_rank[1])
+                block.low_rank = low_rank
                 block.low_rank_version = block.versions["A"]
         self._update_intervals(news, ok, rel)
 

@@ -262,20 +262,13 @@ def plot_run(model: str, seed: int, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(3, 1, figsize=(7, 7.5), sharex=True)
     for cell, r in runs.items():
-        epochs = [t[1] + 0 for t in r["trace"]]
-        steps = [t[0] for t in r["trace"]]
-        spe = {}
-        for s, e in zip(steps, epochs, strict=True):
-            spe.setdefault(e, []).append(s)
-        x = [e + (s - min(spe[e])) / max(1, max(spe[e]) - min(spe[e]) + 10) for s, e in zip(steps, epochs,
-                                                                                           strict=True)]
+        x = [t[0] for t in r["trace"]]  # optimizer step, shared with the accuracy panel
         axes[0].plot(x, [t[2] for t in r["trace"]], label=cell)
         axes[1].plot(x, [t[3] for t in r["trace"]], label=cell)
         axes[2].plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], label=f"{cell} ({r['steps']} steps)")
     axes[0].set_yscale("log", base=2)
     axes[0].set_ylabel("global batch")
     axes[1].set_ylabel("LR")
-    axes[1].set_xlabel("epoch")
     axes[2].set_xlabel("optimizer step")
     axes[2].set_ylabel("validation accuracy")
     axes[2].set_ylim(0.75, 0.92)

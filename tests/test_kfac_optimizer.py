@@ -235,6 +235,8 @@ def test_kfac_unsupported_layers_warned_once_and_excludable():
     with pytest.warns(UserWarning, match=r"0 \(PReLU\)"):
         pre = KFACPreconditioner(model)
     assert [st.name for st in pre.blocks] == ["1", "2"]
+    with pytest.warns(UserWarning, match=r"K-FAC preconditions 1 layer; "):
+        KFACPreconditioner(nn.Sequential(nn.PReLU(4), nn.Linear(4, 3)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pre = KFACPreconditioner(model, exclude=[model[2]])

@@ -242,7 +242,8 @@ class KFACPreconditioner:
             raise ValueError(f"{type(module).__name__} has no layer K-FAC supports ({supported}) among the "
                              "optimized, non-excluded parameters; use a first-order optimizer.")
         if unsupported:
-            warnings.warn(f"K-FAC preconditions {len(blocks)} layers; these get the plain momentum-SGD update: "
+            layers = "1 layer" if len(blocks) == 1 else f"{len(blocks)} layers"
+            warnings.warn(f"K-FAC preconditions {layers}; these get the plain momentum-SGD update: "
                           f"{', '.join(unsupported)}.", UserWarning, stacklevel=3)
         interval = int(_resolve(self.factor_update_interval, 0))
         for block in blocks:

@@ -450,6 +450,9 @@ def ddp_worker(args: Any) -> None:
         out["rel_diff_to_single_process"] = _rel_error(flat, ref)
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
+    if dist.is_initialized():  # leave together: a gloo group left to interpreter exit can abort a rank (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

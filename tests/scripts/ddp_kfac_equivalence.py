@@ -210,3 +210,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # leave together: a gloo group left to interpreter exit can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

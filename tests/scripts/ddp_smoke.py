@@ -19,3 +19,6 @@ if __name__ == "__main__":
     gathered = trainer.strategy.all_gather(flat)
     assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
     print(f"rank {trainer.global_rank} ok", flush=True)
+    if torch.distributed.is_initialized():  # leave together: a gloo group left to interpreter exit can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

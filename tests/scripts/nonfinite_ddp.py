@@ -59,6 +59,9 @@ def main() -> None:
         gathered = bad_trainer.strategy.all_gather(flat)
         assert torch.equal(gathered[0], gathered[1]), f"{name}: ranks diverged"
     print(f"rank {rank} ok", flush=True)
+    if torch.distributed.is_initialized():  # leave together: a gloo group left to interpreter exit can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class AdversarialTraining(*callback_bases()):
 
     Example::
 
-        trainer = Trainer(callbacks=[AdaptiveBatchSize(max_accumulation=16), AdversarialTraining(ratio=0.2)])
+        trainer = Trainer(callbacks=[AdaptiveBatchSize(max_factor=16), AdversarialTraining(ratio=0.2)])
         trainer.fit(module, datamodule=FashionMNISTDataModule(batch_size=128))
     """
 

@@ -72,7 +72,8 @@ def test_kfac_steps_that_refresh_nothing_make_no_host_sync(kwargs):
     assert any(busy)  # the counter sees the syncs refresh steps are allowed (inverse fallback flags)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.set_sync_debug_mode needs a CUDA device; "
+                    "the CPU dispatch-mode test above covers this machine")
 def test_kfac_steps_that_refresh_nothing_make_no_cuda_sync():
     """On CUDA, torch.cuda.set_sync_debug_mode('error') raises on any synchronising call between refreshes."""
     torch.manual_seed(0)

@@ -141,7 +141,8 @@ def test_locate_gcide_missing_names_the_fixes(tmp_path, monkeypatch):
     assert "data_dir" in str(err.value)
 
 
-@pytest.mark.skipif(not (lbo_text.DEBIAN_DICTD_DIR / "gcide.index").is_file(), reason="dict-gcide not installed")
+@pytest.mark.skipif(not (lbo_text.DEBIAN_DICTD_DIR / "gcide.index").is_file(),
+                    reason="dict-gcide not installed: run `make data-text` (or apt-get install dict-gcide)")
 def test_real_gcide_small_slice(tmp_path):
     """The first 2,000 real entries: words of the letter A, no markup left, both splits non-empty."""
     train, val = load_gcide_splits(val_fraction=0.1, max_entries=2000, cache_dir=str(tmp_path))

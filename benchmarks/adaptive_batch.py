@@ -189,7 +189,7 @@ def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: i
             if not todo:
                 continue
             # One lock per (model, seed): its MLP runs take 15-60 s each, the whole group a few minutes.
-            with bench_lock():
+            with bench_lock(exclusive=threads > 1):  # a multi-thread run (and its overhead timing) takes the cores
                 for cell in todo:
                     load_before = os.getloadavg()[0]
                     result = run_cell(model, cell, seed, EPOCHS[model])

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = commands(args.before)
     times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     loads = []
-    with bench_lock(), tempfile.TemporaryDirectory() as neutral:  # cwd must not shadow either checkout
+    with bench_lock(exclusive=True), tempfile.TemporaryDirectory() as neutral:  # cwd must not shadow either checkout
         for _ in range(args.rounds):
             for name, cmd, env in rows:
                 start = time.perf_counter()

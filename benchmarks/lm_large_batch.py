@@ -269,7 +269,7 @@ def phase_timing(multiplier: int = 16, repeats: int = 12) -> None:
     path = OUT / f"timing-b{BASE_BATCH * multiplier}.json"
     batch = BASE_BATCH * multiplier
     x = torch.randint(0, 256, (batch, MODEL["seq_len"]), generator=torch.Generator().manual_seed(0))
-    with bench_lock():
+    with bench_lock(exclusive=True):
         setups = {}
         for method in ("adamw", "lamb", "kfac", "kfac_adam"):
             torch.manual_seed(0)

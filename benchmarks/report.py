@@ -134,8 +134,8 @@ def _setup(cache: Cache, config: StudyConfig) -> list[str]:
                     for b in sorted(config.batches))
         + f"; the SmallCNN cells {config.headline_epochs} epochs.",
         "- Recipes: `lightning_lbo.recipes` (docs/recipes.md), each with its schedule fitted to the run. LR grid: "
-        "the recipe's default `base_lr` (the scaling rule's prediction: linear, square root for LAMB) times powers "
-        "of 2, grown outwards while the best value sits on the edge (4-5 values when complete); chosen by the final "
+        "the recipe's `base_lr` at the study's start (frozen in `benchmarks/study.py`: `STUDY_RECIPE_KWARGS`; the "
+        "scaling rule's prediction: linear, square root for LAMB) times powers of 2, grown outwards while the best value sits on the edge (4-5 values when complete); chosen by the final "
         "held-out accuracy of seed 0; the chosen LR rerun with seeds 1 and 2 (a seed changes the initialisation, "
         "the shuffling and the held-out split).",
         f"- Machine: {host.get('cpu', '?')} with {host.get('cores', '?')} cores, shared with ~6 other agents working "

@@ -4,14 +4,16 @@ Every run is one ``lbo compare`` training (:func:`lightning_lbo.compare.run_one`
 process): Fashion-MNIST with ``--val-size`` (default 5000) training images held out for choosing the
 learning rate, the rest for training, and the 10k test split evaluated once after training. Each
 finished run is cached as ``<results>/<key>.json`` (key: model, recipe[+variant], batch, epochs, base LR,
-seed), so the grid grows over several sessions and a rerun trains only what is missing. A run is
-reused only while the recipe's hyperparameters are unchanged (a changed default retrains it).
+seed), so the grid grows over several sessions and a rerun trains only what is missing. Every run passes
+all its recipe's keyword arguments explicitly (:data:`STUDY_RECIPE_KWARGS`, frozen at the recipes' defaults
+of the cache's start), so a later change of a recipe default moves neither the grid nor the cache; a run
+is reused only while the hyperparameters its recipe builds from them are unchanged.
 
 The plan, most informative first (each step waits for what it needs from the steps above):
 
 1. breadth first over the baseline (``sgd`` at the first batch of ``--batches``, 128) and every
    recipe at the next two batches (2048, 8192), in the order of ``--recipes``: each recipe's
-   scaling-rule LR (its default ``base_lr``), then half and double; the ablations (below) at 8192
+   scaling-rule LR (its frozen grid centre), then half and double; the ablations (below) at 8192
    at that LR come first as soon as their parent recipe has run there;
 2. the LR grids of the baseline and at 2048 grown to 4-5 log-spaced values (factor 2 apart): one
    or two more steps outwards where the best LR sits on the edge of the grid;
@@ -20,7 +22,7 @@ The plan, most informative first (each step waits for what it needs from the ste
 4. the ablations (:data:`VARIANTS`: SP-NGD's ingredients switched one at a time, K-FAC with stale
    statistics) at their parent recipe's best LR so far, at 8192 then 2048;
 5. the grids at 8192 completed, its top recipes' seeds; the headline cells of the second model
-   (``--headline-model``, at its own epoch budget, at the recipes' default LRs);
+   (``--headline-model``, at its own epoch budget, at the grid centres);
 6. the remaining batches (512) in the same way, then every recipe's best cell with 3 seeds.
 
 Selection uses the final held-out accuracy of seed 0; the test split is never used for it.
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import calendar
-import inspect
 import json
 import math
 import os
@@ -70,6 +71,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "stale": ("kfac", {"stale_threshold": 0.1}),  # K-FAC with SP-NGD's stale statistics (goal 4)
 }
 
+#: Every recipe keyword argument the study passes explicitly (its grid centre ``base_lr`` included):
+#: the defaults of :mod:`lightning_lbo.recipes` when the cache was started (2026-11-30). Frozen here so
+#: that the recipes' defaults can move to the study's tuned values without moving the grid or
+#: retraining the cache; a run trains ``{**STUDY_RECIPE_KWARGS[recipe], "base_lr": lr, **variant}``.
+STUDY_RECIPE_KWARGS: dict[str, dict[str, Any]] = {
+    "sgd": dict(base_lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=None, nesterov=True),
+    "goyal": dict(base_lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=None, nesterov=True),
+    "lars": dict(base_lr=0.1, momentum=0.9, weight_decay=5e-4, trust_coefficient=0.02, warmup_epochs=None,
+                 power=2.0),
+    "lamb": dict(base_lr=0.005, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, warmup_epochs=None, power=1.0),
+    "akiba": dict(base_lr=0.1, lr_rmsprop=3e-4, momentum=0.9, weight_decay=1e-4),
+    "kfac": dict(base_lr=0.02, momentum=0.9, weight_decay=5e-4, damping=1e-3, warmup_epochs=None,
+                 stale_threshold=None),
+    "spngd": dict(base_lr=0.02, momentum=0.9, weight_decay=5e-4, damping=1e-3, stale_threshold=0.1,
+                  warmup_epochs=None, fisher="mc", factor_decay=1.0, power=3.5, unit_wise_bn=True),
+}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -93,7 +111,7 @@ class Cell:
 
     def recipe_kwargs(self) -> dict[str, Any]:
         extra = VARIANTS[self.variant][1] if self.variant else {}
-        return {"base_lr": self.base_lr, **extra}
+        return {**STUDY_RECIPE_KWARGS[self.recipe], "base_lr": self.base_lr, **extra}
 
 
 @dataclass
@@ -121,11 +139,9 @@ class StudyConfig:
         return self.batches[0]
 
 
-def default_base_lr(recipe: str) -> float:
-    """The recipe's default ``base_lr``: the scaling rule's prediction the LR grid is centred on."""
-    from lightning_lbo.recipes import RECIPES as FUNCTIONS
-
-    return float(inspect.signature(FUNCTIONS[recipe]).parameters["base_lr"].default)
+def grid_centre(recipe: str) -> float:
+    """The ``base_lr`` the LR grid is centred on: the scaling rule's prediction, frozen in :data:`STUDY_RECIPE_KWARGS`."""
+    return float(STUDY_RECIPE_KWARGS[recipe]["base_lr"])
 
 
 def hyperparameters(cell: Cell, steps_per_epoch: int) -> dict[str, Any]:
@@ -201,7 +217,7 @@ class Tune:
     batch: int
     epochs: int
     variant: str = ""
-    center: float | None = None  # default: the recipe's base_lr (the scaling rule's prediction)
+    center: float | None = None  # default: grid_centre(recipe) (the scaling rule's prediction)
     fixed: bool = False  # only the centre (ablations, headline cells of the second model)
 
     def cell(self, lr: float, seed: int = 0) -> Cell:
@@ -221,7 +237,7 @@ class Tune:
 
     @property
     def centre(self) -> float:
-        return self.center if self.center is not None else default_base_lr(self.recipe)
+        return self.center if self.center is not None else grid_centre(self.recipe)
 
     def proposal(self, cache: Cache, budget: int) -> Cell | None:
         """The next LR to try when fewer than ``budget`` were tried, or None."""

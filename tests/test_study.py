@@ -179,3 +179,28 @@ def test_step_race_against_the_fastest_first_order_recipe():
                                                      "undecided (no recipe at this batch reached it)")
     assert report._step_race(lars, [sgd], 0.893) == ("K-FAC 260 steps; no first-order recipe in 260 (ratio < 1.00)",
                                                      "not decided")
+
+
+def test_study_recipe_kwargs_are_frozen_against_changed_recipe_defaults(tmp_path, monkeypatch):
+    """A recipe default moved after the cache was written (here sgd's base_lr and momentum) moves neither the
+    grid centre nor the cached run: the study passes every recipe argument explicitly."""
+    import inspect
+
+    from lightning_lbo import recipes
+
+    for name, kwargs in study.STUDY_RECIPE_KWARGS.items():  # every frozen argument is one the recipe takes
+        assert set(kwargs) <= set(inspect.signature(recipes.RECIPES[name]).parameters), name
+    config = _config(tmp_path, batches=(100,))
+    study.run_study(config, max_runs=1, runner=_fake_runner([]), log=lambda _: None)
+    cell = study.Cell("mlp-bn", "sgd", 100, 1, 0.1)
+    assert study.Cache(config).get(cell) is not None
+
+    original = recipes.RECIPES["sgd"]
+
+    def moved_defaults(global_batch_size, epochs, steps_per_epoch, base_lr=0.4, momentum=0.8, **kw):
+        return original(global_batch_size, epochs, steps_per_epoch, base_lr=base_lr, momentum=momentum, **kw)
+
+    monkeypatch.setitem(recipes.RECIPES, "sgd", moved_defaults)
+    assert study.Cache(config).get(cell) is not None  # still the same hyperparameters: reused
+    assert study.Tune("mlp-bn", "sgd", 100, 1).centre == 0.1
+    assert study.next_cell(config, study.Cache(config)).base_lr == 0.05  # the grid goes on around 0.1

@@ -28,6 +28,8 @@ Usage::
     python benchmarks/lm_large_batch.py --phase grid      # LR grids, most informative cells first
     python benchmarks/lm_large_batch.py --phase seeds     # seed 1 at each chosen LR
     python benchmarks/lm_large_batch.py --phase timing    # K-FAC / AdamW step time, side by side
+    python benchmarks/lm_large_batch.py --phase timing --interval 10  # ... refreshing every 10 steps
+    python benchmarks/lm_large_batch.py --phase variants  # K-FAC at 16x: longer warmup, more damping
     python benchmarks/lm_large_batch.py --phase coverage  # share of parameters K-FAC preconditions
     python benchmarks/lm_large_batch.py --report
 """
@@ -78,6 +80,13 @@ GRIDS: dict[str, dict[int, tuple[float, ...]]] = {
 ORDER = [("adamw", 1), ("adamw", 16), ("lamb", 16), ("kfac", 16), ("kfac_adam", 16),
          ("adamw", 4), ("lamb", 4), ("kfac", 4), ("kfac_adam", 4), ("kfac", 1), ("lamb", 1), ("kfac_adam", 1)]
 KFAC_DAMPING = 1e-3
+WARMUP_FRACTION = 0.1
+MAX_EXTENSIONS = 3  # how far a grid may grow past its edge (x2 or /2 per step)
+# Variants of K-FAC at 16x, run at a method's chosen LR with seed 0 and compared on validation loss only.
+VARIANTS: dict[str, dict[str, float]] = {
+    "warmup25": {"warmup_fraction": 0.25},  # 16 of 64 steps of warmup instead of 6
+    "damping1e-2": {"damping": 1e-2},
+}
 
 
 def refresh_interval(multiplier: int) -> int:
@@ -85,12 +94,16 @@ def refresh_interval(multiplier: int) -> int:
     return max(1, 10 // multiplier)
 
 
-def build_optimizer(method: str, model: torch.nn.Module, lr: float, multiplier: int
+def build_optimizer(method: str, model: torch.nn.Module, lr: float, multiplier: int, *,
+                    damping: float = KFAC_DAMPING, interval: int | None = None
                     ) -> tuple[torch.optim.Optimizer, KFACPreconditioner | None]:
-    """The optimizer of ``method`` (and the preconditioner in front of it, for ``kfac_adam``)."""
+    """The optimizer of ``method`` (and the preconditioner in front of it, for ``kfac_adam``).
+
+    ``interval`` overrides K-FAC's refresh interval (default: :func:`refresh_interval` of the multiplier).
+    """
     groups = param_groups(model, WEIGHT_DECAY)
-    interval = refresh_interval(multiplier)
-    kfac_kwargs = dict(damping=KFAC_DAMPING, fisher="mc",
+    interval = interval or refresh_interval(multiplier)
+    kfac_kwargs = dict(damping=damping, fisher="mc",
                        factor_update_interval=interval, inverse_update_interval=interval)
     if method == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), None
@@ -131,8 +144,8 @@ def evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor]) -> 
     return float(torch.stack(losses).mean())
 
 
-def run_name(method: str, multiplier: int, lr: float, seed: int) -> str:
-    return f"{method}-b{BASE_BATCH * multiplier}-lr{lr:g}-s{seed}"
+def run_name(method: str, multiplier: int, lr: float, seed: int, variant: str | None = None) -> str:
+    return f"{method}-b{BASE_BATCH * multiplier}-lr{lr:g}-s{seed}" + (f"-{variant}" if variant else "")
 
 
 def _commit() -> str:
@@ -153,20 +166,21 @@ def machine() -> dict[str, Any]:
 
 
 def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSequenceDataset,
-              val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+              val: tuple[torch.Tensor, torch.Tensor], variant: str | None = None) -> dict[str, Any]:
     """One training run at equal tokens; returns the record written to its JSON file."""
     batch = BASE_BATCH * multiplier
     steps = BASE_STEPS // multiplier
+    settings = {"warmup_fraction": WARMUP_FRACTION, "damping": KFAC_DAMPING, **VARIANTS.get(variant or "", {})}
     torch.manual_seed(seed)
     model = GPT(**MODEL)
-    optimizer, pre = build_optimizer(method, model, lr, multiplier)
-    warmup = max(1, steps // 10)
+    optimizer, pre = build_optimizer(method, model, lr, multiplier, damping=settings["damping"])
+    warmup = max(1, int(steps * settings["warmup_fraction"]))
     scheduler = lambda_lr(optimizer, warmup_then(cosine(steps - warmup, end_factor=0.1), warmup, start_factor=0.0))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     eval_every = max(1, steps // EVALS)
     history = [(0, 0, evaluate(model, val))]
     step_times, nonfinite = [], 0
-    start_load = os.getloadavg()[0]
+    start_load, start_time = os.getloadavg()[0], time.perf_counter()
     for step in range(steps):
         idx = order[(step * batch) % len(order): (step * batch) % len(order) + batch].tolist()
         x, y = train.__getitems__(idx)
@@ -186,12 +200,14 @@ def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSeq
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             history.append((step + 1, (step + 1) * batch * MODEL["seq_len"], evaluate(model, val)))
     return {"method": method, "multiplier": multiplier, "batch": batch, "lr": lr, "seed": seed, "steps": steps,
+            "variant": variant, "warmup_steps": warmup,
             "tokens": steps * batch * MODEL["seq_len"], "model": MODEL, "weight_decay": WEIGHT_DECAY,
-            "kfac_damping": KFAC_DAMPING if method.startswith("kfac") else None,
+            "kfac_damping": settings["damping"] if method.startswith("kfac") else None,
             "kfac_refresh_interval": refresh_interval(multiplier) if method.startswith("kfac") else None,
             "kfac_kl_clip": None, "commit": _commit(),
             "final_val_loss": history[-1][2] if nonfinite <= 3 else float("nan"), "history": history,
-            "median_step_s": statistics.median(step_times), "diverged": nonfinite > 3,
+            "median_step_s": statistics.median(step_times), "wall_s": time.perf_counter() - start_time,
+            "diverged": nonfinite > 3,
             **preconditioned_share(model, optimizer, pre),
             "machine": machine(), "loadavg_1m_start": start_load}
 
@@ -211,33 +227,57 @@ def load_runs() -> list[dict[str, Any]]:
 
 def best_lr(runs: list[dict[str, Any]], method: str, multiplier: int) -> float | None:
     cell = [r for r in runs if r["method"] == method and r["multiplier"] == multiplier and r["seed"] == 0
-            and math.isfinite(r["final_val_loss"])]
+            and r.get("variant") is None and math.isfinite(r["final_val_loss"])]
     return min(cell, key=lambda r: r["final_val_loss"])["lr"] if cell else None
 
 
-def do_run(method: str, multiplier: int, lr: float, seed: int, data) -> None:
-    path = RUNS / f"{run_name(method, multiplier, lr, seed)}.json"
+def do_run(method: str, multiplier: int, lr: float, seed: int, data, variant: str | None = None) -> None:
+    path = RUNS / f"{run_name(method, multiplier, lr, seed, variant)}.json"
     if path.exists():
         return
     with bench_lock():
-        record = train_run(method, multiplier, lr, seed, *data)
+        record = train_run(method, multiplier, lr, seed, *data, variant=variant)
     RUNS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     print(f"{path.name}: final val loss {record['final_val_loss']:.4f}, {record['median_step_s'] * 1e3:.0f} ms/step",
           flush=True)
 
 
+def grid_edge_step(runs: list[dict[str, Any]], method: str, multiplier: int) -> float | None:
+    """The next LR to try when a cell's best LR (seed 0) sits on the edge of the LRs tried, else None.
+
+    A diverged run counts as tried, so a grid never grows past an LR that diverged.
+    """
+    tried = sorted(r["lr"] for r in runs if r["method"] == method and r["multiplier"] == multiplier
+                   and r["seed"] == 0 and r.get("variant") is None)
+    best = best_lr(runs, method, multiplier)
+    if best is None or len(tried) < 2:
+        return None
+    if best == tried[-1]:
+        return best * 2
+    if best == tried[0]:
+        return best / 2
+    return None
+
+
 def phase_grid(data, cells) -> None:
     for method, multiplier in cells:
         for lr in GRIDS[method][multiplier]:
             do_run(method, multiplier, lr, 0, data)
-            # Extend the grid upwards or downwards when the best LR sits on its edge.
-        grid = GRIDS[method][multiplier]
-        best = best_lr(load_runs(), method, multiplier)
-        if best == grid[-1]:
-            do_run(method, multiplier, grid[-1] * 2, 0, data)
-        elif best == grid[0]:
-            do_run(method, multiplier, grid[0] / 2, 0, data)
+        # Grow the grid outwards (x2 or /2) while the best LR sits on its edge.
+        for _ in range(MAX_EXTENSIONS):
+            lr = grid_edge_step(load_runs(), method, multiplier)
+            if lr is None:
+                break
+            do_run(method, multiplier, lr, 0, data)
+
+
+def phase_variants(data, methods=("kfac", "kfac_adam"), multiplier: int = 16) -> None:
+    """Each K-FAC variant at the method's chosen LR (seed 0)."""
+    for method in methods:
+        lr = best_lr(load_runs(), method, multiplier)
+        for variant in VARIANTS if lr is not None else ():
+            do_run(method, multiplier, lr, 0, data, variant)
 
 
 def phase_priority(data) -> None:
@@ -264,17 +304,26 @@ def phase_seeds(data, cells) -> None:
             do_run(method, multiplier, lr, 1, data)
 
 
-def phase_timing(multiplier: int = 16, repeats: int = 12) -> None:
-    """K-FAC (both forms) and LAMB step time over AdamW's, interleaved in one process on the same batch."""
-    path = OUT / f"timing-b{BASE_BATCH * multiplier}.json"
+def phase_timing(multiplier: int = 16, repeats: int = 12, interval: int | None = None,
+                 methods: tuple[str, ...] = ("adamw", "lamb", "kfac", "kfac_adam")) -> None:
+    """K-FAC (both forms) and LAMB step time over AdamW's, interleaved in one process on the same batch.
+
+    With the refresh every step the statistic is the median step; with a longer ``interval`` (refresh
+    steps cost more than the others) it is the mean over ``repeats`` steps, a whole number of intervals.
+    """
+    interval = interval or refresh_interval(multiplier)
+    if repeats % interval:
+        raise ValueError(f"Invalid repeats: {repeats}; use a multiple of the refresh interval {interval}.")
+    suffix = "" if interval == refresh_interval(multiplier) else f"-refresh{interval}"
+    path = OUT / f"timing-b{BASE_BATCH * multiplier}{suffix}.json"
     batch = BASE_BATCH * multiplier
     x = torch.randint(0, 256, (batch, MODEL["seq_len"]), generator=torch.Generator().manual_seed(0))
     with bench_lock(exclusive=True):
         setups = {}
-        for method in ("adamw", "lamb", "kfac", "kfac_adam"):
+        for method in methods:
             torch.manual_seed(0)
             model = GPT(**MODEL)
-            setups[method] = (model, *build_optimizer(method, model, 1e-3, multiplier))
+            setups[method] = (model, *build_optimizer(method, model, 1e-3, multiplier, interval=interval))
         times = {m: [] for m in setups}
         for rep in range(repeats + 2):
             for method, (model, opt, pre) in setups.items():
@@ -286,9 +335,10 @@ def phase_timing(multiplier: int = 16, repeats: int = 12) -> None:
                 opt.step()
                 if rep >= 2:  # the first two steps build factors and inverses for the first time
                     times[method].append(time.perf_counter() - t0)
-    med = {m: statistics.median(t) for m, t in times.items()}
-    record = {"batch": batch, "refresh_interval": refresh_interval(multiplier), "repeats": repeats,
-              "median_step_s": med, "ratio_to_adamw": {m: med[m] / med["adamw"] for m in med},
+    statistic = "median" if interval == 1 else "mean"
+    summary = {m: (statistics.median if interval == 1 else statistics.mean)(t) for m, t in times.items()}
+    record = {"batch": batch, "refresh_interval": interval, "repeats": repeats, "statistic": statistic,
+              f"{statistic}_step_s": summary, "ratio_to_adamw": {m: summary[m] / summary["adamw"] for m in summary},
               "machine": machine()}
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
@@ -318,7 +368,8 @@ def phase_coverage() -> None:
 def chosen(runs: list[dict[str, Any]], method: str, multiplier: int) -> list[dict[str, Any]]:
     """The runs (all seeds) at the chosen LR of a cell."""
     lr = best_lr(runs, method, multiplier)
-    return [r for r in runs if r["method"] == method and r["multiplier"] == multiplier and r["lr"] == lr]
+    return [r for r in runs if r["method"] == method and r["multiplier"] == multiplier and r["lr"] == lr
+            and r.get("variant") is None]
 
 
 def steps_to_reach(run: dict[str, Any], target: float) -> float | None:
@@ -402,19 +453,35 @@ def write_report(runs: list[dict[str, Any]]) -> None:
                 same_batch = reach_text(cell, mean_final(adamw)) if adamw else "no AdamW run"
                 out.append(f"| {method} | {BASE_BATCH * k} | {cell[0]['lr']:g} | {len(cell)} | {final:.4f} | "
                            f"{100 * (final / target - 1):+.1f}% | {reach_text(cell, target)} | {same_batch} |")
+    variants = [r for r in runs if r.get("variant")]
+    if variants:
+        out += ["", "K-FAC variants at the chosen LR (seed 0), against the same run without the variant:", "",
+                "| method | batch | lr | variant | final val loss | without | difference |",
+                "|---|---|---|---|---|---|---|"]
+        for r in sorted(variants, key=lambda r: (r["method"], r["batch"], r["variant"])):
+            plain = [q for q in chosen(runs, r["method"], r["multiplier"])
+                     if q["seed"] == r["seed"] and q["lr"] == r["lr"]]
+            ref = f"{plain[0]['final_val_loss']:.4f}" if plain else "no run"
+            diff = f"{r['final_val_loss'] - plain[0]['final_val_loss']:+.4f}" if plain else ""
+            out.append(f"| {r['method']} | {r['batch']} | {r['lr']:g} | {r['variant']} "
+                       f"({VARIANTS[r['variant']]}) | {r['final_val_loss']:.4f} | {ref} | {diff} |")
     timing = sorted(OUT.glob("timing-*.json"))
     for path in timing:
         t = json.loads(path.read_text())
         ratios = ", ".join(f"{m} {v:.2f}x" for m, v in t["ratio_to_adamw"].items())
-        out += ["", f"Step time / AdamW step time at batch {t['batch']} (same process, interleaved, median of "
-                f"{t['repeats']}; K-FAC refresh every {t['refresh_interval']} step(s)): {ratios}."]
+        out += ["", f"Step time / AdamW step time at batch {t['batch']} (same process, interleaved, "
+                f"{t.get('statistic', 'median')} of {t['repeats']}; K-FAC refresh every {t['refresh_interval']} "
+                f"step(s)): {ratios}."]
     (OUT / "goals.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=("priority", "grid", "seeds", "timing", "coverage", "all"), default=None)
+    parser.add_argument("--phase", choices=("priority", "grid", "seeds", "timing", "variants", "coverage", "all"),
+                        default=None)
+    parser.add_argument("--interval", type=int, default=None,
+                        help="timing: K-FAC refresh interval (default: the study's, every step at 16x)")
     parser.add_argument("--methods", nargs="*", default=None, help="restrict to these methods")
     parser.add_argument("--multipliers", nargs="*", type=int, default=None, help="restrict to these batch multipliers")
     parser.add_argument("--threads", type=int, default=1,
@@ -431,7 +498,12 @@ def main() -> None:
     if args.phase in ("seeds", "all"):
         phase_seeds(load_data(), cells)
     if args.phase in ("timing", "all"):
-        phase_timing()
+        if args.interval:
+            phase_timing(repeats=2 * args.interval, interval=args.interval, methods=("adamw", "kfac", "kfac_adam"))
+        else:
+            phase_timing()
+    if args.phase in ("variants", "all"):
+        phase_variants(load_data())
     if args.phase in ("coverage", "all"):
         phase_coverage()
     if args.report:

@@ -211,3 +211,42 @@ def test_causal_lm_module_trains_with_kfac_on_every_layer(tmp_path, pl_package):
                                                        "UnitWiseBlock"}
     assert all(min(b.refreshes.values()) == 10 for b in pre.blocks)
     assert trainer.callback_metrics["val_loss"] < 1.0 < torch.log(torch.tensor(256.0))
+
+
+def _lm_run(lr: float, loss: float, seed: int = 0, variant: str | None = None, method: str = "adamw") -> dict:
+    return {"method": method, "multiplier": 16, "lr": lr, "seed": seed, "variant": variant, "final_val_loss": loss}
+
+
+def test_lm_benchmark_grid_grows_while_best_on_edge_and_stops_at_divergence():
+    """The LR grid doubles past a best upper edge, halves past a lower one, and never grows past a diverged LR."""
+    from benchmarks.lm_large_batch import grid_edge_step
+
+    runs = [_lm_run(1e-3, 2.5), _lm_run(2e-3, 2.4), _lm_run(4e-3, 2.3)]
+    assert grid_edge_step(runs, "adamw", 16) == 8e-3
+    runs.append(_lm_run(8e-3, 2.35))
+    assert grid_edge_step(runs, "adamw", 16) is None
+    low = [_lm_run(1e-3, 2.2), _lm_run(2e-3, 2.4)]
+    assert grid_edge_step(low, "adamw", 16) == 5e-4
+    diverged = [_lm_run(1e-3, 2.5), _lm_run(2e-3, 2.4), _lm_run(4e-3, float("nan"))]
+    assert grid_edge_step(diverged, "adamw", 16) is None
+    assert grid_edge_step([_lm_run(1e-3, 2.5)], "adamw", 16) is None  # one point has no edge
+
+
+def test_lm_benchmark_variants_and_other_seeds_never_choose_the_lr():
+    """best_lr/chosen read seed-0 runs without a variant; a better variant or seed 1 does not move the choice."""
+    from benchmarks.lm_large_batch import best_lr, chosen
+
+    runs = [_lm_run(1e-3, 2.5), _lm_run(2e-3, 2.4), _lm_run(1e-3, 1.0, variant="warmup25"),
+            _lm_run(1e-3, 1.0, seed=1), _lm_run(2e-3, 2.45, seed=1), _lm_run(4e-3, 1.0, method="lamb")]
+    assert best_lr(runs, "adamw", 16) == 2e-3
+    assert [(r["lr"], r["seed"]) for r in chosen(runs, "adamw", 16)] == [(2e-3, 0), (2e-3, 1)]
+
+
+def test_lm_benchmark_steps_to_reach_interpolates_between_evaluations():
+    """The step at which the validation loss first reaches a target, linear between evaluation points."""
+    from benchmarks.lm_large_batch import steps_to_reach
+
+    run = {"history": [(0, 0, 5.0), (10, 0, 3.0), (20, 0, 2.0), (30, 0, 2.5)]}
+    assert steps_to_reach(run, 3.0) == 10
+    assert steps_to_reach(run, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(run, 1.9) is None

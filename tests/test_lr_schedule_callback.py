@@ -370,3 +370,12 @@ def test_lr_schedule_momentum_correction_reaches_lars_scaled_buffer():
     before = opt.momentum_buffer(w).clone()
     scale_momentum_(opt, 2.0, opt.param_groups[0])
     torch.testing.assert_close(opt.momentum_buffer(w), 2.0 * before)
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_lr_schedule_log_flag_survives_the_trainer(tmp_path, log):
+    """log=False logs no LR: Lightning overwrites every callback's ``log`` attribute with ``pl_module.log``."""
+    import pytorch_lightning as pl
+
+    trainer, _ = _fit(pl, tmp_path, [LRSchedule(reference_batch_size=BATCH, log=log)], max_epochs=1)
+    assert ("lr/decay" in trainer.callback_metrics) is log

@@ -157,7 +157,8 @@ class LRSchedule(*callback_bases()):
         self.total_epochs, self.total_steps = total_epochs, total_steps
         self.custom_schedule = schedule
         self.reference_batch_size, self.scaling, self.batch_size = reference_batch_size, scaling, batch_size
-        self.momentum_correction, self.log = momentum_correction, log
+        # Not ``self.log``: Lightning overwrites every callback's ``log`` attribute with ``pl_module.log``.
+        self.momentum_correction, self.log_lr = momentum_correction, log
         # Filled in setup: the step -> multiplier and the factors it multiplies.
         self.schedule: S.Schedule | None = None
         self.global_batch_size: int | None = None
@@ -358,7 +359,7 @@ class LRSchedule(*callback_bases()):
                 else:
                     group["lr"] = new
                 self._last_lrs[j][i] = new
-                if self.log:
+                if self.log_lr:
                     name = group.get("name") or f"pg{i}"
                     # a tensor filled on the device: a Python float would be copied host-to-device every step
                     value = torch.full((), new, device=pl_module.device)

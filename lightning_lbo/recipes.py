@@ -4,9 +4,12 @@ Each recipe is a function ``(global_batch_size, epochs, steps_per_epoch, **overr
 :func:`build_recipe` looks one up by name. A recipe's ``optimizer`` is called with the LightningModule
 inside ``configure_optimizers``; its ``callbacks`` go to the Trainer. Learning rates are given for the
 papers' reference batch of 256 and scaled to the Trainer's global batch by the
-:class:`~lightning_lbo.callbacks.LRSchedule` callback; warmup and decay lengths are the papers'
-fractions of their 90-epoch ImageNet runs applied to this run's ``epochs`` (for example Goyal's 5 of
-90 epochs of warmup). Factories and callbacks pickle, so recipes also run under ``ddp_spawn``.
+:class:`~lightning_lbo.callbacks.LRSchedule` callback; each default ``base_lr`` is the value the
+large-batch study (``benchmarks/study.py``, Fashion-MNIST MLP-BN, 10 epochs) selected on held-out
+images at batch 2048 from a factor-2 grid around the paper's scaling-rule value (``docs/recipes.md``);
+warmup and decay lengths are the papers' fractions of their 90-epoch ImageNet runs applied to this
+run's ``epochs`` (for example Goyal's 5 of 90 epochs of warmup). Factories and callbacks pickle, so
+recipes also run under ``ddp_spawn``.
 
 Example::
 
@@ -230,14 +233,15 @@ def _fraction(epochs: float, paper_epochs: float) -> float:
     return epochs * paper_epochs / PAPER_EPOCHS
 
 
-def momentum_sgd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1,
+def momentum_sgd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.05,
                  momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: float | None = None,
                  nesterov: bool = True) -> Recipe:
     """Tuned momentum-SGD baseline (Nado et al. 2021): Nesterov, linear scaling, warmup, cosine decay.
 
     Always shown next to the fancy methods: well-tuned Nesterov momentum matches LARS/LAMB at large
-    batch more often than papers admit. LR ``base_lr * B / 256``; linear warmup from 0 over 10% of
-    the run (at most 2 epochs), then cosine to 0; weight decay on every parameter.
+    batch more often than papers admit. LR ``base_lr * B / 256`` (study-tuned 0.05; Goyal's 0.1);
+    linear warmup from 0 over 10% of the run (at most 2 epochs), then cosine to 0; weight decay on
+    every parameter.
     """
     from lightning_lbo.callbacks import LRSchedule
 
@@ -252,14 +256,14 @@ def momentum_sgd(global_batch_size: int, epochs: int, steps_per_epoch: int, base
         paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
-def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
+def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.05, momentum: float = 0.9,
           weight_decay: float = 1e-4, warmup_epochs: float | None = None, nesterov: bool = True) -> Recipe:
     """Goyal et al. 2017: momentum SGD, linear scaling, gradual warmup, zero-gamma, no decay on BN/biases.
 
-    LR ``0.1 * B / 256``; linear warmup from the unscaled LR (factor ``1/k``) over 5 of 90 epochs;
-    LR / 10 at epochs 30, 60, 80 of 90 (scaled to the run); weight decay 1e-4 except BN and biases;
-    Nesterov momentum 0.9 (LR outside the buffer, torch's form, so no momentum correction is needed);
-    zero-init gamma of the last BN in each residual block.
+    LR ``base_lr * B / 256`` (the paper's 0.1; study-tuned default 0.05); linear warmup from the
+    unscaled LR (factor ``1/k``) over 5 of 90 epochs; LR / 10 at epochs 30, 60, 80 of 90 (scaled to
+    the run); weight decay 1e-4 except BN and biases; Nesterov momentum 0.9 (LR outside the buffer,
+    torch's form, so no momentum correction is needed); zero-init gamma of the last BN in each residual block.
     """
     from lightning_lbo.callbacks import LRSchedule
 
@@ -278,20 +282,21 @@ def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
         paper_batch=(8192, IMAGENET, "ImageNet"))
 
 
-def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, momentum: float = 0.9,
+def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.2, momentum: float = 0.9,
          weight_decay: float = 5e-4, trust_coefficient: float = 0.02, warmup_epochs: float | None = None,
          power: float = 2.0) -> Recipe:
     """You, Gitman, Ginsburg 2017 (LARS): layer-wise trust ratio, warmup, poly(2) decay.
 
     Momentum 0.9 with the LR inside the buffer (the paper's form), weight decay 5e-4 inside the
     trust ratio; biases and BN excluded from trust ratio and decay (MLPerf); LR ``base_lr * B / 256``
-    after a linear warmup from 0 over 10% of the run (the paper warms up 2-12 of 90 epochs; MLPerf
-    17 of 60), then ``(1 - t/T)^2``; momentum correction on LR changes.
+    (study-tuned 0.2) after a linear warmup from 0 over 10% of the run (the paper warms up 2-12 of 90
+    epochs; MLPerf 17 of 60), then ``(1 - t/T)^2``; momentum correction on LR changes.
 
     Trust coefficient: the paper's 0.001 pairs with LRs of ~29 at batch 32K, a peak relative weight
     step ``lr * eta`` of ~3% per iteration over thousands of iterations. Here non-adapted parameters
-    (BN, biases) take the plain LR, so it stays the SGD baseline's ``0.1 * B / 256`` and eta = 0.02
-    gives the adapted layers the paper's ~3% relative step at batch 4096 (1.6 x 0.02).
+    (BN, biases) take the plain LR, so it stays near the SGD baseline's ``0.1 * B / 256`` and eta = 0.02
+    gives the adapted layers the paper's ~3% relative step at batch 4096 (1.6 x 0.02); the study's
+    held-out grid at batch 2048 is flat from base LR 0.05 to 0.4 (0.8930-0.8944) and peaks at 0.2.
     """
     from lightning_lbo.callbacks import LRSchedule
 
@@ -309,15 +314,15 @@ def lars(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
         paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
-def lamb(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.005,
+def lamb(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.01,
          weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
          warmup_epochs: float | None = None, power: float = 1.0) -> Recipe:
     """You et al. 2019 (LAMB): Adam moments with a layer-wise trust ratio, square-root LR scaling.
 
     LAMB (bias-corrected moments, betas 0.9/0.999, eps 1e-6, decoupled weight decay 0.01 inside the
     trust ratio; BN and biases excluded from ratio and decay); LR ``base_lr * sqrt(B / 256)`` (the
-    paper's square-root scaling rule), linear warmup from 0 over 10% of the run, then poly(1) (linear)
-    decay to 0, as in the paper's BERT runs.
+    paper's square-root scaling rule; study-tuned 0.01), linear warmup from 0 over 10% of the run, then
+    poly(1) (linear) decay to 0, as in the paper's BERT runs.
     """
     from lightning_lbo.callbacks import LRSchedule
 
@@ -334,15 +339,16 @@ def lamb(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
         paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
-def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.1, lr_rmsprop: float = 3e-4,
+def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.2, lr_rmsprop: float = 3e-4,
           momentum: float = 0.9, weight_decay: float = 1e-4) -> Recipe:
     """Akiba, Suzuki, Fukuda 2017: RMSprop warm-up, slow-start LR, BN without moving averages.
 
     RMSpropWarmup (lr_rmsprop 3e-4, mu1 0.9, mu2 0.99, eps 1e-8) moving to momentum SGD around
     epoch 10 of 90 over a period of 5 (scaled to the run: beta_center ``10/90``, beta_period ``5/90``
-    of it); LR ``0.1 * B / 256`` times Akiba's slow-start multipliers 0.5 / 0.075 / 0.01 / 0.001 at
-    40 / 70 / 85 of 90 epochs (scaled); evaluation with the BN statistics of the last training
-    minibatch instead of running averages; weight decay 1e-4 except BN and biases.
+    of it); LR ``base_lr * B / 256`` (the paper's 0.1; study-tuned default 0.2) times Akiba's
+    slow-start multipliers 0.5 / 0.075 / 0.01 / 0.001 at 40 / 70 / 85 of 90 epochs (scaled);
+    evaluation with the BN statistics of the last training minibatch instead of running averages;
+    weight decay 1e-4 except BN and biases.
     """
     from lightning_lbo.callbacks import BatchNormStats, LRSchedule
     from lightning_lbo.callbacks.fractional_epoch import FractionalEpoch
@@ -361,7 +367,7 @@ def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
         paper_batch=(32768, IMAGENET, "ImageNet"))
 
 
-def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
+def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.04, momentum: float = 0.9,
          weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None,
          stale_threshold: float | None = None) -> Recipe:
     """Osawa et al. 2018/2019 K-FAC: empirical Fisher, factor running average, fresh inverses, KL clip.
@@ -370,7 +376,8 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
     statistic weight 0.05, i.e. the old factors keep 0.95) and
     inverted every step (Cholesky, factored Tikhonov damping 1e-3); BatchNorm keeps the plain
     momentum update; KL-clip 1e-3; momentum 0.9 without correction; weight decay 5e-4; LR
-    ``base_lr * B / 256`` after a linear warmup from 0 over 10% of the run, then poly(2) decay.
+    ``base_lr * B / 256`` (study-tuned 0.04) after a linear warmup from 0 over 10% of the run, then
+    poly(2) decay.
     ``stale_threshold`` adds SP-NGD's stale statistics (adaptive refresh intervals) to this recipe.
     """
     from lightning_lbo.callbacks import LRSchedule
@@ -391,7 +398,7 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
         paper_batch=(16384, IMAGENET, "ImageNet"))
 
 
-def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.02, momentum: float = 0.9,
+def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.01, momentum: float = 0.9,
           weight_decay: float = 5e-4, damping: float = 1e-3, stale_threshold: float | None = 0.1,
           warmup_epochs: float | None = None, fisher: str = "mc", factor_decay: float = 1.0, power: float = 3.5,
           unit_wise_bn: bool = True) -> Recipe:
@@ -401,7 +408,8 @@ def spngd(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
     statistics (no running average, the large-batch setting); each statistic's refresh interval
     doubles while its relative change stays under 0.1 and halves otherwise (1 to 20 steps);
     BatchNorm preconditioned by its unit-wise 2x2 Fisher; momentum 0.9 with momentum correction;
-    damping 1e-3; KL-clip 1e-3; LR ``base_lr * B / 256``, warmup from 0 over 10% of the run, poly(3.5).
+    damping 1e-3; KL-clip 1e-3; LR ``base_lr * B / 256`` (study-tuned 0.01), warmup from 0 over 10% of
+    the run, poly(3.5).
     ``fisher``, ``factor_decay``, ``power``, ``unit_wise_bn`` and ``stale_threshold=None`` switch single
     ingredients back to K-FAC's (the study's ablation of SP-NGD).
     """

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -102,20 +105,20 @@ def _lr_trace(tmp_path, recipe_name: str, batch: int, epochs: int, steps_per_epo
 
 
 def test_goyal_lr_sequence_follows_the_paper(tmp_path):
-    """Goyal at batch 1024 (k=4): warmup from 0.1 to 0.4 over 5/90 of the run, /10 at 30, 60, 80 of 90 epochs."""
+    """Goyal at batch 1024 (k=4), base LR 0.05: warmup 0.05 -> 0.2 over 5/90 of the run, /10 at 30, 60, 80 of 90."""
     epochs, spe = 9, 2  # 18 steps; warmup 0.5 epoch = 1 step; milestones at epochs 3, 6, 8 = steps 6, 12, 16
     lrs = _lr_trace(tmp_path, "goyal", 1024, epochs, spe)
-    expected = [0.1] + [0.4] * 5 + [0.04] * 6 + [0.004] * 4 + [0.0004] * 2
+    expected = [0.05] + [0.2] * 5 + [0.02] * 6 + [0.002] * 4 + [0.0002] * 2
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_sgd_lr_sequence_warmup_then_cosine(tmp_path):
-    """The tuned baseline at batch 512 (k=2): linear warmup from 0 over 10% of the run, then cosine to 0."""
+    """The tuned baseline at batch 512 (k=2), base LR 0.05: linear warmup from 0 over 10% of the run, then cosine."""
     import math
 
     epochs, spe = 10, 2  # 20 steps, warmup 1 epoch = 2 steps
     lrs = _lr_trace(tmp_path, "sgd", 512, epochs, spe)
-    peak = 0.1 * 512 / 256
+    peak = 0.05 * 512 / 256
     expected = [0.0, peak / 2] + [peak * 0.5 * (1 + math.cos(math.pi * t / 18)) for t in range(18)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -160,10 +163,10 @@ def test_absa_chainable_schedulers_and_callbacks():
 
 
 def test_lamb_lr_sequence_sqrt_scaling_warmup_then_linear_decay(tmp_path):
-    """LAMB at batch 1024 (k=4): LR 0.005 x sqrt(4), warmup from 0 over 10% of the run, then linear decay to 0."""
+    """LAMB at batch 1024 (k=4): LR 0.01 x sqrt(4), warmup from 0 over 10% of the run, then linear decay to 0."""
     epochs, spe = 10, 2  # 20 steps, warmup 1 epoch = 2 steps, then 18 steps of poly(1)
     lrs = _lr_trace(tmp_path, "lamb", 1024, epochs, spe)
-    peak = 0.005 * 2.0
+    peak = 0.01 * 2.0
     expected = [0.0, peak / 2] + [peak * (1 - t / 18) for t in range(18)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -196,3 +199,42 @@ def test_paper_batch_fraction_is_the_papers_batch_over_imagenet():
     assert recipe.paper_batch == (8192, 1281167, "ImageNet")
     assert recipe.paper_batch_fraction * 60000 == pytest.approx(383.65, abs=0.01)
     assert all(build_recipe(name, 4096, 3, 14).paper_batch for name in RECIPES)
+
+
+STUDY_CACHE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "study"
+
+
+def _held_out_by_lr(recipe: str, batch: int) -> dict[float, float]:
+    """The study's LR grid of ``recipe`` at ``batch`` (MLP-BN, 10 epochs, seed 0): base LR -> final held-out acc."""
+    grid = {}
+    for path in STUDY_CACHE.glob(f"mlp-bn-{recipe}-b{batch}-e10-lr*-s0.json"):
+        record = json.loads(path.read_text())
+        if record["cell"]["variant"] == "" and not record["result"].get("error"):
+            grid[record["cell"]["base_lr"]] = record["result"]["final_acc"]
+    return grid
+
+
+@pytest.mark.parametrize("name", ["sgd", "goyal", "lars", "lamb", "akiba", "kfac", "spngd"])
+def test_default_base_lr_is_the_studys_held_out_choice_at_2048(name):
+    """Each studied recipe's default base_lr is the best held-out LR of the study's grid at batch 2048 (recipes.md)."""
+    grid = _held_out_by_lr(name, 2048)
+    assert len(grid) >= 4, f"the study's LR grid of {name} at 2048 is incomplete: {sorted(grid)}"
+    best = max(grid, key=grid.get)
+    default = inspect.signature(RECIPES[name]).parameters["base_lr"].default
+    assert default == pytest.approx(best), (
+        f"{name}: default base_lr {default} but the study selects {best} at batch 2048 ({grid}); move the default "
+        "and the table in docs/recipes.md")
+    assert min(grid) < best < max(grid)  # an interior optimum, not the edge of the grid
+
+
+def test_example_configs_use_the_recipe_default_lrs():
+    """examples/configs/<recipe>.yaml state each recipe's default LR per 256 (absa: already scaled to batch 4096)."""
+    import yaml
+
+    configs = Path(__file__).resolve().parent.parent / "examples" / "configs"
+    for name, function in RECIPES.items():
+        config = yaml.safe_load((configs / f"{name}.yaml").read_text())
+        lr = config["model"]["optimizer"]["init_args"]["lr"]
+        default = inspect.signature(function).parameters["base_lr"].default
+        scale = config["data"]["batch_size"] / 256 if name == "absa" else 1.0
+        assert lr == pytest.approx(default * scale), name

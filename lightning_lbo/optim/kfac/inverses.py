@@ -12,10 +12,10 @@ layout on the other ranks).
      \\qquad \\pi = \\sqrt{\\frac{\\operatorname{tr}(A)/d_A}{\\operatorname{tr}(G)/d_G}},
 
   each inverse through a Cholesky factorisation; damping fixed at inversion time.
-* :class:`WoodburyKronecker`: the same damped system when ``A = U^T U / n`` has fewer rows ``r``
-  than ``d_A / 2`` (fresh statistics, one process):
+* :class:`WoodburyKronecker`: the same damped system when ``A = U^T U / n`` (or ``G``, or both) has
+  fewer rows ``r`` than half its size (fresh statistics, one process):
   :math:`(U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}(I - U^T (n\\delta I + U U^T)^{-1} U)`,
-  ``O(d_G d_A r)`` per step instead of ``O(d_G d_A^2)``.
+  ``O(d_G d_A r)`` per step instead of ``O(d_G d_A^2)`` (``O(d_G^2 d_A)`` for ``G``).
 * :class:`EigenKronecker` (``inverse_method="eigen"``): ``A = Q_A diag(d_A) Q_A^T`` (same for G) and
   the exact damping ``1 / (d_G d_A^T + \\lambda)`` applied at every step with the current damping.
 * :class:`DiagonalKronecker`: exact damping with a diagonal ``A`` (embeddings).
@@ -26,8 +26,9 @@ damping`` together with the rounding error of the projection onto them (``~1e-7 
 method computes, stores and applies its inverse in fp64 below a damping of ``precise_below``
 (1e-3 for the Cholesky, Woodbury and unit-wise methods; always for the eigen methods, whose fp32
 eigenvectors alone cost 1e-4). The relative error against a dense fp64 solve then stays below 1e-4
-from damping 1e-2 to 1e-6 (tested); the exact damping of the eigen methods below 1e-3 also needs
-``factor_dtype=torch.float64``, as fp32 factors are rounded by ``~1e-7 |A|``, more than the damping.
+from damping 1e-2 to 1e-6 (tested). The methods with ``exact_damping`` (eigen, diagonal, unit-wise)
+add the damping to the factors' eigenvalues, and an fp32 factor is rounded by ``~1e-7 |A|``, more
+than a damping below 1e-3: their blocks hold fp64 factors by default (``factor_dtype=None``).
 A block whose factorisation fails or is not finite is retried in fp64, then in fp64 on the PSD
 projection of its factors, then with 10x and 100x the damping, and finally replaced by the identity
 (the plain gradient for that layer) with a warning. The projection rung exists because a factor
@@ -126,6 +127,9 @@ class BlockInverse:
     symmetric: frozenset[str] = frozenset()
     #: dampings below this are inverted and applied in fp64 (see the module docstring)
     precise_below = 1e-3
+    #: the damping is added to the factors' eigenvalues themselves (not a factored ``sqrt(lambda)`` per
+    #: factor), so a factor rounded to fp32 is off by more than a small damping: held in fp64 by default
+    exact_damping = False
 
     def __init__(self, **tensors: torch.Tensor) -> None:
         # Contiguous, so that an owner's inverse and a broadcast copy (received into contiguous buffers)
@@ -172,6 +176,14 @@ class BlockInverse:
         """The preconditioned gradient (layout and dtype of ``grad``)."""
         raise NotImplementedError
 
+    def apply_unscaled(self, grad: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(P', s)`` with the preconditioned gradient ``P = s * P'`` (``s`` a 0-d tensor, or ``None`` for 1).
+
+        The caller folds ``s`` into a multiplication it makes anyway (the KL clip, the write-back), which
+        saves a pass over a wide layer's gradient.
+        """
+        return self.apply(grad, damping), None
+
     def _cast(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.to(self.data[self.names[0]].dtype)
 
@@ -199,30 +211,65 @@ class CholeskyKronecker(BlockInverse):
         return torch.bmm(torch.bmm(self.data["G_inv"], self._cast(grad)), self.data["A_inv"]).to(grad.dtype)
 
 
-class WoodburyKronecker(BlockInverse):
-    """:class:`CholeskyKronecker`'s system with the A side through the Woodbury identity (low-rank A)."""
+#: the factor keys of a low-rank statistic: rows ``U: [groups, r, d]`` and ``n``, with ``factor = U^T U / n``
+LOW_RANK_KEYS = {"A": ("rows", "n"), "G": ("g_rows", "g_n")}
 
-    names = ("U", "K_inv", "delta_A", "G_inv")
+
+class WoodburyKronecker(BlockInverse):
+    """:class:`CholeskyKronecker`'s system with a low-rank side, or both, through the Woodbury identity.
+
+    A factor given by ``r`` rows, ``A = U^T U / n`` (``factors["rows"]``, ``factors["n"]``; for ``G``:
+    ``"g_rows"``, ``"g_n"``), has the damped inverse
+
+    .. math:: (U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}\\left(I - U^T K U\\right), \\qquad
+       K = (U U^T + n \\delta I)^{-1} \\in \\mathbb{R}^{r \\times r},
+
+    applied in ``O(r d_G d_A)`` instead of ``O(d d_G d_A)`` (twice: ``U`` and ``U^T``); a factor without
+    rows is inverted densely (Cholesky). The ``1 / delta`` of the low-rank sides is the scale ``s``
+    of :meth:`apply_unscaled`. Single process, groups = 1.
+    """
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        super().__init__(**tensors)
+        self.names = tuple(tensors)  # which sides are low-rank depends on the instance
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
-        """``factors`` also holds ``rows`` (``U: [groups, r, d_A]``) and ``n`` with ``A = U^T U / n``."""
-        A, G, U = factors["A"].to(dtype), factors["G"].to(dtype), factors["rows"].to(dtype)
+        A, G = factors["A"].to(dtype), factors["G"].to(dtype)
         pi, root = pi_factor(A, G), damping ** 0.5
-        delta = pi * root
-        eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
-        k_inv, ok_k = _cholesky_inverse(torch.bmm(U, U.transpose(1, 2)) + (factors["n"] * delta) * eye_r)
-        g_inv, ok_g = _damped_inverse(G, root / pi, psd_projection)
-        inverse = cls(U=U.to(out_dtype), K_inv=k_inv.to(out_dtype), delta_A=delta.to(out_dtype),
-                      G_inv=g_inv.to(out_dtype))
-        return inverse, ok_k & ok_g
+        tensors, ok, scale = {}, torch.ones((), dtype=torch.bool, device=A.device), torch.ones_like(pi)
+        for stat, factor, delta in (("A", A, pi * root), ("G", G, root / pi)):
+            rows_key, n_key = LOW_RANK_KEYS[stat]
+            if rows_key in factors:
+                U = factors[rows_key].to(dtype)
+                eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
+                k_inv, ok_side = _cholesky_inverse(torch.bmm(U, U.transpose(1, 2)) + (factors[n_key] * delta) * eye_r)
+                tensors[f"{stat}_rows"], tensors[f"{stat}_K"] = U.to(out_dtype), k_inv.to(out_dtype)
+                scale = scale / delta
+            else:
+                inverse, ok_side = _damped_inverse(factor, delta, psd_projection)
+                tensors[f"{stat}_inv"] = inverse.to(out_dtype)
+            ok = ok & ok_side
+        return cls(**tensors, scale=scale.reshape(()).to(out_dtype)), ok
+
+    def apply_unscaled(self, grad, damping):
+        d = self.data
+        p = self._cast(grad)
+        if "A_rows" in d:  # p (I - U^T K U): one product into a copy of p (baddbmm), no elementwise pass
+            U = d["A_rows"]
+            p = torch.baddbmm(p, torch.bmm(torch.bmm(p, U.transpose(1, 2)), d["A_K"]), U, alpha=-1)
+        else:
+            p = torch.bmm(p, d["A_inv"])
+        if "G_rows" in d:
+            W = d["G_rows"]
+            p = torch.baddbmm(p, W.transpose(1, 2), torch.bmm(d["G_K"], torch.bmm(W, p)), alpha=-1)
+        else:
+            p = torch.bmm(d["G_inv"], p)
+        return p.to(grad.dtype), d["scale"].to(grad.dtype)
 
     def apply(self, grad, damping):
-        d = self.data
-        g = self._cast(grad)
-        U = d["U"]
-        low = torch.bmm(torch.bmm(torch.bmm(g, U.transpose(1, 2)), d["K_inv"]), U)
-        return torch.bmm(d["G_inv"], (g - low) / d["delta_A"]).to(grad.dtype)
+        p, scale = self.apply_unscaled(grad, damping)
+        return p * scale
 
 
 class EigenKronecker(BlockInverse):
@@ -230,6 +277,7 @@ class EigenKronecker(BlockInverse):
 
     names = ("QA", "dA", "QG", "dG", "mask")
     precise_below = float("inf")
+    exact_damping = True
 
     @staticmethod
     def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +360,7 @@ class UnitWise(BlockInverse):
 
     names = ("F_inv",)
     symmetric = frozenset(names)
+    exact_damping = True
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
@@ -358,7 +407,8 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
         tries = {}
         for i in pending:
             _, _, factors, damping, out_dtype = jobs[i]
-            if attempt == 1 and methods[i] is WoodburyKronecker and not bool(torch.isfinite(factors["rows"]).all()):
+            if attempt == 1 and methods[i] is WoodburyKronecker and not all(
+                    bool(torch.isfinite(factors[rows]).all()) for rows, _ in LOW_RANK_KEYS.values() if rows in factors):
                 methods[i] = CholeskyKronecker
             compute = torch.float64 if out_dtype == torch.float64 else dtype
             tries[i] = methods[i].from_factors(factors, damping * scale, compute, out_dtype, psd_projection)

@@ -85,8 +85,9 @@ class KFACPreconditioner:
             process, apply ``(A + delta I)^{-1}`` through the Woodbury identity when the batch has
             fewer rows (examples x positions) than half of ``d_A`` (much cheaper per step on wide layers).
         factor_dtype: dtype of the factors; ``None`` (default): ``torch.float64`` for a model with
-            fp64 weights, else ``torch.float32``. Exact damping (``"eigen"``, unit-wise blocks) below
-            1e-3 needs ``torch.float64`` (fp32 factors are rounded by more than the damping).
+            fp64 weights, else ``torch.float32``, except for blocks whose inverse damps exactly
+            (``"eigen"``, embeddings, unit-wise BatchNorm/LayerNorm), which hold fp64 factors: fp32
+            factors are rounded by ``~1e-7`` of their norm, more than a damping below 1e-3.
         comm: the :class:`Communicator` (single process: the no-op default; injected by the Lightning
             layer under DDP).
 
@@ -147,6 +148,7 @@ class KFACPreconditioner:
         self.l2 = l2
         self.low_rank_inverse = low_rank_inverse
         self.factor_dtype = factor_dtype
+        self._exact_damping_in_fp64 = factor_dtype is None
         self.comm: Communicator = comm if comm is not None else Communicator()
         self._comm_injected = comm is not None
         self._grad_scaler = grad_scaler
@@ -207,6 +209,7 @@ class KFACPreconditioner:
             weights = [p for p in module.parameters() if p.is_floating_point()]
             self.factor_dtype = torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
         if (self.inverse_method is inv.InverseMethod.EIGEN and self.factor_dtype == torch.float32
+                and not self._exact_damping_in_fp64
                 and not callable(self.damping) and self.damping < 1e-3):
             warnings.warn(f"inverse_method='eigen' with damping {self.damping:g} < 1e-3 and fp32 factors: the "
                           "factors' rounding (~1e-7 of their norm) exceeds the damping; pass "
@@ -248,6 +251,8 @@ class KFACPreconditioner:
         interval = int(_resolve(self.factor_update_interval, 0))
         for block in blocks:
             block.interval = dict.fromkeys(block.stat_names, interval)
+            if self._exact_damping_in_fp64 and block.inverse_type(self.inverse_method).exact_damping:
+                block.factor_dtype = torch.float64
         self.module = module
         self.blocks = blocks
         self.capture = Capture(blocks, module, fisher=self.fisher, likelihood=self.likelihood,
@@ -357,7 +362,7 @@ class KFACPreconditioner:
         if not captured:
             return
         news: list[tuple[CurvatureBlock, str, torch.Tensor]] = []
-        rows: dict[int, tuple[torch.Tensor, int]] = {}
+        rows: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
         missing = []
         for block in self.blocks:
             record = captured.get(id(block))
@@ -366,9 +371,14 @@ class KFACPreconditioner:
             if block.output_stat in self._due[id(block)] and block.output_stat not in record.sums:
                 missing.append(block.name)
             news.extend((block, stat, total) for stat, total in self._totals(block, record))
+            n = max(record.examples, 1)
             if record.rows and "A" in record.sums:
                 raw = torch.cat(record.rows, dim=1) if len(record.rows) > 1 else record.rows[0]
-                rows[id(block)] = (block.with_ones(raw), max(record.examples, 1))
+                rows[id(block), "A"] = (block.with_ones(raw), n)
+            if record.g_rows and block.output_stat in record.sums:
+                raw = torch.cat(record.g_rows, dim=1) if len(record.g_rows) > 1 else record.g_rows[0]
+                # G = n W^T W (empirical) or W^T W / n (sampled labels, see _totals): as U^T U / n
+                rows[id(block), block.output_stat] = (raw * n if self.fisher is Fisher.EMPIRICAL else raw, n)
         self._warn_missing(missing)
         if not news:
             return
@@ -391,15 +401,15 @@ class KFACPreconditioner:
             block.set_factor(stat, torch.where(ok[j], mixed, old))
             block.estimated[stat] = block.estimated[stat] | ok[j]
             block.refreshes[stat] += 1
-            if stat == "A":
-                # the rows describe A only when A is this fresh statistic; a refresh that is not committed
-                # (non-finite, or a step the optimizer skips) keeps the old A, and its rows are made NaN
-                # (on the device) so that they fail the Woodbury inverse, which then uses the dense old A
-                low_rank = rows.get(id(block))
-                if low_rank is not None:
-                    low_rank = (torch.where(ok[j], low_rank[0], float("nan")), low_rank[1])
-                block.low_rank = low_rank
-                block.low_rank_version = block.versions["A"]
+            # the rows describe a factor only when it is this fresh statistic; a refresh that is not committed
+            # (non-finite, or a step the optimizer skips) keeps the old factor, and its rows are made NaN
+            # (on the device) so that they fail the Woodbury inverse, which then uses the dense old factor
+            low_rank = rows.get((id(block), stat))
+            if low_rank is not None:
+                block.low_rank[stat] = (torch.where(ok[j], low_rank[0], float("nan")), low_rank[1])
+                block.low_rank_versions[stat] = block.versions[stat]
+            else:
+                block.low_rank.pop(stat, None)
         self._update_intervals(news, ok, rel)
 
     def _update_intervals(self, news, ok: torch.Tensor, rel: dict[int, torch.Tensor]) -> None:
@@ -425,13 +435,14 @@ class KFACPreconditioner:
             source, damping, _, _ = restored
         else:
             source = dict(block.factors)
-            if (block.low_rank is not None and block.low_rank_version == block.versions["A"]
-                    and not self.comm.is_distributed):
-                source.update(rows=block.low_rank[0], n=block.low_rank[1])
+            for stat, (low_rows, n) in block.low_rank.items():
+                if block.low_rank_versions[stat] == block.versions[stat] and not self.comm.is_distributed:
+                    rows_key, n_key = inv.LOW_RANK_KEYS[stat]
+                    source.update({rows_key: low_rows, n_key: n})
         method = block.inverse_type(self.inverse_method)
-        if "rows" in source:
+        if any(rows_key in source for rows_key, _ in inv.LOW_RANK_KEYS.values()):
             method = inv.WoodburyKronecker
-        return block, method, source, damping, method.storage_dtype(damping, self.factor_dtype)
+        return block, method, source, damping, method.storage_dtype(damping, block.factor_dtype)
 
     def _update_inverses(self) -> None:
         due = self.steps % max(1, int(_resolve(self.inverse_update_interval, self.steps))) == 0
@@ -495,26 +506,34 @@ class KFACPreconditioner:
     def _precondition(self, lr: float | None) -> None:
         damping = self.current_damping()
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
-        grads, precond = [], []
+        grads, precond, scales = [], [], []
         owners_only = self.precondition_on_owner_only
         for block in work:
             g = block.grad_matrix()
             if self.l2 > 0:
                 g = g + self.l2 * block.param_matrix()
+            scale = None
             if owners_only:
                 p = block.inverse.apply(g, damping) if block.owner == self.comm.rank else torch.empty_like(g)
                 self.comm.broadcast([p], src=block.owner)
             else:
-                p = block.inverse.apply(g, damping)
+                p, scale = block.inverse.apply_unscaled(g, damping)  # P = scale * p
             grads.append(g)
             precond.append(p)
+            scales.append(scale)
+        unscaled = [p for p, scale in zip(precond, scales, strict=True) if scale is None]
         if self.kl_clip is not None and precond:
-            vg = torch.stack([torch.vdot(p.reshape(-1), g.reshape(-1))
-                              for p, g in zip(precond, grads, strict=True)]).sum()
+            vg = torch.stack([torch.vdot(p.reshape(-1), g.reshape(-1)) * (1 if scale is None else scale)
+                              for p, g, scale in zip(precond, grads, scales, strict=True)]).sum()
             nu = torch.sqrt(self.kl_clip / (lr ** 2 * vg.abs().clamp_min(1e-30))).clamp(max=1.0)
             nu = torch.where(torch.isfinite(nu), nu, torch.ones_like(nu))
-            torch._foreach_mul_(precond, nu)
+            if unscaled:
+                torch._foreach_mul_(unscaled, nu)
+            scales = [None if scale is None else scale * nu for scale in scales]
             self.last_kl_clip_factor = nu
+        for p, scale in zip(precond, scales, strict=True):
+            if scale is not None:
+                p.mul_(scale)
         for block, p in zip(work, precond, strict=True):
             block.set_grad(p)
 
@@ -571,8 +590,8 @@ class KFACPreconditioner:
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
         for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
-            device, dtype = block.weight.device, self.factor_dtype
-            block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, None
+            device, dtype = block.weight.device, block.factor_dtype
+            block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, {}
             block.estimated = {stat: torch.zeros((), dtype=torch.bool, device=device) for stat in block.stat_names}
             block.restored_source, block.inverse_versions = None, None
             block.interval.update(entry.get("interval", {}))

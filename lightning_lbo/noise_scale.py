@@ -119,17 +119,22 @@ class MicroBatchGradNorms:
 
     Args:
         params: the parameters whose gradient norm is measured (those the optimizer updates).
+
+    :attr:`enabled` (default ``True``) switches the measurement off without unregistering the hooks:
+    with a single batch size (one process, no accumulation) nobody reads these norms, and a squared
+    norm per parameter per backward would be pure overhead.
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroBatchGradNorms needs at least one parameter that requires grad.")
+        self.enabled = True
         self._sq: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in self.params]
 
     def _hook(self, grad: torch.Tensor) -> None:
-        if not capture_paused():
+        if self.enabled and not capture_paused():
             self._sq.append(grad.detach().float().pow(2).sum())  # list.append is atomic: safe from device threads
 
     def pop(self) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -123,6 +125,26 @@ def test_gradient_noise_scale_callback_from_micro_batches(tmp_path):
     logged = trainer.callback_metrics
     assert logged["noise_scale/global_batch"].item() == 32
     assert logged["noise_scale/b_simple"].item() == pytest.approx(cb.b_simple(), rel=1e-5)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradient_noise_scale_hooks_measure_only_with_two_batch_sizes(tmp_path, accumulate):
+    """One process without accumulation: the per-backward hooks record no norm (they would go unread)."""
+    import pytorch_lightning as pl
+
+    recorded = []
+
+    class Spy(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            recorded.append(len(cb._norms._sq))
+
+    cb = GradientNoiseScale(probe_every_n_steps=None, log_every_n_steps=1)
+    trainer = make_trainer(pl, tmp_path, max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[cb, Spy()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the single-size run warns that it measures nothing
+        trainer.fit(linear_loss_module(pl), synthetic_loader(64, 8))
+    assert cb.estimator.updates == (0 if accumulate == 1 else 4)
+    assert recorded == ([0] * 8 if accumulate == 1 else [1, 2] * 4)
 
 
 def test_gradient_noise_scale_rejects_fp16_scaler_and_warns_without_two_sizes(pl_package, tmp_path):

@@ -100,15 +100,15 @@ class GradientNoiseScale(*callback_bases()):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         first = not self._micro_sizes
         self._micro_sizes.append(first_dim_count(batch))
+        single_size = trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
+        self._norms.enabled = not single_size  # one batch size: the per-backward norms would go unread
         every = self.probe_every_n_steps
-        if (first and every is not None and trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
-                and trainer.global_step % every == 0):
+        if first and every is not None and single_size and trainer.global_step % every == 0:
             self._probe = split_batch_sq_norms(pl_module, batch, self._params)
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         sizes, self._micro_sizes = self._micro_sizes, []
-        small_sum = self._norms.pop()
         micro, k, world = len(sizes), trainer.accumulate_grad_batches, trainer.world_size
         b_small = sum(sizes) / max(micro, 1)
         b_big = b_small * micro * world
@@ -126,7 +126,7 @@ class GradientNoiseScale(*callback_bases()):
                     "skipped.")
             return
         # Lightning divides each micro-batch loss by k: undo it, so both are gradients of mean losses.
-        small_sq = small_sum * (k * k / micro)
+        small_sq = self._norms.pop() * (k * k / micro)
         big_sq = grad_sq_norm(self._params) * (k / micro) ** 2
         self.estimator.update(small_sq, big_sq, b_small, b_big)
         self._maybe_log(trainer, pl_module, b_big / micro * k)

@@ -112,10 +112,10 @@ class CurvatureBlock:
         # set by a checkpoint load: (source, damping, source older than the factors, factor versions at load)
         self.restored_source: tuple[dict[str, Any], float, bool, dict[str, int]] | None = None
         self.owner: int | None = None
-        # Rows U (abar, [groups, r, d_a]) and example count n with A = U^T U / n, when the current A is a
-        # fresh low-rank statistic (the Woodbury inverse); valid while versions["A"] == low_rank_version.
-        self.low_rank: tuple[torch.Tensor, int] | None = None
-        self.low_rank_version = -1
+        # Per statistic, rows U ([groups, r, d]) and example count n with factor = U^T U / n, when the current
+        # factor is a fresh low-rank statistic (the Woodbury inverse); valid while versions == low_rank_versions.
+        self.low_rank: dict[str, tuple[torch.Tensor, int]] = {}
+        self.low_rank_versions: dict[str, int] = {}
         self.interval = {s: 1 for s in self.stat_names}
         self.next_due = {s: 0 for s in self.stat_names}
         self.refreshes = {s: 0 for s in self.stat_names}
@@ -270,6 +270,19 @@ class KroneckerBlock(CurvatureBlock):
         gram = _gram_with_ones(rows, self.factor_dtype) if self.bias is not None else _gram(rows, self.factor_dtype)
         return {"A": gram}, rows
 
+    def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows ``[groups, N * T, d_g]`` of the unscaled output gradient and the ``T`` positions averaged over."""
+        raise NotImplementedError
+
+    def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
+        return self._g_gram(*self.output_rows(grad))
+
+    def low_rank_output_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """``W`` in the factor dtype with ``W^T W = output_statistic(grad)`` (rows of a low-rank ``G``)."""
+        rows, positions = self.output_rows(grad)
+        rows = rows.to(self.factor_dtype)
+        return rows / positions ** 0.5 if positions > 1 else rows
+
     def _g_gram(self, rows: torch.Tensor, positions: int) -> torch.Tensor:
         gram = _gram(rows, self.factor_dtype)
         return gram / positions if positions > 1 else gram
@@ -307,9 +320,9 @@ class LinearBlock(KroneckerBlock):
     def a_rows(self, x: torch.Tensor) -> torch.Tensor:
         return self._rows(x, "mean")
 
-    def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
+    def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         positions = 1 if self.variant == REDUCE else grad[0].numel() // grad.shape[-1]
-        return self._g_gram(self._rows(grad, "sum"), positions)
+        return self._rows(grad, "sum"), positions
 
 
 class Conv2dBlock(KroneckerBlock):
@@ -367,11 +380,11 @@ class Conv2dBlock(KroneckerBlock):
             return cols.reshape(1, n * oh * ow, c * kh * kw)
         return cols.reshape(n * oh * ow, g, c // g * kh * kw).transpose(0, 1).contiguous()
 
-    def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
+    def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         n, c = grad.shape[:2]
         locations = grad[0, 0].numel()
         rows = grad.reshape(n, self.groups, c // self.groups, locations).permute(1, 0, 3, 2)
-        return self._g_gram(rows.reshape(self.groups, n * locations, c // self.groups), locations)
+        return rows.reshape(self.groups, n * locations, c // self.groups), locations
 
 
 class Conv1dBlock(Conv2dBlock):

@@ -51,11 +51,12 @@ class _MicroBatch:
 
 @dataclass
 class Captured:
-    """What a block captured since ``begin``: summed statistics, examples, and the A rows if kept."""
+    """What a block captured since ``begin``: summed statistics, examples, and the A (G) rows if kept."""
 
     sums: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     examples: int = 0
     rows: list[torch.Tensor] | None = field(default_factory=list)
+    g_rows: list[torch.Tensor] | None = field(default_factory=list)
     batch: _MicroBatch | None = None
     forwards: int = 0
 
@@ -209,6 +210,13 @@ class Capture:
         record = self.captured.get(id(block))
         if record is None:  # discarded meanwhile
             return
+        if record.g_rows is not None and id(block) in self.keep_rows:  # rows of a low-rank G (W^T W = stat)
+            rows = block.low_rank_output_rows(grad.detach())
+            if 2 * rows.shape[1] <= block.dims[1]:
+                rows = rows / batch.uses ** 0.5 if batch.uses > 1 else rows
+                record.g_rows.append(rows if scale is None else rows / scale.to(device=rows.device, dtype=rows.dtype))
+            else:
+                record.g_rows = None
         record.sums.setdefault(block.output_stat, []).append(stat)
         self.on_statistic(stat, block.symmetric(block.output_stat))
 

@@ -24,7 +24,9 @@ from lightning_lbo.optim.kfac.inverses import BlockInverse, InverseMethod
 from lightning_lbo.optim.kfac.optimizer import KFAC
 from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
 from lightning_lbo.optim.kfac.stale import StaleStatistics
+from lightning_lbo.optim.kfac.tied import TiedEmbeddingBlock
 
 __all__ = ["KFAC", "KFACPreconditioner", "Communicator", "Fisher", "Likelihood", "InverseMethod", "StaleStatistics",
            "BLOCK_TYPES", "BlockInverse", "CurvatureBlock", "KroneckerBlock", "LinearBlock", "Conv1dBlock",
-           "Conv2dBlock", "EmbeddingBlock", "UnitWiseBlock", "MultiheadAttentionBlock", "register_block"]
+           "Conv2dBlock", "EmbeddingBlock", "UnitWiseBlock", "MultiheadAttentionBlock", "TiedEmbeddingBlock",
+           "register_block"]

@@ -134,6 +134,15 @@ class CurvatureBlock:
         x = inputs[0].detach()
         return x, x.shape[0], output
 
+    def uses(self) -> list[tuple[nn.Module, Any]]:
+        """``(module, use)`` for each module the capture hooks; the first use counts the examples.
+
+        A use provides ``hook_io``, ``input_statistics``, ``output_statistic``, ``output_stat`` and
+        ``symmetric`` for the calls of its module. A block of one module is its own use; a block of a
+        weight shared by two modules (:mod:`.tied`) has one use per module.
+        """
+        return [(self.module, self)]
+
     @property
     def params(self) -> list[nn.Parameter]:
         """The parameters this block preconditions."""
@@ -419,13 +428,18 @@ class EmbeddingBlock(KroneckerBlock):
     """
 
     def __init__(self, module: nn.Embedding, name: str, factor_dtype: torch.dtype = torch.float32) -> None:
+        self.check(module, name)
+        super().__init__(module, name, factor_dtype)
+
+    @staticmethod
+    def check(module: nn.Embedding, name: str) -> None:
+        """Reject the embeddings K-FAC cannot precondition, naming the fix."""
         if module.sparse:
             raise ValueError(f"K-FAC needs dense gradients: {name} is nn.Embedding(sparse=True); use sparse=False "
                              "or exclude it (exclude=[nn.Embedding]).")
         if module.max_norm is not None:
             raise ValueError(f"K-FAC cannot precondition {name}: nn.Embedding(max_norm=...) renormalises the weight "
                              "in the forward; exclude it (exclude=[nn.Embedding]).")
-        super().__init__(module, name, factor_dtype)
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -577,6 +591,29 @@ def register_block(module_type: type[nn.Module], block_type: type[CurvatureBlock
     if not (isinstance(block_type, type) and issubclass(block_type, CurvatureBlock)):
         raise TypeError(f"register_block needs a CurvatureBlock subclass, got {block_type!r}.")
     BLOCK_TYPES[module_type] = block_type
+
+
+#: Factories of the block of a weight shared by two layers: ``factory(first_block, second_block)`` returns
+#: the block, or ``None`` for a pair it does not cover (tied embeddings: :mod:`.tied`).
+SHARED_BLOCK_FACTORIES: list[Callable[[CurvatureBlock, CurvatureBlock], CurvatureBlock | None]] = []
+
+
+def register_shared_block(factory: Callable[[CurvatureBlock, CurvatureBlock], CurvatureBlock | None]) -> None:
+    """Cover a sharing pattern: ``factory(first, second)`` builds one block for two blocks that share a
+    parameter (``first`` found first in ``named_modules``), or returns ``None``. Uncovered pairs get the
+    plain update with a warning."""
+    if not callable(factory):
+        raise TypeError(f"register_shared_block needs a callable (first, second) -> block or None, got {factory!r}.")
+    SHARED_BLOCK_FACTORIES.append(factory)
+
+
+def make_shared_block(first: CurvatureBlock, second: CurvatureBlock) -> CurvatureBlock | None:
+    """The block of a parameter shared by ``first`` and ``second`` from the registered factories, else ``None``."""
+    for factory in SHARED_BLOCK_FACTORIES:
+        block = factory(first, second)
+        if block is not None:
+            return block
+    return None
 
 
 def block_type_for(module: nn.Module) -> type[CurvatureBlock] | None:

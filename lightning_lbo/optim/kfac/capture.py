@@ -16,7 +16,9 @@ edges when the training backward starts (:mod:`.fisher`).
 
 Uses of a layer (tied weights, a block called twice in one forward): calls between two backward
 passes are uses of one micro-batch; their input statistics add up (like positions) and their
-output statistics are averaged over the uses (the convention of :mod:`.blocks`).
+output statistics are averaged over the uses (the convention of :mod:`.blocks`). A block whose
+weight belongs to several modules (tied embeddings, :mod:`.tied`) hooks each of them
+(:meth:`~lightning_lbo.optim.kfac.blocks.CurvatureBlock.uses`), with its own statistics per module.
 Only one :class:`Capture` hooks a module at a time: a new one (``KFAC(model)`` built again by a
 second ``configure_optimizers``, ``lr_find`` or ``fit``) removes the hooks of the one before.
 """
@@ -57,7 +59,7 @@ class Captured:
     examples: int = 0
     rows: list[torch.Tensor] | None = field(default_factory=list)
     g_rows: list[torch.Tensor] | None = field(default_factory=list)
-    batch: _MicroBatch | None = None
+    batches: dict[int, _MicroBatch] = field(default_factory=dict)  # the current micro-batch of each use
     forwards: int = 0
 
 
@@ -96,7 +98,7 @@ class Capture:
         self.due: dict[int, set[str]] = {}
         self.keep_rows: set[int] = set()
         self.captured: dict[int, Captured] = {}
-        self._mc_targets: list[tuple[CurvatureBlock, Any, Any, _MicroBatch]] = []
+        self._mc_targets: list[tuple[CurvatureBlock, Any, Any, Any, _MicroBatch]] = []
         self._in_mc = False
         # id(logits) -> (logits, targets) of forwards whose training backward has not started yet. The MC
         # hook gets the key, not the tensor: a hook holding the tensor it is registered on is a reference
@@ -104,9 +106,10 @@ class Capture:
         self._mc_pending: dict[int, tuple[torch.Tensor, list]] = {}
         self._handles: list[Any] = []
         for block in blocks:
-            self._claim(block.module)
-            self._handles.append(block.module.register_forward_hook(partial(self._forward_hook, block),
-                                                                    with_kwargs=True))
+            for i, (module, use) in enumerate(block.uses()):
+                self._claim(module)
+                self._handles.append(module.register_forward_hook(partial(self._forward_hook, block, use, i == 0),
+                                                                  with_kwargs=True))
         self._claim(root)
         self._handles.append(root.register_forward_hook(self._root_forward_hook))
 
@@ -167,41 +170,42 @@ class Capture:
     def _recording(self, module: nn.Module) -> bool:
         return module.training and not capture_paused() and torch.is_grad_enabled()
 
-    def _forward_hook(self, block: CurvatureBlock, module: nn.Module, inputs: tuple, kwargs: dict[str, Any],
-                      output: Any) -> None:
+    def _forward_hook(self, block: CurvatureBlock, use: Any, counts_examples: bool, module: nn.Module, inputs: tuple,
+                      kwargs: dict[str, Any], output: Any) -> None:
         due = self.due.get(id(block))
         if not due or not self._recording(module):
             return
-        x, examples, output = block.hook_io(inputs, kwargs, output)
+        x, examples, output = use.hook_io(inputs, kwargs, output)
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         record = self.captured.setdefault(id(block), Captured())
         record.forwards += 1
-        if record.batch is None or record.batch.closed:  # a new micro-batch (the previous one saw its backward)
-            record.batch = _MicroBatch(examples)
-            record.examples += examples
+        batch = record.batches.get(id(use))
+        if batch is None or batch.closed:  # a new micro-batch (the previous one saw its backward)
+            batch = record.batches[id(use)] = _MicroBatch(examples)
+            record.examples += examples if counts_examples else 0
         else:  # another use of the layer in the same forward
-            record.batch.uses += 1
-        stats, context = block.input_statistics(x, due)
+            batch.uses += 1
+        stats, context = use.input_statistics(x, due)
         for name, value in stats.items():
             record.sums.setdefault(name, []).append(value)
-            self.on_statistic(value, block.symmetric(name))
+            self.on_statistic(value, use.symmetric(name))
         if "A" in stats and record.rows is not None:
             rows = context
             if id(block) in self.keep_rows and isinstance(rows, torch.Tensor) and 2 * rows.shape[1] <= block.dims[0]:
                 record.rows.append(rows)
             else:
                 record.rows = None
-        wanted = block.output_stat in due
+        wanted = use.output_stat in due
         if self.fisher is Fisher.MC and wanted:
-            self._mc_targets.append((block, torch.autograd.graph.get_gradient_edge(output), context, record.batch))
+            self._mc_targets.append((block, use, torch.autograd.graph.get_gradient_edge(output), context, batch))
             wanted = False
         # The tensor hook also closes the micro-batch when the backward reaches this use.
-        output.register_hook(partial(self._grad_hook, block, context, record.batch, wanted))
+        output.register_hook(partial(self._grad_hook, block, use, context, batch, wanted))
 
-    def _output_statistic(self, block: CurvatureBlock, grad: torch.Tensor, context: Any, batch: _MicroBatch,
-                          scaled: bool) -> None:
-        stat = block.output_statistic(grad.detach(), context)
+    def _output_statistic(self, block: CurvatureBlock, use: Any, grad: torch.Tensor, context: Any,
+                          batch: _MicroBatch, scaled: bool) -> None:
+        stat = use.output_statistic(grad.detach(), context)
         if batch.uses > 1:
             stat = stat / batch.uses
         scale = grad_scale(self.grad_scaler) if scaled else None
@@ -217,16 +221,16 @@ class Capture:
                 record.g_rows.append(rows if scale is None else rows / scale.to(device=rows.device, dtype=rows.dtype))
             else:
                 record.g_rows = None
-        record.sums.setdefault(block.output_stat, []).append(stat)
-        self.on_statistic(stat, block.symmetric(block.output_stat))
+        record.sums.setdefault(use.output_stat, []).append(stat)
+        self.on_statistic(stat, use.symmetric(use.output_stat))
 
-    def _grad_hook(self, block: CurvatureBlock, context: Any, batch: _MicroBatch, wanted: bool,
+    def _grad_hook(self, block: CurvatureBlock, use: Any, context: Any, batch: _MicroBatch, wanted: bool,
                    grad: torch.Tensor) -> None:
         if capture_paused() or self._in_mc:
             return
         batch.closed = True
         if wanted:
-            self._output_statistic(block, grad, context, batch, scaled=True)
+            self._output_statistic(block, use, grad, context, batch, scaled=True)
 
     def _root_forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if self.fisher is not Fisher.MC or not self._mc_targets:
@@ -253,10 +257,10 @@ class Capture:
         try:
             with torch.enable_grad():
                 loss = sampled_loss(logits, self.likelihood)
-                grads = torch.autograd.grad(loss, [edge for _, edge, _, _ in targets], retain_graph=True,
+                grads = torch.autograd.grad(loss, [edge for _, _, edge, _, _ in targets], retain_graph=True,
                                             allow_unused=True)
-            for (block, _, context, batch), g in zip(targets, grads, strict=True):
+            for (block, use, _, context, batch), g in zip(targets, grads, strict=True):
                 if g is not None:
-                    self._output_statistic(block, g, context, batch, scaled=False)
+                    self._output_statistic(block, use, g, context, batch, scaled=False)
         finally:
             self._in_mc = False

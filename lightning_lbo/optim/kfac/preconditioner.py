@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_lbo.optim.kfac import inverses as inv
-from lightning_lbo.optim.kfac.blocks import BLOCK_TYPES, EXPAND, CurvatureBlock, make_block
+from lightning_lbo.optim.kfac.blocks import BLOCK_TYPES, EXPAND, CurvatureBlock, make_block, make_shared_block
 from lightning_lbo.optim.kfac.capture import Capture, Captured
 from lightning_lbo.optim.kfac.comm import Communicator
 from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
@@ -234,10 +234,13 @@ class KFACPreconditioner:
             inside.update(id(m) for m in sub.modules() if m is not sub and
                           {id(p) for p in m.parameters(recurse=False)} <= children)
             shared = [seen[id(p)] for p in block.params if id(p) in seen]
-            if shared:  # a parameter of two layers (tied input/output embeddings): one block cannot own it
-                unsupported.append(f"{label} ({type(sub).__name__}, shares a parameter with {shared[0]})")
-                blocks = [b for b in blocks if b.name != shared[0]]
-                continue
+            if shared:  # a parameter of two layers: one block for both (tied embeddings), or the plain update
+                other = next(b for b in blocks if b.name == shared[0])
+                blocks = [b for b in blocks if b is not other]
+                block = make_shared_block(other, block)
+                if block is None:
+                    unsupported.append(f"{label} ({type(sub).__name__}, shares a parameter with {shared[0]})")
+                    continue
             seen.update({id(p): block.name for p in block.params})
             blocks.append(block)
         if not blocks:
@@ -287,7 +290,7 @@ class KFACPreconditioner:
     def block(self, layer: Layer) -> CurvatureBlock:
         """The curvature block of ``layer`` (the module or its qualified name)."""
         for block in self.blocks:
-            if block.module is layer or block.name == layer:
+            if block.name == layer or any(module is layer for module, _ in block.uses()):
                 return block
         names = [b.name for b in self.blocks]
         raise KeyError(f"{layer!r} is not a layer K-FAC preconditions; preconditioned layers: {names}.")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lbo.batch_rules import RampRule
+from lightning_lbo.batch_rules import NoiseScaleRule, RampRule
 from lightning_lbo.batch_sampler import ResizableBatchSampler, ResizableDataLoader
 from lightning_lbo.callbacks.adaptive_batch_size import AdaptiveBatchSize
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
@@ -60,8 +60,10 @@ def spy_class(pl):
 
 def fit(pl, tmp_path, ramp, epochs, callbacks=(), loader=None, ckpt=None, **kwargs):
     spy = spy_class(pl)()
-    abs_cb = AdaptiveBatchSize(rule=RampRule(ramp), mechanism="resize", max_factor=8,
-                               rewarmup_steps=kwargs.pop("rewarmup_steps", 0))
+    abs_cb = AdaptiveBatchSize(rule=kwargs.pop("rule", None) or RampRule(ramp), mechanism="resize",
+                               max_factor=kwargs.pop("max_factor", 8), rewarmup_steps=kwargs.pop("rewarmup_steps", 0),
+                               decide_every_n_steps=kwargs.pop("decide_every_n_steps", None),
+                               measure_fn=kwargs.pop("measure_fn", None))
     schedule = kwargs.pop("schedule", None) or LRSchedule(reference_batch_size=4, log=False)
     trainer = make_trainer(pl, tmp_path, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
                            callbacks=[schedule, abs_cb, spy, *callbacks], num_sanity_val_steps=0, **kwargs)
@@ -110,6 +112,58 @@ def test_resize_resume_mid_epoch_after_a_resize_continues_exactly(tmp_path):
     assert trainer.global_step == full_trainer.global_step and cb.history == full_cb.history
     for p, q in zip(resumed.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def _grow_every_3_steps(pl, tmp_path, **kwargs):
+    """A noise-scale rule that always wants more, deciding every 3 steps: 4 -> 8 -> 16 per device within epoch 0."""
+    return fit(pl, tmp_path, None, 2, rule=NoiseScaleRule(margin=1.0), measure_fn=lambda trainer, module: 1e9,
+               decide_every_n_steps=3, max_factor=4, rewarmup_steps=2, **kwargs)
+
+
+def test_resize_step_interval_decisions_grow_mid_epoch_and_cover_every_epoch(tmp_path):
+    """decide_every_n_steps: the batch grows inside an epoch, every epoch still sees each sample exactly once."""
+    pl = lightning_package(PYTORCH_LIGHTNING)
+    trainer, _, spy, cb = _grow_every_3_steps(pl, tmp_path)
+    for epoch in (0, 1):
+        rows = [r for r in spy.rows if r[0] == epoch]
+        assert sorted(i for r in rows for i in r[3]) == list(range(N))
+    # epoch 0: 3 steps of 4 decide x2, 3 steps of 8 decide x2, then 16 and the short rest (64 - 12 - 24 - 16 = 12)
+    assert [r[1] for r in spy.rows if r[0] == 0] == [4, 4, 4, 8, 8, 8, 16, 12]
+    assert [r[1] for r in spy.rows if r[0] == 1] == [16] * 4
+    assert [(h["step"], h["next_factor"]) for h in cb.history] == [(3, 2), (6, 4), (9, 4), (12, 4)]
+    # the LR follows the global batch through LRSchedule's 2-step re-warmup (linear rule, reference batch 4)
+    assert [round(r[2], 9) for r in spy.rows] == [0.1] * 4 + [0.15, 0.2, 0.2, 0.3] + [0.4] * 4
+
+
+def test_resize_step_interval_resume_mid_epoch_continues_exactly(tmp_path):
+    """A checkpoint between two mid-epoch resizes, resumed: same batches, LR, decisions and weights as one run."""
+    pl = lightning_package(PYTORCH_LIGHTNING)
+
+    class SaveAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    full_trainer, full, full_spy, full_cb = _grow_every_3_steps(pl, tmp_path)
+    _grow_every_3_steps(pl, tmp_path, callbacks=[SaveAt()])
+    trainer, resumed, spy, cb = _grow_every_3_steps(pl, tmp_path, ckpt=str(tmp_path / "mid.ckpt"))
+    assert spy.rows == full_spy.rows[5:]
+    assert trainer.global_step == full_trainer.global_step and cb.history == full_cb.history
+    for p, q in zip(resumed.parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_step_interval_decisions_reject_accumulation_and_ramps(tmp_path):
+    """decide_every_n_steps only with the resize mechanism, without accumulation, and not with an epoch ramp."""
+    with pytest.raises(ValueError, match="needs mechanism='resize'"):
+        AdaptiveBatchSize(rule="noise_scale", decide_every_n_steps=10)
+    with pytest.raises(ValueError, match="RampRule is a schedule by epoch"):
+        AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize", decide_every_n_steps=10)
+    with pytest.raises(ValueError, match="Invalid decide_every_n_steps"):
+        AdaptiveBatchSize(rule="noise_scale", mechanism="resize", decide_every_n_steps=0)
+    pl = lightning_package(PYTORCH_LIGHTNING)
+    with pytest.raises(ValueError, match="remove accumulate_grad_batches"):
+        _grow_every_3_steps(pl, tmp_path, accumulate_grad_batches=2)
 
 
 def test_resize_rejects_missing_trainer_settings(tmp_path):

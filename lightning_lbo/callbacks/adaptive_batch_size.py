@@ -1,7 +1,7 @@
 """Grow the batch during training: one controller, a rule that decides, a mechanism that applies.
 
-At every epoch end the controller measures what its rule needs, asks the rule for the next epoch's
-batch factor (:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take
+At every epoch end (or every ``decide_every_n_steps`` optimizer steps, with the resize mechanism)
+the controller measures what its rule needs, asks the rule for the next batch factor (:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take
 rank 0's decision (a broadcast; measurements are all-reduced first, so they agree anyway) and hands
 it to a mechanism (:mod:`lightning_lbo.callbacks.batch_mechanisms`):
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, make_rule
+from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
@@ -60,6 +60,12 @@ class AdaptiveBatchSize(*callback_bases()):
         duration, eigenvalue_ratio: of the default Hessian rule (paper: 10 epochs, 0.5).
         scale_lr: let the LR follow the batch (see the module docstring).
         rewarmup_steps: with LRSchedule, steps over which the LR ramps to its new value after a growth.
+        decide_every_n_steps: decide every this many optimizer steps instead of at epoch ends (None).
+            Only with ``mechanism="resize"`` and no gradient accumulation: the sampler resizes
+            mid-epoch and still covers every example once per epoch, and resume continues exactly
+            (a batch the loader had drawn before the decision keeps its size). A rule that counts
+            epochs then counts decisions (``HessianRule``'s ``duration``); ``RampRule`` is a schedule by
+            epoch and is rejected.
         power_iters, tol, num_batches, bn_mode, loss_fn, seed: the Hessian measurement (power-iteration
             steps, relative tolerance, fixed batches per process, BN mode, ``loss_fn(module, batch)``,
             start-vector seed).
@@ -84,7 +90,7 @@ class AdaptiveBatchSize(*callback_bases()):
                  bn_mode: str = "eval", loss_fn: LossFn = classifier_loss, eigenvalue_fn: MeasureFn | None = None,
                  checkpoint_batches: bool = True, seed: int = 0, *, rule: BatchSizeRule | str = "hessian",
                  mechanism: str = "accumulate", rewarmup_steps: int = 0, measure_fn: MeasureFn | None = None,
-                 max_accumulation: int | None = None) -> None:
+                 max_accumulation: int | None = None, decide_every_n_steps: int | None = None) -> None:
         super().__init__()
         max_factor = max_accumulation if max_accumulation is not None else max_factor
         for name, value in (("max_factor", max_factor), ("power_iters", power_iters), ("num_batches", num_batches)):
@@ -97,6 +103,13 @@ class AdaptiveBatchSize(*callback_bases()):
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
         if mechanism not in MECHANISMS:
             raise ValueError(f"Invalid mechanism: {mechanism!r}. Supported: {tuple(MECHANISMS)}.")
+        if decide_every_n_steps is not None:
+            _positive_int("decide_every_n_steps", decide_every_n_steps)
+            if mechanism != "resize":
+                raise ValueError("decide_every_n_steps needs mechanism='resize': gradient accumulation can only change "
+                                 "between epochs (Lightning counts its windows from the epoch's first batch).")
+            if isinstance(rule, RampRule):
+                raise ValueError("RampRule is a schedule by epoch: use it without decide_every_n_steps.")
         if eigenvalue_fn is not None and measure_fn is not None:
             raise ValueError("Give measure_fn or eigenvalue_fn (its older name), not both.")
         measure_fn = measure_fn or eigenvalue_fn
@@ -110,6 +123,7 @@ class AdaptiveBatchSize(*callback_bases()):
         self.rule = make_rule(rule)
         self.mechanism = MECHANISMS[mechanism]()
         self.max_factor, self.scale_lr, self.rewarmup_steps = max_factor, scale_lr, rewarmup_steps
+        self.decide_every_n_steps = decide_every_n_steps
         self.power_iters, self.tol, self.bn_mode, self.loss_fn = power_iters, tol, bn_mode, loss_fn
         self.checkpoint_batches, self.seed, self.measure_fn = checkpoint_batches, seed, measure_fn
         self.fixed = FixedBatches(num_batches)
@@ -158,6 +172,10 @@ class AdaptiveBatchSize(*callback_bases()):
                 raise ValueError("The noise-scale rule reads B_simple from a GradientNoiseScale callback: add "
                                  "GradientNoiseScale(beta=0.9, probe_every_n_steps=20) to the Trainer's callbacks.")
         self.mechanism.setup(trainer)
+        if self.decide_every_n_steps is not None and trainer.accumulate_grad_batches != 1:
+            raise ValueError("decide_every_n_steps resizes the batch between optimizer steps, which gradient "
+                             f"accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}) would split: "
+                             "remove accumulate_grad_batches or decide at epoch ends.")
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -186,9 +204,17 @@ class AdaptiveBatchSize(*callback_bases()):
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.mechanism.on_batch_end(trainer)
+        every = self.decide_every_n_steps
+        if every is not None and trainer.global_step % every == 0:  # global_step already counts this batch's step
+            self.decide(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.decide_every_n_steps is None:
+            self.decide(trainer, pl_module)
+
+    def decide(self, trainer: Any, pl_module: Any) -> None:
+        """Measure, ask the rule, agree across ranks, log, and grow if the rule says so."""
         value = self.measure(trainer, pl_module)
         global_batch = self.global_batch(trainer)
         obs = Observation(epoch=trainer.current_epoch, factor=self.factor, global_batch=global_batch,
@@ -196,8 +222,8 @@ class AdaptiveBatchSize(*callback_bases()):
                           b_simple=value if self.rule.needs == "b_simple" else None)
         wanted = min(max(self.rule.decide(obs), self.factor), self.max_factor)
         new = int(trainer.strategy.broadcast(wanted))  # rank 0's decision on every rank
-        self.history.append({"epoch": trainer.current_epoch, "factor": self.factor, "global_batch": global_batch,
-                             "measurement": value, "next_factor": new})
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "factor": self.factor,
+                             "global_batch": global_batch, "measurement": value, "next_factor": new})
         if self.rule.needs is not None:
             name = "eigenvalue" if self.rule.needs == "eigenvalue" else "b_simple"
             pl_module.log(f"abs/{name}", float(value), on_epoch=True)

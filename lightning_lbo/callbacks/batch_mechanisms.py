@@ -7,9 +7,13 @@
   loader's :class:`~lightning_lbo.batch_sampler.ResizableBatchSampler`. On many devices a larger
   batch is then more parallel work per step, not more steps; batch norm sees the larger batch.
 
-Both apply a factor between epochs only: a factor changed inside an accumulation window would give
-Lightning's loss normalisation (``1 / accumulate_grad_batches``) the wrong count, and the epoch's
-length (which Lightning reads when the loader is set up) must match the batches the sampler yields.
+Accumulation applies a factor between epochs only: Lightning counts its accumulation windows from
+the epoch's first batch, and a factor changed inside a window would give its loss normalisation
+(``1 / accumulate_grad_batches``) the wrong count. Resize also applies one between optimizer steps
+(``AdaptiveBatchSize(decide_every_n_steps=...)``): the sampler's cursor still covers each example
+once per epoch, and the epoch simply ends when the permutation is used up, in fewer steps than
+Lightning read from the loader's length at the epoch's start (so a ``val_check_interval`` counted
+in batches may not land on the epoch's last batch).
 """
 
 from __future__ import annotations

@@ -41,10 +41,13 @@ class GPT(nn.Module):
             layout of ``F.cross_entropy`` and of K-FAC's MC Fisher, which samples labels from the
             forward's output itself (a transposed copy made outside the model is not in the loss's
             graph, so no gradient would reach the statistics).
+        tie_embeddings: the head uses the token embedding's weight (``head.weight =
+            token_embedding.weight``, GPT-2's tying); K-FAC preconditions it with one tied block.
     """
 
     def __init__(self, vocab_size: int = 256, seq_len: int = 128, d_model: int = 128, n_heads: int = 4,
-                 n_layers: int = 4, d_ff: int | None = None, dropout: float = 0.0, classes_last: bool = True) -> None:
+                 n_layers: int = 4, d_ff: int | None = None, dropout: float = 0.0, classes_last: bool = True,
+                 tie_embeddings: bool = False) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("d_model", d_model),
                             ("n_heads", n_heads), ("n_layers", n_layers), ("d_ff", d_ff or 1)):
@@ -64,6 +67,8 @@ class GPT(nn.Module):
             for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
+        if tie_embeddings:
+            self.head.weight = self.token_embedding.weight
         self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(seq_len),
                              persistent=False)
         self._init_weights(n_layers)

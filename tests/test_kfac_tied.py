@@ -178,3 +178,21 @@ def test_kfac_shared_linear_weights_keep_the_plain_update_with_a_warning():
     with pytest.warns(UserWarning, match=r"2 \(Linear, shares a parameter with 0\)"):
         pre = KFACPreconditioner(shared)
     assert [block.name for block in pre.blocks] == ["3"]
+
+
+def test_kfac_gpt_with_tied_embeddings_is_fully_preconditioned():
+    """lm.GPT(tie_embeddings=True): one tied block for token embedding + head, every parameter preconditioned."""
+    from lightning_lbo.lm import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, seq_len=6, d_model=8, n_heads=2, n_layers=1, tie_embeddings=True)
+    assert model.head.weight is model.token_embedding.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre = KFACPreconditioner(model, factor_update_interval=1, inverse_update_interval=1, kl_clip=None)
+    assert isinstance(pre.block(model.head), TiedEmbeddingBlock)
+    assert {id(p) for block in pre.blocks for p in block.params} == {id(p) for p in model.parameters()}
+    tokens = torch.randint(0, 11, (3, 6))
+    nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.reshape(-1)).backward()
+    pre.step()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

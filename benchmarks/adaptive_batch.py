@@ -9,6 +9,8 @@ seed, a few minutes in all, hold the shared benchmark lock together, :mod:`bench
 * ``noise``: starts at 128; ``NoiseScaleRule(margin=1)`` doubles the batch (resize mechanism) at an
   epoch end when ``B_simple`` (GradientNoiseScale, two-halves probe every 20 steps) exceeds it; the
   LR follows through LRSchedule (linear rule, 20-step re-warmup), the cosine clock counts examples.
+* ``noise-steps``: ``noise`` deciding every 100 optimizer steps (``decide_every_n_steps``; the
+  sampler resizes mid-epoch) instead of at epoch ends.
 * ``abs``: ABS, ``HessianRule(ratio 0.5, duration 2)`` with gradient accumulation (as the paper).
 * ``absa``: ``abs`` plus FGSM examples (ratio 0.2, eps 0.005, until half of training).
 * ``replay-noise`` / ``replay-abs``: ``RampRule`` replaying that seed's batch schedule without any
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 RESULTS = ROOT / "adaptive_batch_results"
 BASE_BATCH, BASE_LR, MAX_FACTOR, REWARMUP = 128, 0.1, 16, 20
+STEP_DECISIONS = 100  # noise-steps: decide every 100 optimizer steps (a quarter epoch at 128), not at epoch ends
 FIXED = (128, 256, 512, 1024, 2048, 4096)
 EPOCHS = {"mlp-bn": 5, "cnn": 3}
 MODEL_SPECS = {"mlp-bn": ("mlp", {"batch_norm": True}), "cnn": ("cnn", {})}
@@ -54,7 +57,7 @@ TARGETS = {"mlp-bn": 0.86, "cnn": 0.85}  # validation accuracy of the steps-to-t
 
 def cell_order() -> list[str]:
     """Most informative first: the goals' runs, the advisor, the sweep's ends, then the rest."""
-    return ["fixed-128", "noise", "advise", "fixed-2048", "fixed-512", "abs", "replay-noise", "absa", "fixed-1024",
+    return ["fixed-128", "noise", "noise-steps", "advise", "fixed-2048", "fixed-512", "abs", "replay-noise", "absa", "fixed-1024",
             "fixed-256", "fixed-4096", "replay-abs"]
 
 
@@ -112,7 +115,62 @@ def recorder():
     return Recorder()
 
 
-def run_cell(model: str, cell: str, seed: int, epochs: int) -> dict[str, Any]:
+def eigen_trace(seed: int):
+    """Goal 2's check: the top Hessian eigenvalue along a fixed-128 run (ABS's phase before its first growth).
+
+    At the start and at every epoch end, measured as ABS does (the first training batch, eval-mode BN,
+    10 power iterations, tolerance 1e-2) and, to see how far that is from the quantity it stands
+    for: the same batch converged (200 iterations, 1e-4), four other random batches of 128 (the
+    spread a different batch would give; HessianFlow draws a fresh batch each epoch) and one
+    random batch of 2048.
+    """
+    import pytorch_lightning as pl
+
+    from lightning_lbo.hessian import HessianOperator, power_iteration
+
+    class EigenTrace(pl.Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
+            self.fixed = None
+
+        def measure(self, module, batch, iters, tol):
+            op = HessianOperator(module, [batch], bn_mode="eval")
+            result = power_iteration(op, k=1, max_iters=iters, tol=tol, seed=0)
+            op.release()
+            return result.eigenvalues[0], result.num_hvps
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.fixed is None:
+                self.fixed = tuple(t.detach().clone() for t in batch)
+                self.record(trainer, pl_module, -1)  # at initialisation, on the batch ABS will keep
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.record(trainer, pl_module, trainer.current_epoch)
+
+        def record(self, trainer, pl_module, epoch):
+            data = trainer.datamodule.train_set
+            gen = torch.Generator().manual_seed(1000 * seed + epoch + 1)
+            perm = torch.randperm(len(data), generator=gen)
+            was_training = pl_module.training
+            start = time.perf_counter()
+            abs_value, abs_hvps = self.measure(pl_module, self.fixed, 10, 1e-2)
+            abs_s = time.perf_counter() - start
+            row = {"epoch": epoch, "step": trainer.global_step, "abs": abs_value, "abs_hvps": abs_hvps,
+                   "abs_s": abs_s, "converged": self.measure(pl_module, self.fixed, 200, 1e-4)[0],
+                   "random_128": [self.measure(pl_module, data.__getitems__(perm[i * 128:(i + 1) * 128].tolist()),
+                                               100, 1e-3)[0] for i in range(4)],
+                   "random_2048": self.measure(pl_module, data.__getitems__(perm[512:2560].tolist()), 100,
+                                               1e-3)[0]}
+            pl_module.train(was_training)
+            self.rows.append(row)
+            print(f"eigen epoch {epoch}: abs {row['abs']:.2f} ({abs_hvps} HVPs, {abs_s:.2f} s), converged "
+                  f"{row['converged']:.2f}, random 128 {[round(x, 2) for x in row['random_128']]}, "
+                  f"2048 {row['random_2048']:.2f}", flush=True)
+
+    return EigenTrace()
+
+
+def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list | None = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     from lightning_lbo.batch_rules import HessianRule, NoiseScaleRule, RampRule
@@ -128,18 +186,22 @@ def run_cell(model: str, cell: str, seed: int, epochs: int) -> dict[str, Any]:
                 "recommended_lr": advice.recommended_lr, "steps": advice.steps, "history": advice.history,
                 "wall_s": time.perf_counter() - start}
     batch, resizable, callbacks = BASE_BATCH, False, []
+    eigen = eigen_trace(seed) if cell == "eigen-trace" else None
+    if eigen is not None:
+        callbacks.append(eigen)
     if cell.startswith("fixed-"):
         batch = int(cell.split("-")[1])
-    elif cell in ("noise", "replay-noise"):
+    elif cell in ("noise", "noise-steps", "replay-noise"):
         resizable = True
     rule = mechanism = None
-    if cell == "noise":
+    decide_every = STEP_DECISIONS if cell == "noise-steps" else None
+    if cell in ("noise", "noise-steps"):
         rule, mechanism = NoiseScaleRule(margin=1.0), "resize"
         callbacks.append(GradientNoiseScale(beta=0.9, probe_every_n_steps=20, log_every_n_steps=20))
     elif cell in ("abs", "absa"):
         rule, mechanism = HessianRule(eigenvalue_ratio=0.5, duration=2), "accumulate"
     elif cell.startswith("replay-"):
-        source = load(model, cell.split("-", 1)[1], seed)
+        source = {"history": replay_history} if replay_history is not None else load(model, cell.split("-", 1)[1], seed)
         if source is None:
             raise RuntimeError(f"{cell} replays the schedule of {cell.split('-', 1)[1]}, which is not cached yet.")
         factors = {0: 1}
@@ -152,7 +214,7 @@ def run_cell(model: str, cell: str, seed: int, epochs: int) -> dict[str, Any]:
     callbacks.insert(0, schedule)
     if rule is not None:
         callbacks.append(AdaptiveBatchSize(rule=rule, mechanism=mechanism, max_factor=MAX_FACTOR,
-                                           rewarmup_steps=REWARMUP))
+                                           rewarmup_steps=REWARMUP, decide_every_n_steps=decide_every))
     if cell == "absa":
         callbacks.append(AdversarialTraining(ratio=0.2, epsilon=0.005, stop_fraction=0.5))
     rec = recorder()
@@ -167,15 +229,15 @@ def run_cell(model: str, cell: str, seed: int, epochs: int) -> dict[str, Any]:
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          val_check_interval=0.25, callbacks=callbacks,
                          reload_dataloaders_every_n_epochs=1 if resizable else 0)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=dm)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     test_acc = trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"]
     abs_cb = next((cb for cb in callbacks if isinstance(cb, AdaptiveBatchSize)), None)
     gns = next((cb for cb in callbacks if isinstance(cb, GradientNoiseScale)), None)
-    return {"steps": trainer.global_step, "test_acc": test_acc, "wall_s": wall, "curve": rec.curve,
+    return {"steps": trainer.global_step, "test_acc": test_acc, "wall_s": wall, "cpu_s": cpu, "curve": rec.curve,
             "trace": rec.trace, "history": abs_cb.history if abs_cb else [],
-            "b_simple": gns.history if gns else []}
+            "b_simple": gns.history if gns else [], **({"eigen": eigen.rows} if eigen else {})}
 
 
 def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: int) -> None:
@@ -185,16 +247,49 @@ def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: i
     warnings.filterwarnings("ignore")
     for seed in seeds:
         for model in models:
-            todo = [c for c in (cells or cell_order()) if not cell_path(model, c, seed).exists()]
-            if not todo:
-                continue
-            # One lock per (model, seed): its MLP runs take 15-60 s each, the whole group a few minutes.
-            with bench_lock(exclusive=threads > 1):  # a multi-thread run (and its overhead timing) takes the cores
-                for cell in todo:
+            for cell in cells or cell_order():
+                if cell_path(model, cell, seed).exists():
+                    continue
+                # A one-thread run takes one of the two slots; more threads take the machine.
+                with bench_lock(exclusive=threads > 1):
                     load_before = os.getloadavg()[0]
                     result = run_cell(model, cell, seed, EPOCHS[model])
                     load_after = os.getloadavg()[0]
-                    save(model, cell, seed, threads, result, load_before, load_after)
+                save(model, cell, seed, threads, result, load_before, load_after)
+
+
+def overhead(model: str, seed: int, rule: str, pairs: int) -> None:
+    """Goal 4: time of ``rule`` vs the replay of its batch schedule, alternating, on a machine kept for it.
+
+    Each pair runs both cells with one thread under the exclusive lock (no other benchmark runs
+    meanwhile; unlocked work, such as other agents' tests, may); the order alternates between pairs
+    so that a drift in the load does not favour one side. Wall and process CPU time are recorded:
+    with one thread the CPU time is the work itself, much less sensitive to what else runs. Appends
+    to ``overhead-<rule>-s<seed>.json``.
+    """
+    from benchmarks.bench_lock import bench_lock
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    path = RESULTS / model / f"overhead-{rule}-s{seed}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    # The replays follow the batch schedule of this study's first rule run (with one thread it can differ from
+    # the cached cell's), so both sides of every pair train the same steps at the same batch sizes.
+    schedule = next((r["history"] for r in rows if r["cell"] == rule), None)
+    for pair in range(len({r["pair"] for r in rows}), len({r["pair"] for r in rows}) + pairs):
+        order = (rule, f"replay-{rule}") if schedule is None or pair % 2 == 0 else (f"replay-{rule}", rule)
+        with bench_lock(exclusive=True):
+            for cell in order:
+                load_before = os.getloadavg()[0]
+                result = run_cell(model, cell, seed, EPOCHS[model], replay_history=schedule)
+                if cell == rule and schedule is None:
+                    schedule = result["history"]
+                rows.append({"pair": pair, "cell": cell, "wall_s": result["wall_s"], "cpu_s": result["cpu_s"],
+                             "steps": result["steps"], "history": result["history"], "load_before": load_before,
+                             "load_after": os.getloadavg()[0]})
+                print(f"overhead {model} {cell} pair {pair}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s "
+                      f"CPU, {result['steps']} steps, load {load_before:.1f}", flush=True)
+        path.write_text(json.dumps(rows, indent=1))
 
 
 def save(model: str, cell: str, seed: int, threads: int, result: dict[str, Any], load_before: float,
@@ -212,6 +307,95 @@ def save(model: str, cell: str, seed: int, threads: int, result: dict[str, Any],
 # ---------------------------------------------------------------------------------------------- report
 def steps_to(curve: list, target: float) -> int | None:
     return next((step for step, _, acc in curve if acc >= target), None)
+
+
+def steps_to_interpolated(curve: list, target: float) -> float | None:
+    """Optimizer steps at which validation accuracy first reaches ``target``, linear between validations.
+
+    Validations come every quarter epoch, so the plain first-crossing step is quantised to 107
+    steps at batch 128 but 13 at 1024; interpolating between the two validations around the
+    crossing removes most of that bias.
+    """
+    prev = (0, 0.0)
+    for step, _, acc in curve:
+        if acc >= target:
+            s0, a0 = prev
+            return s0 + (target - a0) / (acc - a0) * (step - s0) if acc > a0 else float(step)
+        prev = (step, acc)
+    return None
+
+
+KNEE_RATIO = 0.75  # S(2B) / S(B) above this: doubling no longer (nearly) halves steps
+
+
+def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float, float, float | None]], int | None]:
+    """Goal 3's empirical critical batch, read directly off the fixed-batch ladder.
+
+    Rows ``(B, mean interpolated steps-to-target, their sd over seeds, S(2B) / S(B))``; the knee is
+    the first ``B`` whose doubling cuts steps by less than to ``KNEE_RATIO`` (0.75: halfway between
+    perfect scaling, 0.5, and none, 1.0; it is also where ``S = S_min (1 + B_crit / B)`` puts
+    ``B = B_crit``).
+    """
+    target, means = TARGETS[model], {}
+    for b in FIXED:
+        runs = [load(model, f"fixed-{b}", s) for s in seeds]
+        reached = [steps_to_interpolated(r["curve"], target) for r in runs if r]
+        if reached and all(x is not None for x in reached):
+            means[b] = (statistics.mean(reached), statistics.stdev(reached) if len(reached) > 1 else 0.0)
+    rows, knee = [], None
+    for b, (mean, sd) in means.items():
+        ratio = means[2 * b][0] / mean if 2 * b in means else None
+        rows.append((b, mean, sd, ratio))
+        if knee is None and ratio is not None and ratio > KNEE_RATIO:
+            knee = b
+    return rows, knee
+
+
+def overhead_lines(model: str, seeds: list[int]) -> list[str]:
+    """Goal 4: the interleaved timings of ``--overhead`` (rule / replay per pair)."""
+    lines = []
+    for rule in ("noise", "abs"):
+        for seed in seeds:
+            path = RESULTS / model / f"overhead-{rule}-s{seed}.json"
+            if not path.exists():
+                continue
+            rows = json.loads(path.read_text())
+            ratios, cpu_ratios, loads = [], [], []
+            for pair in sorted({r["pair"] for r in rows}):
+                runs = {r["cell"]: r for r in rows if r["pair"] == pair}
+                if rule in runs and f"replay-{rule}" in runs:
+                    ratios.append(runs[rule]["wall_s"] / runs[f"replay-{rule}"]["wall_s"])
+                    cpu_ratios.append(runs[rule]["cpu_s"] / runs[f"replay-{rule}"]["cpu_s"])
+                loads += [r["load_before"] for r in runs.values()]
+            runs_txt = "; ".join(f"{r['cell']} {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU ({r['steps']} steps)"
+                                 for r in rows)
+            lines.append(f"- overhead of the {rule} rule, seed {seed}, {len(ratios)} alternating pairs under the "
+                         f"exclusive lock, 1 thread: CPU-time ratios {', '.join(f'{x:.3f}' for x in cpu_ratios)}, "
+                         f"wall ratios {', '.join(f'{x:.3f}' for x in ratios)}"
+                         + (f" (medians {statistics.median(cpu_ratios):.3f} CPU, {statistics.median(ratios):.3f} wall)"
+                            if ratios else "")
+                         + f"; load average {min(loads):.1f}-{max(loads):.1f}; runs: {runs_txt}")
+    return lines
+
+
+def eigen_lines(model: str, seeds: list[int]) -> list[str]:
+    """Goal 2's check: the eigenvalue trace of the ``eigen-trace`` cell."""
+    lines = []
+    for seed in seeds:
+        r = load(model, "eigen-trace", seed)
+        if not r:
+            continue
+        lines += ["", f"Top Hessian eigenvalue along fixed-128, seed {seed} (cell `eigen-trace`; epoch -1 = at "
+                  "initialisation):", "",
+                  "| epoch | step | as ABS measures it (10 it., tol 1e-2) | same batch, converged | "
+                  "4 other batches of 128: mean (min-max) | a batch of 2048 | ABS HVPs, s |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in r["eigen"]:
+            rnd = row["random_128"]
+            lines.append(f"| {row['epoch']} | {row['step']} | {row['abs']:.2f} | {row['converged']:.2f} | "
+                         f"{statistics.mean(rnd):.2f} ({min(rnd):.2f}-{max(rnd):.2f}) | {row['random_2048']:.2f} | "
+                         f"{row['abs_hvps']}, {row['abs_s']:.2f} |")
+    return lines
 
 
 def critical_batch(model: str, seeds: list[int]) -> tuple[dict[int, float], float | None]:
@@ -310,13 +494,13 @@ def report(models: list[str], seeds: list[int]) -> None:
         base = rows.get("fixed-128")
         goals = []
         if base:
-            for cell, limit in (("noise", 0.4), ("abs", 0.5)):
+            for cell, limit in (("noise", 0.4), ("noise-steps", 0.4), ("abs", 0.5)):
                 if cell in rows:
                     r = rows[cell]
                     ratio = r["steps"][0] / base["steps"][0]
                     drop = base["acc"][0] - r["acc"][0]
                     goals.append(f"- {cell}: {ratio:.2f}x the steps of fixed-128, accuracy {-drop * 100:+.2f} points "
-                                 f"(goal: <= {limit}x, >= {-0.3 if cell == 'noise' else -0.5} points)")
+                                 f"(goal: <= {limit}x, >= {-0.3 if cell.startswith('noise') else -0.5} points)")
             if "absa" in rows and "abs" in rows:
                 goals.append(f"- absa vs abs: accuracy {(rows['absa']['acc'][0] - rows['abs']['acc'][0]) * 100:+.2f} "
                              "points")
@@ -324,19 +508,29 @@ def report(models: list[str], seeds: list[int]) -> None:
             if cell in rows and f"replay-{cell}" in rows:
                 pairs = [(load(model, cell, s), load(model, f"replay-{cell}", s)) for s in seeds]
                 ratios = [a["wall_s"] / b["wall_s"] for a, b in pairs if a and b]
-                goals.append(f"- overhead of the {cell} rule (wall {cell} / replay of its schedule, same seed, "
-                             f"back to back): {', '.join(f'{x:.3f}' for x in ratios)}")
+                goals.append(f"- wall {cell} / replay-{cell} of the study cells (run apart, under varying load; not "
+                             f"the overhead measurement): {', '.join(f'{x:.3f}' for x in ratios)}")
+        goals += overhead_lines(model, seeds)
         steps, b_crit = critical_batch(model, seeds)
         if steps:
             goals.append(f"- steps to {TARGETS[model]:.0%} validation accuracy (mean over seeds): "
                          + ", ".join(f"{b}: {s:.0f}" for b, s in steps.items())
                          + (f"; fit S = S_min (1 + B_crit / B): B_crit = {b_crit:.0f}" if b_crit else ""))
+        table, knee = doubling_table(model, seeds)
+        if table:
+            goals.append(f"- steps to {TARGETS[model]:.0%} validation accuracy, interpolated between validations "
+                         "(mean ± sd over seeds; S(2B)/S(B) = 0.5 is perfect scaling): "
+                         + ", ".join(f"{b}: {m:.0f} ± {sd:.0f}" + (f" (x{r:.2f} at 2B)" if r else "")
+                                     for b, m, sd, r in table)
+                         + (f"; knee (first doubling above x{KNEE_RATIO}): {knee}" if knee else ""))
         if "advise" in rows:
             adv = rows["advise"]
+            rec = statistics.mean(adv["recommended"])
             goals.append(f"- advisor (300 steps at 128): B_simple {adv['b_simple'][0]:.0f} ± {adv['b_simple'][1]:.0f}, "
                          f"recommended batch {adv['recommended']}"
-                         + (f"; ratio to B_crit {statistics.mean(adv['recommended']) / b_crit:.2f}" if b_crit else ""))
-        lines += ["Goals:", ""] + (goals or ["- nothing to compare yet"]) + [""]
+                         + (f"; ratio to the knee {rec / knee:.2f}" if knee else "")
+                         + (f"; ratio to the fit's B_crit {rec / b_crit:.2f}" if b_crit else ""))
+        lines += ["Goals:", ""] + (goals or ["- nothing to compare yet"]) + eigen_lines(model, seeds) + [""]
         if missing:
             lines += ["Missing cells: " + ", ".join(missing), ""]
         img = ROOT.parent / "docs" / "img" / f"adaptive_batch_{model}.png"
@@ -355,7 +549,10 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["mlp-bn"], choices=tuple(MODEL_SPECS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cells", nargs="+", default=None, help=f"subset of {cell_order()}")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: one lock slot)")
+    parser.add_argument("--overhead", choices=("noise", "abs"), default=None,
+                        help="time this rule against the replay of its schedule (exclusive lock, alternating pairs)")
+    parser.add_argument("--pairs", type=int, default=2, help="pairs of --overhead runs")
     parser.add_argument("--report", action="store_true", help="write the report from the cache only")
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs (smoke tests)")
     parser.add_argument("--train-subset", type=int, default=None, help="first N images (smoke tests)")
@@ -369,6 +566,9 @@ def main() -> None:
         EPOCHS.update(dict.fromkeys(EPOCHS, args.epochs))
     if args.report:
         report(args.model, args.seeds)
+    elif args.overhead:
+        for model in args.model:
+            overhead(model, args.seeds[0], args.overhead, args.pairs)
     else:
         run(args.model, args.seeds, args.cells, args.threads)
 

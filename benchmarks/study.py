@@ -13,14 +13,14 @@ The plan, most informative first (each step waits for what it needs from the ste
 
 1. breadth first over the baseline (``sgd`` at the first batch of ``--batches``, 128) and every
    recipe at the next two batches (2048, 8192), in the order of ``--recipes``: each recipe's
-   scaling-rule LR (its frozen grid centre), then half and double; the ablations (below) at 8192
-   at that LR come first as soon as their parent recipe has run there;
+   scaling-rule LR (its frozen grid centre), then half and double;
 2. the LR grids of the baseline and at 2048 grown to 4-5 log-spaced values (factor 2 apart): one
    or two more steps outwards where the best LR sits on the edge of the grid;
 3. the baseline's best LR with seeds 1 and 2, then the ``--top`` best recipes at 2048 (seeds wait
    for a complete LR grid);
 4. the ablations (:data:`VARIANTS`: SP-NGD's ingredients switched one at a time, K-FAC with stale
-   statistics) at their parent recipe's best LR so far, at 8192 then 2048;
+   statistics) at their parent recipe's best LR, at 8192 then 2048, once the parent's LR grid there
+   is complete;
 5. the grids at 8192 completed, its top recipes' seeds; the headline cells of the second model
    (``--headline-model``, at its own epoch budget, at the grid centres);
 6. the remaining batches (512) in the same way, then every recipe's best cell with 3 seeds.
@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import hashlib
 import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +62,18 @@ RECIPES = ("sgd", "goyal", "lars", "lamb", "akiba", "kfac", "spngd")
 LR_FACTOR = 2.0  # spacing of the LR grid (log-spaced, factor 2)
 MIN_LRS, MAX_LRS = 4, 5  # LR values per (recipe, batch): at least 4, a 5th where the best is on the edge
 SEEDS = (0, 1, 2)
+CLAIM_POLL_SECONDS = 15.0  # a runner whose remaining cells are all claimed by another runner waits this long
 
 #: Ablations, run at the parent recipe's best LR: name -> (parent recipe, recipe keyword overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # goal 4's refresh share: the relative change of a fresh MC estimate of G (and of the unit-wise BN
+    # Fisher) between two refreshes is 0.25-0.75 at batch 2048 (benchmarks/stale_trace.py), above the
+    # default threshold 0.1, so those statistics never go stale; larger thresholds, first
+    "t0.5": ("spngd", {"stale_threshold": 0.5}),
+    "t1": ("spngd", {"stale_threshold": 1.0}),
+    "stale1": ("kfac", {"stale_threshold": 1.0}),
+    "stale0.5": ("kfac", {"stale_threshold": 0.5}),
+    "t0.3": ("spngd", {"stale_threshold": 0.3}),
     "poly2": ("spngd", {"power": 2.0}),  # K-FAC's decay instead of poly(3.5)
     "fresh": ("spngd", {"stale_threshold": None}),  # SP-NGD refreshing every statistic every step
     "avgfactors": ("spngd", {"factor_decay": 0.05}),
@@ -140,7 +151,7 @@ class StudyConfig:
 
 
 def grid_centre(recipe: str) -> float:
-    """The ``base_lr`` the LR grid is centred on: the scaling rule's prediction, frozen in :data:`STUDY_RECIPE_KWARGS`."""
+    """The ``base_lr`` the LR grid is centred on (the scaling rule's prediction, frozen in STUDY_RECIPE_KWARGS)."""
     return float(STUDY_RECIPE_KWARGS[recipe]["base_lr"])
 
 
@@ -243,8 +254,8 @@ class Tune:
         """The next LR to try when fewer than ``budget`` were tried, or None."""
         center = self.centre
         tried = self.tried(cache)
-        if self.fixed:
-            return None if tried else self.cell(center)
+        if self.fixed:  # one run at the given centre (an ablation may run at several parents' LRs)
+            return None if _round_lr(center) in tried else self.cell(center)
         if len(tried) >= min(budget, MAX_LRS):
             return None
         for lr in (center, center / LR_FACTOR, center * LR_FACTOR):
@@ -302,25 +313,23 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
         for grid in tunes[:k]:
             yield from _seed_cells(grid, cache)
 
-    def variants(batch: int, at_centre: bool = False) -> Iterator[Cell]:
+    def variants(batch: int) -> Iterator[Cell]:
         for name in config.variants:
             parent = Tune(model, VARIANTS[name][0], batch, epochs)
-            lr = parent.centre if at_centre else parent.best(cache)
+            lr = parent.best(cache)
             if parent.recipe in config.recipes and lr is not None and parent.tried(cache):
                 yield from round_robin([Tune(model, parent.recipe, batch, epochs, name, center=lr, fixed=True)])
 
-    # Goal 4's question first: the ablations at 8192, at the LR the recipes share by default (K-FAC's),
-    # as soon as their parent recipe has run there; then breadth first: every recipe's scaling-rule
-    # LR, then half and double, at the goals' batches
-    for batch in early[2:]:
-        yield from variants(batch, at_centre=True)
+    # breadth first: every recipe's scaling-rule LR, then half and double, at the goals' batches
     yield from round_robin([g for b in early for g in grids(b)], (1, 3))
     yield from round_robin([g for b in early[:2] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for grid in grids(config.baseline):
         yield from _seed_cells(grid, cache)
     if len(early) > 1:
         yield from top_seeds(early[1], config.top)
-    for batch in reversed(early[1:]):  # the ablations at 8192 (goal 4) first
+    for batch in reversed(early[1:]):  # the ablations at 8192 (goal 4) first, after their parents' LR grids
+        parents = dict.fromkeys(VARIANTS[name][0] for name in config.variants if VARIANTS[name][0] in config.recipes)
+        yield from round_robin([Tune(model, parent, batch, epochs) for parent in parents], (MIN_LRS, MAX_LRS))
         yield from variants(batch)
     yield from round_robin([g for b in early[2:] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for batch in early[2:]:
@@ -337,8 +346,51 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
         yield from top_seeds(batch, len(config.recipes))
 
 
-def next_cell(config: StudyConfig, cache: Cache) -> Cell | None:
-    return next((cell for cell in plan(config, cache) if cache.get(cell) is None), None)
+def next_cell(config: StudyConfig, cache: Cache, skip: Container[str] = ()) -> Cell | None:
+    """The first missing cell of the plan whose key is not in ``skip``."""
+    return next((cell for cell in plan(config, cache) if cell.key not in skip and cache.get(cell) is None), None)
+
+
+def claims_dir(config: StudyConfig) -> Path:
+    """Where runners sharing ``config.results`` mark the cells they are training (outside the cache)."""
+    digest = hashlib.sha1(str(config.results.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"lbo-study-claims-{digest}"
+
+
+def claim(config: StudyConfig, cell: Cell) -> Path | None:
+    """Mark ``cell`` as being trained by this process; None when another live runner has it.
+
+    Two runners on one cache (one per free benchmark slot) so train disjoint cells; a claim left by a
+    runner that died is taken over.
+    """
+    path = claims_dir(config) / f"{cell.key}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                return None
+            path.unlink(missing_ok=True)  # its runner died
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return path
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -400,16 +452,30 @@ def run_study(config: StudyConfig, until: float | None = None, max_runs: int | N
     """Train missing cells in plan order until none is left, ``until`` (epoch seconds) or ``max_runs``."""
     cache = Cache(config)
     runs = 0
+    taken: set[str] = set()  # cells another runner is training
     while max_runs is None or runs < max_runs:
         if until is not None and time.time() >= until:
             log("stopping: --until reached")
             break
-        cell = next_cell(config, cache)
+        cell = next_cell(config, cache, taken)
         if cell is None:
-            log("nothing left to train")
-            break
+            if not taken:
+                log("nothing left to train")
+                break
+            time.sleep(CLAIM_POLL_SECONDS)  # only cells of another runner are left: their results may add more
+            taken.clear()
+            cache.reload()
+            continue
+        mine = claim(config, cell)
+        if mine is None:
+            taken.add(cell.key)
+            continue
         log(f"== {cell.key}")
-        record = train(cell, config, runner)
+        try:
+            record = train(cell, config, runner)
+        finally:
+            mine.unlink(missing_ok=True)
+        taken.clear()
         res = record["result"]
         error = f", error {res['error']}" if res.get("error") else ""
         log(f"   held-out {res.get('final_acc')}, test {res.get('test_acc')}, {record['wall_seconds']:.0f} s "

@@ -140,14 +140,15 @@ def test_report_goals_and_tables_from_a_synthetic_cache(tmp_path):
     # baseline sgd@128 at LR 0.4: held-out 0.9 (+0.001/seed), test 0.895, 0.896, 0.897 over seeds 0-2
     assert "Test accuracy at the chosen LR: 0.8960 ± 0.0010 (n=3)." in text
     # batch 2048: K-FAC 0.9 held-out at its centre LR 0.02 (all tie), test 0.895-0.897 over 3 seeds: gap 0
-    assert ("| 1. MLP-BN: best recipe at 2048 within 0.3% of the baseline (3 seeds) | kfac 0.8960 vs sgd@128 "
-            "0.8960: gap +0.0000 | **met** |") in text
+    assert ("| 1. MLP-BN: best recipe at 2048 within 0.3% of the baseline (3 seeds) | kfac 0.8960 ± 0.0010 (n=3) "
+            "vs sgd@128 0.8960 ± 0.0010 (n=3): gap +0.0000 | **met** |") in text
     # target 0.9 - 0.005: K-FAC at step 10, sgd at 2048 (0.88) never in its 40 steps: ratio < 0.25
     assert "| K-FAC 10 steps; no first-order recipe in 40 (ratio < 0.25) | **met** |" in text
     # 8192: the best is K-FAC again; SP-NGD's grid ends at 0.16 (0.8625 held-out, test 0.8575-0.8595), 70% skipped
-    assert "| 3. gap of the best recipe at 8192 (goal <= 1%) | kfac 0.8960 (n=3): gap +0.0000 | **met** |" in text
-    assert "| 4. spngd within 0.3% of K-FAC at 8192, >= 60% refreshes skipped | 0.8585 vs 0.8960 (gap +0.0375); " \
-           "skipped 70% | **not met** |" in text
+    assert ("| 3. gap of the best recipe at 8192 (goal <= 1%) | kfac 0.8960 ± 0.0010 (n=3): gap +0.0000 "
+            "| **met** |") in text
+    assert ("| 4. spngd (LR 0.16) within 0.3% of K-FAC at 8192, >= 60% refreshes skipped | 0.8585 ± 0.0010 (n=3) vs "
+            "0.8960 ± 0.0010 (n=3) (gap +0.0375); skipped 70% | **not met** |") in text
     assert "**Status: complete.**" in text
     assert report.plot_error_vs_batch(report.collect(study.Cache(config), "mlp-bn", 1), config, None,
                                       tmp_path / "e.png").stat().st_size > 0
@@ -204,3 +205,25 @@ def test_study_recipe_kwargs_are_frozen_against_changed_recipe_defaults(tmp_path
     assert study.Cache(config).get(cell) is not None  # still the same hyperparameters: reused
     assert study.Tune("mlp-bn", "sgd", 100, 1).centre == 0.1
     assert study.next_cell(config, study.Cache(config)).base_lr == 0.05  # the grid goes on around 0.1
+
+
+def test_two_runners_train_disjoint_cells_and_take_over_a_dead_runners_claim(tmp_path):
+    """A cell claimed by a live runner is skipped; a claim whose process died is taken over."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    config = _config(tmp_path)  # the plan starts with sgd at batch 100, then at 250
+    first = study.next_cell(config, study.Cache(config))
+    held = study.claim(config, first)
+    assert held is not None and study.claim(config, first) is None  # taken (by this live process)
+    held.write_text(str(os.getppid()))  # a live process other than this one
+    calls: list[RunSpec] = []
+    study.run_study(config, max_runs=1, until=time.time() + 60, runner=_fake_runner(calls), log=lambda _: None)
+    assert [(c.batch_size, c.recipe_kwargs["base_lr"]) for c in calls] == [(250, 0.1)]  # not the claimed cell
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held.write_text(dead.stdout.strip())
+    again: list[RunSpec] = []
+    study.run_study(config, max_runs=1, until=time.time() + 60, runner=_fake_runner(again), log=lambda _: None)
+    assert [(c.batch_size, c.recipe_kwargs["base_lr"]) for c in again] == [(100, 0.1)] and not held.exists()

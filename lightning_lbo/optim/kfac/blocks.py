@@ -369,25 +369,51 @@ class Conv2dBlock(KroneckerBlock):
         return x
 
     def a_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """im2col patches ``[groups, N * L, C_in/groups * kh * kw]`` (L = output locations).
+        """im2col patches ``[groups, N * L, kh * kw * C_in/groups]`` (L = output locations) in *patch order*:
+        columns ``(i, j, c)``, not the weight's ``(c, i, j)``.
 
-        Built from ``kh * kw`` strided slices of the padded, channels-last input and one stack
-        (``F.unfold`` is an order of magnitude slower on CPU); columns are ordered ``(c, i, j)``
-        like ``weight.view(C_out, -1)``.
+        One stack of ``kh * kw`` strided slices of the padded input in channels-last memory, so that
+        each slice is copied in runs of ``C`` contiguous values (3x faster than stacking them into the
+        weight order, which writes every ``kh * kw``-th value; ``F.unfold`` is slower still). The Gram
+        and kept rows are permuted to the weight order afterwards (:meth:`to_weight_order`), which
+        costs ``d_A^2`` instead of ``N L d_A``.
         """
         (kh, kw), (dh, dw), (sh, sw) = self._geometry()
         x = self._padded(x)
         n, c, H, W = x.shape
         oh = (H - dh * (kh - 1) - 1) // sh + 1
         ow = (W - dw * (kw - 1) - 1) // sw + 1
-        xc = x.permute(0, 2, 3, 1)  # [N, H, W, C] view
+        xc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # [N, H, W, C], C contiguous
         cols = [xc[:, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
                 for i in range(kh) for j in range(kw)]
-        cols = torch.stack(cols, dim=-1) if len(cols) > 1 else cols[0].unsqueeze(-1)  # [N, oh, ow, C, kh*kw]
+        cols = torch.stack(cols, dim=3) if len(cols) > 1 else cols[0].unsqueeze(3)  # [N, oh, ow, kh*kw, C]
         g = self.groups
         if g == 1:
-            return cols.reshape(1, n * oh * ow, c * kh * kw)
-        return cols.reshape(n * oh * ow, g, c // g * kh * kw).transpose(0, 1).contiguous()
+            return cols.reshape(1, n * oh * ow, kh * kw * c)
+        cols = cols.reshape(n * oh * ow, kh * kw, g, c // g).permute(2, 0, 1, 3)
+        return cols.reshape(g, n * oh * ow, kh * kw * (c // g))
+
+    def to_weight_order(self, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """``t`` with its patch-order axes ``dims`` (columns ``(i, j, c)``, a bias column last) in the
+        weight's ``(c, i, j)`` order."""
+        (kh, kw), _, _ = self._geometry()
+        taps, size = kh * kw, t.shape[dims[0]]
+        per_group = self.module.in_channels // self.groups
+        order = torch.arange(taps * per_group, device=t.device).view(taps, per_group).t().reshape(-1)
+        if size > taps * per_group:  # the bias column stays last
+            order = torch.cat([order, order.new_tensor([size - 1])])
+        for dim in dims:
+            t = t.index_select(dim, order)
+        return t
+
+    def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
+        stats, rows = super().input_statistics(x, due)
+        if "A" in stats:
+            stats["A"] = self.to_weight_order(stats["A"], (1, 2))
+        return stats, rows
+
+    def with_ones(self, rows: torch.Tensor) -> torch.Tensor:
+        return super().with_ones(self.to_weight_order(rows, (2,)))
 
     def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         n, c = grad.shape[:2]

@@ -21,9 +21,11 @@ The plan, most informative first (each step waits for what it needs from the ste
 4. the ablations (:data:`VARIANTS`: SP-NGD's ingredients switched one at a time, K-FAC with stale
    statistics) at their parent recipe's best LR, at 8192 then 2048, once the parent's LR grid there
    is complete;
-5. the grids at 8192 completed, its top recipes' seeds; the headline cells of the second model
-   (``--headline-model``, at its own epoch budget, at the grid centres);
-6. the remaining batches (512) in the same way, then every recipe's best cell with 3 seeds.
+5. the grids at 8192 completed, its top recipes' seeds;
+6. short grids (3 LRs: centre, half, double) of the ``--headline-recipes`` at the remaining batches
+   (512), then of the second model's headline cells (``--headline-model``, at its own epoch budget;
+   its best LRs with 3 seeds);
+7. the remaining batches' full grids, then every recipe's best cell with 3 seeds.
 
 Selection uses the final held-out accuracy of seed 0; the test split is never used for it.
 ``--until HH:MM`` (UTC) stops starting new runs at that time; ``--dry-run`` prints the next runs.
@@ -61,6 +63,7 @@ if str(HERE.parent) not in sys.path:  # `python benchmarks/study.py` from the re
 RECIPES = ("sgd", "goyal", "lars", "lamb", "akiba", "kfac", "spngd")
 LR_FACTOR = 2.0  # spacing of the LR grid (log-spaced, factor 2)
 MIN_LRS, MAX_LRS = 4, 5  # LR values per (recipe, batch): at least 4, a 5th where the best is on the edge
+HEADLINE_LRS = 3  # the short grids (second model, batch 512): centre, half, double
 SEEDS = (0, 1, 2)
 CLAIM_POLL_SECONDS = 15.0  # a runner whose remaining cells are all claimed by another runner waits this long
 
@@ -285,10 +288,11 @@ def _round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def _seed_cells(grid: Tune, cache: Cache) -> list[Cell]:
-    """Seeds 1, 2 at the best LR once the LR grid is complete (an unfinished grid may still move)."""
+def _seed_cells(grid: Tune, cache: Cache, lrs: int | None = None) -> list[Cell]:
+    """Seeds 1, 2 at the best LR once the LR grid is complete, or has ``lrs`` values (a short grid)."""
     best = grid.best(cache)
-    return [] if best is None or not grid.done(cache) else [grid.cell(best, seed) for seed in SEEDS[1:]]
+    ready = grid.done(cache) if lrs is None else len(grid.tried(cache)) >= lrs
+    return [grid.cell(best, seed) for seed in SEEDS[1:]] if best is not None and ready else []
 
 
 def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
@@ -334,10 +338,16 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
     yield from round_robin([g for b in early[2:] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for batch in early[2:]:
         yield from top_seeds(batch, config.top)
-    if config.headline_model and len(config.batches) > 1:
-        head = [Tune(config.headline_model, r, b, config.headline_epochs, fixed=True)
+    # the middle of the accuracy-vs-batch curve (512): the headline recipes with 3 LRs each
+    for batch in config.batches[3:]:
+        yield from round_robin([Tune(model, r, batch, epochs) for r in config.headline_recipes
+                                if r in config.recipes], (1, HEADLINE_LRS))
+    if config.headline_model and len(config.batches) > 1:  # the second model: 3 LRs, then the best with 3 seeds
+        head = [Tune(config.headline_model, r, b, config.headline_epochs)
                 for b in config.batches[:2] for r in (["sgd"] if b == config.baseline else config.headline_recipes)]
-        yield from round_robin(head)
+        yield from round_robin(head, (1, HEADLINE_LRS))
+        for grid in head:
+            yield from _seed_cells(grid, cache, HEADLINE_LRS)
     for batch in config.batches[3:]:
         yield from round_robin(grids(batch))
         yield from top_seeds(batch, config.top)

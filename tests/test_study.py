@@ -227,3 +227,13 @@ def test_two_runners_train_disjoint_cells_and_take_over_a_dead_runners_claim(tmp
     again: list[RunSpec] = []
     study.run_study(config, max_runs=1, until=time.time() + 60, runner=_fake_runner(again), log=lambda _: None)
     assert [(c.batch_size, c.recipe_kwargs["base_lr"]) for c in again] == [(100, 0.1)] and not held.exists()
+
+
+def test_headline_model_gets_a_short_grid_then_three_seeds_at_its_best_lr(tmp_path):
+    """The second model's cells: centre, half, double (3 LRs), then seeds 1 and 2 at the best of them."""
+    calls: list[RunSpec] = []
+    config = _config(tmp_path, headline_model="cnn", headline_recipes=("sgd",), headline_epochs=1)
+    study.run_study(config, runner=_fake_runner(calls), log=lambda _: None)
+    cnn = [(c.batch_size, c.recipe_kwargs["base_lr"], c.seed) for c in calls if c.model == "cnn"]
+    assert cnn == [(100, 0.1, 0), (250, 0.1, 0), (100, 0.05, 0), (100, 0.2, 0), (250, 0.05, 0), (250, 0.2, 0),
+                   (100, 0.2, 1), (100, 0.2, 2), (250, 0.2, 1), (250, 0.2, 2)]  # the fake optimum is 0.4

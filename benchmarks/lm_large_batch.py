@@ -187,16 +187,20 @@ def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSeq
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = next_token_loss(model(x), y, classes_last=False)
+        # The loop's only sync (the CPU runs synchronously anyway). A non-finite loss skips the update:
+        # K-FAC's MC Fisher cannot sample labels from non-finite logits, and the run counts as diverged.
+        if not math.isfinite(loss.item()):
+            nonfinite += 1
+            scheduler.step()
+            if nonfinite > 3:
+                break
+            continue
         loss.backward()
         if pre is not None:
             pre.step(lr=optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
         step_times.append(time.perf_counter() - t0)
-        if not math.isfinite(loss.item()):  # the loop's only sync; the CPU runs synchronously anyway
-            nonfinite += 1
-            if nonfinite > 3:
-                break
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             history.append((step + 1, (step + 1) * batch * MODEL["seq_len"], evaluate(model, val)))
     return {"method": method, "multiplier": multiplier, "batch": batch, "lr": lr, "seed": seed, "steps": steps,

@@ -250,3 +250,19 @@ def test_lm_benchmark_steps_to_reach_interpolates_between_evaluations():
     assert steps_to_reach(run, 3.0) == 10
     assert steps_to_reach(run, 2.5) == pytest.approx(15.0)
     assert steps_to_reach(run, 1.9) is None
+
+
+def test_lm_benchmark_diverging_kfac_run_is_recorded_not_raised(monkeypatch):
+    """A K-FAC (MC Fisher) run whose loss turns non-finite ends as diverged instead of failing to sample labels."""
+    import math
+
+    import benchmarks.lm_large_batch as bench
+
+    monkeypatch.setattr(bench, "MODEL", dict(bench.MODEL, d_model=16, n_heads=2, n_layers=1))
+    monkeypatch.setattr(bench, "BASE_STEPS", 128)  # 8 steps at 16x
+    monkeypatch.setattr(bench, "BASE_BATCH", 1)
+    monkeypatch.setattr(bench, "EVALS", 2)
+    train = ByteSequenceDataset(torch.tensor(list(b"abcdefgh" * 200), dtype=torch.uint8), 64)
+    val = train.__getitems__([0, 1])
+    record = bench.train_run("kfac", 16, 1e30, 0, train, val)
+    assert record["diverged"] and math.isnan(record["final_val_loss"])

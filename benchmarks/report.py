@@ -169,8 +169,17 @@ def _baseline(cells: dict, config: StudyConfig) -> tuple[list[str], Chosen | Non
              f"Test accuracy at the chosen LR: {_pm(base.test_mean, base.test_std, len(base.runs))}.",
              f"Plateau: over its last two epochs (seed 0) the held-out accuracy stays within "
              f"{min(last):.4f}-{max(last):.4f} (cosine decay to 0 ends the run; the first half of "
-             f"training reached {max(acc for step, _, acc in history if step <= config.epochs * spe / 2):.4f}).", ""]
+             f"training reached {max(acc for step, _, acc in history if step <= config.epochs * spe / 2):.4f}). "
+             "Held-out accuracy at the end of each of the last epochs, mean over the seeds: "
+             + ", ".join(f"epoch {e}: {statistics.fmean(_at_epoch(r, e) for r in base.runs):.4f}"
+                         for e in range(max(1, config.epochs - 4), config.epochs + 1)) + ".", ""]
     return lines, base
+
+
+def _at_epoch(record: dict[str, Any], epoch: int) -> float:
+    """Held-out accuracy of the last validation at or before the end of ``epoch``."""
+    history = record["result"]["history"]
+    return [acc for step, _, acc in history if step <= epoch * record["steps_per_epoch"]][-1]
 
 
 def _by_batch_table(cells: dict, config: StudyConfig, base: Chosen | None) -> list[str]:

@@ -259,7 +259,7 @@ def _variant_text(name: str) -> str:
 def _ablation(cache: Cache, config: StudyConfig, batch: int) -> list[str]:
     """Every SP-NGD / K-FAC variant run at ``batch`` (seed 0) next to its parent recipe at the same LR."""
     runs: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
-    for key, record in cache.records.items():
+    for record in cache.records.values():
         cell = record["cell"]
         if (cell["model"], cell["epochs"], cell["batch"], cell["seed"]) != (config.model, config.epochs, batch, 0):
             continue

@@ -171,6 +171,33 @@ def eigen_trace(seed: int):
     return EigenTrace()
 
 
+class HookClock:
+    """CPU and wall seconds spent inside chosen methods of chosen objects (the rules' measurements).
+
+    Timing the measurement inside the run itself attributes its cost without a second run, so the
+    share does not depend on how the machine's load differed between two runs.
+    """
+
+    def __init__(self) -> None:
+        self.cpu_s = self.wall_s = 0.0
+        self.calls = 0
+
+    def wrap(self, obj: Any, names: tuple[str, ...]) -> None:
+        for name in names:
+            method = getattr(obj, name)
+
+            def timed(*args, _method=method, **kwargs):
+                cpu, wall = time.process_time(), time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.cpu_s += time.process_time() - cpu
+                    self.wall_s += time.perf_counter() - wall
+                    self.calls += 1
+
+            setattr(obj, name, timed)
+
+
 def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list | None = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
@@ -218,6 +245,14 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
                                            rewarmup_steps=REWARMUP, decide_every_n_steps=decide_every))
     if cell == "absa":
         callbacks.append(AdversarialTraining(ratio=0.2, epsilon=0.005, stop_fraction=0.5))
+    clock = HookClock()  # what the rule's measurement costs: the noise callback's hooks, the Hessian's
+    for cb in callbacks:
+        if isinstance(cb, GradientNoiseScale):
+            clock.wrap(cb, ("on_train_batch_start", "on_before_optimizer_step"))
+        elif isinstance(cb, AdaptiveBatchSize) and rule is not None and rule.needs is not None:
+            clock.wrap(cb, ("measure",))
+            if rule.needs == "eigenvalue":
+                clock.wrap(cb.fixed, ("offer",))
     rec = recorder()
     callbacks.append(rec)
     pl.seed_everything(seed, verbose=False)
@@ -238,7 +273,8 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
     gns = next((cb for cb in callbacks if isinstance(cb, GradientNoiseScale)), None)
     return {"steps": trainer.global_step, "test_acc": test_acc, "wall_s": wall, "cpu_s": cpu, "curve": rec.curve,
             "trace": rec.trace, "history": abs_cb.history if abs_cb else [],
-            "b_simple": gns.history if gns else [], **({"eigen": eigen.rows} if eigen else {})}
+            "b_simple": gns.history if gns else [], "measure_cpu_s": clock.cpu_s, "measure_wall_s": clock.wall_s,
+            **({"eigen": eigen.rows} if eigen else {})}
 
 
 def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: int) -> None:
@@ -332,10 +368,12 @@ KNEE_RATIO = 0.75  # S(2B) / S(B) above this: doubling no longer (nearly) halves
 def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float, float, float | None]], int | None]:
     """Goal 3's empirical critical batch, read directly off the fixed-batch ladder.
 
-    Rows ``(B, mean interpolated steps-to-target, their sd over seeds, S(2B) / S(B))``; the knee is
-    the first ``B`` whose doubling cuts steps by less than to ``KNEE_RATIO`` (0.75: halfway between
-    perfect scaling, 0.5, and none, 1.0; it is also where ``S = S_min (1 + B_crit / B)`` puts
-    ``B = B_crit``).
+    Rows ``(B, mean interpolated steps-to-target, their sd over seeds, S(2B) / S(B))``. A doubling
+    "halves" the steps when ``S(2B) / S(B) <= KNEE_RATIO`` (0.75: halfway between perfect scaling,
+    0.5, and none, 1.0; the fit ``S = S_min (1 + B_crit / B)`` gives 0.75 exactly at ``B = B_crit``).
+    The knee is the smallest ``B`` from which no further doubling on the ladder halves the steps (so
+    a single noisy ratio in the middle of the ladder does not set it); None if the last doubling
+    still halves them.
     """
     target, means = TARGETS[model], {}
     for b in FIXED:
@@ -343,12 +381,13 @@ def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float,
         reached = [steps_to_interpolated(r["curve"], target) for r in runs if r]
         if reached and all(x is not None for x in reached):
             means[b] = (statistics.mean(reached), statistics.stdev(reached) if len(reached) > 1 else 0.0)
-    rows, knee = [], None
-    for b, (mean, sd) in means.items():
-        ratio = means[2 * b][0] / mean if 2 * b in means else None
-        rows.append((b, mean, sd, ratio))
-        if knee is None and ratio is not None and ratio > KNEE_RATIO:
+    rows = [(b, mean, sd, means[2 * b][0] / mean if 2 * b in means else None) for b, (mean, sd) in means.items()]
+    ratios = [(b, r) for b, _, _, r in rows if r is not None]
+    knee = None
+    for b, _ in ratios:
+        if all(r > KNEE_RATIO for b2, r in ratios if b2 >= b):
             knee = b
+            break
     return rows, knee
 
 
@@ -524,7 +563,8 @@ def report(models: list[str], seeds: list[int]) -> None:
                          "(mean ± sd over seeds; S(2B)/S(B) = 0.5 is perfect scaling): "
                          + ", ".join(f"{b}: {m:.0f} ± {sd:.0f}" + (f" (x{r:.2f} at 2B)" if r else "")
                                      for b, m, sd, r in table)
-                         + (f"; knee (first doubling above x{KNEE_RATIO}): {knee}" if knee else ""))
+                         + (f"; knee (smallest B from which no doubling cuts steps to x{KNEE_RATIO} or less): "
+                            f"{knee}" if knee else ""))
         if "advise" in rows:
             adv = rows["advise"]
             rec = statistics.mean(adv["recommended"])

@@ -211,6 +211,8 @@ def _grids(cells: dict, config: StudyConfig) -> list[str]:
     for cell in cache_like:
         if cell.model == config.model and "+" not in cell.name:
             complete = "yes" if len(cell.grid) >= 4 else f"no ({len(cell.grid)} of 4-5)"
+            if len(cell.grid) >= 5 and cell.lr in (min(cell.grid), max(cell.grid)):
+                complete += " (the best on its edge)"
             lines.append(f"| {cell.name} | {cell.batch} | {_lr_grid(cell)} | {complete} |")
     return lines + [""]
 

@@ -140,6 +140,7 @@ class StudyConfig:
     headline_recipes: tuple[str, ...] = ("sgd", "lars", "kfac")
     headline_epochs: int = 4
     variants: tuple[str, ...] = tuple(VARIANTS)
+    seed_variants: tuple[str, ...] = ()  # variants also rerun with seeds 1 and 2 (after the 8192 seeds)
     top: int = 3
     val_size: int = 5000
     train_subset: int = 0
@@ -338,6 +339,13 @@ def plan(config: StudyConfig, cache: Cache) -> Iterator[Cell]:
     yield from round_robin([g for b in early[2:] for g in grids(b)], (MIN_LRS, MAX_LRS))
     for batch in early[2:]:
         yield from top_seeds(batch, config.top)
+    for batch in reversed(early[1:]):
+        for name in config.seed_variants:
+            parent = Tune(model, VARIANTS[name][0], batch, epochs)
+            lr = parent.best(cache)
+            variant = Tune(model, parent.recipe, batch, epochs, name, center=lr, fixed=True)
+            if lr is not None and parent.recipe in config.recipes and _round_lr(lr) in variant.tried(cache):
+                yield from (variant.cell(lr, seed) for seed in SEEDS[1:])
     # the middle of the accuracy-vs-batch curve (512): the headline recipes with 3 LRs each
     for batch in config.batches[3:]:
         yield from round_robin([Tune(model, r, batch, epochs) for r in config.headline_recipes
@@ -536,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headline-epochs", type=int, default=4, help="epochs of the second model's runs (default 4)")
     p.add_argument("--variants", type=_csv(str), default=tuple(VARIANTS),
                    help=f"ablations (default all: {','.join(VARIANTS)})")
+    p.add_argument("--seed-variants", type=_csv(str), default=(),
+                   help="variants also rerun with seeds 1 and 2 at their parent's best LR (default none)")
     p.add_argument("--top", type=int, default=3, help="recipes per batch rerun with 3 seeds first (default 3)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for LR selection")
     p.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0: all 60000)")
@@ -560,7 +570,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     for model in (args.model, args.headline_model):
         if model and model not in MODELS:
             raise SystemExit(f"Unknown model {model!r}. Available: {', '.join(MODELS)}.")
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in (*args.variants, *args.seed_variants) if v not in VARIANTS]
     if bad:
         raise SystemExit(f"Unknown variant(s): {', '.join(bad)}. Available: {', '.join(VARIANTS)}.")
     if args.epochs < 1 or args.headline_epochs < 1 or min(args.batches) < 1 or args.val_size < 0:
@@ -568,7 +578,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     config = StudyConfig(model=args.model, recipes=tuple(args.recipes), batches=tuple(args.batches),
                          epochs=args.epochs, headline_model=args.headline_model,
                          headline_recipes=tuple(args.headline_recipes), headline_epochs=args.headline_epochs,
-                         variants=tuple(args.variants), top=args.top, val_size=args.val_size,
+                         variants=tuple(args.variants), seed_variants=tuple(args.seed_variants), top=args.top,
+                         val_size=args.val_size,
                          train_subset=args.train_subset, data_dir=args.data_dir, threads=args.threads,
                          accelerator=args.accelerator, results=args.results)
     too_big = [b for b in config.batches if b > train_images(config)]

@@ -237,3 +237,15 @@ def test_headline_model_gets_a_short_grid_then_three_seeds_at_its_best_lr(tmp_pa
     cnn = [(c.batch_size, c.recipe_kwargs["base_lr"], c.seed) for c in calls if c.model == "cnn"]
     assert cnn == [(100, 0.1, 0), (250, 0.1, 0), (100, 0.05, 0), (100, 0.2, 0), (250, 0.05, 0), (250, 0.2, 0),
                    (100, 0.2, 1), (100, 0.2, 2), (250, 0.2, 1), (250, 0.2, 2)]  # the fake optimum is 0.4
+
+
+def test_seed_variants_rerun_the_variant_at_its_parents_best_lr_with_seeds_1_and_2(tmp_path):
+    """--seed-variants: the variant's seed-0 cell, then seeds 1 and 2 at the same LR; other variants: seed 0 only."""
+    calls: list[RunSpec] = []
+    config = _config(tmp_path, recipes=("sgd", "spngd"), variants=("fresh", "poly2"), seed_variants=("fresh",))
+    study.run_study(config, runner=_fake_runner(calls), log=lambda _: None)
+    fresh = [(c.recipe_kwargs["base_lr"], c.seed) for c in calls if c.recipe_kwargs.get("stale_threshold", 1) is None]
+    poly2 = [c.seed for c in calls if c.recipe_kwargs.get("power") == 2.0 and c.recipe == "spngd"]
+    assert fresh == [(0.16, 0), (0.16, 1), (0.16, 2)] and poly2 == [0]
+    with pytest.raises(SystemExit, match="Unknown variant"):
+        study.config_from_args(study.build_parser().parse_args(["--seed-variants", "nope"]))

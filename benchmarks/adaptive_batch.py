@@ -481,7 +481,7 @@ def plot_run(model: str, seed: int, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {c: load(model, c, seed) for c in ("fixed-128", "noise", "abs")}
+    runs = {c: load(model, c, seed) for c in ("fixed-128", "noise", "noise-steps", "abs")}
     runs = {c: r for c, r in runs.items() if r}
     if len(runs) < 2:
         return False
@@ -552,6 +552,13 @@ def report(models: list[str], seeds: list[int]) -> None:
                 goals.append(f"- wall {cell} / replay-{cell} of the study cells (run apart, under varying load; not "
                              f"the overhead measurement): {', '.join(f'{x:.3f}' for x in ratios)}")
         goals += overhead_lines(model, seeds)
+        for cell in ("noise", "noise-steps", "abs", "absa"):
+            timed = [r for r in (load(model, cell, s) for s in seeds) if r and "measure_cpu_s" in r]
+            if timed:
+                shares = [r["measure_cpu_s"] / (r["cpu_s"] - r["measure_cpu_s"]) for r in timed]
+                goals.append(f"- {cell}: CPU time inside the rule's measurement, timed within the run, relative to the "
+                             f"rest of the run: {', '.join(f'{x:.1%}' for x in shares)} (seeds "
+                             f"{', '.join(str(r['seed']) for r in timed)})")
         steps, b_crit = critical_batch(model, seeds)
         if steps:
             goals.append(f"- steps to {TARGETS[model]:.0%} validation accuracy (mean over seeds): "

@@ -439,15 +439,17 @@ def write_report(runs: list[dict[str, Any]]) -> None:
         target = mean_final(base)
         out += [f"Baseline: AdamW, batch {BASE_BATCH}, lr {base[0]['lr']:g}, final validation loss "
                 f"{target:.4f} (mean of {len(base)} seed(s)).", "",
-                "| method | batch | chosen lr | seeds | final val loss | vs baseline | steps to baseline loss | "
-                "steps to AdamW's final loss at this batch |",
+                "| method | batch | chosen lr | seeds | final val loss: mean (per seed) | vs baseline | "
+                "steps to baseline loss | steps to AdamW's final loss at this batch (share of the run) |",
                 "|---|---|---|---|---|---|---|---|"]
 
         def reach_text(cell: list[dict[str, Any]], loss: float) -> str:
+            total = cell[0]["steps"]
             reach = [steps_to_reach(r, loss) for r in cell]
-            return ", ".join(f"{s:.0f}" if s is not None else "not reached" for s in reach) + \
-                f" (of {cell[0]['steps']})"
+            return ", ".join(f"{s:.0f} ({s / total:.2f}x)" if s is not None else "not reached" for s in reach) + \
+                f" of {total}"
 
+        best_gap = {}
         for k in MULTIPLIERS:
             adamw = chosen(runs, "adamw", k)
             for method in GRIDS:
@@ -455,9 +457,24 @@ def write_report(runs: list[dict[str, Any]]) -> None:
                 if not cell:
                     continue
                 final = mean_final(cell)
+                if k > 1 and final < best_gap.get(k, (None, math.inf))[1]:
+                    best_gap[k] = (method, final)
+                seeds = ", ".join(f"{r['final_val_loss']:.4f}" for r in sorted(cell, key=lambda r: r["seed"]))
                 same_batch = reach_text(cell, mean_final(adamw)) if adamw else "no AdamW run"
-                out.append(f"| {method} | {BASE_BATCH * k} | {cell[0]['lr']:g} | {len(cell)} | {final:.4f} | "
+                out.append(f"| {method} | {BASE_BATCH * k} | {cell[0]['lr']:g} | {len(cell)} | {final:.4f} ({seeds}) | "
                            f"{100 * (final / target - 1):+.1f}% | {reach_text(cell, target)} | {same_batch} |")
+        out += [""] + [f"Best at batch {BASE_BATCH * k}: {m}, {100 * (f / target - 1):+.1f}% over the baseline."
+                       for k, (m, f) in sorted(best_gap.items())]
+        out += ["", "LR grids (seed 0, final validation loss; * chosen, nan diverged):", ""]
+        for k in MULTIPLIERS:
+            for method in GRIDS:
+                cell = sorted((r for r in runs if r["method"] == method and r["multiplier"] == k and r["seed"] == 0
+                               and r.get("variant") is None), key=lambda r: r["lr"])
+                if cell:
+                    best = best_lr(runs, method, k)
+                    points = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}{'*' if r['lr'] == best else ''}"
+                                       for r in cell)
+                    out.append(f"* {method}, batch {BASE_BATCH * k}: {points}")
     variants = [r for r in runs if r.get("variant")]
     if variants:
         out += ["", "K-FAC variants at the chosen LR (seed 0), against the same run without the variant:", "",

@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per implementation per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print where K-FAC's extra time goes")
+    parser.add_argument("--impls", nargs="+", default=["sgd", "kfac", "asdl"], choices=["sgd", "kfac", "asdl"],
+                        help="implementations to interleave (sgd is always included: ratios are to it)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                         help="override K-FAC arguments, e.g. --set factor_update_interval=20")
     args = parser.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
     case = dict(CASES[args.case])
     case["kfac"] = {**case["kfac"], **{k: int(v) for k, v in (item.split("=") for item in args.set)}}
     rounds = args.rounds or max(1, 3 * case["period"] // args.block)
-    steps = make_steps(case, ["sgd", "kfac", "asdl"])
+    steps = make_steps(case, ["sgd"] + [name for name in args.impls if name != "sgd"])
     for fn in steps.values():  # warm-up: one full step each (allocations, first inverses)
         fn()
     totals = {k: 0.0 for k in steps}

@@ -130,6 +130,9 @@ class BlockInverse:
     #: the damping is added to the factors' eigenvalues themselves (not a factored ``sqrt(lambda)`` per
     #: factor), so a factor rounded to fp32 is off by more than a small damping: held in fp64 by default
     exact_damping = False
+    #: with ``exact_damping``: the fixed damping from which fp32 factors are precise enough (1e-4 of a
+    #: dense fp64 solve), so that the default factor dtype stays fp32 there (inf: always fp64)
+    fp32_factors_from = float("inf")
 
     def __init__(self, **tensors: torch.Tensor) -> None:
         # Contiguous, so that an owner's inverse and a broadcast copy (received into contiguous buffers)
@@ -361,6 +364,9 @@ class UnitWise(BlockInverse):
     names = ("F_inv",)
     symmetric = frozenset(names)
     exact_damping = True
+    # the statistic is activation-sized (BatchNorm inputs): fp64 would double a refresh's memory traffic,
+    # and the fp32 2x2 factors are within 1e-4 of fp64 from damping 1e-3 up (test_kfac_default_precision)
+    fp32_factors_from = 1e-3
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):

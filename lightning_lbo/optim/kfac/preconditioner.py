@@ -87,7 +87,8 @@ class KFACPreconditioner:
         factor_dtype: dtype of the factors; ``None`` (default): ``torch.float64`` for a model with
             fp64 weights, else ``torch.float32``, except for blocks whose inverse damps exactly
             (``"eigen"``, embeddings, unit-wise BatchNorm/LayerNorm), which hold fp64 factors: fp32
-            factors are rounded by ``~1e-7`` of their norm, more than a damping below 1e-3.
+            factors are rounded by ``~1e-7`` of their norm, more than a damping below 1e-3 (unit-wise
+            blocks, whose statistics are activation-sized, stay fp32 at a fixed damping >= 1e-3).
         comm: the :class:`Communicator` (single process: the no-op default; injected by the Lightning
             layer under DDP).
 
@@ -254,7 +255,9 @@ class KFACPreconditioner:
         interval = int(_resolve(self.factor_update_interval, 0))
         for block in blocks:
             block.interval = dict.fromkeys(block.stat_names, interval)
-            if self._exact_damping_in_fp64 and block.inverse_type(self.inverse_method).exact_damping:
+            method = block.inverse_type(self.inverse_method)
+            if (self._exact_damping_in_fp64 and method.exact_damping
+                    and (callable(self.damping) or self.damping < method.fp32_factors_from)):
                 block.factor_dtype = torch.float64
         self.module = module
         self.blocks = blocks

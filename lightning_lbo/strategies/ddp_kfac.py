@@ -1,19 +1,19 @@
 """``ddp_kfac``: Lightning's DDP strategy plus K-FAC curvature sync (KAISA-style), for both Lightning packages.
 
-DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. After the
+DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. It only
+provides the process group, the communicator and the flush; attaching K-FAC to the run (bind, grad
+scaler, communicator injection, cross-rank check, teardown) is
+:class:`~lightning_lbo.callbacks.kfac.KFACCallback`'s, which every Trainer has (entry point). After the
 optimizers are set up it
 
 1. builds a :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a
-   dedicated process group: factors are all-reduced asynchronously in buckets as packed triangles,
+   dedicated process group (:attr:`communicator`, with :attr:`curvature_settings`, the knobs every
+   rank must share): factors are all-reduced asynchronously in buckets as packed triangles,
    inverse work is assigned by greedy LPT on ``n^3``, and ``grad_worker_fraction`` chooses between
    broadcasting inverses (``1.0``) and broadcasting preconditioned gradients from one owner per layer
-   (``1 / world_size``);
-2. hands it to :func:`lightning_lbo.callbacks.kfac.attach_kfac`, the one lifecycle path (bind
-   ``KFAC(params)``, the precision plugin's grad scaler, the communicator, a cross-rank check of
-   layers and settings), and warns once when the run has no K-FAC optimizer; ``teardown`` removes
-   the capture hooks;
-3. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
-4. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
+   (``1 / world_size``); warns once when the run has no K-FAC optimizer;
+2. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
+3. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
    ``A`` reductions overlap the backward (full buckets go out from the hooks as they fill).
 
 Registered as ``"ddp_kfac"`` (subprocess launch, like ``"ddp"``) and ``"ddp_kfac_spawn"``. Multi-node
@@ -108,15 +108,19 @@ def kfac_ddp_strategy_class(package: str) -> type:
             if trainer.state.fn == fitting:
                 self.setup_curvature_sync()
 
+        @property
+        def curvature_settings(self) -> dict[str, Any]:
+            """The knobs every rank must share (checked across ranks when K-FAC is attached)."""
+            return {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
+                    "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric,
+                    "factor_reduce_dtype": str(self.factor_reduce_dtype)}
+
         def setup_curvature_sync(self) -> None:
-            """Attach every K-FAC instance through the one lifecycle path, with this strategy's communicator."""
+            """Build the communicator that ``KFACCallback`` injects into every K-FAC instance at ``on_fit_start``."""
             # Imported here so that registering this strategy stays light.
-            from lightning_lbo.callbacks.kfac import attach_kfac, find_kfac
+            from lightning_lbo.callbacks.kfac_lifecycle import find_kfac
             from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
 
-            settings = {"grad_worker_fraction": self.grad_worker_fraction, "bucket_cap_mb": self.bucket_cap_mb,
-                        "async_factors": self.async_factors, "pack_symmetric": self.pack_symmetric,
-                        "factor_reduce_dtype": str(self.factor_reduce_dtype)}
             if not find_kfac(self.optimizers, self.lightning_module):
                 rank_zero_warn("strategy='ddp_kfac' found no K-FAC optimizer: it trains like strategy='ddp'. Return "
                                "lightning_lbo.KFAC(self, ...) from configure_optimizers, or use strategy='ddp'.",
@@ -129,15 +133,6 @@ def kfac_ddp_strategy_class(package: str) -> type:
                     group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
                     pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction,
                     reduce_dtype=self.factor_reduce_dtype)
-            attach_kfac(self.optimizers, self.lightning_module, self.precision_plugin, self.communicator,
-                        signature_extra=settings)
-
-        @override
-        def teardown(self) -> None:
-            from lightning_lbo.callbacks.kfac import detach_kfac
-
-            detach_kfac(self.optimizers, self.lightning_module)
-            super().teardown()
 
         @classmethod
         @override

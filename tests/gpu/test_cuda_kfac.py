@@ -90,13 +90,15 @@ def test_cuda_kfac_resume_continues_exactly_and_across_devices(device):
 
 
 def test_cuda_kfac_bf16_autocast_keeps_fp32_finite_factors(device):
-    """Under bf16 autocast on the accelerator factors stay fp32, finite and close to the CPU's fp32 factors."""
+    """Under bf16 autocast on the accelerator factors keep their dtype (fp32; fp64 for exact-damping blocks such as
+    BatchNorm's unit-wise one), finite and close to the CPU's factors."""
     _, cpu_opt = _run(torch.device("cpu"), steps=1)
     _, opt = _run(device, steps=1, autocast=True)
     cpu_factors = layer_factors(cpu_opt)
     for layer, stats in layer_factors(opt).items():
         for name, factor in stats.items():
-            assert factor.dtype == torch.float32 and torch.isfinite(factor).all(), f"{layer}.{name}"
+            want_dtype = cpu_factors[layer][name].dtype
+            assert factor.dtype == want_dtype != torch.bfloat16 and torch.isfinite(factor).all(), f"{layer}.{name}"
             # bf16 keeps 8 mantissa bits: relative rounding 2^-9 per operand, a few of them per product.
             assert_close_rel(factor, cpu_factors[layer][name], 5e-2, f"{layer}.{name} (bf16 autocast)")
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_lbo.classifier import classifier_module_class
 from lightning_lbo.compat import lightning_package
-from lightning_lbo.optim.kfac import KFAC, StaleStatistics
+from lightning_lbo.optim.kfac import KFAC, Communicator, StaleStatistics
 from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
 
 B, STEPS_PER_EPOCH, EPOCHS, IN, CLASSES = 16, 3, 2, 12, 3
@@ -70,6 +70,7 @@ def reference(package: str, kfac_kwargs: dict, steps: int) -> list[torch.Tensor]
     """One process, batch B, plain torch loop: the oracle."""
     module = make_module(package, kfac_kwargs)
     opt = module.configure_optimizers()
+    opt.preconditioner.set_communicator(Communicator())  # every rank computes the one-process oracle alone
     module.train()
     for step in range(steps):
         s = step % STEPS_PER_EPOCH

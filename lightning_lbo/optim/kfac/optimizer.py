@@ -150,9 +150,9 @@ class KFAC(CheckedOptimizer):
         """One K-FAC step; ``closure`` (re-evaluates the loss) runs once under ``torch.enable_grad()``."""
         loss = self._evaluate_closure(closure)
         if not self.preconditioner.bound:
-            raise RuntimeError("KFAC was built from parameters and is not bound to its module: add "
-                               "lightning_lbo.callbacks.KFACCallback() to the Trainer, use strategy='ddp_kfac', "
-                               "or call optimizer.bind(model).")
+            raise RuntimeError("KFAC was built from parameters and is not bound to its module: call "
+                               "optimizer.bind(model), or with Lightning pass callbacks=[KFACCallback()] "
+                               "(lightning_lbo.callbacks; installing lightning_lbo adds one to every Trainer).")
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             self.preconditioner.step(lr=self.param_groups[0]["lr"])

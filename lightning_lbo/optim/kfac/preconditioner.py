@@ -152,6 +152,7 @@ class KFACPreconditioner:
         self._exact_damping_in_fp64 = factor_dtype is None
         self.comm: Communicator = comm if comm is not None else Communicator()
         self._comm_injected = comm is not None
+        self._comm_checked = False
         self._grad_scaler = grad_scaler
         self.steps = 0
         self.module: nn.Module | None = None
@@ -273,21 +274,26 @@ class KFACPreconditioner:
             self.capture.remove()
 
     def _reduce(self, statistic: torch.Tensor, symmetric: bool) -> None:
-        self._resolve_communicator()
+        self._check_communicator()
         self.comm.reduce_factors([statistic], symmetric=symmetric)
 
-    def _resolve_communicator(self) -> None:
-        """Plain ``strategy="ddp"`` without the Lightning layer: a synchronous communicator, once.
+    def _check_communicator(self) -> None:
+        """Refuse to run on several ranks with the single-process communicator (ranks would drift apart).
 
-        Runs at the first capture and the first step (the same point on every rank). The Lightning
-        layer (``KFACCallback``, ``ddp_kfac``) injects its communicator before, so this is only the
-        fallback of a bare ``KFAC(self)`` under plain DDP.
+        Runs at the first capture and the first step. Under Lightning, ``KFACCallback`` (which every
+        Trainer has) injects the communicator at ``on_fit_start``; anyone else injects it.
         """
-        if self._comm_injected:
+        if self._comm_injected or self._comm_checked:
             return
-        from lightning_lbo.optim.kfac.distributed import default_communicator
-
-        self.set_communicator(default_communicator())
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"K-FAC runs in a process group of {dist.get_world_size()} ranks with no communicator, so each rank "
+                "would keep its own curvature. Inject one: pre.set_communicator(default_communicator()) (from "
+                "lightning_lbo.optim.kfac.distributed; for KFAC, opt.preconditioner). With Lightning, "
+                "lightning_lbo.callbacks.KFACCallback does this: install lightning_lbo (pip install -e .: its "
+                "entry point adds the callback to every Trainer) or pass callbacks=[KFACCallback()].")
+        self._comm_checked = True  # one process: the no-op communicator is the right one
 
     # ------------------------------------------------------------------ public read access
     def block(self, layer: Layer) -> CurvatureBlock:
@@ -502,7 +508,7 @@ class KFACPreconditioner:
                                "(with Lightning, add lightning_lbo.callbacks.KFACCallback or build KFAC(self, ...)).")
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the learning rate: call step(lr=...) or set kl_clip=None.")
-        self._resolve_communicator()
+        self._check_communicator()
         self._commit_statistics(keep)
         self._update_inverses()
         self._precondition(lr)

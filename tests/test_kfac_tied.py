@@ -196,3 +196,42 @@ def test_kfac_gpt_with_tied_embeddings_is_fully_preconditioned():
     nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.reshape(-1)).backward()
     pre.step()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _tied_two_ranks(rank, world_size):
+    from lightning_lbo.optim.kfac.comm import Communicator
+    from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
+
+    gen = torch.Generator().manual_seed(7)
+    tokens, targets = torch.randint(0, V, (2 * N, T), generator=gen), torch.randint(0, V, (2 * N, T), generator=gen)
+    results = []
+    for comm, rows in ((Communicator(), slice(None)), (TorchDistributedCommunicator(), slice(rank * N, (rank + 1) * N))):
+        torch.manual_seed(0)
+        model = _TiedNet()
+        pre = KFACPreconditioner(model, damping=1e-3, factor_update_interval=1, inverse_update_interval=1,
+                                 kl_clip=None, comm=comm)
+        logits = model(tokens[rows])
+        nn.functional.cross_entropy(logits.reshape(-1, V), targets[rows].reshape(-1)).backward()
+        pre.step()
+        results.append(pre.factors(model.emb))
+    for name, want in results[0].items():  # 2 ranks x N examples == 1 process x 2N examples
+        torch.testing.assert_close(results[1][name], want, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_tied_block_two_ranks_match_one_process():
+    """The four tied statistics averaged over 2 gloo ranks (half the batch each) equal one process's."""
+    from tests.helpers.ddp import spawn_gloo
+
+    spawn_gloo(_tied_two_ranks, world_size=2)
+
+
+def test_kfac_tied_block_with_mc_fisher_samples_both_uses():
+    """fisher='mc': the sampled-label backward reaches both uses (embedding output and logits)."""
+    torch.manual_seed(0)
+    model = _TiedNet()
+    pre, _, _ = _run(model, fisher="mc")
+    factors = pre.factors(model.head)
+    assert set(factors) == {"A", "G", "A_head", "G_head"}
+    assert all(torch.isfinite(f).all() for f in factors.values())
+    assert pre.block(model.head).refreshes == {"A": 1, "G": 1, "A_head": 1, "G_head": 1}
+    assert factors["G_head"].sum() > 0 and factors["G"].diagonal(dim1=1, dim2=2).sum() > 0

@@ -22,9 +22,9 @@ with batch ``B`` (for per-example-mean factors). This module implements the four
 
 Every collective is counted in :attr:`TorchDistributedCommunicator.stats` (payload bytes per rank),
 which ``benchmarks/kfac_comm.py`` reads. No Lightning import, and the K-FAC core never imports this
-module at import time: the Lightning layer (:mod:`lightning_lbo.callbacks.kfac`) builds the
-communicator and injects it, and :func:`default_communicator` is the synchronous fallback of a bare
-``KFAC`` under plain ``strategy="ddp"``.
+module at import time: the Lightning layer (:mod:`lightning_lbo.callbacks.kfac_lifecycle`) builds the
+communicator and injects it (:func:`default_communicator`, the synchronous one, under plain
+``strategy="ddp"``); outside Lightning the user injects one with ``pre.set_communicator(...)``.
 
 Example::
 
@@ -372,11 +372,12 @@ _HINT_SHOWN = False
 
 
 def default_communicator() -> Communicator:
-    """The communicator of a bare ``KFAC`` under plain ``strategy="ddp"`` (no Lightning layer installed one).
+    """The synchronous communicator: what ``KFACCallback`` injects under plain ``strategy="ddp"``, and what
+    a user outside Lightning injects (``pre.set_communicator(default_communicator())``).
 
     Lightning's DDP averages gradients but knows nothing about Kronecker factors, so without this
     every rank would precondition with its own factors: a synchronous communicator on a new process
-    group (a collective: every rank calls it at the same point, the first capture). One-process runs
+    group (a collective: every rank calls it at the same point). One-process runs
     get the no-op :class:`Communicator`. A one-time hint recommends ``strategy="ddp_kfac"``, which
     overlaps and packs the reductions and shares the inverse work.
     """

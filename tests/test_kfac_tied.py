@@ -205,7 +205,8 @@ def _tied_two_ranks(rank, world_size):
     gen = torch.Generator().manual_seed(7)
     tokens, targets = torch.randint(0, V, (2 * N, T), generator=gen), torch.randint(0, V, (2 * N, T), generator=gen)
     results = []
-    for comm, rows in ((Communicator(), slice(None)), (TorchDistributedCommunicator(), slice(rank * N, (rank + 1) * N))):
+    shard = slice(rank * N, (rank + 1) * N)
+    for comm, rows in ((Communicator(), slice(None)), (TorchDistributedCommunicator(), shard)):
         torch.manual_seed(0)
         model = _TiedNet()
         pre = KFACPreconditioner(model, damping=1e-3, factor_update_interval=1, inverse_update_interval=1,

@@ -41,6 +41,7 @@ data-text: $(STAMP)
 	fi
 	$(PY) -c "from lightning_lbo.text import load_gcide_splits as f; t, v = f(); print(f'GCIDE: {t.numel()} train / {v.numel()} held-out bytes')"
 
+# About a minute on 2 cores: SGD at batch 256 against sgd, goyal, lars and kfac at 4096 (docs/compare.md).
 demo: data
 	$(VENV)/bin/lbo compare $(DEMO_ARGS)
 

@@ -8,12 +8,13 @@ shows final accuracy, steps and seconds to the target accuracy ("-" when never r
 step and peak memory. A recipe that ends below plain SGD at the same batch gets a note saying why.
 Results go to <out_dir>/results.csv, history.csv and accuracy.png.
 
-The defaults are those of make demo: the SGD baseline at batch 128, then the tuned SGD recipe, Goyal, LARS
-and K-FAC at global batch 4096, on all 60k Fashion-MNIST images for 3 epochs with an MLP-BN (about 1.5
-minutes on 2 idle cores). Your own model and data can be trained instead (--module pkg.mod:Class
---datamodule pkg.mod:Class): the recipe replaces the module's configure_optimizers; the data module
-must take a batch_size (per device) argument and the module must log the monitored accuracy
-(--monitor, default val_acc) during validation.
+The defaults are those of make demo: the SGD baseline at batch 256 (the papers' reference batch), then the
+SGD recipe, Goyal, LARS and K-FAC at global batch 4096, on all 60k Fashion-MNIST images for 3 epochs with an
+MLP-BN, one torch thread per run (about a minute on 2 cores): SGD with the linear scaling rule loses
+accuracy at the large batch, LARS and K-FAC keep most or nearly all of it. Your own model and data can
+be trained instead (--module pkg.mod:Class --datamodule pkg.mod:Class): the recipe replaces the module's
+configure_optimizers; the data module must take a batch_size (per device) argument and the module must
+log the monitored accuracy (--monitor, default val_acc) during validation.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_RECIPES = "sgd,goyal,lars,kfac"
-DEFAULT_BATCH, DEFAULT_BASELINE_BATCH, DEFAULT_EPOCHS = 4096, 128, 3  # `make demo`
+DEFAULT_BATCH, DEFAULT_BASELINE_BATCH, DEFAULT_EPOCHS = 4096, 256, 3  # `make demo` (docs/compare.md)
+#: One torch thread per training run: the demo's runs are small, and where other jobs share the cores a
+#: run with one thread per core was several times slower per step (docs/compare.md, "The numbers").
+DEFAULT_THREADS = 1
 FASHION_MNIST_TRAIN = 60000
 DATASETS = ("fashion-mnist",)
 #: ``--model`` choices: reference model name and its keyword arguments (lightning_lbo.models).
@@ -402,18 +406,26 @@ def below_sgd_notes(results: Sequence[RunResult], epochs: int) -> list[str]:
     return notes
 
 
-def format_table(results: Sequence[RunResult], target: float) -> str:
+def format_table(results: Sequence[RunResult], target: float, baseline: RunResult | None = None) -> str:
+    """The results as an aligned text table; with a ``baseline`` run, a column of each final accuracy minus its."""
+    compared = baseline is not None and not baseline.error
     header = ("recipe", "batch", "steps", "final acc", "best acc", f"steps to {target:.1%}",
               f"s to {target:.1%}", "s/step", "peak RSS MB")
+    if compared:
+        header = (*header[:4], f"vs sgd@{baseline.batch_size}", *header[4:])
     rows = [header]
     for r in results:
         if r.error:
-            rows.append((r.recipe, str(r.batch_size), "-", "failed: " + r.error[:70], "", "", "", "", ""))
+            rows.append((r.recipe, str(r.batch_size), "-", "failed: " + r.error[:70], *[""] * (len(header) - 4)))
             continue
-        rows.append((r.recipe, str(r.batch_size), str(r.steps), f"{r.final_acc:.4f}", f"{r.best_acc:.4f}",
-                     "-" if r.steps_to_target is None else str(r.steps_to_target),
-                     "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
-                     f"{r.seconds_per_step:.3f}", f"{r.peak_rss_mb:.0f}"))
+        row = (r.recipe, str(r.batch_size), str(r.steps), f"{r.final_acc:.4f}", f"{r.best_acc:.4f}",
+               "-" if r.steps_to_target is None else str(r.steps_to_target),
+               "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
+               f"{r.seconds_per_step:.3f}", f"{r.peak_rss_mb:.0f}")
+        if compared:
+            gap = "baseline" if r is baseline else f"{r.final_acc - baseline.final_acc:+.1%}"
+            row = (*row[:4], gap, *row[4:])
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -497,11 +509,12 @@ def _is_global_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
-def compare(specs: Sequence[RunSpec], target: float, out_dir: Path | None, in_process: bool = False
-            ) -> list[RunResult]:
+def compare(specs: Sequence[RunSpec], target: float, out_dir: Path | None, in_process: bool = False,
+            baseline_batch: int = 0) -> list[RunResult]:
     """Run every spec (each in a child process unless ``in_process``), print the table, write outputs.
 
-    A failed run becomes a row that says why; the other rows are still measured and printed.
+    A failed run becomes a row that says why; the other rows are still measured and printed. With
+    ``baseline_batch``, the table compares every final accuracy with the ``sgd`` run at that batch.
     """
     results = []
     for spec in specs:
@@ -518,8 +531,9 @@ def compare(specs: Sequence[RunSpec], target: float, out_dir: Path | None, in_pr
         results.append(result)
     if not _is_global_zero():
         return results
+    baseline = next((r for r in results if r.recipe == "sgd" and r.batch_size == baseline_batch), None)
     print()
-    print(format_table(results, target))
+    print(format_table(results, target, baseline))
     for note in below_sgd_notes(results, specs[0].epochs if specs else 1):
         print(note)
     never = [f"{r.recipe}@{r.batch_size}" for r in results if not r.error and r.steps_to_target is None]
@@ -575,7 +589,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="auto", help="Lightning strategy (auto: ddp_spawn when devices > 1)")
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto, ...")
     p.add_argument("--data-dir", default=None, help="where to look for Fashion-MNIST first (see lbo data)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch threads per training process (0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--out-dir", default=None, help="where CSV and PNG go (None: lbo_runs/compare-<time>)")
     p.add_argument("--in-process", action="store_true", help="run every recipe in this process (debugging)")
@@ -641,5 +656,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     specs = [RunSpec("sgd", args.baseline_batch_size, **common)] if args.baseline_batch_size else []
     specs += [RunSpec(name, args.batch_size, **common) for name in names]
     out_dir = Path(args.out_dir or os.path.join("lbo_runs", time.strftime("compare-%Y%m%d-%H%M%S")))
-    results = compare(specs, args.target, out_dir if _is_global_zero() else None, in_process=args.in_process)
+    results = compare(specs, args.target, out_dir if _is_global_zero() else None, in_process=args.in_process,
+                      baseline_batch=args.baseline_batch_size)
     return 0 if any(not r.error for r in results) else 1

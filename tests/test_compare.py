@@ -202,3 +202,36 @@ def test_plot_names_model_data_batch_epochs_with_legends_and_plain_step_ticks():
     assert steps_axis.get_legend() is not None and time_axis.get_legend() is not None
     labels = [t.get_text() for t in steps_axis.get_xticklabels() if t.get_text()]
     assert "100" in labels and "1000" in labels and not any("^" in label for label in labels)
+
+
+def test_table_compares_every_run_with_the_small_batch_baseline():
+    """With a baseline, a 'vs sgd@256' column gives each final accuracy minus the baseline's; failed rows stay."""
+    results = [_result("sgd", 256, 0.886), _result("sgd", 4096, 0.804), _result("kfac", 4096, 0.880),
+               RunResult("lars", 4096, 0, math.nan, math.nan, None, None, math.nan, math.nan, error="boom")]
+    lines = format_table(results, 0.8, baseline=results[0]).splitlines()
+    assert lines[0].split()[:5] == ["recipe", "batch", "steps", "final", "acc"] and "vs sgd@256" in lines[0]
+    assert [line.split()[4] for line in lines[2:5]] == ["baseline", "-8.2%", "-0.6%"]
+    assert lines[5].split()[:4] == ["lars", "4096", "-", "failed:"]
+    assert "vs sgd" not in format_table(results, 0.8)  # no baseline run: no column
+
+
+def test_docs_options_table_matches_the_parser():
+    """docs/compare.md lists every `lbo compare` option with the parser's default (empty cell: None or {})."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from lightning_lbo.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = {a.option_strings[0]: a.default for a in sub.choices["compare"]._actions if a.dest != "help"}
+    documented = {}
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "compare.md").read_text()
+    for options, defaults in re.findall(r"^\| (`--[^|]+)\|([^|]*)\|", docs, flags=re.MULTILINE):
+        names = [o.strip(" `") for o in options.split(",")]
+        values = [v.strip(" `") for v in defaults.split(",")] if len(names) > 1 else [defaults.strip(" `")]
+        documented.update(zip(names, values + [""] * (len(names) - len(values)), strict=True))
+    assert set(documented) == set(parser)
+    for name, default in parser.items():
+        expected = {None: "", False: "off"}.get(default, default) if not isinstance(default, dict) else ""
+        assert documented[name] == str(expected) or float(documented[name]) == default, (name, documented[name])

@@ -99,6 +99,8 @@ class RunResult:
     train_examples: int = 0  # size of the training set (0: unknown)
     #: K-FAC statistics refreshes done and possible (steps x statistics), when the run used K-FAC.
     kfac_refreshes: dict[str, int] = field(default_factory=dict)
+    #: the recipe's ``Recipe.paper_batch``: (batch, training images, data set) of its paper's largest batch.
+    paper_batch: tuple[int, int, str] | None = None
 
 
 def _make_history_class() -> type:
@@ -289,7 +291,7 @@ def run_one(spec: RunSpec, history_path: str | None = None) -> RunResult:
         seconds_per_step=measured["train_seconds"] / max(1, steps), peak_rss_mb=peak / 1024,
         train_seconds=measured["train_seconds"], history=records, test_acc=test_acc,
         train_examples=len(dm.train_set) if hasattr(dm, "train_set") else 0,
-        kfac_refreshes=_kfac_refreshes(trainer.optimizers),
+        kfac_refreshes=_kfac_refreshes(trainer.optimizers), paper_batch=recipe.paper_batch,
     )
 
 
@@ -371,28 +373,24 @@ def reach_target(history: Sequence[tuple[int, float, float]], target: float) -> 
     return None, None
 
 
-def below_sgd_notes(results: Sequence[RunResult], epochs: int) -> list[str]:
+def below_sgd_notes(results: Sequence[RunResult]) -> list[str]:
     """Why each recipe that ends below the ``sgd`` recipe at the same batch does so, one line each.
 
     The first suspect is the batch/data-set ratio: a recipe is only known to keep small-batch accuracy
     up to its paper's largest batch as a fraction of the paper's training set (Goyal et al.: 8192 of
     1.28M ImageNet images, 0.64%, which at Fashion-MNIST's 60k images is a batch of ~380).
     """
-    from lightning_lbo.recipes import build_recipe
-
     sgd = {r.batch_size: r for r in results if r.recipe == "sgd" and not r.error}
     notes = []
     for r in results:
         base = sgd.get(r.batch_size)
         if r.recipe == "sgd" or r.error or base is None or not r.final_acc < base.final_acc:
             continue
-        recipe = build_recipe(r.recipe, r.batch_size, epochs, max(1, r.steps // max(1, epochs)))
         gap = base.final_acc - r.final_acc
         line = f"{r.recipe} ends {gap:.1%} below sgd at batch {r.batch_size}"
-        fraction = recipe.paper_batch_fraction
-        if fraction is not None and r.train_examples:
-            ours = r.batch_size / r.train_examples
-            paper_batch, paper_images, data = recipe.paper_batch
+        if r.paper_batch is not None and r.train_examples:
+            paper_batch, paper_images, data = r.paper_batch
+            fraction, ours = paper_batch / paper_images, r.batch_size / r.train_examples
             where = (f"{ours / fraction:.1f}x beyond" if ours > fraction else "within")
             line += (f": the batch is {ours:.2%} of the {r.train_examples} training images, {where} the largest "
                      f"ratio its paper kept small-batch accuracy at ({paper_batch} of {paper_images} {data} "
@@ -534,7 +532,7 @@ def compare(specs: Sequence[RunSpec], target: float, out_dir: Path | None, in_pr
     baseline = next((r for r in results if r.recipe == "sgd" and r.batch_size == baseline_batch), None)
     print()
     print(format_table(results, target, baseline))
-    for note in below_sgd_notes(results, specs[0].epochs if specs else 1):
+    for note in below_sgd_notes(results):
         print(note)
     never = [f"{r.recipe}@{r.batch_size}" for r in results if not r.error and r.steps_to_target is None]
     if never:

@@ -22,6 +22,7 @@ Sources, hyperparameters and the paper's numbers next to ours: ``docs/recipes.md
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,31 +202,45 @@ class ABSASGDFactory:
         return [opt], schedulers
 
 
-class ZeroGammaInit(*callback_bases()):
-    """Goyal et al.'s zero-init of gamma in the last BN of each residual block, once, at the start of a fresh fit.
+@functools.cache
+def _zero_gamma_init_class() -> type:
+    """``ZeroGammaInit``, built at first use: its bases import Lightning, which ``import recipes`` does not."""
 
-    Runs in ``on_fit_start`` only when no checkpoint is being restored (a resumed run keeps its
-    trained gammas). Models without residual blocks (the SmallCNN) are left unchanged.
+    class ZeroGammaInit(*callback_bases()):
+        """Goyal et al.'s zero-init of gamma in the last BN of each residual block, once, at the start of a fresh fit.
 
-    Example::
+        Runs in ``on_fit_start`` only when no checkpoint is being restored (a resumed run keeps its
+        trained gammas). Models without residual blocks (the SmallCNN) are left unchanged.
 
-        Trainer(callbacks=[ZeroGammaInit()]).fit(ClassifierModule("resnet"), datamodule=dm)
-    """
+        Example::
 
-    def __init__(self) -> None:
-        self.zeroed = 0
+            Trainer(callbacks=[ZeroGammaInit()]).fit(ClassifierModule("resnet"), datamodule=dm)
+        """
 
-    @override
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_lbo.param_groups import last_bn_of_blocks
+        def __init__(self) -> None:
+            self.zeroed = 0
 
-        if trainer.ckpt_path is not None:
-            return
-        bns = last_bn_of_blocks(pl_module)
-        with torch.no_grad():
-            for bn in bns:
-                bn.weight.zero_()
-        self.zeroed = len(bns)
+        @override
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            from lightning_lbo.param_groups import last_bn_of_blocks
+
+            if trainer.ckpt_path is not None:
+                return
+            bns = last_bn_of_blocks(pl_module)
+            with torch.no_grad():
+                for bn in bns:
+                    bn.weight.zero_()
+            self.zeroed = len(bns)
+
+    ZeroGammaInit.__module__ = __name__  # pickle and LightningCLI's class_path find it through __getattr__
+    ZeroGammaInit.__qualname__ = "ZeroGammaInit"
+    return ZeroGammaInit
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``from lightning_lbo.recipes import ZeroGammaInit``
+    if name == "ZeroGammaInit":
+        return _zero_gamma_init_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fraction(epochs: float, paper_epochs: float) -> float:
@@ -273,7 +288,8 @@ def goyal(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
                           reference_batch_size=REFERENCE_BATCH)
     return Recipe(
         "goyal", "Goyal et al. 2017, Accurate, Large Minibatch SGD (arXiv 1706.02677)",
-        SGDFactory(base_lr, momentum, weight_decay, nesterov=nesterov, decay_norms=False), (schedule, ZeroGammaInit()),
+        SGDFactory(base_lr, momentum, weight_decay, nesterov=nesterov, decay_norms=False),
+        (schedule, _zero_gamma_init_class()()),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum, nesterov=nesterov,
              weight_decay=weight_decay, no_decay="BN and biases", warmup_epochs=round(warmup, 4),
              warmup_from=REFERENCE_BATCH / global_batch_size,

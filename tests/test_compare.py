@@ -127,6 +127,19 @@ def test_run_one_fashion_mnist_reference_model():
     """The default path: the reference MLP-BN on a Fashion-MNIST subset learns above chance (0.1) in 4 steps."""
     result = run_one(RunSpec("kfac", 512, 1, model="mlp-bn", train_subset=2048, eval_every=4, progress=False))
     assert result.steps == 4 and result.final_acc > 0.2  # chance: 0.1
+    assert result.paper_batch == (16384, 1281167, "ImageNet")  # for the notes, without rebuilding the recipe
+
+
+def test_lbo_compare_start_up_imports_no_lightning():
+    """The parent process (checks, table, notes) imports no Lightning package: only the training processes do."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lightning_lbo.cli import main; rc = main(['compare', '--batch-size', '100000']); "
+            "from lightning_lbo.compare import below_sgd_notes; import lightning_lbo.recipes; "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
 
 
 def test_lbo_compare_batch_larger_than_fashion_mnist_stops_before_training(tmp_path, capsys):
@@ -163,8 +176,11 @@ def test_lbo_compare_help_paragraphs_whole_every_option_documented(capsys):
 
 
 def _result(recipe: str, batch: int, acc: float, steps: int = 42) -> RunResult:
+    """A finished run of ``recipe`` with the paper batch its recipe states (``run_one`` records it so)."""
+    from lightning_lbo.recipes import build_recipe
+
     return RunResult(recipe, batch, steps, acc, acc, None, None, 0.1, 100.0, history=[(steps, 1.0, acc)],
-                     train_examples=60000)
+                     train_examples=60000, paper_batch=build_recipe(recipe, batch, 3, 14).paper_batch)
 
 
 def test_below_sgd_notes_say_why_with_the_papers_batch_ratio():
@@ -173,12 +189,12 @@ def test_below_sgd_notes_say_why_with_the_papers_batch_ratio():
 
     results = [_result("sgd", 4096, 0.85), _result("goyal", 4096, 0.80), _result("lars", 4096, 0.86),
                _result("sgd", 512, 0.88), _result("lars", 512, 0.87, steps=351)]
-    goyal, lars = below_sgd_notes(results, epochs=3)
+    goyal, lars = below_sgd_notes(results)
     assert goyal.startswith("goyal ends 5.0% below sgd at batch 4096: the batch is 6.83% of the 60000")
     assert "10.7x beyond" in goyal and "8192 of 1281167 ImageNet images = 0.64%, a batch of ~384 here" in goyal
     assert "linear scaling rule's LR overshoots" in goyal
     assert lars.startswith("lars ends 1.0% below sgd at batch 512") and "within the largest ratio" in lars
-    assert below_sgd_notes([_result("goyal", 4096, 0.8)], epochs=3) == []  # no sgd row: nothing to compare
+    assert below_sgd_notes([_result("goyal", 4096, 0.8)]) == []  # no sgd row: nothing to compare
 
 
 def test_plot_names_model_data_batch_epochs_with_legends_and_plain_step_ticks():

@@ -249,3 +249,15 @@ def test_seed_variants_rerun_the_variant_at_its_parents_best_lr_with_seeds_1_and
     assert fresh == [(0.16, 0), (0.16, 1), (0.16, 2)] and poly2 == [0]
     with pytest.raises(SystemExit, match="Unknown variant"):
         study.config_from_args(study.build_parser().parse_args(["--seed-variants", "nope"]))
+
+
+def test_report_smallcnn_goal_from_its_grid_and_seeds(tmp_path):
+    """Goal 1's SmallCNN row: the held-out-chosen recipe at 2048 (mean of 3 seeds) against the CNN baseline."""
+    config = _config(tmp_path, recipes=("sgd", "kfac"), batches=(128, 2048), train_subset=0, val_size=5000,
+                     headline_model="cnn", headline_recipes=("sgd", "kfac"), headline_epochs=4)
+    study.run_study(config, runner=_fake_runner([]), log=lambda _: None)
+    text = report.write_report(config)
+    # cnn sgd@128: grid 0.05/0.1/0.2 (0.2 best: held-out 0.89, test 0.885-0.887); kfac@2048 test 0.895-0.897
+    assert ("| 1. SmallCNN (4 epochs, 3-LR grids) | kfac 0.8960 ± 0.0010 (n=3) vs sgd@128 0.8860 ± 0.0010 (n=3): "
+            "gap -0.0100 | **met** |") in text
+    assert "| sgd | 128 | 0.05: 0.8100, 0.1: 0.8600, **0.2: 0.8900** | 0.8860 ± 0.0010 (n=3) |" in text

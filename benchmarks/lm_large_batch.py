@@ -409,7 +409,9 @@ def write_report(runs: list[dict[str, Any]]) -> None:
     for method in GRIDS:
         points = [(BASE_BATCH * k, mean_final(chosen(runs, method, k))) for k in MULTIPLIERS if chosen(runs, method, k)]
         if points:
-            ax_b.plot(*zip(*points, strict=True), "o-", color=colors[method], label=method)
+            ax_b.plot(*zip(*points, strict=True), "o-", color=colors[method], label=f"{method} (mean; x: each seed)")
+            seeds = [(r["batch"], r["final_val_loss"]) for k in MULTIPLIERS for r in chosen(runs, method, k)]
+            ax_b.plot(*zip(*seeds, strict=True), "x", color=colors[method], alpha=0.6)
         for k, style in zip(MULTIPLIERS, (":", "--", "-"), strict=True):
             for r in chosen(runs, method, k)[:1]:
                 steps, tokens, losses = zip(*r["history"][1:], strict=True)  # step 0 has no place on a log axis

@@ -466,7 +466,7 @@ def summarize(model: str, cell: str, seeds: list[int]) -> dict[str, Any] | None:
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     out = {"n": len(runs), "seeds": [r["seed"] for r in runs], "wall": stat("wall_s"),
-           "load": statistics.mean(r["load_before"] for r in runs)}
+           "load": statistics.mean(r["load_before"] for r in runs), "threads": sorted({r["threads"] for r in runs})}
     if cell == "advise":
         out.update(b_simple=stat("b_simple"), recommended=[r["recommended_batch"] for r in runs])
     else:
@@ -523,25 +523,30 @@ def report(models: list[str], seeds: list[int]) -> None:
         if not rows:
             lines += ["No cell finished yet.", ""]
             continue
-        lines += ["| run | seeds | optimizer steps | test accuracy | wall s | load avg | final batch |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| run | seeds | optimizer steps | test accuracy | wall s | load avg | threads | final batch |",
+                  "|---|---|---|---|---|---|---|---|"]
         for cell, s in rows.items():
             if cell == "advise":
                 continue
             final = ", ".join(str(b) for b in s["final_batch"] if b) or "-"
             lines.append(f"| {cell} | {s['n']} | {s['steps'][0]:.0f} ± {s['steps'][1]:.0f} | "
-                         f"{s['acc'][0]:.4f} ± {s['acc'][1]:.4f} | {s['wall'][0]:.0f} | {s['load']:.1f} | {final} |")
+                         f"{s['acc'][0]:.4f} ± {s['acc'][1]:.4f} | {s['wall'][0]:.0f} | {s['load']:.1f} | "
+                         f"{', '.join(map(str, s['threads']))} | {final} |")
         lines.append("")
         base = rows.get("fixed-128")
         goals = []
         if base:
             for cell, limit in (("noise", 0.4), ("noise-steps", 0.4), ("abs", 0.5)):
                 if cell in rows:
-                    r = rows[cell]
-                    ratio = r["steps"][0] / base["steps"][0]
-                    drop = base["acc"][0] - r["acc"][0]
+                    common = sorted(set(rows[cell]["seeds"]) & set(base["seeds"]))  # the same seeds on both sides
+                    if not common:
+                        continue
+                    r, paired = summarize(model, cell, common), summarize(model, "fixed-128", common)
+                    ratio = r["steps"][0] / paired["steps"][0]
+                    drop = paired["acc"][0] - r["acc"][0]
                     goals.append(f"- {cell}: {ratio:.2f}x the steps of fixed-128, accuracy {-drop * 100:+.2f} points "
-                                 f"(goal: <= {limit}x, >= {-0.3 if cell.startswith('noise') else -0.5} points)")
+                                 f"on seeds {r['seeds']} (goal: <= {limit}x, >= "
+                                 f"{-0.3 if cell.startswith('noise') else -0.5} points)")
             if "absa" in rows and "abs" in rows:
                 goals.append(f"- absa vs abs: accuracy {(rows['absa']['acc'][0] - rows['abs']['acc'][0]) * 100:+.2f} "
                              "points")
@@ -588,7 +593,7 @@ def report(models: list[str], seeds: list[int]) -> None:
     any_run = next((json.loads(p.read_text()) for p in sorted(RESULTS.rglob("*.json"))), None)
     if any_run:
         lines += [f"Machine: {any_run['machine']}, shared with other agents (load average per run in the table), "
-                  f"{any_run['threads']} torch threads, {any_run['allocator']}, torch {any_run['torch']}.", ""]
+                  f"torch threads per run in the table, {any_run['allocator']}, torch {any_run['torch']}.", ""]
     (ROOT / "ADAPTIVE_BATCH.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

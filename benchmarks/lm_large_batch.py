@@ -277,11 +277,11 @@ def phase_grid(data, cells, max_extensions: int = MAX_EXTENSIONS) -> None:
             do_run(method, multiplier, lr, 0, data)
 
 
-def phase_variants(data, methods=("kfac", "kfac_adam"), multiplier: int = 16) -> None:
+def phase_variants(data, methods=("kfac", "kfac_adam"), variants=tuple(VARIANTS), multiplier: int = 16) -> None:
     """Each K-FAC variant at the method's chosen LR (seed 0)."""
     for method in methods:
         lr = best_lr(load_runs(), method, multiplier)
-        for variant in VARIANTS if lr is not None else ():
+        for variant in variants if lr is not None else ():
             do_run(method, multiplier, lr, 0, data, variant)
 
 
@@ -506,6 +506,8 @@ def main() -> None:
                         default=None)
     parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS,
                         help="grid: how many points an LR grid may grow past its edge")
+    parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=tuple(VARIANTS),
+                        help="variants: which to run")
     parser.add_argument("--interval", type=int, default=None,
                         help="timing: K-FAC refresh interval (default: the study's, every step at 16x)")
     parser.add_argument("--methods", nargs="*", default=None, help="restrict to these methods")
@@ -529,7 +531,8 @@ def main() -> None:
         else:
             phase_timing()
     if args.phase in ("variants", "all"):
-        phase_variants(load_data())
+        phase_variants(load_data(), [m for m in ("kfac", "kfac_adam") if args.methods is None or m in args.methods],
+                       args.variants)
     if args.phase in ("coverage", "all"):
         phase_coverage()
     if args.report:

@@ -124,15 +124,17 @@ def main() -> None:
     for fn in steps.values():  # warm-up: one full step each (allocations, first inverses)
         fn()
     totals = {k: 0.0 for k in steps}
+    cpu = {k: 0.0 for k in steps}  # process CPU time (all threads): less sensitive to other jobs on the machine
     profiler = cProfile.Profile() if args.profile else None
     for _ in range(rounds):
         for name, fn in steps.items():
             if profiler is not None and name == "kfac":
                 profiler.enable()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.block):
                 fn()
             totals[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
             if profiler is not None and name == "kfac":
                 profiler.disable()
     n = rounds * args.block
@@ -140,9 +142,10 @@ def main() -> None:
     print(f"case {args.case}: {case['model']} {case['image']}x{case['image']} batch {case['batch']}, "
           f"K-FAC {case['kfac'] or 'defaults'}; {n} steps each, interleaved in blocks of {args.block}; "
           f"threads {args.threads}; MALLOC_MMAP_MAX_={malloc}")
-    print(f"{'impl':8s} {'ms/step':>10s} {'ratio':>8s}")
+    print(f"{'impl':8s} {'ms/step':>10s} {'ratio':>8s} {'cpu ms/step':>12s} {'cpu ratio':>10s}")
     for name, total in totals.items():
-        print(f"{name:8s} {1000 * total / n:10.1f} {total / totals['sgd']:8.2f}")
+        print(f"{name:8s} {1000 * total / n:10.1f} {total / totals['sgd']:8.2f} {1000 * cpu[name] / n:12.1f} "
+              f"{cpu[name] / cpu['sgd']:10.2f}")
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)

@@ -57,29 +57,10 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-#: narrowest column block of the triangular Gram (thinner blocks make inefficient matrix products)
-GRAM_BLOCK = 64
-
-
 def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x^T x`` batched: ``[groups, rows, d] -> [groups, d, d]`` in ``dtype``.
-
-    For ``d`` of at least two blocks only the upper block triangle is multiplied (each block of
-    ``b`` columns against the columns from its own on) and mirrored: ``(k + 1) / 2k`` of the flops
-    of the full product with ``k = d / b`` blocks (at most 8), as a symmetric rank-k update would.
-    """
+    """``x^T x`` batched: ``[groups, rows, d] -> [groups, d, d]`` in ``dtype``."""
     x = x.to(dtype)
-    d = x.shape[2]
-    width = max(GRAM_BLOCK, -(-d // 8))
-    if d < 2 * width:
-        return torch.bmm(x.transpose(1, 2), x)
-    out = x.new_empty(x.shape[0], d, d)
-    for start in range(0, d, width):
-        stop = min(start + width, d)
-        upper = torch.bmm(x[:, :, start:stop].transpose(1, 2), x[:, :, start:])  # [groups, b, d - start]
-        out[:, start:stop, start:] = upper
-        out[:, stop:, start:stop] = upper[:, :, stop - start:].transpose(1, 2)
-    return out
+    return torch.bmm(x.transpose(1, 2), x)
 
 
 def _gram_with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +68,7 @@ def _gram_with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x = x.to(dtype)
     g, rows, d = x.shape
     out = x.new_empty(g, d + 1, d + 1)
-    out[:, :d, :d] = _gram(x, dtype)
+    out[:, :d, :d] = torch.bmm(x.transpose(1, 2), x)
     col = x.sum(1)
     out[:, :d, d] = col
     out[:, d, :d] = col

@@ -535,8 +535,8 @@ class KFACPreconditioner:
             scales.append(scale)
         unscaled = [p for p, scale in zip(precond, scales, strict=True) if scale is None]
         if self.kl_clip is not None and precond:
-            vg = torch.stack([torch.vdot(p.reshape(-1), g.reshape(-1)) * (1 if scale is None else scale)
-                              for p, g, scale in zip(precond, grads, scales, strict=True)]).sum()
+            dots = [torch.vdot(p.reshape(-1), g.reshape(-1)) for p, g in zip(precond, grads, strict=True)]
+            vg = torch.stack([d if scale is None else d * scale for d, scale in zip(dots, scales, strict=True)]).sum()
             nu = torch.sqrt(self.kl_clip / (lr ** 2 * vg.abs().clamp_min(1e-30))).clamp(max=1.0)
             nu = torch.where(torch.isfinite(nu), nu, torch.ones_like(nu))
             if unscaled:

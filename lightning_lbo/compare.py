@@ -405,7 +405,7 @@ def below_sgd_notes(results: Sequence[RunResult]) -> list[str]:
 
 
 def format_table(results: Sequence[RunResult], target: float, baseline: RunResult | None = None) -> str:
-    """The results as an aligned text table; with a ``baseline`` run, a column of each final accuracy minus its."""
+    """The results as an aligned text table; with a ``baseline`` run, each final accuracy minus the baseline's."""
     compared = baseline is not None and not baseline.error
     header = ("recipe", "batch", "steps", "final acc", "best acc", f"steps to {target:.1%}",
               f"s to {target:.1%}", "s/step", "peak RSS MB")

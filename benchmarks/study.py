@@ -21,7 +21,7 @@ The plan, most informative first (each step waits for what it needs from the ste
 4. the ablations (:data:`VARIANTS`: SP-NGD's ingredients switched one at a time, K-FAC with stale
    statistics) at their parent recipe's best LR, at 8192 then 2048, once the parent's LR grid there
    is complete;
-5. the grids at 8192 completed, its top recipes' seeds;
+5. the grids at 8192 completed, its top recipes' seeds, then seeds 1 and 2 of the ``--seed-variants``;
 6. short grids (3 LRs: centre, half, double) of the ``--headline-recipes`` at the remaining batches
    (512), then of the second model's headline cells (``--headline-model``, at its own epoch budget;
    its best LRs with 3 seeds);
@@ -233,7 +233,7 @@ class Tune:
     epochs: int
     variant: str = ""
     center: float | None = None  # default: grid_centre(recipe) (the scaling rule's prediction)
-    fixed: bool = False  # only the centre (ablations, headline cells of the second model)
+    fixed: bool = False  # only the centre (the ablations, at their parent's best LR)
 
     def cell(self, lr: float, seed: int = 0) -> Cell:
         return Cell(self.model, self.recipe, self.batch, self.epochs, _round_lr(lr), seed, self.variant)

@@ -74,7 +74,7 @@ EVALS = 16  # validation points per run, evenly spaced in tokens
 GRIDS: dict[str, dict[int, tuple[float, ...]]] = {
     "adamw": {1: (1e-3, 2e-3, 4e-3), 4: (4e-3, 8e-3), 16: (4e-3, 8e-3, 1.6e-2)},
     "lamb": {1: (2e-3, 5e-3, 1e-2), 4: (4e-2, 8e-2), 16: (1e-2, 2e-2, 4e-2)},
-    "kfac": {1: (0.05, 0.1, 0.2), 4: (0.05, 0.1), 16: (0.1, 0.2, 0.4)},
+    "kfac": {1: (0.05, 0.1, 0.2), 4: (0.025, 0.05), 16: (0.1, 0.2, 0.4)},  # 4x: 0.05 diverged, 0.1 not run
     "kfac_adam": {1: (1e-3, 2e-3, 4e-3), 4: (4e-3, 8e-3), 16: (4e-3, 8e-3, 1.6e-2)},
 }
 # Cells in the order they are run: the 16x comparison and its baseline first, then the middle batch.
@@ -230,9 +230,15 @@ def load_runs() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
 
+def diverged(run: dict[str, Any]) -> bool:
+    """A run whose loss went non-finite, or whose final validation loss is above its initial one."""
+    history = run["history"]
+    return run["diverged"] or not history[-1][2] < history[0][2]
+
+
 def best_lr(runs: list[dict[str, Any]], method: str, multiplier: int) -> float | None:
     cell = [r for r in runs if r["method"] == method and r["multiplier"] == multiplier and r["seed"] == 0
-            and r.get("variant") is None and math.isfinite(r["final_val_loss"])]
+            and r.get("variant") is None and not diverged(r)]
     return min(cell, key=lambda r: r["final_val_loss"])["lr"] if cell else None
 
 
@@ -467,15 +473,15 @@ def write_report(runs: list[dict[str, Any]]) -> None:
                            f"{100 * (final / target - 1):+.1f}% | {reach_text(cell, target)} | {same_batch} |")
         out += [""] + [f"Best at batch {BASE_BATCH * k}: {m}, {100 * (f / target - 1):+.1f}% over the baseline."
                        for k, (m, f) in sorted(best_gap.items())]
-        out += ["", "LR grids (seed 0, final validation loss; * chosen, nan diverged):", ""]
+        out += ["", "LR grids (seed 0, final validation loss; * chosen):", ""]
         for k in MULTIPLIERS:
             for method in GRIDS:
                 cell = sorted((r for r in runs if r["method"] == method and r["multiplier"] == k and r["seed"] == 0
                                and r.get("variant") is None), key=lambda r: r["lr"])
                 if cell:
                     best = best_lr(runs, method, k)
-                    points = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}{'*' if r['lr'] == best else ''}"
-                                       for r in cell)
+                    points = ", ".join(f"{r['lr']:g}: " + ("diverged" if diverged(r) else f"{r['final_val_loss']:.4f}")
+                                       + ("*" if r["lr"] == best else "") for r in cell)
                     out.append(f"* {method}, batch {BASE_BATCH * k}: {points}")
     variants = [r for r in runs if r.get("variant")]
     if variants:

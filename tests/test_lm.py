@@ -214,12 +214,13 @@ def test_causal_lm_module_trains_with_kfac_on_every_layer(tmp_path, pl_package):
 
 
 def _lm_run(lr: float, loss: float, seed: int = 0, variant: str | None = None, method: str = "adamw") -> dict:
-    return {"method": method, "multiplier": 16, "lr": lr, "seed": seed, "variant": variant, "final_val_loss": loss}
+    return {"method": method, "multiplier": 16, "lr": lr, "seed": seed, "variant": variant, "final_val_loss": loss,
+            "history": [(0, 0, 5.5), (64, 0, loss)], "diverged": False}
 
 
 def test_lm_benchmark_grid_grows_while_best_on_edge_and_stops_at_divergence():
     """The LR grid doubles past a best upper edge, halves past a lower one, and never grows past a diverged LR."""
-    from benchmarks.lm_large_batch import grid_edge_step
+    from benchmarks.lm_large_batch import best_lr, grid_edge_step
 
     runs = [_lm_run(1e-3, 2.5), _lm_run(2e-3, 2.4), _lm_run(4e-3, 2.3)]
     assert grid_edge_step(runs, "adamw", 16) == 8e-3
@@ -229,6 +230,9 @@ def test_lm_benchmark_grid_grows_while_best_on_edge_and_stops_at_divergence():
     assert grid_edge_step(low, "adamw", 16) == 5e-4
     diverged = [_lm_run(1e-3, 2.5), _lm_run(2e-3, 2.4), _lm_run(4e-3, float("nan"))]
     assert grid_edge_step(diverged, "adamw", 16) is None
+    # A finite final loss above the initial one is a divergence too: never the chosen LR.
+    blown_up = [_lm_run(1e-3, 3e8), _lm_run(2e-3, float("nan"))]
+    assert best_lr(blown_up, "adamw", 16) is None and grid_edge_step(blown_up, "adamw", 16) is None
     assert grid_edge_step([_lm_run(1e-3, 2.5)], "adamw", 16) is None  # one point has no edge
 
 

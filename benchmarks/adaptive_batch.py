@@ -1,8 +1,8 @@
 """Batch size that grows by itself, measured on Fashion-MNIST (issue 16, goals 1-4).
 
 Cells, each one training run cached as ``benchmarks/adaptive_batch_results/<model>/<cell>-s<seed>.json``
-(a finished cell is never rerun, so the study resumes where it stopped; the runs of one model and
-seed, a few minutes in all, hold the shared benchmark lock together, :mod:`benchmarks.bench_lock`):
+(a finished cell is never rerun, so the study resumes where it stopped; each run holds one slot of
+the shared benchmark lock with one torch thread, :mod:`benchmarks.bench_lock`):
 
 * ``fixed-B``: momentum SGD (Nesterov 0.9, wd 5e-4) at a fixed batch ``B``, LR ``0.1 x B / 128``
   (LRSchedule, linear rule, Goyal warmup over the first epoch for ``B > 128``), cosine decay to 0.
@@ -14,8 +14,14 @@ seed, a few minutes in all, hold the shared benchmark lock together, :mod:`bench
 * ``abs``: ABS, ``HessianRule(ratio 0.5, duration 2)`` with gradient accumulation (as the paper).
 * ``absa``: ``abs`` plus FGSM examples (ratio 0.2, eps 0.005, until half of training).
 * ``replay-noise`` / ``replay-abs``: ``RampRule`` replaying that seed's batch schedule without any
-  measurement; wall-time ratio ``noise / replay-noise`` is the noise rule's overhead (goal 4).
+  measurement (the first session's overhead reading; ``--overhead`` below replaces it).
 * ``advise``: the critical-batch advisor (:func:`lightning_lbo.critical_batch.advise`, 300 steps at 128).
+* ``eigen-trace``: fixed-128 with the top Hessian eigenvalue measured at every epoch end as ABS does
+  and against references (converged, other batches, a large batch, train-mode BN): goal 2's check.
+
+``--overhead noise|abs`` (goal 4) times a rule against the replay of the same run's batch schedule in
+alternating pairs under the exclusive lock; every rule cell also records the CPU time spent inside
+its measurement (``measure_cpu_s``).
 
 All runs: 55k training images (5k held out for validation every quarter epoch), test accuracy on the
 official 10k, equal epochs. ``--report`` rewrites ``benchmarks/ADAPTIVE_BATCH.md`` and the plots from

@@ -370,9 +370,12 @@ def next_cell(config: StudyConfig, cache: Cache, skip: Container[str] = ()) -> C
 
 
 def claims_dir(config: StudyConfig) -> Path:
-    """Where runners sharing ``config.results`` mark the cells they are training (outside the cache)."""
+    """Where runners sharing ``config.results`` mark the cells they are training (outside the cache).
+
+    Under ``$LBO_STUDY_CLAIMS`` (default: the temporary directory), one folder per cache directory.
+    """
     digest = hashlib.sha1(str(config.results.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"lbo-study-claims-{digest}"
+    return Path(os.environ.get("LBO_STUDY_CLAIMS") or tempfile.gettempdir()) / f"lbo-study-claims-{digest}"
 
 
 def claim(config: StudyConfig, cell: Cell) -> Path | None:

@@ -19,6 +19,7 @@ from lightning_lbo.compare import RunResult, RunSpec, run_one
 def _private_bench_lock(tmp_path, monkeypatch):
     """The study holds the machine-wide benchmark lock per run; tests must not wait for real benchmarks."""
     monkeypatch.setenv("LBO_BENCH_LOCK", str(tmp_path / "bench.lock"))
+    monkeypatch.setenv("LBO_STUDY_CLAIMS", str(tmp_path))  # the runners' claims, outside the shared /tmp
 
 
 def _fake_runner(calls: list[RunSpec], best_lr: float = 0.4):

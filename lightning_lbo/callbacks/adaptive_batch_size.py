@@ -1,9 +1,10 @@
 """Grow the batch during training: one controller, a rule that decides, a mechanism that applies.
 
 At every epoch end (or every ``decide_every_n_steps`` optimizer steps, with the resize mechanism)
-the controller measures what its rule needs, asks the rule for the next batch factor (:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take
-rank 0's decision (a broadcast; measurements are all-reduced first, so they agree anyway) and hands
-it to a mechanism (:mod:`lightning_lbo.callbacks.batch_mechanisms`):
+the controller measures what its rule needs, asks the rule for the next batch factor
+(:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take rank 0's decision
+(a broadcast; measurements are all-reduced first, so they agree anyway) and hands it to a mechanism
+(:mod:`lightning_lbo.callbacks.batch_mechanisms`):
 
 * rules: ``"hessian"`` (ABS; Yao, Gholami, Keutzer, Mahoney 2018: the top Hessian eigenvalue on a
   fixed batch, power iteration in eval-mode BN), ``"noise_scale"`` (the simple gradient noise scale

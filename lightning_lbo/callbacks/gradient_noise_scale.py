@@ -16,7 +16,8 @@ On one process without accumulation there is a single batch size; then every ``p
 steps a probe splits the step's first batch in two halves and measures their gradients
 (:func:`~lightning_lbo.noise_scale.split_batch_sq_norms`: one extra forward and backward, ``B_small``
 = half the batch; ``probe_every_n_steps=None`` skips such steps instead). The numerator and
-denominator are EMA-smoothed separately on each rank (no host sync per step); at logging steps their mean over ranks (one 2-element all-reduce) gives ``B_simple``.
+denominator are EMA-smoothed separately on each rank (no host sync per step); at logging steps their
+mean over ranks (one 2-element all-reduce) gives ``B_simple``.
 
 Limitations: fp16 mixed precision with a GradScaler is rejected (the hooks would see scaled
 gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results).

@@ -64,8 +64,7 @@ TARGETS = {"mlp-bn": 0.86, "cnn": 0.85}  # validation accuracy of the steps-to-t
 def cell_order() -> list[str]:
     """Most informative first: the goals' runs, the advisor, the sweep's ends, then the rest."""
     return ["fixed-128", "noise", "noise-steps", "advise", "fixed-2048", "fixed-512", "abs", "replay-noise", "absa",
-            "fixed-1024",
-            "fixed-256", "fixed-4096", "replay-abs"]
+            "fixed-1024", "fixed-256", "fixed-4096", "replay-abs"]
 
 
 def cell_path(model: str, cell: str, seed: int) -> Path:

@@ -83,10 +83,11 @@ ORDER = [("adamw", 1), ("adamw", 16), ("lamb", 16), ("kfac", 16), ("kfac_adam", 
 KFAC_DAMPING = 1e-3
 WARMUP_FRACTION = 0.1
 MAX_EXTENSIONS = 3  # how far a grid may grow past its edge (x2 or /2 per step)
-# Variants of K-FAC at 16x, run at a method's chosen LR with seed 0 and compared on validation loss only.
+# Variants of K-FAC, run with seed 0 (at 16x: at a method's chosen LR) and compared on validation loss only.
 VARIANTS: dict[str, dict[str, float]] = {
     "warmup25": {"warmup_fraction": 0.25},  # 16 of 64 steps of warmup instead of 6
     "damping1e-2": {"damping": 1e-2},
+    "refresh1": {"refresh_interval": 1},  # factors and inverses every step at any batch
 }
 
 
@@ -171,10 +172,12 @@ def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSeq
     """One training run at equal tokens; returns the record written to its JSON file."""
     batch = BASE_BATCH * multiplier
     steps = BASE_STEPS // multiplier
-    settings = {"warmup_fraction": WARMUP_FRACTION, "damping": KFAC_DAMPING, **VARIANTS.get(variant or "", {})}
+    settings = {"warmup_fraction": WARMUP_FRACTION, "damping": KFAC_DAMPING,
+                "refresh_interval": refresh_interval(multiplier), **VARIANTS.get(variant or "", {})}
     torch.manual_seed(seed)
     model = GPT(**MODEL)
-    optimizer, pre = build_optimizer(method, model, lr, multiplier, damping=settings["damping"])
+    optimizer, pre = build_optimizer(method, model, lr, multiplier, damping=settings["damping"],
+                                     interval=int(settings["refresh_interval"]))
     warmup = max(1, int(steps * settings["warmup_fraction"]))
     scheduler = lambda_lr(optimizer, warmup_then(cosine(steps - warmup, end_factor=0.1), warmup, start_factor=0.0))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -208,7 +211,7 @@ def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSeq
             "variant": variant, "warmup_steps": warmup,
             "tokens": steps * batch * MODEL["seq_len"], "model": MODEL, "weight_decay": WEIGHT_DECAY,
             "kfac_damping": settings["damping"] if method.startswith("kfac") else None,
-            "kfac_refresh_interval": refresh_interval(multiplier) if method.startswith("kfac") else None,
+            "kfac_refresh_interval": settings["refresh_interval"] if method.startswith("kfac") else None,
             "kfac_kl_clip": None, "commit": _commit(),
             "final_val_loss": history[-1][2] if nonfinite <= 3 else float("nan"), "history": history,
             "median_step_s": statistics.median(step_times), "wall_s": time.perf_counter() - start_time,
@@ -485,16 +488,20 @@ def write_report(runs: list[dict[str, Any]]) -> None:
                     out.append(f"* {method}, batch {BASE_BATCH * k}: {points}")
     variants = [r for r in runs if r.get("variant")]
     if variants:
-        out += ["", "K-FAC variants at the chosen LR (seed 0), against the same run without the variant:", "",
+        out += ["", "K-FAC variants (seed 0), against the same run without the variant:", "",
                 "| method | batch | lr | variant | final val loss | without | difference |",
                 "|---|---|---|---|---|---|---|"]
         for r in sorted(variants, key=lambda r: (r["method"], r["batch"], r["variant"])):
-            plain = [q for q in chosen(runs, r["method"], r["multiplier"])
-                     if q["seed"] == r["seed"] and q["lr"] == r["lr"]]
-            ref = f"{plain[0]['final_val_loss']:.4f}" if plain else "no run"
-            diff = f"{r['final_val_loss'] - plain[0]['final_val_loss']:+.4f}" if plain else ""
+            plain = [q for q in runs if q.get("variant") is None and all(
+                q[key] == r[key] for key in ("method", "multiplier", "lr", "seed"))]
+            def loss_text(run: dict[str, Any]) -> str:
+                return "diverged" if diverged(run) else f"{run['final_val_loss']:.4f}"
+
+            ref = loss_text(plain[0]) if plain else "no run"
+            diff = f"{r['final_val_loss'] - plain[0]['final_val_loss']:+.4f}" if plain and not (
+                diverged(r) or diverged(plain[0])) else ""
             out.append(f"| {r['method']} | {r['batch']} | {r['lr']:g} | {r['variant']} "
-                       f"({VARIANTS[r['variant']]}) | {r['final_val_loss']:.4f} | {ref} | {diff} |")
+                       f"({VARIANTS[r['variant']]}) | {loss_text(r)} | {ref} | {diff} |")
     timing = sorted(OUT.glob("timing-*.json"))
     for path in timing:
         t = json.loads(path.read_text())

@@ -66,10 +66,14 @@ def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _gram_with_ones(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[x, 1]^T [x, 1]`` without materialising the ones column: ``[g, rows, d] -> [g, d+1, d+1]``."""
     x = x.to(dtype)
-    g, rows, d = x.shape
-    out = x.new_empty(g, d + 1, d + 1)
-    out[:, :d, :d] = torch.bmm(x.transpose(1, 2), x)
-    col = x.sum(1)
+    return _bordered(torch.bmm(x.transpose(1, 2), x), x.sum(1), x.shape[1])
+
+
+def _bordered(gram: torch.Tensor, col: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[[gram, col], [col^T, rows]]``: the Gram of ``[x, 1]`` from that of ``x`` and its column sums."""
+    g, d, _ = gram.shape
+    out = gram.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = gram
     out[:, :d, d] = col
     out[:, d, :d] = col
     out[:, d, d] = rows
@@ -374,9 +378,8 @@ class Conv2dBlock(KroneckerBlock):
 
         One stack of ``kh * kw`` strided slices of the padded input in channels-last memory, so that
         each slice is copied in runs of ``C`` contiguous values (3x faster than stacking them into the
-        weight order, which writes every ``kh * kw``-th value; ``F.unfold`` is slower still). The Gram
-        and kept rows are permuted to the weight order afterwards (:meth:`to_weight_order`), which
-        costs ``d_A^2`` instead of ``N L d_A``.
+        weight order, which writes every ``kh * kw``-th value; ``F.unfold`` is slower still). 
+        :meth:`input_statistics` then reorders whichever is smaller, the rows or their Gram.
         """
         (kh, kw), (dh, dw), (sh, sw) = self._geometry()
         x = self._padded(x)
@@ -393,27 +396,26 @@ class Conv2dBlock(KroneckerBlock):
         cols = cols.reshape(n * oh * ow, kh * kw, g, c // g).permute(2, 0, 1, 3)
         return cols.reshape(g, n * oh * ow, kh * kw * (c // g))
 
-    def to_weight_order(self, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        """``t`` with its patch-order axes ``dims`` (columns ``(i, j, c)``, a bias column last) in the
-        weight's ``(c, i, j)`` order."""
-        (kh, kw), _, _ = self._geometry()
-        taps, size = kh * kw, t.shape[dims[0]]
-        per_group = self.module.in_channels // self.groups
-        order = torch.arange(taps * per_group, device=t.device).view(taps, per_group).t().reshape(-1)
-        if size > taps * per_group:  # the bias column stays last
-            order = torch.cat([order, order.new_tensor([size - 1])])
-        for dim in dims:
-            t = t.index_select(dim, order)
-        return t
-
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
-        stats, rows = super().input_statistics(x, due)
-        if "A" in stats:
-            stats["A"] = self.to_weight_order(stats["A"], (1, 2))
-        return stats, rows
-
-    def with_ones(self, rows: torch.Tensor) -> torch.Tensor:
-        return super().with_ones(self.to_weight_order(rows, (2,)))
+        """``A`` in the weight's column order: with fewer rows than columns the patch-order rows are
+        reordered (and kept for a low-rank inverse), else their Gram (a ``d_A^2`` copy; such rows are
+        never low-rank, so none are returned)."""
+        if "A" not in due:
+            return {}, None
+        rows = self.a_rows(x)
+        g, r, d = rows.shape
+        (kh, kw), _, _ = self._geometry()
+        taps = kh * kw
+        if r < d:
+            rows = rows.view(g, r, taps, d // taps).transpose(2, 3).reshape(g, r, d)
+            gram = _gram_with_ones(rows, self.factor_dtype) if self.bias is not None else _gram(rows, self.factor_dtype)
+            return {"A": gram}, rows
+        gram = _gram(rows, self.factor_dtype)
+        gram = gram.view(g, taps, d // taps, taps, d // taps).permute(0, 2, 1, 4, 3).reshape(g, d, d)
+        if self.bias is not None:
+            col = rows.to(self.factor_dtype).sum(1).view(g, taps, d // taps).transpose(1, 2).reshape(g, d)
+            gram = _bordered(gram, col, r)
+        return {"A": gram}, None
 
     def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         n, c = grad.shape[:2]

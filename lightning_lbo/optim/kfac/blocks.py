@@ -378,7 +378,7 @@ class Conv2dBlock(KroneckerBlock):
 
         One stack of ``kh * kw`` strided slices of the padded input in channels-last memory, so that
         each slice is copied in runs of ``C`` contiguous values (3x faster than stacking them into the
-        weight order, which writes every ``kh * kw``-th value; ``F.unfold`` is slower still). 
+        weight order, which writes every ``kh * kw``-th value; ``F.unfold`` is slower still).
         :meth:`input_statistics` then reorders whichever is smaller, the rows or their Gram.
         """
         (kh, kw), (dh, dw), (sh, sw) = self._geometry()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -387,6 +388,8 @@ def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float,
         reached = [steps_to_interpolated(r["curve"], target) for r in runs if r]
         if reached and all(x is not None for x in reached):
             means[b] = (statistics.mean(reached), statistics.stdev(reached) if len(reached) > 1 else 0.0)
+        elif reached:  # run, but the target was never reached: no doubling into this batch halves anything
+            means[b] = (math.inf, 0.0)
     rows = [(b, mean, sd, means[2 * b][0] / mean if 2 * b in means else None) for b, (mean, sd) in means.items()]
     ratios = [(b, r) for b, _, _, r in rows if r is not None]
     knee = None
@@ -579,7 +582,8 @@ def report(models: list[str], seeds: list[int]) -> None:
         if table:
             goals.append(f"- steps to {TARGETS[model]:.0%} validation accuracy, interpolated between validations "
                          "(mean ± sd over seeds; S(2B)/S(B) = 0.5 is perfect scaling): "
-                         + ", ".join(f"{b}: {m:.0f} ± {sd:.0f}" + (f" (x{r:.2f} at 2B)" if r else "")
+                         + ", ".join((f"{b}: {m:.0f} ± {sd:.0f}" if math.isfinite(m) else f"{b}: not reached")
+                                     + (f" (x{r:.2f} at 2B)" if r is not None and math.isfinite(r) else "")
                                      for b, m, sd, r in table)
                          + (f"; knee (smallest B from which no doubling cuts steps to x{KNEE_RATIO} or less): "
                             f"{knee}" if knee else ""))

@@ -29,7 +29,7 @@ Usage::
     python benchmarks/lm_large_batch.py --phase seeds     # seed 1 at each chosen LR
     python benchmarks/lm_large_batch.py --phase timing    # K-FAC / AdamW step time, side by side
     python benchmarks/lm_large_batch.py --phase timing --interval 10  # ... refreshing every 10 steps
-    python benchmarks/lm_large_batch.py --phase variants  # K-FAC at 16x: longer warmup, more damping
+    python benchmarks/lm_large_batch.py --phase variants  # K-FAC at 16x: longer warmup, more damping, ...
     python benchmarks/lm_large_batch.py --phase coverage  # share of parameters K-FAC preconditions
     python benchmarks/lm_large_batch.py --report
 """
@@ -214,7 +214,8 @@ def train_run(method: str, multiplier: int, lr: float, seed: int, train: ByteSeq
             "kfac_refresh_interval": settings["refresh_interval"] if method.startswith("kfac") else None,
             "kfac_kl_clip": None, "commit": _commit(),
             "final_val_loss": history[-1][2] if nonfinite <= 3 else float("nan"), "history": history,
-            "median_step_s": statistics.median(step_times), "wall_s": time.perf_counter() - start_time,
+            "median_step_s": statistics.median(step_times) if step_times else float("nan"),
+            "wall_s": time.perf_counter() - start_time,
             "diverged": nonfinite > 3,
             **preconditioned_share(model, optimizer, pre),
             "machine": machine(), "loadavg_1m_start": start_load}
@@ -237,6 +238,10 @@ def diverged(run: dict[str, Any]) -> bool:
     """A run whose loss went non-finite, or whose final validation loss is above its initial one."""
     history = run["history"]
     return run["diverged"] or not history[-1][2] < history[0][2]
+
+
+def loss_text(run: dict[str, Any]) -> str:
+    return "diverged" if diverged(run) else f"{run['final_val_loss']:.4f}"
 
 
 def best_lr(runs: list[dict[str, Any]], method: str, multiplier: int) -> float | None:
@@ -483,8 +488,7 @@ def write_report(runs: list[dict[str, Any]]) -> None:
                                and r.get("variant") is None), key=lambda r: r["lr"])
                 if cell:
                     best = best_lr(runs, method, k)
-                    points = ", ".join(f"{r['lr']:g}: " + ("diverged" if diverged(r) else f"{r['final_val_loss']:.4f}")
-                                       + ("*" if r["lr"] == best else "") for r in cell)
+                    points = ", ".join(f"{r['lr']:g}: {loss_text(r)}{'*' if r['lr'] == best else ''}" for r in cell)
                     out.append(f"* {method}, batch {BASE_BATCH * k}: {points}")
     variants = [r for r in runs if r.get("variant")]
     if variants:
@@ -494,9 +498,6 @@ def write_report(runs: list[dict[str, Any]]) -> None:
         for r in sorted(variants, key=lambda r: (r["method"], r["batch"], r["variant"])):
             plain = [q for q in runs if q.get("variant") is None and all(
                 q[key] == r[key] for key in ("method", "multiplier", "lr", "seed"))]
-            def loss_text(run: dict[str, Any]) -> str:
-                return "diverged" if diverged(run) else f"{run['final_val_loss']:.4f}"
-
             ref = loss_text(plain[0]) if plain else "no run"
             diff = f"{r['final_val_loss'] - plain[0]['final_val_loss']:+.4f}" if plain and not (
                 diverged(r) or diverged(plain[0])) else ""

@@ -480,7 +480,7 @@ def summarize(model: str, cell: str, seeds: list[int]) -> dict[str, Any] | None:
         out.update(b_simple=stat("b_simple"), recommended=[r["recommended_batch"] for r in runs])
     else:
         out.update(steps=stat("steps"), acc=stat("test_acc"),
-                   final_batch=[r["history"][-1]["global_batch"] if r["history"] else None for r in runs])
+                   final_batch=[r["trace"][-1][2] if r["history"] and r["trace"] else None for r in runs])
     return out
 
 
@@ -532,7 +532,7 @@ def report(models: list[str], seeds: list[int]) -> None:
         if not rows:
             lines += ["No cell finished yet.", ""]
             continue
-        lines += ["| run | seeds | optimizer steps | test accuracy | wall s | load avg | threads | final batch |",
+        lines += ["| run | seeds | optimizer steps | test accuracy | wall s | load avg | threads | last batch |",
                   "|---|---|---|---|---|---|---|---|"]
         for cell, s in rows.items():
             if cell == "advise":

@@ -556,9 +556,11 @@ def report(models: list[str], seeds: list[int]) -> None:
                     goals.append(f"- {cell}: {ratio:.2f}x the steps of fixed-128, accuracy {-drop * 100:+.2f} points "
                                  f"on seeds {r['seeds']} (goal: <= {limit}x, >= "
                                  f"{-0.3 if cell.startswith('noise') else -0.5} points)")
-            if "absa" in rows and "abs" in rows:
-                goals.append(f"- absa vs abs: accuracy {(rows['absa']['acc'][0] - rows['abs']['acc'][0]) * 100:+.2f} "
-                             "points")
+            both = "absa" in rows and "abs" in rows
+            common = sorted(set(rows["absa"]["seeds"]) & set(rows["abs"]["seeds"])) if both else []
+            if common:
+                diff = summarize(model, "absa", common)["acc"][0] - summarize(model, "abs", common)["acc"][0]
+                goals.append(f"- absa vs abs: accuracy {diff * 100:+.2f} points on seeds {common}")
         for cell in ("noise", "abs"):
             if cell in rows and f"replay-{cell}" in rows:
                 pairs = [(load(model, cell, s), load(model, f"replay-{cell}", s)) for s in seeds]

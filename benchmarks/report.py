@@ -331,7 +331,8 @@ def _goals(cells: dict, head: dict, config: StudyConfig, base: Chosen | None, ta
         if hb and hbest:
             hgap = hb.test_mean - hbest.test_mean
             seeds = min(len(hb.runs), len(hbest.runs))
-            lines.append(f"| 1. SmallCNN ({config.headline_epochs} epochs, 3-LR grids) | {hbest.name} "
+            tried = min(len(hb.grid), len(hbest.grid))
+            lines.append(f"| 1. SmallCNN ({config.headline_epochs} epochs, {tried} LR value(s) tried) | {hbest.name} "
                          f"{_pm(hbest.test_mean, hbest.test_std, len(hbest.runs))} vs sgd@{config.baseline} "
                          f"{_pm(hb.test_mean, hb.test_std, len(hb.runs))}: gap {hgap:+.4f} | "
                          + ("**met**" if hgap <= 0.003 else "**not met**") + ("" if seeds >= 3 else f" so far "

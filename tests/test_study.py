@@ -259,6 +259,6 @@ def test_report_smallcnn_goal_from_its_grid_and_seeds(tmp_path):
     study.run_study(config, runner=_fake_runner([]), log=lambda _: None)
     text = report.write_report(config)
     # cnn sgd@128: grid 0.05/0.1/0.2 (0.2 best: held-out 0.89, test 0.885-0.887); kfac@2048 test 0.895-0.897
-    assert ("| 1. SmallCNN (4 epochs, 3-LR grids) | kfac 0.8960 ± 0.0010 (n=3) vs sgd@128 0.8860 ± 0.0010 (n=3): "
-            "gap -0.0100 | **met** |") in text
+    assert ("| 1. SmallCNN (4 epochs, 3 LR value(s) tried) | kfac 0.8960 ± 0.0010 (n=3) vs sgd@128 "
+            "0.8860 ± 0.0010 (n=3): gap -0.0100 | **met** |") in text
     assert "| sgd | 128 | 0.05: 0.8100, 0.1: 0.8600, **0.2: 0.8900** | 0.8860 ± 0.0010 (n=3) |" in text

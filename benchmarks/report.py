@@ -144,7 +144,7 @@ def _setup(cache: Cache, config: StudyConfig) -> list[str]:
         "value sits on the edge (4-5 values when complete); chosen by the final "
         "held-out accuracy of seed 0; the chosen LR rerun with seeds 1 and 2 (a seed changes the initialisation, "
         "the shuffling and the held-out split).",
-        f"- Machine: {host.get('cpu', '?')} with {host.get('cores', '?')} cores, shared with ~6 other agents working "
+        f"- Machine: {host.get('cpu', '?')} with {host.get('cores', '?')} cores, shared with other agents working "
         f"at the same time (1-minute load average at the start of a run: {min(loads, default=0):.1f} to "
         f"{max(loads, default=0):.1f}; timings are therefore only indicative); torch {host.get('torch', '?')}, "
         f"{', '.join(map(str, threads))} thread(s) per run, accelerator {', '.join(accelerators)}, glibc malloc with "

@@ -98,16 +98,20 @@ class TiedDiagonalKronecker(inv.DiagonalKronecker):
         return super().identity({"A": factors["A"], "G": factors["A_head"]}, out_dtype)
 
 
-class _EmbeddingUse:
-    """The embedding's calls: ``A`` = token counts, ``G`` = its output-gradient statistic (``d x d``)."""
-
-    input_stats = ("A",)
-    output_stat = "G"
+class _Use:
+    """The calls of one of the tied block's two modules; reads the block's dims and factor dtype."""
 
     def __init__(self, block: TiedEmbeddingBlock) -> None:
         self.block = block
 
     hook_io = CurvatureBlock.hook_io
+
+
+class _EmbeddingUse(_Use):
+    """The embedding's calls: ``A`` = token counts, ``G`` = its output-gradient statistic (``d x d``)."""
+
+    input_stats = ("A",)
+    output_stat = "G"
 
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
         if "A" not in due:
@@ -123,16 +127,11 @@ class _EmbeddingUse:
         return stat == "G"
 
 
-class _HeadUse:
+class _HeadUse(_Use):
     """The head's calls: ``A_head`` = its input statistic (bias folded in), ``G_head`` = diagonal logit statistic."""
 
     input_stats = ("A_head",)
     output_stat = "G_head"
-
-    def __init__(self, block: TiedEmbeddingBlock) -> None:
-        self.block = block
-
-    hook_io = CurvatureBlock.hook_io
 
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
         if "A_head" not in due:

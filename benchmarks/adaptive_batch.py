@@ -15,7 +15,10 @@ the shared benchmark lock with one torch thread, :mod:`benchmarks.bench_lock`):
 * ``absa``: ``abs`` plus FGSM examples (ratio 0.2, eps 0.005, until half of training).
 * ``replay-noise`` / ``replay-abs``: ``RampRule`` replaying that seed's batch schedule without any
   measurement (the first session's overhead reading; ``--overhead`` below replaces it).
-* ``advise``: the critical-batch advisor (:func:`lightning_lbo.critical_batch.advise`, 300 steps at 128).
+* ``advise``: the critical-batch advisor (:func:`lightning_lbo.critical_batch.advise`) at 128 until the
+  ladder's validation target, recommending from ``B_simple`` over the last 100 steps before it.
+* ``trace-128``: fixed-128 with ``B_simple`` measured all along (probe every 5 steps; run on request
+  with ``--cells trace-128``): the noise scale near the target, against the ladder's knee.
 * ``eigen-trace``: fixed-128 with the top Hessian eigenvalue measured at every epoch end as ABS does
   and against references (converged, other batches, a large batch, train-mode BN): goal 2's check.
 
@@ -54,6 +57,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 RESULTS = ROOT / "adaptive_batch_results"
 BASE_BATCH, BASE_LR, MAX_FACTOR, REWARMUP = 128, 0.1, 16, 20
+ADVISE_WINDOW = 100  # the advisor's estimate: the last 100 steps before the target (a quarter epoch at 128)
 STEP_DECISIONS = 100  # noise-steps: decide every 100 optimizer steps (a quarter epoch at 128), not at epoch ends
 FIXED = (128, 256, 512, 1024, 2048, 4096)
 EPOCHS = {"mlp-bn": 5, "cnn": 3}
@@ -211,19 +215,25 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
     from lightning_lbo.batch_rules import HessianRule, NoiseScaleRule, RampRule
     from lightning_lbo.callbacks import AdaptiveBatchSize, AdversarialTraining, GradientNoiseScale, LRSchedule
     from lightning_lbo.classifier import ClassifierModule, sgd_factory
+    from lightning_lbo.critical_batch import NoiseScaleTrace
 
     if cell == "advise":
         from lightning_lbo.critical_batch import advise
 
-        start = time.perf_counter()
-        advice = advise(model, BASE_BATCH, BASE_LR, steps=300, seed=seed)
+        start = time.perf_counter()  # to the ladder's target, within the ladder's epochs at 128
+        advice = advise(model, BASE_BATCH, BASE_LR, steps=EPOCHS[model] * (55000 // BASE_BATCH), seed=seed,
+                        target=TARGETS[model], window=ADVISE_WINDOW, val_every_n_steps=50, train_subset=TRAIN_SUBSET)
         return {"b_simple": advice.b_simple, "recommended_batch": advice.recommended_batch,
-                "recommended_lr": advice.recommended_lr, "steps": advice.steps, "history": advice.history,
+                "recommended_lr": advice.recommended_lr, "steps": advice.steps, "window_start": advice.window_start,
+                "target_step": advice.target_step, "validation": advice.validation, "history": advice.history,
                 "wall_s": time.perf_counter() - start}
     batch, resizable, callbacks = BASE_BATCH, False, []
     eigen = eigen_trace(seed) if cell == "eigen-trace" else None
     if eigen is not None:
         callbacks.append(eigen)
+    if cell == "trace-128":  # fixed-128 with B_simple measured all along (goal 3: the noise scale near the target)
+        callbacks.append(GradientNoiseScale(beta=0.9, probe_every_n_steps=5, log_every_n_steps=5))
+        callbacks.append(NoiseScaleTrace(callbacks[-1]))
     if cell.startswith("fixed-"):
         batch = int(cell.split("-")[1])
     elif cell in ("noise", "noise-steps", "replay-noise"):
@@ -280,7 +290,9 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
     gns = next((cb for cb in callbacks if isinstance(cb, GradientNoiseScale)), None)
     return {"steps": trainer.global_step, "test_acc": test_acc, "wall_s": wall, "cpu_s": cpu, "curve": rec.curve,
             "trace": rec.trace, "history": abs_cb.history if abs_cb else [],
-            "b_simple": gns.history if gns else [], "measure_cpu_s": clock.cpu_s, "measure_wall_s": clock.wall_s,
+            "b_simple": gns.history if gns else [],
+            "noise_trace": next((cb.rows for cb in callbacks if isinstance(cb, NoiseScaleTrace)), []),
+            "measure_cpu_s": clock.cpu_s, "measure_wall_s": clock.wall_s,
             **({"eigen": eigen.rows} if eigen else {})}
 
 

@@ -460,6 +460,36 @@ def eigen_lines(model: str, seeds: list[int]) -> list[str]:
     return lines
 
 
+def advisor_lines(model: str, seeds: list[int], knee: int | None, b_crit: float | None) -> list[str]:
+    """Goal 3: the advisor's recommendation against the knee, and ``B_simple`` along fixed-128 near the target."""
+    from lightning_lbo.critical_batch import window_b_simple
+
+    lines, target = [], TARGETS[model]
+    runs = [r for r in (load(model, "advise", s) for s in seeds) if r]
+    if runs:
+        recs = [r["recommended_batch"] for r in runs]
+        estimates = ", ".join(f"{r['b_simple']:.0f}" for r in runs)
+        lines.append(f"- advisor (batch 128, LR 0.1 until {target:.0%} validation accuracy, B_simple over the last "
+                     f"{ADVISE_WINDOW} steps), seeds {[r['seed'] for r in runs]}: target reached at step "
+                     f"{[r.get('target_step') for r in runs]}, B_simple {estimates}, recommended batch {recs}"
+                     + (f"; ratio to the knee {', '.join(f'{b / knee:.2f}' for b in recs)}" if knee else "")
+                     + (f"; ratio to the fit's B_crit {', '.join(f'{b / b_crit:.2f}' for b in recs)}"
+                        if b_crit else ""))
+    for seed in seeds:
+        r = load(model, "trace-128", seed)
+        if not r or not r.get("noise_trace"):
+            continue
+        rows, reached = [tuple(x) for x in r["noise_trace"]], steps_to_interpolated(r["curve"], target)
+        marks = rows[:: max(1, len(rows) // 8)] + rows[-1:]
+        near = (f"over the {ADVISE_WINDOW} steps before the target (step {reached:.0f}): "
+                f"{window_b_simple([x for x in rows if x[0] <= reached], ADVISE_WINDOW)[0]:.0f}"
+                if reached is not None else "target not reached")
+        lines.append(f"- B_simple along fixed-128 with the cosine schedule (cell trace-128, seed {seed}, EMA estimate "
+                     f"at step: value): {', '.join(f'{x[0]}: {x[2]:.0f}' for x in dict.fromkeys(marks))}; {near}"
+                     + (f"; the knee: {knee}" if knee else ""))
+    return lines
+
+
 def critical_batch(model: str, seeds: list[int]) -> tuple[dict[int, float], float | None]:
     """Mean steps-to-target per fixed batch and ``B_crit`` of the fit ``S = S_min (1 + B_crit / B)``."""
     target, steps = TARGETS[model], {}
@@ -601,13 +631,7 @@ def report(models: list[str], seeds: list[int]) -> None:
                                      for b, m, sd, r in table)
                          + (f"; knee (smallest B from which no doubling cuts steps to x{KNEE_RATIO} or less): "
                             f"{knee}" if knee else ""))
-        if "advise" in rows:
-            adv = rows["advise"]
-            rec = statistics.mean(adv["recommended"])
-            goals.append(f"- advisor (300 steps at 128): B_simple {adv['b_simple'][0]:.0f} ± {adv['b_simple'][1]:.0f}, "
-                         f"recommended batch {adv['recommended']}"
-                         + (f"; ratio to the knee {rec / knee:.2f}" if knee else "")
-                         + (f"; ratio to the fit's B_crit {rec / b_crit:.2f}" if b_crit else ""))
+        goals += advisor_lines(model, seeds, knee, b_crit)
         lines += ["Goals:", ""] + (goals or ["- nothing to compare yet"]) + eigen_lines(model, seeds) + [""]
         if missing:
             lines += ["Missing cells: " + ", ".join(missing), ""]

@@ -1,13 +1,14 @@
 """When to grow the batch: the rules of :class:`~lightning_lbo.callbacks.AdaptiveBatchSize`, pure Python.
 
-A rule sees one :class:`Observation` per epoch end and answers with the batch *factor* (a positive
+A rule sees one :class:`Observation` per decision (each epoch end, or each interval of steps or
+samples the callback was given) and answers with the batch *factor* (a positive
 integer multiple of the base batch) the next epoch should use. Rules only decide; the callback
 measures what a rule needs (:attr:`BatchSizeRule.needs`), caps the factor, makes every rank agree
 and hands the decision to a mechanism (gradient accumulation or a resized batch sampler).
 
 * :class:`HessianRule` (ABS; Yao, Gholami, Keutzer, Mahoney 2018): double when the top Hessian
   eigenvalue fell to ``eigenvalue_ratio`` of its value at the last increase, or after ``duration``
-  epochs without one.
+  decisions without one (epochs when the callback decides at epoch ends, as in the paper).
 * :class:`NoiseScaleRule` (after McCandlish et al. 2018): double while the measured simple noise
   scale ``B_simple`` exceeds ``margin`` times the current global batch. ``B_simple`` is the batch
   size up to which a larger batch still cuts steps almost proportionally; the margin keeps the batch
@@ -72,8 +73,13 @@ class HessianRule(BatchSizeRule):
 
     Args:
         eigenvalue_ratio: grow when ``lambda <= eigenvalue_ratio * lambda_ref`` (paper: 0.5).
-        duration: grow anyway after this many epochs without an increase (paper: 10).
+        duration: grow anyway after this many decisions without an increase. The paper decides once
+            per epoch and uses 10 (of 90 epochs); a callback deciding every N steps or samples counts
+            its decisions, so keep the paper's proportion with ``duration / decisions per run = 10 / 90``.
         growth: factor per increase (paper: 2).
+
+    After each :meth:`decide`, :attr:`last_trigger` says why it grew: ``"eigenvalue"`` (the halving;
+    also when the duration ran out at the same time), ``"duration"``, or ``None`` (no growth).
     """
 
     needs = "eigenvalue"
@@ -85,26 +91,34 @@ class HessianRule(BatchSizeRule):
             raise ValueError(f"Invalid duration: {duration!r}; use a positive integer (paper: 10).")
         self.eigenvalue_ratio, self.duration, self.growth = eigenvalue_ratio, duration, _check_growth(growth)
         self.reference: float | None = None
-        self.epochs_since_increase = 0
+        self.decisions_since_increase = 0
+        self.last_trigger: str | None = None
 
     def decide(self, obs: Observation) -> int:
+        self.last_trigger = None
         if obs.eigenvalue is None or not math.isfinite(obs.eigenvalue):
             return obs.factor  # no usable measurement: keep the batch
-        self.epochs_since_increase += 1
+        self.decisions_since_increase += 1
         if self.reference is None:
             self.reference = obs.eigenvalue
             return obs.factor
-        if obs.eigenvalue <= self.eigenvalue_ratio * self.reference or self.epochs_since_increase >= self.duration:
-            self.reference, self.epochs_since_increase = obs.eigenvalue, 0
-            return obs.factor * self.growth
-        return obs.factor
+        if obs.eigenvalue <= self.eigenvalue_ratio * self.reference:
+            self.last_trigger = "eigenvalue"
+        elif self.decisions_since_increase >= self.duration:
+            self.last_trigger = "duration"
+        else:
+            return obs.factor
+        self.reference, self.decisions_since_increase = obs.eigenvalue, 0
+        return obs.factor * self.growth
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "epochs_since_increase": self.epochs_since_increase}
+        return {"reference": self.reference, "decisions_since_increase": self.decisions_since_increase}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reference = state.get("reference")
-        self.epochs_since_increase = int(state.get("epochs_since_increase", 0))
+        # "epochs_since_increase": checkpoints from when decisions were only taken at epoch ends
+        self.decisions_since_increase = int(state.get("decisions_since_increase",
+                                                      state.get("epochs_since_increase", 0)))
 
 
 class NoiseScaleRule(BatchSizeRule):

@@ -151,10 +151,8 @@ def test_resize_step_interval_resume_mid_epoch_continues_exactly(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_step_interval_decisions_reject_accumulation_and_ramps(tmp_path):
-    """decide_every_n_steps only with the resize mechanism, without accumulation, and not with an epoch ramp."""
-    with pytest.raises(ValueError, match="needs mechanism='resize'"):
-        AdaptiveBatchSize(rule="noise_scale", decide_every_n_steps=10)
+def test_step_interval_decisions_reject_fixed_accumulation_and_ramps(tmp_path):
+    """decide_every_n_steps: not with a Trainer's fixed accumulation, not with an epoch ramp, not with 0."""
     with pytest.raises(ValueError, match="RampRule is a schedule by epoch"):
         AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize", decide_every_n_steps=10)
     with pytest.raises(ValueError, match="Invalid decide_every_n_steps"):

@@ -22,7 +22,7 @@ def test_hessian_rule_grows_at_half_the_reference_or_after_duration():
     assert rule.decide(obs(1, 1, 6.0)) == 1  # 6 > 5
     assert rule.decide(obs(2, 1, 5.0)) == 2 and rule.reference == 5.0  # 5 <= 0.5 * 10: grow, reset
     assert [rule.decide(obs(3 + i, 2, 4.0)) for i in range(3)] == [2, 2, 4]  # duration 3 without growth
-    assert rule.decide(obs(6, 4, math.nan)) == 4 and rule.epochs_since_increase == 0  # no measurement: keep
+    assert rule.decide(obs(6, 4, math.nan)) == 4 and rule.decisions_since_increase == 0  # no measurement: keep
     clone = HessianRule(eigenvalue_ratio=0.5, duration=3)
     clone.load_state_dict(rule.state_dict())
     assert clone.decide(obs(7, 4, 1.9)) == rule.decide(obs(7, 4, 1.9)) == 8

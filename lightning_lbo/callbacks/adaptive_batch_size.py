@@ -1,7 +1,7 @@
 """Grow the batch during training: one controller, a rule that decides, a mechanism that applies.
 
-At every epoch end (or every ``decide_every_n_steps`` optimizer steps, with the resize mechanism)
-the controller measures what its rule needs, asks the rule for the next batch factor
+At every epoch end (or at the optimizer step that ends each interval of ``decide_every_n_steps``
+steps or ``decide_every_n_samples`` training samples) the controller measures what its rule needs, asks the rule for the next batch factor
 (:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take rank 0's decision
 (a broadcast; measurements are all-reduced first, so they agree anyway) and hands it to a mechanism
 (:mod:`lightning_lbo.callbacks.batch_mechanisms`):
@@ -62,11 +62,18 @@ class AdaptiveBatchSize(*callback_bases()):
         scale_lr: let the LR follow the batch (see the module docstring).
         rewarmup_steps: with LRSchedule, steps over which the LR ramps to its new value after a growth.
         decide_every_n_steps: decide every this many optimizer steps instead of at epoch ends (None).
-            Only with ``mechanism="resize"`` and no gradient accumulation: the sampler resizes
-            mid-epoch and still covers every example once per epoch, and resume continues exactly
-            (a batch the loader had drawn before the decision keeps its size). A rule that counts
-            epochs then counts decisions (``HessianRule``'s ``duration``); ``RampRule`` is a schedule by
-            epoch and is rejected.
+        decide_every_n_samples: decide at the first optimizer step that completes each further this
+            many training samples (global: all ranks, all micro-batches) instead of at epoch ends. The
+            interval stays fixed in data as the batch grows, as the paper's once-per-epoch measurement
+            does (a step interval stretches with the batch); a step holding more samples than the
+            interval still decides once. Give at most one of the two intervals. With either, decisions
+            fall between optimizer steps, mid-epoch: the resize sampler still covers every example
+            once per epoch (a batch the loader had drawn before the decision keeps its size); with
+            accumulation, a growth waits for the first step boundary that Lightning's accumulation
+            windows (counted from the epoch's first batch) align with the new factor (at most one
+            window of the old factor, or the epoch's end), so each window's loss normalisation and
+            ``zero_grad`` stay right. Resume continues exactly. ``HessianRule``'s ``duration`` counts
+            decisions; ``RampRule`` is a schedule by epoch and is rejected.
         power_iters, tol, num_batches, bn_mode, loss_fn, seed: the Hessian measurement (power-iteration
             steps, relative tolerance, fixed batches per process, BN mode, ``loss_fn(module, batch)``,
             start-vector seed).
@@ -91,7 +98,8 @@ class AdaptiveBatchSize(*callback_bases()):
                  bn_mode: str = "eval", loss_fn: LossFn = classifier_loss, eigenvalue_fn: MeasureFn | None = None,
                  checkpoint_batches: bool = True, seed: int = 0, *, rule: BatchSizeRule | str = "hessian",
                  mechanism: str = "accumulate", rewarmup_steps: int = 0, measure_fn: MeasureFn | None = None,
-                 max_accumulation: int | None = None, decide_every_n_steps: int | None = None) -> None:
+                 max_accumulation: int | None = None, decide_every_n_steps: int | None = None,
+                 decide_every_n_samples: int | None = None) -> None:
         super().__init__()
         max_factor = max_accumulation if max_accumulation is not None else max_factor
         for name, value in (("max_factor", max_factor), ("power_iters", power_iters), ("num_batches", num_batches)):
@@ -104,13 +112,14 @@ class AdaptiveBatchSize(*callback_bases()):
             raise ValueError(f"Invalid bn_mode: {bn_mode!r}. Supported: {BN_MODES}.")
         if mechanism not in MECHANISMS:
             raise ValueError(f"Invalid mechanism: {mechanism!r}. Supported: {tuple(MECHANISMS)}.")
-        if decide_every_n_steps is not None:
-            _positive_int("decide_every_n_steps", decide_every_n_steps)
-            if mechanism != "resize":
-                raise ValueError("decide_every_n_steps needs mechanism='resize': gradient accumulation can only change "
-                                 "between epochs (Lightning counts its windows from the epoch's first batch).")
-            if isinstance(rule, RampRule):
-                raise ValueError("RampRule is a schedule by epoch: use it without decide_every_n_steps.")
+        for name, value in (("decide_every_n_steps", decide_every_n_steps),
+                            ("decide_every_n_samples", decide_every_n_samples)):
+            if value is not None:
+                _positive_int(name, value)
+                if isinstance(rule, RampRule):
+                    raise ValueError(f"RampRule is a schedule by epoch: use it without {name}.")
+        if decide_every_n_steps is not None and decide_every_n_samples is not None:
+            raise ValueError("Give decide_every_n_steps or decide_every_n_samples, not both.")
         if eigenvalue_fn is not None and measure_fn is not None:
             raise ValueError("Give measure_fn or eigenvalue_fn (its older name), not both.")
         measure_fn = measure_fn or eigenvalue_fn
@@ -124,7 +133,10 @@ class AdaptiveBatchSize(*callback_bases()):
         self.rule = make_rule(rule)
         self.mechanism = MECHANISMS[mechanism]()
         self.max_factor, self.scale_lr, self.rewarmup_steps = max_factor, scale_lr, rewarmup_steps
-        self.decide_every_n_steps = decide_every_n_steps
+        self.decide_every_n_steps, self.decide_every_n_samples = decide_every_n_steps, decide_every_n_samples
+        self.samples_since_decision = 0  # decide_every_n_samples: training samples since the last decision
+        self.pending_factor: int | None = None  # a growth decided mid-epoch, waiting for an aligned step
+        self._seen_step: int | None = None
         self.power_iters, self.tol, self.bn_mode, self.loss_fn = power_iters, tol, bn_mode, loss_fn
         self.checkpoint_batches, self.seed, self.measure_fn = checkpoint_batches, seed, measure_fn
         self.fixed = FixedBatches(num_batches)
@@ -142,6 +154,11 @@ class AdaptiveBatchSize(*callback_bases()):
     def accumulation(self) -> int:
         """The current batch factor (older name, from when accumulation was the only mechanism)."""
         return self.factor
+
+    @property
+    def decides_between_steps(self) -> bool:
+        """True when decisions come every N steps or samples rather than at epoch ends."""
+        return self.decide_every_n_steps is not None or self.decide_every_n_samples is not None
 
     @property
     def at_maximum(self) -> bool:
@@ -173,10 +190,11 @@ class AdaptiveBatchSize(*callback_bases()):
                 raise ValueError("The noise-scale rule reads B_simple from a GradientNoiseScale callback: add "
                                  "GradientNoiseScale(beta=0.9, probe_every_n_steps=20) to the Trainer's callbacks.")
         self.mechanism.setup(trainer)
-        if self.decide_every_n_steps is not None and trainer.accumulate_grad_batches != 1:
-            raise ValueError("decide_every_n_steps resizes the batch between optimizer steps, which gradient "
-                             f"accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}) would split: "
-                             "remove accumulate_grad_batches or decide at epoch ends.")
+        if self.decides_between_steps and trainer.accumulate_grad_batches != 1:
+            raise ValueError("decide_every_n_steps/decide_every_n_samples resize the batch between optimizer steps, "
+                             "which a fixed gradient accumulation (accumulate_grad_batches="
+                             f"{trainer.accumulate_grad_batches}) would split: remove accumulate_grad_batches or decide "
+                             "at epoch ends.")
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -191,6 +209,7 @@ class AdaptiveBatchSize(*callback_bases()):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.mechanism.name == "resize":
             self.mechanism.start(trainer, self.factor)
+        self._seen_step = trainer.global_step
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -205,33 +224,55 @@ class AdaptiveBatchSize(*callback_bases()):
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.mechanism.on_batch_end(trainer)
-        every = self.decide_every_n_steps
-        if every is not None and trainer.global_step % every == 0:  # global_step already counts this batch's step
+        if not self.decides_between_steps:
+            return
+        # this batch's samples (a micro-batch of the base batch under accumulation), before any growth below
+        self.samples_since_decision += self.global_batch(trainer) // trainer.accumulate_grad_batches
+        if trainer.global_step == self._seen_step:
+            return  # inside an accumulation window: no optimizer step yet
+        self._seen_step = trainer.global_step  # already counts this batch's step
+        if self.decide_every_n_steps is not None:
+            due = trainer.global_step % self.decide_every_n_steps == 0
+        else:
+            due = self.samples_since_decision >= self.decide_every_n_samples
+            if due:  # one decision per step at most; the remainder counts towards the next interval
+                self.samples_since_decision %= self.decide_every_n_samples
+        if due:
             self.decide(trainer, pl_module)
+        if self.pending_factor is not None and self.mechanism.aligned(batch_idx + 1, self.pending_factor):
+            self._grow(trainer, self.pending_factor)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.decide_every_n_steps is None:
+        if not self.decides_between_steps:
             self.decide(trainer, pl_module)
+        elif self.pending_factor is not None:  # the next epoch's windows start aligned with any factor
+            self._grow(trainer, self.pending_factor)
 
     def decide(self, trainer: Any, pl_module: Any) -> None:
         """Measure, ask the rule, agree across ranks, log, and grow if the rule says so."""
         value = self.measure(trainer, pl_module)
         global_batch = self.global_batch(trainer)
-        obs = Observation(epoch=trainer.current_epoch, factor=self.factor, global_batch=global_batch,
+        current = self.pending_factor or self.factor  # a growth still waiting to apply counts as taken
+        obs = Observation(epoch=trainer.current_epoch, factor=current, global_batch=self.global_batch(trainer, current),
                           eigenvalue=value if self.rule.needs == "eigenvalue" else None,
                           b_simple=value if self.rule.needs == "b_simple" else None)
-        wanted = min(max(self.rule.decide(obs), self.factor), self.max_factor)
+        wanted = min(max(self.rule.decide(obs), current), self.max_factor)
         new = int(trainer.strategy.broadcast(wanted))  # rank 0's decision on every rank
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "factor": self.factor,
-                             "global_batch": global_batch, "measurement": value, "next_factor": new})
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "factor": self.factor,
+               "global_batch": global_batch, "measurement": value, "next_factor": new}
+        if new != current and getattr(self.rule, "last_trigger", None):
+            row["trigger"] = self.rule.last_trigger
+        self.history.append(row)
         if self.rule.needs is not None:
             name = "eigenvalue" if self.rule.needs == "eigenvalue" else "b_simple"
             pl_module.log(f"abs/{name}", float(value), on_epoch=True)
         pl_module.log("abs/factor", float(self.factor), on_epoch=True)
         pl_module.log("abs/global_batch", float(global_batch), on_epoch=True)
-        if new != self.factor:
-            self._grow(trainer, new)
+        if new != current:
+            self.pending_factor = new
+            if not self.decides_between_steps:
+                self._grow(trainer, new)  # at the epoch's end: every mechanism applies it at once
 
     def global_batch(self, trainer: Any, factor: int | None = None) -> int:
         """Global batch at ``factor`` (default: the current one): base per-device batch x factor x world."""
@@ -253,7 +294,7 @@ class AdaptiveBatchSize(*callback_bases()):
 
     def _grow(self, trainer: Any, new: int) -> None:
         growth = new / self.factor
-        self.factor = new
+        self.factor, self.pending_factor = new, None
         per_device = self.mechanism.apply(trainer, new)
         if not self.scale_lr:
             return
@@ -277,7 +318,8 @@ class AdaptiveBatchSize(*callback_bases()):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = {"factor": self.factor, "rule": self.rule.state_dict(), "mechanism": self.mechanism.state_dict(),
-                 "history": list(self.history)}
+                 "history": list(self.history), "samples_since_decision": self.samples_since_decision,
+                 "pending_factor": self.pending_factor}
         if self.checkpoint_batches and self.rule.needs == "eigenvalue":
             state["fixed_batches"] = self.fixed.to_state()
         return state
@@ -288,6 +330,8 @@ class AdaptiveBatchSize(*callback_bases()):
         self.rule.load_state_dict(state_dict.get("rule", state_dict))  # older checkpoints kept the rule's keys flat
         self.mechanism.load_state_dict(state_dict.get("mechanism", {}))
         self.history = list(state_dict.get("history", []))
+        self.samples_since_decision = int(state_dict.get("samples_since_decision", 0))
+        self.pending_factor = state_dict.get("pending_factor")
         self._loaded_batches = state_dict.get("fixed_batches")
 
 

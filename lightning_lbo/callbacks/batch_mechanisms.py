@@ -7,13 +7,16 @@
   loader's :class:`~lightning_lbo.batch_sampler.ResizableBatchSampler`. On many devices a larger
   batch is then more parallel work per step, not more steps; batch norm sees the larger batch.
 
-Accumulation applies a factor between epochs only: Lightning counts its accumulation windows from
-the epoch's first batch, and a factor changed inside a window would give its loss normalisation
-(``1 / accumulate_grad_batches``) the wrong count. Resize also applies one between optimizer steps
-(``AdaptiveBatchSize(decide_every_n_steps=...)``): the sampler's cursor still covers each example
-once per epoch, and the epoch simply ends when the permutation is used up, in fewer steps than
-Lightning read from the loader's length at the epoch's start (so a ``val_check_interval`` counted
-in batches may not land on the epoch's last batch).
+Accumulation applies a factor at an epoch's start or at an optimizer step after which the epoch's
+batch count is a multiple of the new factor (:meth:`Accumulation.aligned`): Lightning counts its
+accumulation windows from the epoch's first batch (it steps when ``batches % accumulate_grad_batches
+== 0`` and zeroes the gradients when ``batch_idx % accumulate_grad_batches == 0``), so a factor
+changed anywhere else would give a window the wrong length, its loss normalisation (``1 /
+accumulate_grad_batches``) the wrong count, or skip a ``zero_grad``. Resize applies one between any
+two optimizer steps (``AdaptiveBatchSize(decide_every_n_steps=...)``): the sampler's cursor still
+covers each example once per epoch, and the epoch simply ends when the permutation is used up, in
+fewer steps than Lightning read from the loader's length at the epoch's start (so a
+``val_check_interval`` counted in batches may not land on the epoch's last batch).
 """
 
 from __future__ import annotations
@@ -37,13 +40,20 @@ class Accumulation:
             raise RuntimeError("DeepSpeed fixes gradient accumulation at initialisation; use "
                                "AdaptiveBatchSize(mechanism='resize') or another strategy.")
 
+    @staticmethod
+    def aligned(batches_done: int, factor: int) -> bool:
+        """Whether ``factor`` may apply after the epoch's first ``batches_done`` batches (an optimizer step)."""
+        return batches_done % factor == 0
+
     def apply(self, trainer: Any, factor: int) -> int | None:
         """Set the factor; returns the new per-device batch when it changes (never, here)."""
         trainer.accumulate_grad_batches = factor
         return None
 
     def on_batch_end(self, trainer: Any) -> None:
-        pass
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if isinstance(sampler, ResizableBatchSampler):  # a resumable loader: a mid-epoch checkpoint resumes exactly
+            sampler.mark_consumed()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -105,6 +115,11 @@ class Resize:
                                f"{self.base_batch * factor}: train_dataloader() must return the same "
                                "ResizableDataLoader every time it is called (build it once, e.g. in setup()).")
         self.sampler = sampler
+
+    @staticmethod
+    def aligned(batches_done: int, factor: int) -> bool:
+        """Any optimizer step will do: the sampler resizes from its next batch on."""
+        return True
 
     def apply(self, trainer: Any, factor: int) -> int | None:
         size = self.base_batch * factor

@@ -37,8 +37,9 @@ class AdversarialTraining(*callback_bases()):
     Args:
         ratio: fraction of each batch replaced (paper: 0.2).
         epsilon: FGSM step in input units (paper: 0.005).
-        stop_fraction: no more examples after this fraction of training (of ``max_epochs``, or of
-            ``max_steps`` when no epoch limit is set; paper: 0.5). 1 keeps them to the end.
+        stop_fraction: no more examples after this fraction of training (of ``max_epochs``, counted
+            in batches within an epoch, or of ``max_steps`` when no epoch limit is set; paper: 0.5).
+            1 keeps them to the end.
         data_range: ``(low, high)`` the inputs are clamped to; default: ``trainer.datamodule.data_range``.
         stop_at_max_batch: with AdaptiveBatchSize, stop once the batch reached its maximum (paper).
 
@@ -78,10 +79,14 @@ class AdversarialTraining(*callback_bases()):
                              "attribute.")
         self._abs = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptiveBatchSize)), None)
 
-    def current_ratio(self, trainer: Any) -> float:
-        """The ratio in use now: 0 once switched off, halved per batch doubling with AdaptiveBatchSize."""
+    def current_ratio(self, trainer: Any, batch_idx: int = 0) -> float:
+        """The ratio in use for batch ``batch_idx`` of the epoch: 0 once switched off, halved per batch doubling."""
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            progress = trainer.current_epoch / trainer.max_epochs
+            # within the epoch by batches (the epoch's length as read at its start): in a short run a whole-epoch
+            # granularity would stop late (at epoch 3 of 5 for half of training: 0.6)
+            batches = trainer.num_training_batches
+            within = batch_idx / batches if isinstance(batches, int) and batches > 0 else 0.0
+            progress = (trainer.current_epoch + within) / trainer.max_epochs
         elif trainer.max_steps and trainer.max_steps > 0:
             progress = trainer.global_step / trainer.max_steps
         else:
@@ -100,7 +105,7 @@ class AdversarialTraining(*callback_bases()):
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        ratio = self.current_ratio(trainer)
+        ratio = self.current_ratio(trainer, batch_idx)
         if ratio == 0.0:
             return
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):

@@ -13,6 +13,11 @@ the shared benchmark lock with one torch thread, :mod:`benchmarks.bench_lock`):
   sampler resizes mid-epoch) instead of at epoch ends.
 * ``abs``: ABS, ``HessianRule(ratio 0.5, duration 2)`` with gradient accumulation (as the paper).
 * ``absa``: ``abs`` plus FGSM examples (ratio 0.2, eps 0.005, until half of training).
+* ``abs-paper`` / ``absa-paper``: ABS / ABSA in the paper's proportions, fixed before any run (see
+  ``PAPER_*`` below): the top eigenvalue 90 times per run (every 1/90 of the run's samples, as the
+  paper's once per epoch of 90), ``duration`` 10 decisions, ratio 0.5, up to 128x the base batch,
+  the LR x2 at each doubling at once (no re-warmup), gradient accumulation; the baseline's cosine
+  schedule. Each decision's eigenvalue and what triggered each growth are in the run's ``history``.
 * ``replay-noise`` / ``replay-abs``: ``RampRule`` replaying that seed's batch schedule without any
   measurement (the first session's overhead reading; ``--overhead`` below replaces it).
 * ``advise``: the critical-batch advisor (:func:`lightning_lbo.critical_batch.advise`) at 128 until the
@@ -58,6 +63,13 @@ sys.path.insert(0, str(ROOT.parent))
 RESULTS = ROOT / "adaptive_batch_results"
 BASE_BATCH, BASE_LR, MAX_FACTOR, REWARMUP = 128, 0.1, 16, 20
 ADVISE_WINDOW = 100  # the advisor's estimate: the last 100 steps before the target (a quarter epoch at 128)
+# The paper's ABS transferred by proportion (Yao et al. 2018, arXiv 1810.01021, with its code, HessianFlow's
+# hessianflow/optimizer/absa.py and README): Cifar-10 for 90 epochs (LR x0.2 at epochs 30/60/80), the top
+# eigenvalue once per epoch (10 power iterations, tol 1e-2), growth x2 when it halved or after `duration = 10`
+# measurements without growth, `--large-ratio 128` (128 x the base batch of 128), the LR multiplied by each
+# growth at once. Here: a decision every 1/90 of the run's samples, 10 of them per duration (10/90 of the run).
+PAPER_EPOCHS, PAPER_DURATION, PAPER_MAX_FACTOR = 90, 10, 128
+TRAIN_SIZE = 55000  # Fashion-MNIST's 60k less the 5k held out for validation
 STEP_DECISIONS = 100  # noise-steps: decide every 100 optimizer steps (a quarter epoch at 128), not at epoch ends
 FIXED = (128, 256, 512, 1024, 2048, 4096)
 EPOCHS = {"mlp-bn": 5, "cnn": 3}
@@ -69,7 +81,7 @@ TARGETS = {"mlp-bn": 0.86, "cnn": 0.85}  # validation accuracy of the steps-to-t
 def cell_order() -> list[str]:
     """Most informative first: the goals' runs, the advisor, the sweep's ends, then the rest."""
     return ["fixed-128", "noise", "noise-steps", "advise", "fixed-2048", "fixed-512", "abs", "replay-noise", "absa",
-            "fixed-1024", "fixed-256", "fixed-4096", "replay-abs"]
+            "abs-paper", "absa-paper", "fixed-1024", "fixed-256", "fixed-4096", "replay-abs"]
 
 
 def cell_path(model: str, cell: str, seed: int) -> Path:
@@ -240,11 +252,17 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
         resizable = True
     rule = mechanism = None
     decide_every = STEP_DECISIONS if cell == "noise-steps" else None
+    max_factor, rewarmup, every_samples = MAX_FACTOR, REWARMUP, None
     if cell in ("noise", "noise-steps"):
         rule, mechanism = NoiseScaleRule(margin=1.0), "resize"
         callbacks.append(GradientNoiseScale(beta=0.9, probe_every_n_steps=20, log_every_n_steps=20))
     elif cell in ("abs", "absa"):
         rule, mechanism = HessianRule(eigenvalue_ratio=0.5, duration=2), "accumulate"
+    elif cell in ("abs-paper", "absa-paper"):
+        rule, mechanism = HessianRule(eigenvalue_ratio=0.5, duration=PAPER_DURATION), "accumulate"
+        max_factor, rewarmup = PAPER_MAX_FACTOR, 0
+        train_size = TRAIN_SIZE if TRAIN_SUBSET is None else TRAIN_SUBSET - 5000  # the 5k validation images
+        every_samples = round(epochs * train_size / PAPER_EPOCHS)
     elif cell.startswith("replay-"):
         source = {"history": replay_history} if replay_history is not None else load(model, cell.split("-", 1)[1], seed)
         if source is None:
@@ -258,9 +276,10 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
                           **({"warmup_epochs": 1} if k > 1 else {}))
     callbacks.insert(0, schedule)
     if rule is not None:
-        callbacks.append(AdaptiveBatchSize(rule=rule, mechanism=mechanism, max_factor=MAX_FACTOR,
-                                           rewarmup_steps=REWARMUP, decide_every_n_steps=decide_every))
-    if cell == "absa":
+        callbacks.append(AdaptiveBatchSize(rule=rule, mechanism=mechanism, max_factor=max_factor,
+                                           rewarmup_steps=rewarmup, decide_every_n_steps=decide_every,
+                                           decide_every_n_samples=every_samples))
+    if cell in ("absa", "absa-paper"):
         callbacks.append(AdversarialTraining(ratio=0.2, epsilon=0.005, stop_fraction=0.5))
     clock = HookClock()  # what the rule's measurement costs: the noise callback's hooks, the Hessian's
     for cb in callbacks:

@@ -107,7 +107,10 @@ class CurvatureBlock:
         self.factor_dtype = factor_dtype
         self.weight: nn.Parameter = module.weight
         self.bias: nn.Parameter | None = module.bias if getattr(module, "bias", None) is not None else None
-        self.factors: dict[str, torch.Tensor] = {}
+        # {statistic: tensor, or a low-rank A whose Gram is built when read (inv.DeferredFactor)}: see ``factors``
+        self.stored_factors: dict[str, Any] = {}
+        # set by the preconditioner while this block's A rows feed the low-rank inverse: A's Gram is then deferred
+        self.defer_low_rank_gram = False
         self.versions: dict[str, int] = {s: 0 for s in self.stat_names}
         self.inverse: inv.BlockInverse | None = None
         self.inverse_versions: dict[str, int] | None = None
@@ -204,14 +207,27 @@ class CurvatureBlock:
         return torch.eye(shape[-1], dtype=self.factor_dtype, device=self.weight.device).expand(shape).clone()
 
     # ---- shared helpers -----------------------------------------------------------------------------------
-    def set_factor(self, stat: str, value: torch.Tensor) -> None:
-        """Replace a factor and bump its version (invalidates an inverse built from the old one)."""
-        self.factors[stat] = value
+    @property
+    def factors(self) -> dict[str, torch.Tensor]:
+        """``{statistic: factor}``, dense: a deferred low-rank factor's Gram is built here, once."""
+        for stat, value in list(self.stored_factors.items()):
+            if not isinstance(value, torch.Tensor):
+                self.stored_factors[stat] = value.dense()
+        return self.stored_factors
+
+    @factors.setter
+    def factors(self, value: dict[str, torch.Tensor]) -> None:
+        self.stored_factors = dict(value)
+
+    def set_factor(self, stat: str, value: Any) -> None:
+        """Replace a factor (a tensor or a deferred one) and bump its version (invalidates an inverse built
+        from the old one)."""
+        self.stored_factors[stat] = value
         self.versions[stat] += 1
 
     @property
     def captured(self) -> bool:
-        return len(self.factors) == len(self.stat_names)
+        return len(self.stored_factors) == len(self.stat_names)
 
     @property
     def inverse_is_current(self) -> bool:
@@ -280,8 +296,12 @@ class KroneckerBlock(CurvatureBlock):
         if "A" not in due:
             return {}, None
         rows = self.a_rows(x)
-        gram = _gram_with_ones(rows, self.factor_dtype) if self.bias is not None else _gram(rows, self.factor_dtype)
-        return {"A": gram}, rows
+        return {"A": self._a_gram(rows)}, rows
+
+    def _a_gram(self, rows: torch.Tensor) -> torch.Tensor | inv.DeferredGram:
+        """``A``'s sum over examples from its rows; deferred when the rows feed the low-rank inverse."""
+        gram = inv.DeferredGram(rows, self.factor_dtype, _gram_with_ones if self.bias is not None else _gram)
+        return gram if self.defer_low_rank_gram and 2 * rows.shape[1] <= self.dims[0] else gram.dense()
 
     def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows ``[groups, N * T, d_g]`` of the unscaled output gradient and the ``T`` positions averaged over."""
@@ -290,8 +310,15 @@ class KroneckerBlock(CurvatureBlock):
     def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
         return self._g_gram(*self.output_rows(grad))
 
-    def low_rank_output_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        """``W`` in the factor dtype with ``W^T W = output_statistic(grad)`` (rows of a low-rank ``G``)."""
+    def output_row_count(self, grad: torch.Tensor) -> int:
+        """The number of rows :meth:`output_rows` gives for ``grad`` (without building them)."""
+        return grad.numel() // (self.groups * self.dims[1])
+
+    def low_rank_output_rows(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """``W`` in the factor dtype with ``W^T W = output_statistic(grad)`` (rows of a low-rank ``G``), or
+        ``None`` without building them when there are at least ``d_g / 2`` (a low-rank form would not pay)."""
+        if 2 * self.output_row_count(grad) > self.dims[1]:
+            return None
         rows, positions = self.output_rows(grad)
         rows = rows.to(self.factor_dtype)
         return rows / positions ** 0.5 if positions > 1 else rows
@@ -336,6 +363,9 @@ class LinearBlock(KroneckerBlock):
     def output_rows(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         positions = 1 if self.variant == REDUCE else grad[0].numel() // grad.shape[-1]
         return self._rows(grad, "sum"), positions
+
+    def output_row_count(self, grad: torch.Tensor) -> int:
+        return grad.shape[0] if self.variant == REDUCE and grad.dim() > 2 else super().output_row_count(grad)
 
 
 class Conv2dBlock(KroneckerBlock):
@@ -408,8 +438,7 @@ class Conv2dBlock(KroneckerBlock):
         taps = kh * kw
         if r < d:
             rows = rows.view(g, r, taps, d // taps).transpose(2, 3).reshape(g, r, d)
-            gram = _gram_with_ones(rows, self.factor_dtype) if self.bias is not None else _gram(rows, self.factor_dtype)
-            return {"A": gram}, rows
+            return {"A": self._a_gram(rows)}, rows
         gram = _gram(rows, self.factor_dtype)
         gram = gram.view(g, taps, d // taps, taps, d // taps).permute(0, 2, 1, 4, 3).reshape(g, d, d)
         if self.bias is not None:
@@ -422,6 +451,16 @@ class Conv2dBlock(KroneckerBlock):
         locations = grad[0, 0].numel()
         rows = grad.reshape(n, self.groups, c // self.groups, locations).permute(1, 0, 3, 2)
         return rows.reshape(self.groups, n * locations, c // self.groups), locations
+
+    def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
+        """``G`` as a sum over examples of each example's ``[d_g, L] @ [L, d_g]``, read in the gradient's own
+        layout: no ``[N * L, d_g]`` copy of the rows (which :meth:`output_rows` makes)."""
+        n, c = grad.shape[:2]
+        g = self.groups
+        locations = grad[0, 0].numel()
+        per_example = grad.to(self.factor_dtype).reshape(n * g, c // g, locations)
+        gram = torch.bmm(per_example, per_example.transpose(1, 2)).view(n, g, c // g, c // g).sum(0)
+        return gram / locations if locations > 1 else gram
 
 
 class Conv1dBlock(Conv2dBlock):
@@ -545,15 +584,13 @@ class UnitWiseBlock(CurvatureBlock):
         return inv.UnitWise
 
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
-        """No input statistic; the context is ``x_hat`` as the layer computes it in training mode."""
+        """No input statistic; the context is ``x_hat`` as the layer computes it in training mode (batch
+        statistics), by the layer's own kernel without its affine map (one pass, no ``var`` over strided dims)."""
         m = self.module
         x = x.to(self.factor_dtype)
         if isinstance(m, nn.LayerNorm):
             return {}, F.layer_norm(x, m.normalized_shape, eps=m.eps)
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        return {}, (x - mean) * torch.rsqrt(var + m.eps)
+        return {}, F.batch_norm(x, None, None, training=True, momentum=0.0, eps=m.eps)
 
     def per_example_grads(self, grad: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """``[N, units, k]``: per-example (gamma, beta) gradients of the unscaled output gradient."""

@@ -43,6 +43,7 @@ that is broken, not rounded, and goes on down the ladder.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -68,8 +69,15 @@ def _eye_like(x: torch.Tensor) -> torch.Tensor:
 
 def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``pi = sqrt((tr A / d_A) / (tr G / d_G))`` per group, ``[groups, 1, 1]`` (1 where undefined)."""
-    ta = A.diagonal(dim1=1, dim2=2).mean(1)
-    tg = G.diagonal(dim1=1, dim2=2).mean(1)
+    return _pi(_mean_diagonal(A), _mean_diagonal(G))
+
+
+def _mean_diagonal(factor: torch.Tensor) -> torch.Tensor:
+    """``tr(F) / d`` per group of ``[groups, d, d]``."""
+    return factor.diagonal(dim1=1, dim2=2).mean(1)
+
+
+def _pi(ta: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
     pi = torch.sqrt(ta / tg)
     pi = torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
     return pi.view(-1, 1, 1)
@@ -218,18 +226,103 @@ class CholeskyKronecker(BlockInverse):
 LOW_RANK_KEYS = {"A": ("rows", "n"), "G": ("g_rows", "g_n")}
 
 
+class DeferredGram:
+    """The Gram ``gram(rows, dtype)`` of one micro-batch's rows ``[groups, r, d]``, built only if read.
+
+    The ``A`` statistic of a layer whose rows feed the Woodbury inverse: that inverse and its step use
+    the rows, so the ``d x d`` Gram (``r d^2`` multiply-adds, the largest part of a refresh of a wide
+    layer) is built only where a dense factor is read (a checkpoint, the public accessor, the dense
+    fallback of a failed low-rank inverse).
+    """
+
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype,
+                 gram: Callable[[torch.Tensor, torch.dtype], torch.Tensor]) -> None:
+        self.rows, self.dtype, self.gram = rows, dtype, gram
+
+    def dense(self) -> torch.Tensor:
+        return self.gram(self.rows, self.dtype)
+
+    def finite(self) -> torch.Tensor:
+        """Whether the Gram is finite (0-d bool, no sync): its diagonal, the sums of squares, bounds every entry."""
+        return torch.isfinite(self.rows.to(self.dtype).square().sum(1)).all()
+
+    def mergeable(self, other: DeferredGram) -> bool:
+        return (self.rows.shape == other.rows.shape and self.rows.dtype == other.rows.dtype and self.dtype == other.dtype
+                and self.rows.is_contiguous() and other.rows.is_contiguous())
+
+    def select(self, keep: torch.Tensor, other: DeferredGram) -> DeferredGram:
+        """The Gram of this one's rows where ``keep`` (0-d bool), else of ``other``'s (on the device)."""
+        return DeferredGram(torch.where(keep, self.rows, other.rows), self.dtype, self.gram)
+
+
+class DeferredFactor:
+    """A low-rank factor ``where(ok, sum_k Gram_k / n, fallback)`` whose Gram is built when first read.
+
+    ``grams``: the :class:`DeferredGram` of each micro-batch, ``n`` the examples; ``ok`` (0-d bool on the
+    device, ``None`` before the commit) is False when the refresh was not committed (a non-finite
+    statistic, a skipped step), the factor then being ``fallback``, the previous one (a tensor, or a
+    callable building it: the identity placeholder). :meth:`dense` builds bit for bit the tensor an
+    eager refresh stores (the same Grams, sum, division and ``where``), once.
+    """
+
+    def __init__(self, grams: list[DeferredGram], n: int, ok: torch.Tensor | None = None,
+                 fallback: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
+        self.grams, self.n, self.ok, self.fallback = grams, n, ok, fallback
+        self._value: torch.Tensor | None = None
+
+    def finite(self) -> torch.Tensor:
+        return torch.stack([g.finite() for g in self.grams]).all()
+
+    def committed(self, ok: torch.Tensor, previous: Any) -> DeferredFactor:
+        """The factor after this refresh: this statistic where ``ok``, else ``previous`` (decided on the device).
+
+        A still deferred ``previous`` of the same layout is merged by selecting rows, so refreshes never
+        chain factors (or keep old rows alive) and nothing is built; any other becomes the fallback.
+        """
+        if (isinstance(previous, DeferredFactor) and previous._value is None and previous.n == self.n
+                and len(previous.grams) == len(self.grams)
+                and all(g.mergeable(h) for g, h in zip(self.grams, previous.grams, strict=True))):
+            grams = [g.select(ok, h) for g, h in zip(self.grams, previous.grams, strict=True)]
+            return DeferredFactor(grams, self.n, ok | previous.ok, previous.fallback)
+        return DeferredFactor(self.grams, self.n, ok, previous if callable(previous) else dense(previous))
+
+    def dense(self) -> torch.Tensor:
+        if self._value is None:
+            parts = [g.dense() for g in self.grams]
+            total = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)) / self.n
+            if self.ok is not None:
+                fallback = self.fallback() if callable(self.fallback) else self.fallback
+                total = torch.where(self.ok, total, fallback)
+            self._value, self.grams, self.fallback = total, [], None
+        return self._value
+
+
+def dense(value: Any) -> Any:
+    """``value``, with a :class:`DeferredFactor` or :class:`DeferredGram` built."""
+    return value.dense() if isinstance(value, (DeferredFactor, DeferredGram)) else value
+
+
+def dense_factors(factors: dict[str, Any]) -> dict[str, Any]:
+    """``factors`` with every deferred factor built (for the methods that read the dense factors)."""
+    return {k: dense(v) for k, v in factors.items()}
+
+
 class WoodburyKronecker(BlockInverse):
     """:class:`CholeskyKronecker`'s system with a low-rank side, or both, through the Woodbury identity.
 
     A factor given by ``r`` rows, ``A = U^T U / n`` (``factors["rows"]``, ``factors["n"]``; for ``G``:
     ``"g_rows"``, ``"g_n"``), has the damped inverse
 
-    .. math:: (U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}\\left(I - U^T K U\\right), \\qquad
-       K = (U U^T + n \\delta I)^{-1} \\in \\mathbb{R}^{r \\times r},
+    .. math:: (U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}\\left(I - V^T V\\right), \\qquad
+       V = L^{-1} U, \\quad L L^T = U U^T + n \\delta I \\in \\mathbb{R}^{r \\times r}
 
-    applied in ``O(r d_G d_A)`` instead of ``O(d d_G d_A)`` (twice: ``U`` and ``U^T``); a factor without
-    rows is inverted densely (Cholesky). The ``1 / delta`` of the low-rank sides is the scale ``s``
-    of :meth:`apply_unscaled`. Single process, groups = 1.
+    (``V^T V = U^T (U U^T + n \\delta I)^{-1} U``), stored as ``{A,G}_rows = V``. A gradient
+    ``[1, d_G, d_A]`` is multiplied by ``V^T`` and ``V``: ``2 r d_G d_A`` multiply-adds per side, against
+    ``d_G d_A^2`` for a dense ``A`` side, so rows pay when ``2 r < d_A``; whitening the rows at
+    inversion time saves the ``d_G r^2`` of an ``r x r`` product per step. A factor without rows is
+    inverted densely (Cholesky); ``pi`` takes a low-rank side's trace from its rows,
+    ``tr(U^T U / n) = ||U||^2 / n``, so its dense factor is never read. The ``1 / delta`` of the
+    low-rank sides is the scale ``s`` of :meth:`apply_unscaled`. Single process, groups = 1.
     """
 
     def __init__(self, **tensors: torch.Tensor) -> None:
@@ -238,16 +331,22 @@ class WoodburyKronecker(BlockInverse):
 
     @classmethod
     def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
-        A, G = factors["A"].to(dtype), factors["G"].to(dtype)
-        pi, root = pi_factor(A, G), damping ** 0.5
-        tensors, ok, scale = {}, torch.ones((), dtype=torch.bool, device=A.device), torch.ones_like(pi)
-        for stat, factor, delta in (("A", A, pi * root), ("G", G, root / pi)):
+        def side(stat: str) -> tuple[tuple[torch.Tensor, int] | None, torch.Tensor | None, torch.Tensor]:
+            """(rows U and n, or None), (the dense factor, or None), tr / d; a low-rank side's factor is unread."""
             rows_key, n_key = LOW_RANK_KEYS[stat]
             if rows_key in factors:
-                U = factors[rows_key].to(dtype)
-                eye_r = torch.eye(U.shape[1], dtype=dtype, device=U.device).expand(U.shape[0], -1, -1)
-                k_inv, ok_side = _cholesky_inverse(torch.bmm(U, U.transpose(1, 2)) + (factors[n_key] * delta) * eye_r)
-                tensors[f"{stat}_rows"], tensors[f"{stat}_K"] = U.to(out_dtype), k_inv.to(out_dtype)
+                U, n = factors[rows_key].to(dtype), factors[n_key]
+                return (U, n), None, U.square().sum((1, 2)) / (n * U.shape[2])
+            factor = factors[stat].to(dtype)
+            return None, factor, _mean_diagonal(factor)
+
+        a_side, g_side = side("A"), side("G")
+        pi, root = _pi(a_side[2], g_side[2]), damping ** 0.5
+        tensors, ok, scale = {}, torch.ones((), dtype=torch.bool, device=pi.device), torch.ones_like(pi)
+        for stat, (low_rank, factor, _), delta in (("A", a_side, pi * root), ("G", g_side, root / pi)):
+            if low_rank is not None:
+                rows, ok_side = _whitened_rows(*low_rank, delta)
+                tensors[f"{stat}_rows"] = rows.to(out_dtype)
                 scale = scale / delta
             else:
                 inverse, ok_side = _damped_inverse(factor, delta, psd_projection)
@@ -258,14 +357,14 @@ class WoodburyKronecker(BlockInverse):
     def apply_unscaled(self, grad, damping):
         d = self.data
         p = self._cast(grad)
-        if "A_rows" in d:  # p (I - U^T K U): one product into a copy of p (baddbmm), no elementwise pass
-            U = d["A_rows"]
-            p = torch.baddbmm(p, torch.bmm(torch.bmm(p, U.transpose(1, 2)), d["A_K"]), U, alpha=-1)
+        if "A_rows" in d:  # p (I - V^T V): one product into a copy of p (baddbmm), no elementwise pass
+            V = d["A_rows"]
+            p = torch.baddbmm(p, torch.bmm(p, V.transpose(1, 2)), V, alpha=-1)
         else:
             p = torch.bmm(p, d["A_inv"])
         if "G_rows" in d:
             W = d["G_rows"]
-            p = torch.baddbmm(p, W.transpose(1, 2), torch.bmm(d["G_K"], torch.bmm(W, p)), alpha=-1)
+            p = torch.baddbmm(p, W.transpose(1, 2), torch.bmm(W, p), alpha=-1)
         else:
             p = torch.bmm(d["G_inv"], p)
         return p.to(grad.dtype), d["scale"].to(grad.dtype)
@@ -273,6 +372,17 @@ class WoodburyKronecker(BlockInverse):
     def apply(self, grad, damping):
         p, scale = self.apply_unscaled(grad, damping)
         return p * scale
+
+
+def _whitened_rows(U: torch.Tensor, n: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``V = L^{-1} U`` with ``L L^T = U U^T + n delta I`` (so ``V^T V = U^T (U U^T + n delta I)^{-1} U``), and an
+    ok flag (device tensor; no sync). A failed factorisation is swapped for the identity (the solve would
+    divide by its zero pivot) and flagged, as in :func:`_cholesky_inverse`."""
+    eye_r = torch.eye(U.shape[1], dtype=U.dtype, device=U.device).expand(U.shape[0], -1, -1)
+    chol, info = torch.linalg.cholesky_ex(torch.bmm(U, U.transpose(1, 2)) + (n * delta) * eye_r)
+    failed = (info != 0).reshape(*info.shape, 1, 1)
+    V = torch.linalg.solve_triangular(torch.where(failed, eye_r, chol), U, upper=False)
+    return V, (info == 0).all() & torch.isfinite(V).all()
 
 
 class EigenKronecker(BlockInverse):
@@ -417,6 +527,8 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
                     bool(torch.isfinite(factors[rows]).all()) for rows, _ in LOW_RANK_KEYS.values() if rows in factors):
                 methods[i] = CholeskyKronecker
             compute = torch.float64 if out_dtype == torch.float64 else dtype
+            if methods[i] is not WoodburyKronecker:  # reads the dense factors (a deferred low-rank A is built)
+                factors = dense_factors(factors)
             tries[i] = methods[i].from_factors(factors, damping * scale, compute, out_dtype, psd_projection)
         flags = torch.stack([ok.reshape(()) for _, ok in tries.values()]).tolist()
         pending = []
@@ -430,7 +542,7 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
         block, method, factors, _, out_dtype = jobs[i]
         failed.append(block.name)
         method = CholeskyKronecker if method is WoodburyKronecker else method  # no low-rank identity
-        results[i] = method.identity(factors, out_dtype)
+        results[i] = method.identity(dense_factors(factors), out_dtype)
     if failed:
         warnings.warn(f"K-FAC: inverting the curvature of {failed} failed in fp32, fp64, on the PSD projection "
                       "and with 100x damping; these layers use the plain gradient until the next inverse update. "

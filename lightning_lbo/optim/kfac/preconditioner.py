@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -173,7 +174,7 @@ class KFACPreconditioner:
         self.comm = comm
         self._comm_injected = True
         if self.capture is not None and comm.is_distributed:
-            self.capture.keep_rows = set()  # the low-rank inverse is single-process only
+            self._keep_low_rank_rows(set())  # the low-rank inverse is single-process only
 
     @property
     def precondition_on_owner_only(self) -> bool:
@@ -273,9 +274,10 @@ class KFACPreconditioner:
         if self.capture is not None:
             self.capture.remove()
 
-    def _reduce(self, statistic: torch.Tensor, symmetric: bool) -> None:
+    def _reduce(self, statistic: torch.Tensor | inv.DeferredGram, symmetric: bool) -> None:
         self._check_communicator()
-        self.comm.reduce_factors([statistic], symmetric=symmetric)
+        if not isinstance(statistic, inv.DeferredGram):  # deferred: one process (low-rank), nothing to average
+            self.comm.reduce_factors([statistic], symmetric=symmetric)
 
     def _check_communicator(self) -> None:
         """Refuse to run on several ranks with the single-process communicator (ranks would drift apart).
@@ -327,6 +329,17 @@ class KFACPreconditioner:
                     and self.inverse_method is inv.InverseMethod.CHOLESKY)
         keep_rows = {id(b) for b in self.blocks if b.low_rank_capable} if low_rank else set()
         self.capture.begin(self._due, keep_rows)
+        self._keep_low_rank_rows(keep_rows)
+
+    def _keep_low_rank_rows(self, keep_rows: set[int]) -> None:
+        """Keep the A rows of these blocks for the low-rank inverse, and defer their A Gram.
+
+        A refreshed A then stays in rows until a dense factor is read (:attr:`CurvatureBlock.factors`).
+        Stale statistics compare each new factor with the last one densely, so they keep the Gram.
+        """
+        self.capture.keep_rows = keep_rows
+        for block in self.blocks:
+            block.defer_low_rank_gram = id(block) in keep_rows and self.stale_statistics is None
 
     def discard_pending(self) -> None:
         """Drop statistics captured since the last step (e.g. after a step skipped by the AMP scaler)."""
@@ -340,11 +353,16 @@ class KFACPreconditioner:
         """
         self.capture.run_mc_backward(logits)
 
-    def _totals(self, block: CurvatureBlock, captured: Captured) -> list[tuple[str, torch.Tensor]]:
+    def _totals(self, block: CurvatureBlock, captured: Captured) -> list[tuple[str, torch.Tensor | inv.DeferredFactor]]:
         """Per-example-scaled statistics of one block (the scaling convention of :mod:`.blocks`)."""
         n = max(captured.examples, 1)
         out = []
         for stat, parts in captured.sums.items():
+            if any(isinstance(p, inv.DeferredGram) for p in parts):
+                if captured.rows and all(isinstance(p, inv.DeferredGram) for p in parts):
+                    out.append((stat, inv.DeferredFactor(parts, n)))  # rows of a low-rank A: Gram built if read
+                    continue
+                parts = [inv.dense(p) for p in parts]  # a micro-batch's rows were not kept: no low-rank A
             total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             if stat in block.input_stats or self.fisher is Fisher.MC:
                 total = total / n  # input statistics; sampled-label gradients are already per example
@@ -373,7 +391,7 @@ class KFACPreconditioner:
         captured = self.capture.collect()
         if not captured:
             return
-        news: list[tuple[CurvatureBlock, str, torch.Tensor]] = []
+        news: list[tuple[CurvatureBlock, str, torch.Tensor | inv.DeferredFactor]] = []
         rows: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
         missing = []
         for block in self.blocks:
@@ -394,23 +412,29 @@ class KFACPreconditioner:
         self._warn_missing(missing)
         if not news:
             return
-        finite = torch.stack([torch.isfinite(t).all() for _, _, t in news])
+        finite = torch.stack([t.finite() if isinstance(t, inv.DeferredFactor) else torch.isfinite(t).all()
+                              for _, _, t in news])
         if keep is not None:
             finite = finite & keep.to(finite.device)
         ok = self.comm.all_min(finite.float()) > 0
         self.skipped_refreshes += (~ok).sum().to(self.skipped_refreshes.device)
         decay, rel = self.factor_decay, {}
         for j, (block, stat, new) in enumerate(news):
-            old = block.factors.get(stat)
-            if old is None:
-                old = block.identity_factor(stat)
-            elif self.stale_statistics is not None:
-                rel[j] = StaleStatistics.relative_change(new, old)
-            mixed = new
-            if decay != 1.0 and stat in block.factors:
-                # the identity placeholder of a skipped first refresh is not an estimate: no average with it
-                mixed = torch.where(block.estimated[stat], torch.lerp(old, new, decay), new)
-            block.set_factor(stat, torch.where(ok[j], mixed, old))
+            old = block.stored_factors.get(stat)
+            if isinstance(new, inv.DeferredFactor):  # fresh (decay 1) low-rank A: this statistic where ok, else old
+                block.set_factor(stat, new.committed(ok[j], partial(block.identity_factor, stat) if old is None else old))
+            else:
+                if old is None:
+                    old = block.identity_factor(stat)
+                else:
+                    old = inv.dense(old)
+                    if self.stale_statistics is not None:
+                        rel[j] = StaleStatistics.relative_change(new, old)
+                mixed = new
+                if decay != 1.0 and stat in block.stored_factors:
+                    # the identity placeholder of a skipped first refresh is not an estimate: no average with it
+                    mixed = torch.where(block.estimated[stat], torch.lerp(old, new, decay), new)
+                block.set_factor(stat, torch.where(ok[j], mixed, old))
             block.estimated[stat] = block.estimated[stat] | ok[j]
             block.refreshes[stat] += 1
             # the rows describe a factor only when it is this fresh statistic; a refresh that is not committed
@@ -446,11 +470,14 @@ class KFACPreconditioner:
         if restored is not None:  # after load_state_dict: rebuild the inverse the checkpointed run used
             source, damping, _, _ = restored
         else:
-            source = dict(block.factors)
+            source = dict(block.stored_factors)  # a deferred A stays deferred: the Woodbury inverse reads its rows
             for stat, (low_rows, n) in block.low_rank.items():
                 if block.low_rank_versions[stat] == block.versions[stat] and not self.comm.is_distributed:
                     rows_key, n_key = inv.LOW_RANK_KEYS[stat]
                     source.update({rows_key: low_rows, n_key: n})
+            if any(rows_key not in source and isinstance(source.get(stat), inv.DeferredFactor)
+                   for stat, (rows_key, _) in inv.LOW_RANK_KEYS.items()):
+                source = inv.dense_factors(source)
         method = block.inverse_type(self.inverse_method)
         if any(rows_key in source for rows_key, _ in inv.LOW_RANK_KEYS.values()):
             method = inv.WoodburyKronecker
@@ -543,9 +570,9 @@ class KFACPreconditioner:
                 torch._foreach_mul_(unscaled, nu)
             scales = [None if scale is None else scale * nu for scale in scales]
             self.last_kl_clip_factor = nu
-        for p, scale in zip(precond, scales, strict=True):
-            if scale is not None:
-                p.mul_(scale)
+        scaled = [(p, scale) for p, scale in zip(precond, scales, strict=True) if scale is not None]
+        if scaled:
+            torch._foreach_mul_([p for p, _ in scaled], [scale for _, scale in scaled])
         for block, p in zip(work, precond, strict=True):
             block.set_grad(p)
 
@@ -558,13 +585,14 @@ class KFACPreconditioner:
         """
         blocks = []
         for block in self.blocks:
-            source = block.inverse_source or {}
-            entry = {"name": block.name, "type": block.description, "factors": dict(block.factors),
+            factors = block.factors  # dense: a deferred low-rank A's Gram is built (checkpoints hold factors)
+            source = {s: inv.dense(t) for s, t in (block.inverse_source or {}).items()}
+            entry = {"name": block.name, "type": block.description, "factors": dict(factors),
                      "interval": dict(block.interval), "next_due": dict(block.next_due),
                      "refreshes": dict(block.refreshes), "inverse_damping": block.inverse_damping,
                      "estimated": {stat: flag.clone() for stat, flag in block.estimated.items()},
                      # factors refreshed since the last inversion (the others are the current ones)
-                     "inverse_factors": {s: t for s, t in source.items() if t is not block.factors.get(s)}}
+                     "inverse_factors": {s: t for s, t in source.items() if t is not factors.get(s)}}
             blocks.append(entry)
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}

@@ -216,11 +216,11 @@ class Capture:
             return
         if record.g_rows is not None and id(block) in self.keep_rows:  # rows of a low-rank G (W^T W = stat)
             rows = block.low_rank_output_rows(grad.detach())
-            if 2 * rows.shape[1] <= block.dims[1]:
+            if rows is None:
+                record.g_rows = None
+            else:
                 rows = rows / batch.uses ** 0.5 if batch.uses > 1 else rows
                 record.g_rows.append(rows if scale is None else rows / scale.to(device=rows.device, dtype=rows.dtype))
-            else:
-                record.g_rows = None
         record.sums.setdefault(use.output_stat, []).append(stat)
         self.on_statistic(stat, use.symmetric(use.output_stat))
 

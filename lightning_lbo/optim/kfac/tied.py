@@ -54,11 +54,11 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import inverses as inv
 from lightning_lbo.optim.kfac.blocks import (
+    EXPAND,
     CurvatureBlock,
     EmbeddingBlock,
+    KroneckerBlock,
     LinearBlock,
-    _gram,
-    _gram_with_ones,
     _work,
     register_shared_block,
 )
@@ -99,36 +99,41 @@ class TiedDiagonalKronecker(inv.DiagonalKronecker):
 
 
 class _Use:
-    """The calls of one of the tied block's two modules; reads the block's dims and factor dtype."""
+    """The calls of one of the tied block's two modules. The module's own block (``own``) computes the
+    statistics, in the tied block's factor dtype (the preconditioner may raise it to fp64 after construction)."""
 
-    def __init__(self, block: TiedEmbeddingBlock) -> None:
+    def __init__(self, block: TiedEmbeddingBlock, own: KroneckerBlock) -> None:
         self.block = block
+        self.own = own
 
-    hook_io = CurvatureBlock.hook_io
+    def hook_io(self, inputs: tuple, kwargs: dict[str, Any], output: Any) -> tuple[Any, int, Any]:
+        return self.own.hook_io(inputs, kwargs, output)
+
+    def _own(self) -> KroneckerBlock:
+        self.own.factor_dtype = self.block.factor_dtype
+        return self.own
 
 
 class _EmbeddingUse(_Use):
-    """The embedding's calls: ``A`` = token counts, ``G`` = its output-gradient statistic (``d x d``)."""
+    """The embedding's calls: ``A`` = token counts, ``G`` = its output-gradient statistic (``d x d``), as
+    :class:`~lightning_lbo.optim.kfac.blocks.EmbeddingBlock` computes them."""
 
     input_stats = ("A",)
     output_stat = "G"
 
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
-        if "A" not in due:
-            return {}, None
-        counts = torch.bincount(x.reshape(-1), minlength=self.block.dims[0])
-        return {"A": counts.to(self.block.factor_dtype).unsqueeze(0)}, None
+        return self._own().input_statistics(x, due)
 
     def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
-        positions = grad[0].numel() // grad.shape[-1]
-        return _gram(grad.reshape(1, -1, grad.shape[-1]), self.block.factor_dtype) / positions
+        return self._own().output_statistic(grad, context)
 
     def symmetric(self, stat: str) -> bool:
         return stat == "G"
 
 
 class _HeadUse(_Use):
-    """The head's calls: ``A_head`` = its input statistic (bias folded in), ``G_head`` = diagonal logit statistic."""
+    """The head's calls: ``A_head`` = its input statistic (bias folded in; the "expand" ``A`` of its
+    :class:`~lightning_lbo.optim.kfac.blocks.LinearBlock`), ``G_head`` = the diagonal of its logit statistic."""
 
     input_stats = ("A_head",)
     output_stat = "G_head"
@@ -136,14 +141,12 @@ class _HeadUse(_Use):
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
         if "A_head" not in due:
             return {}, None
-        rows = x.reshape(1, -1, x.shape[-1])
-        dtype = self.block.factor_dtype
-        return {"A_head": _gram_with_ones(rows, dtype) if self.block.bias is not None else _gram(rows, dtype)}, None
+        stats, _ = self._own().input_statistics(x, {"A"})
+        return {"A_head": stats["A"]}, None
 
     def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
-        v = grad.shape[-1]
-        positions = grad[0].numel() // v
-        return grad.reshape(-1, v).to(self.block.factor_dtype).square().sum(0, keepdim=True) / positions
+        rows, positions = self._own().output_rows(grad)  # [1, N * T, V]
+        return rows.to(self.block.factor_dtype).square().sum(1) / positions
 
     def symmetric(self, stat: str) -> bool:
         return stat == "A_head"
@@ -165,14 +168,15 @@ class TiedEmbeddingBlock(CurvatureBlock):
 
     def __init__(self, embedding: nn.Embedding, head: nn.Linear, name: str,
                  factor_dtype: torch.dtype = torch.float32) -> None:
-        EmbeddingBlock.check(embedding, name)
+        own_embedding = EmbeddingBlock(embedding, name, factor_dtype)  # checks the embedding
         if head.weight is not embedding.weight:
             raise ValueError(f"{name}: the head's weight is not the embedding's; TiedEmbeddingBlock is for "
                              "head.weight = embedding.weight.")
         super().__init__(embedding, name, factor_dtype)
         self.head = head
         self.bias = head.bias
-        self._uses = [(embedding, _EmbeddingUse(self)), (head, _HeadUse(self))]
+        own_head = LinearBlock(head, name, factor_dtype, linear_variant=EXPAND)
+        self._uses = [(embedding, _EmbeddingUse(self, own_embedding)), (head, _HeadUse(self, own_head))]
 
     @classmethod
     def from_blocks(cls, first: CurvatureBlock, second: CurvatureBlock) -> TiedEmbeddingBlock | None:

@@ -422,7 +422,8 @@ class KFACPreconditioner:
         for j, (block, stat, new) in enumerate(news):
             old = block.stored_factors.get(stat)
             if isinstance(new, inv.DeferredFactor):  # fresh (decay 1) low-rank A: this statistic where ok, else old
-                block.set_factor(stat, new.committed(ok[j], partial(block.identity_factor, stat) if old is None else old))
+                previous = partial(block.identity_factor, stat) if old is None else old
+                block.set_factor(stat, new.committed(ok[j], previous))
             else:
                 if old is None:
                     old = block.identity_factor(stat)

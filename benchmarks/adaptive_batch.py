@@ -537,7 +537,45 @@ def advisor_lines(model: str, seeds: list[int], knee: int | None, b_crit: float 
         lines.append(f"- B_simple along fixed-128 with the cosine schedule (cell trace-128, seed {seed}, EMA estimate "
                      f"at step: value): {', '.join(f'{x[0]}: {x[2]:.0f}' for x in dict.fromkeys(marks))}; {near}"
                      + (f"; the knee: {knee}" if knee else ""))
+    img = ROOT.parent / "docs" / "img" / f"adaptive_batch_b_simple_{model}.png"
+    if plot_b_simple_traces(model, seeds, knee, img):
+        lines += ["", f"![B_simple over training](../docs/img/{img.name})", ""]
     return lines
+
+
+def plot_b_simple_traces(model: str, seeds: list[int], knee: int | None, path: Path) -> bool:
+    """Goal 3's plot: B_simple (EMA) over training in the advisor's runs and along fixed-128, against the knee."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(cell, s, load(model, cell, s)) for cell in ("advise", "trace-128") for s in seeds]
+    runs = [(cell, s, r) for cell, s, r in runs
+            if r and (r.get("history") if cell == "advise" else r.get("noise_trace"))]
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for cell, seed, r in runs:
+        rows = r["history"] if cell == "advise" else r["noise_trace"]
+        style = "-" if cell == "advise" else "--"
+        line, = ax.plot([x[0] for x in rows], [max(x[2], 1.0) for x in rows], style, lw=0.9,
+                        label=f"{'advisor (LR 0.1)' if cell == 'advise' else 'fixed-128 (cosine)'}, seed {seed}")
+        reached = r.get("target_step") if cell == "advise" else steps_to_interpolated(r["curve"], TARGETS[model])
+        if reached is not None:
+            ax.axvline(reached, color=line.get_color(), lw=0.6, ls=":")
+    if knee:
+        ax.axhline(knee, color="k", lw=1.0, label=f"ladder knee {knee}")
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(16, 8192)
+    ax.set_xlabel("optimizer step at batch 128 (dotted: the run reaches the target)")
+    ax.set_ylabel("B_simple")
+    ax.set_title(f"Fashion-MNIST {model}: gradient noise scale over training, target {TARGETS[model]:.0%} val. acc.")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def critical_batch(model: str, seeds: list[int]) -> tuple[dict[int, float], float | None]:

@@ -75,8 +75,9 @@ class Advice:
             return (f"no target given: this is the critical batch at step {self.steps} of training, not of a "
                     "whole run (B_simple grows as the loss falls; give a target to measure it there)")
         if self.target_step is not None:
-            return (f"{self.monitor} reached {self.target:g} at step {self.target_step}: this is the critical batch "
-                    "for training to that target")
+            return (f"{self.monitor} reached {self.target:g} at step {self.target_step}: the estimate is the noise "
+                    "scale just before that target, McCandlish et al.'s estimate of the critical batch for training "
+                    "to it (at this run's constant LR: a decaying LR raises B_simple further)")
         reached = [v for _, v in self.validation]
         best = (max if MONITORS[self.monitor] == "max" else min)(reached) if reached else float("nan")
         return (f"{self.monitor} did not reach {self.target:g} within {self.steps} steps (best {best:.4g}): the "
@@ -175,7 +176,8 @@ def advise(model: str = "mlp-bn", batch_size: int = 128, lr: float = 0.1, steps:
         steps: the step budget; without ``target``, the run's length.
         target: stop at the first validation at which ``monitor`` reaches it (``None``: train ``steps``).
         monitor: ``"val_acc"`` (reached from below) or ``"val_loss"`` (from above).
-        window: the estimate is that of the last ``window`` optimizer steps of the run.
+        window: the estimate is that of the last ``window`` optimizer steps of the run (the window means
+            of the callback's EMA terms, which themselves reach back about ``1 / (1 - beta)`` estimates).
         val_every_n_steps, val_size: how often, and on how many held-out training images, to validate
             (only with a target).
     """

@@ -12,14 +12,15 @@ from lightning_lbo.optim.kfac import KFACPreconditioner
 from lightning_lbo.optim.kfac.blocks import Conv1dBlock, Conv2dBlock, LinearBlock, UnitWiseBlock, _gram
 
 
-@pytest.mark.parametrize(("conv", "shape"), [(nn.Conv2d(4, 6, 3, padding=1), (5, 6, 7, 3)),
-                                             (nn.Conv2d(4, 6, 3, groups=2), (5, 6, 4, 4)),
+@pytest.mark.parametrize(("conv", "shape"), [(nn.Conv2d(4, 6, 3, padding=1), (5, 6, 7, 4)),  # 28 >= 4 x 6: per example
+                                             (nn.Conv2d(4, 6, 3, groups=2), (5, 6, 4, 4)),  # 16 locations >= 4 x 3
+                                             (nn.Conv2d(4, 6, 3, groups=2), (5, 6, 3, 3)),
                                              (nn.Conv2d(4, 6, 1), (3, 6, 1, 1)),
                                              (nn.Conv2d(4, 8, 3), (2, 8, 2, 2)),
                                              (nn.Conv1d(6, 6, 3, groups=3), (5, 6, 9))])
 def test_kfac_conv_output_statistic_equals_gram_of_output_rows(conv, shape, monkeypatch):
     """G = sum over examples and locations of g g^T / L, per group: equal to the Gram of output_rows, which
-    is built only with fewer locations than channels per group (else [N, d_g, d_g] would outgrow the gradient)."""
+    is built only with fewer than 4 locations per channel of a group (else [N, d_g, d_g] could outgrow the gradient)."""
     block_type = Conv1dBlock if isinstance(conv, nn.Conv1d) else Conv2dBlock
     block = block_type(conv.double(), "conv", factor_dtype=torch.float64)
     grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -29,7 +30,7 @@ def test_kfac_conv_output_statistic_equals_gram_of_output_rows(conv, shape, monk
     output_rows = block.output_rows
     monkeypatch.setattr(block, "output_rows", lambda g: built.append(1) or output_rows(g))
     torch.testing.assert_close(block.output_statistic(grad, None), expected, rtol=1e-12, atol=1e-12)
-    assert bool(built) == (locations < shape[1] // conv.groups)
+    assert bool(built) == (locations < 4 * shape[1] // conv.groups)
     g, c = conv.groups, shape[1] // conv.groups  # brute force over examples and locations too
     flat = grad.reshape(shape[0], g, c, -1)
     brute = sum(flat[n, :, :, l].unsqueeze(2) * flat[n, :, :, l].unsqueeze(1)

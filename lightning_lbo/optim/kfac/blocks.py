@@ -455,8 +455,8 @@ class Conv2dBlock(KroneckerBlock):
     def output_statistic(self, grad: torch.Tensor, context: Any) -> torch.Tensor:
         """``G``: with at least ``4 d_g`` locations, a sum over examples of each example's ``[d_g, L] @ [L, d_g]``,
         read in the gradient's own layout (no ``[N * L, d_g]`` copy of the rows; the ``[N, d_g, d_g]`` products
-        are at most a quarter of the gradient); with fewer (wide late layers), the Gram of the rows. Measured
-        at 2 threads, batch 1024: SmallCNN conv1 (L = 784, d_g = 16) 44 -> 24 ms, conv2 (196, 32) 40 -> 24 ms."""
+        are at most a quarter of the gradient); with fewer (wide late layers), the Gram of the rows. At 2 threads,
+        batch 1024 (one micro run): SmallCNN conv1 (L = 784, d_g = 16) 44 -> 24 ms, conv2 (196, 32) 40 -> 24 ms."""
         n, c = grad.shape[:2]
         g = self.groups
         locations = grad[0, 0].numel()

@@ -1,10 +1,10 @@
 """Grow the batch during training: one controller, a rule that decides, a mechanism that applies.
 
 At every epoch end (or at the optimizer step that ends each interval of ``decide_every_n_steps``
-steps or ``decide_every_n_samples`` training samples) the controller measures what its rule needs, asks the rule for the next batch factor
-(:mod:`lightning_lbo.batch_rules`), caps it at ``max_factor``, makes every rank take rank 0's decision
-(a broadcast; measurements are all-reduced first, so they agree anyway) and hands it to a mechanism
-(:mod:`lightning_lbo.callbacks.batch_mechanisms`):
+steps or ``decide_every_n_samples`` training samples) the controller measures what its rule needs,
+asks the rule for the next batch factor (:mod:`lightning_lbo.batch_rules`), caps it at
+``max_factor``, makes every rank take rank 0's decision (a broadcast; measurements are all-reduced
+first, so they agree anyway) and hands it to a mechanism (:mod:`lightning_lbo.callbacks.batch_mechanisms`):
 
 * rules: ``"hessian"`` (ABS; Yao, Gholami, Keutzer, Mahoney 2018: the top Hessian eigenvalue on a
   fixed batch, power iteration in eval-mode BN), ``"noise_scale"`` (the simple gradient noise scale
@@ -49,7 +49,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 class AdaptiveBatchSize(*callback_bases()):
-    """Grow the global batch between epochs as a rule decides (ABS, noise scale, ramp).
+    """Grow the global batch between epochs, or between steps, as a rule decides (ABS, noise scale, ramp).
 
     Args:
         rule: ``"hessian"`` (default; configured by ``eigenvalue_ratio``/``duration``), ``"noise_scale"``
@@ -193,8 +193,8 @@ class AdaptiveBatchSize(*callback_bases()):
         if self.decides_between_steps and trainer.accumulate_grad_batches != 1:
             raise ValueError("decide_every_n_steps/decide_every_n_samples resize the batch between optimizer steps, "
                              "which a fixed gradient accumulation (accumulate_grad_batches="
-                             f"{trainer.accumulate_grad_batches}) would split: remove accumulate_grad_batches or decide "
-                             "at epoch ends.")
+                             f"{trainer.accumulate_grad_batches}) would split: remove accumulate_grad_batches or "
+                             "decide at epoch ends.")
 
     # ------------------------------------------------------------------ hooks
     @override

@@ -148,3 +148,38 @@ def test_interval_arguments_are_checked():
         AdaptiveBatchSize(rule="noise_scale", decide_every_n_samples=0)
     with pytest.raises(ValueError, match="RampRule is a schedule by epoch: use it without decide_every_n_samples"):
         AdaptiveBatchSize(rule=RampRule({0: 1}), decide_every_n_samples=64)
+
+
+def always_more(trainer, module) -> float:
+    """A B_simple far above any batch here (module level: ddp_spawn pickles the callback)."""
+    return 1e9
+
+
+class SameAsOneProcess(lightning_package(PYTORCH_LIGHTNING).Callback):
+    """Asserts inside each ddp_spawn worker: the same decisions (steps, factors) and weights as one process."""
+
+    def __init__(self, abs_cb, expected_weights, expected_history):
+        self.abs_cb, self.expected_weights, self.expected_history = abs_cb, expected_weights, expected_history
+
+    def on_fit_end(self, trainer, pl_module):
+        assert trainer.world_size == 2
+        assert [(h["step"], h["factor"], h["next_factor"]) for h in self.abs_cb.history] == self.expected_history
+        for p, q in zip(pl_module.parameters(), self.expected_weights, strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_sample_interval_two_ranks_equal_one_process(tmp_path):
+    """ddp_spawn, 2 ranks at 2 per device == 1 process at 4: the interval counts global samples, same decisions."""
+    pl = lightning_package(PYTORCH_LIGHTNING)
+    _, reference, _, ref_cb = fit(pl, tmp_path, decide_every_n_samples=12)
+    expected = [(h["step"], h["factor"], h["next_factor"]) for h in ref_cb.history]
+    abs_cb = AdaptiveBatchSize(rule=NoiseScaleRule(margin=1.0), max_factor=4, decide_every_n_samples=12,
+                               measure_fn=always_more)
+    check = SameAsOneProcess(abs_cb, [p.detach().clone() for p in reference.parameters()], expected)
+    trainer = make_trainer(pl, tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+                           num_sanity_val_steps=0, limit_val_batches=0,
+                           callbacks=[LRSchedule(reference_batch_size=BATCH, log=False), abs_cb, check])
+    module = classifier_module_class(pl.__name__)(net(), num_classes=3,
+                                                  optimizer=sgd_factory(lr=LR, momentum=MOMENTUM, weight_decay=0.0))
+    # each rank keeps its half of every 4 samples: together the one-process micro-batch
+    trainer.fit(module, ResizableDataLoader(dataset(), ResizableBatchSampler(N, BATCH // 2, shuffle=False)))

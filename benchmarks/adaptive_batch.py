@@ -26,6 +26,19 @@ the shared benchmark lock with one torch thread, :mod:`benchmarks.bench_lock`):
   with ``--cells trace-128``): the noise scale near the target, against the ladder's knee.
 * ``eigen-trace``: fixed-128 with the top Hessian eigenvalue measured at every epoch end as ABS does
   and against references (converged, other batches, a large batch, train-mode BN): goal 2's check.
+* ``const-<B>-x<m>`` (run on request with ``--cells const``): goal 3's critical batch measured as
+  McCandlish et al. (arXiv 1812.06162) do, with the LR tuned per batch and no schedule tied to the
+  run's length. Protocol, fixed before any such run: batch ``B`` in ``CONST_BATCHES``, peak LR
+  ``m x 0.1 x B / 128`` (the advisor's base LR, linear rule) for ``m`` in ``CONST_LR_MULTIPLIERS``
+  (1 first, then 2, then 0.5: run in that order, the 0.5 points dropped first when compute runs
+  out), skipped above ``CONST_LR_CAP`` (1.6: the largest peak LR the cosine ladder trained at without
+  diverging on both models, fixed-2048); a linear warmup from 0 over ``CONST_WARMUP_STEPS`` (20)
+  steps for every ``B``, then constant; momentum, weight decay, data, validation set, validation
+  every quarter epoch (the same interval in examples as the ladder) and target as the ladder;
+  training stops at the first validation reaching the target, within a budget of twice the ladder's
+  epochs (else "not reached"). Per batch and seed, the fewest (interpolated) steps over the LRs run
+  for every batch and seed; the knee (``KNEE_RATIO``) and the fit ``S = S_min (1 + B_crit / B)`` on
+  their mean over seeds; the advisor's recommendation against that knee per seed.
 
 ``--overhead noise|abs`` (goal 4) times a rule against the replay of the same run's batch schedule in
 alternating pairs under the exclusive lock; every rule cell also records the CPU time spent inside
@@ -76,6 +89,23 @@ EPOCHS = {"mlp-bn": 5, "cnn": 3}
 MODEL_SPECS = {"mlp-bn": ("mlp", {"batch_norm": True}), "cnn": ("cnn", {})}
 TRAIN_SUBSET: int | None = None  # smoke tests only (--train-subset); the study uses all images
 TARGETS = {"mlp-bn": 0.86, "cnn": 0.85}  # validation accuracy of the steps-to-target columns
+CONST_BATCHES = (128, 256, 512, 1024, 2048)  # goal 3's constant-LR ladder (cells const-<B>-x<m>)
+CONST_LR_MULTIPLIERS = (1.0, 2.0, 0.5)  # x the linear-rule LR, in the order run (0.5 dropped first)
+CONST_LR_CAP, CONST_WARMUP_STEPS = 1.6, 20
+
+
+def const_cells() -> list[str]:
+    """The constant-LR ladder's cells in the order run: by LR multiplier, then batch; those over the cap left out."""
+    return [f"const-{b}-x{m:g}" for m in CONST_LR_MULTIPLIERS for b in CONST_BATCHES
+            if m * BASE_LR * b / BASE_BATCH <= CONST_LR_CAP]
+
+
+def parse_const_cell(cell: str) -> tuple[int, float]:
+    """``const-<B>-x<m>`` -> ``(B, m)``."""
+    _, batch, mult = cell.split("-")
+    if not mult.startswith("x"):
+        raise ValueError(f"Invalid constant-LR cell {cell!r}; expected const-<batch>-x<multiplier>.")
+    return int(batch), float(mult[1:])
 
 
 def cell_order() -> list[str]:
@@ -227,7 +257,7 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
     from lightning_lbo.batch_rules import HessianRule, NoiseScaleRule, RampRule
     from lightning_lbo.callbacks import AdaptiveBatchSize, AdversarialTraining, GradientNoiseScale, LRSchedule
     from lightning_lbo.classifier import ClassifierModule, sgd_factory
-    from lightning_lbo.critical_batch import NoiseScaleTrace
+    from lightning_lbo.critical_batch import NoiseScaleTrace, StopAtTarget
 
     if cell == "advise":
         from lightning_lbo.critical_batch import advise
@@ -271,9 +301,16 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
         for row in source["history"]:
             factors[row["epoch"] + 1] = row["next_factor"]
         rule, mechanism = RampRule(factors), ("resize" if cell == "replay-noise" else "accumulate")
-    k = batch / BASE_BATCH
-    schedule = LRSchedule(reference_batch_size=BASE_BATCH, scaling="linear", decay="cosine", log=False,
-                          **({"warmup_epochs": 1} if k > 1 else {}))
+    k, base_lr = batch / BASE_BATCH, BASE_LR
+    if cell.startswith("const-"):  # goal 3 as McCandlish: constant LR after a 20-step ramp, stop at the target
+        batch, mult = parse_const_cell(cell)
+        base_lr, epochs = mult * BASE_LR, 2 * epochs
+        schedule = LRSchedule(reference_batch_size=BASE_BATCH, scaling="linear", decay="constant", log=False,
+                              warmup_steps=CONST_WARMUP_STEPS, warmup_start_factor=0.0)
+        callbacks.append(StopAtTarget(TARGETS[model], "val_acc"))
+    else:
+        schedule = LRSchedule(reference_batch_size=BASE_BATCH, scaling="linear", decay="cosine", log=False,
+                              **({"warmup_epochs": 1} if k > 1 else {}))
     callbacks.insert(0, schedule)
     if rule is not None:
         callbacks.append(AdaptiveBatchSize(rule=rule, mechanism=mechanism, max_factor=max_factor,
@@ -293,7 +330,7 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
     callbacks.append(rec)
     pl.seed_everything(seed, verbose=False)
     name, kwargs = MODEL_SPECS[model]
-    module = ClassifierModule(name, optimizer=sgd_factory(lr=BASE_LR, momentum=0.9, weight_decay=5e-4, nesterov=True),
+    module = ClassifierModule(name, optimizer=sgd_factory(lr=base_lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
                               model_kwargs=kwargs)
     dm = datamodule(seed, resizable)
     dm.batch_size = batch
@@ -322,7 +359,8 @@ def run(models: list[str], seeds: list[int], cells: list[str] | None, threads: i
     warnings.filterwarnings("ignore")
     for seed in seeds:
         for model in models:
-            for cell in cells or cell_order():
+            expanded = [c for name in cells for c in (const_cells() if name == "const" else [name])] if cells else None
+            for cell in expanded or cell_order():
                 if cell_path(model, cell, seed).exists():
                     continue
                 # A one-thread run takes one of the two slots; more threads take the machine.
@@ -421,6 +459,15 @@ def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float,
             means[b] = (statistics.mean(reached), statistics.stdev(reached) if len(reached) > 1 else 0.0)
         elif reached:  # run, but the target was never reached: no doubling into this batch halves anything
             means[b] = (math.inf, 0.0)
+    return ladder_knee(means)
+
+
+def ladder_knee(means: dict[int, tuple[float, float]]) -> tuple[list[tuple[int, float, float, float | None]], int | None]:
+    """Rows ``(B, mean steps, sd, S(2B) / S(B))`` and the knee of a ladder ``{B: (mean steps, sd)}``.
+
+    ``math.inf`` steps stand for "target not reached". The knee is the smallest ``B`` from which no
+    doubling on the ladder cuts the steps to ``KNEE_RATIO`` or less; None if the last one still does.
+    """
     rows = [(b, mean, sd, means[2 * b][0] / mean if 2 * b in means else None) for b, (mean, sd) in means.items()]
     ratios = [(b, r) for b, _, _, r in rows if r is not None]
     knee = None
@@ -429,6 +476,37 @@ def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float,
             knee = b
             break
     return rows, knee
+
+
+def best_over_lr(steps_by_lr: dict[float, float | None]) -> tuple[float, float | None]:
+    """McCandlish's per-batch tuning: the fewest steps to the target over an LR grid, and that LR.
+
+    ``None`` steps mean "not reached"; ``(math.inf, None)`` when no LR reached the target. Ties go
+    to the smaller LR.
+    """
+    reached = [(steps, lr) for lr, steps in sorted(steps_by_lr.items()) if steps is not None]
+    return min(reached, key=lambda x: x[0]) if reached else (math.inf, None)
+
+
+def const_ladder(model: str, seeds: list[int]) -> tuple[dict[int, dict[int, tuple[float, float | None]]], list[float]]:
+    """Goal 3 at constant LR: ``{B: {seed: (fewest interpolated steps to the target, its peak LR)}}``.
+
+    Only the LR multipliers run for every batch and seed (under the cap) enter the minimum, so that
+    every batch is tuned over the same grid; returns them too. Empty if some batch has no run.
+    """
+    cells = set(const_cells())
+    complete = [m for m in CONST_LR_MULTIPLIERS
+                if all(load(model, f"const-{b}-x{m:g}", s) for b in CONST_BATCHES for s in seeds
+                       if f"const-{b}-x{m:g}" in cells)]
+    if not complete:
+        return {}, []
+    table: dict[int, dict[int, tuple[float, float | None]]] = {}
+    for b in CONST_BATCHES:
+        for s in seeds:
+            grid = {m * BASE_LR * b / BASE_BATCH: steps_to_interpolated(r["curve"], TARGETS[model])
+                    for m in complete if (r := load(model, f"const-{b}-x{m:g}", s))}
+            table.setdefault(b, {})[s] = best_over_lr(grid)
+    return table, complete
 
 
 def overhead_lines(model: str, seeds: list[int]) -> list[str]:
@@ -512,6 +590,52 @@ def eigen_lines(model: str, seeds: list[int]) -> list[str]:
     return lines
 
 
+def const_lines(model: str, seeds: list[int]) -> list[str]:
+    """Goal 3 at constant LR (cells ``const-*``): the per-batch table, its knee and fit, the advisor against it."""
+    table, grid = const_ladder(model, seeds)
+    if not table:
+        runs = sum(1 for c in const_cells() for s in seeds if load(model, c, s))
+        return [f"- constant-LR ladder: {runs}/{len(const_cells()) * len(seeds)} runs cached, no complete LR grid yet"
+                ] if runs else []
+    means = {}
+    for b, per_seed in table.items():
+        values = [v[0] for v in per_seed.values()]
+        means[b] = ((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                    if all(math.isfinite(v) for v in values) else (math.inf, 0.0))
+    rows, knee = ladder_knee(means)
+    b_crit = fit_b_crit({b: m for b, (m, _) in means.items() if math.isfinite(m)})
+    run_cells = [c for c in const_cells() if parse_const_cell(c)[1] in grid]
+    loads = [r["load_before"] for c in run_cells for s in seeds if (r := load(model, c, s))]
+    walls = [r["wall_s"] for c in run_cells for s in seeds if (r := load(model, c, s))]
+    dropped = [f"x{m:g}" for m in CONST_LR_MULTIPLIERS if m not in grid]
+    lines = ["", f"Goal 3 at constant LR (cells `const-<B>-x<m>`, McCandlish's protocol in the script's docstring): "
+             f"LR grid {', '.join(f'x{m:g}' for m in grid)} of 0.1 x B / 128, capped at {CONST_LR_CAP:g}"
+             + (f" ({', '.join(dropped)} not run: out of compute)" if dropped else "")
+             + f", {CONST_WARMUP_STEPS}-step warmup then constant, stop at the first validation reaching "
+             f"{TARGETS[model]:.0%}, budget {2 * EPOCHS[model]} epochs; {len(walls)} runs, 1 torch thread each, "
+             f"{sum(walls):.0f} s wall in all, load average {min(loads):.1f}-{max(loads):.1f}. Steps to the target "
+             "(interpolated between validations), the fewest over the LR grid, and that LR:", "",
+             "| batch | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | S(2B)/S(B) |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    for b, mean, sd, ratio in rows:
+        cells = [f"{v:.0f} (LR {lr:g})" if lr is not None else "not reached"
+                 for v, lr in (table[b][s] for s in seeds)]
+        lines.append(f"| {b} | " + " | ".join(cells) + " | "
+                     + (f"{mean:.0f} ± {sd:.0f}" if math.isfinite(mean) else "not reached") + " | "
+                     + (f"{ratio:.2f}" if ratio is not None and math.isfinite(ratio) else "-") + " |")
+    lines += ["", f"- constant-LR knee (x{KNEE_RATIO} rule on the mean of the per-seed minima): {knee or 'none'}"
+              + (f"; fit S = S_min (1 + B_crit / B) on the reached batches: B_crit = {b_crit:.0f}" if b_crit else
+                 "; the fit S = S_min (1 + B_crit / B) has no positive B_crit")]
+    advice = [r for r in (load(model, "advise", s) for s in seeds) if r]
+    if advice and knee:
+        lines.append("- advisor against the constant-LR knee: " + ", ".join(
+            f"seed {r['seed']}: {r['recommended_batch']} / {knee} = {r['recommended_batch'] / knee:.2f}"
+            for r in advice) + " (goal: within a factor of 2, 0.5-2.0)"
+            + ("; against its B_crit: " + ", ".join(f"{r['recommended_batch'] / b_crit:.2f}" for r in advice)
+               if b_crit else ""))
+    return lines
+
+
 def advisor_lines(model: str, seeds: list[int], knee: int | None, b_crit: float | None) -> list[str]:
     """Goal 3: the advisor's recommendation against the knee, and ``B_simple`` along fixed-128 near the target."""
     from lightning_lbo.critical_batch import window_b_simple
@@ -588,13 +712,22 @@ def critical_batch(model: str, seeds: list[int]) -> tuple[dict[int, float], floa
         reached = [steps_to(r["curve"], target) for r in runs if r]
         if reached and all(x is not None for x in reached):
             steps[b] = statistics.mean(reached)
+    return steps, fit_b_crit(steps)
+
+
+def fit_b_crit(steps: dict[int, float]) -> float | None:
+    """``B_crit`` of the least-squares fit ``S = S_min + S_min B_crit / B`` (linear in ``1 / B``); None if it fails.
+
+    Needs three batches or more; a fit with a non-positive slope or intercept (no diminishing
+    return, or none at all) has no critical batch.
+    """
     if len(steps) < 3:
-        return steps, None
+        return None
     xs, ys = [1 / b for b in steps], list(steps.values())
     mx, my = statistics.mean(xs), statistics.mean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     intercept = my - slope * mx
-    return steps, (slope / intercept if intercept > 0 and slope > 0 else None)
+    return slope / intercept if intercept > 0 and slope > 0 else None
 
 
 def summarize(model: str, cell: str, seeds: list[int]) -> dict[str, Any] | None:
@@ -763,6 +896,7 @@ def report(models: list[str], seeds: list[int]) -> None:
                          + (f"; knee (smallest B from which no doubling cuts steps to x{KNEE_RATIO} or less): "
                             f"{knee}" if knee else ""))
         goals += advisor_lines(model, seeds, knee, b_crit)
+        goals += const_lines(model, seeds)
         lines += (["Goals:", ""] + (goals or ["- nothing to compare yet"]) + paper_lines(model, seeds)
                   + eigen_lines(model, seeds) + [""])
         if missing:

@@ -18,6 +18,15 @@ the shared benchmark lock with one torch thread, :mod:`benchmarks.bench_lock`):
   paper's once per epoch of 90), ``duration`` 10 decisions, ratio 0.5, up to 128x the base batch,
   the LR x2 at each doubling at once (no re-warmup), gradient accumulation; the baseline's cosine
   schedule. Each decision's eigenvalue and what triggered each growth are in the run's ``history``.
+* ``abs-capped`` / ``absa-capped``: exactly ``abs-paper`` / ``absa-paper`` except the maximum batch,
+  which is the critical-batch advisor's recommended batch for the same model and seed (read from the
+  cached ``advise-s<seed>.json``; the advisor sees validation data only). Pre-registered, written
+  before any such run and not changed after: seeds 0-2, MLP-BN then SmallCNN; the paper's 128x cap
+  was chosen for its problem, the package's advisor is the principled cap for a new one. Prediction
+  from the duration trigger alone (doublings at decisions 10, 20, 30 of 90): MLP caps 512/1024 give
+  at most 0.36x/0.28x fixed-128's steps, the accuracy near fixed-512/1024's (-0.0/-0.2 points), so
+  goal 2 should hold; the CNN's cap of 256 (2x) gives at least 0.5x by construction, (10 + 80/2)/90
+  = 0.56x with duration alone, so goal 2's step criterion cannot hold there whatever the accuracy.
 * ``replay-noise`` / ``replay-abs``: ``RampRule`` replaying that seed's batch schedule without any
   measurement (the first session's overhead reading; ``--overhead`` below replaces it).
 * ``advise``: the critical-batch advisor (:func:`lightning_lbo.critical_batch.advise`) at 128 until the
@@ -111,7 +120,8 @@ def parse_const_cell(cell: str) -> tuple[int, float]:
 def cell_order() -> list[str]:
     """Most informative first: the goals' runs, the advisor, the sweep's ends, then the rest."""
     return ["fixed-128", "noise", "noise-steps", "advise", "fixed-2048", "fixed-512", "abs", "replay-noise", "absa",
-            "abs-paper", "absa-paper", "fixed-1024", "fixed-256", "fixed-4096", "replay-abs"]
+            "abs-paper", "absa-paper", "fixed-1024", "fixed-256", "fixed-4096", "replay-abs", "abs-capped",
+            "absa-capped"]
 
 
 def cell_path(model: str, cell: str, seed: int) -> Path:
@@ -251,6 +261,15 @@ class HookClock:
             setattr(obj, name, timed)
 
 
+def advised_factor(model: str, seed: int) -> int:
+    """The ``-capped`` cells' maximum factor: the cached advisor's recommended batch over the base batch."""
+    advice = load(model, "advise", seed)
+    if advice is None:
+        raise RuntimeError(f"{model} seed {seed}: the -capped cells take their cap from the advisor, which is not "
+                           f"cached yet; run `--model {model} --seeds {seed} --cells advise` first.")
+    return max(1, advice["recommended_batch"] // BASE_BATCH)
+
+
 def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list | None = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
@@ -288,9 +307,10 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
         callbacks.append(GradientNoiseScale(beta=0.9, probe_every_n_steps=20, log_every_n_steps=20))
     elif cell in ("abs", "absa"):
         rule, mechanism = HessianRule(eigenvalue_ratio=0.5, duration=2), "accumulate"
-    elif cell in ("abs-paper", "absa-paper"):
+    elif cell in ("abs-paper", "absa-paper", "abs-capped", "absa-capped"):
         rule, mechanism = HessianRule(eigenvalue_ratio=0.5, duration=PAPER_DURATION), "accumulate"
-        max_factor, rewarmup = PAPER_MAX_FACTOR, 0
+        max_factor = advised_factor(model, seed) if cell.endswith("-capped") else PAPER_MAX_FACTOR
+        rewarmup = 0
         train_size = TRAIN_SIZE if TRAIN_SUBSET is None else TRAIN_SUBSET - 5000  # the 5k validation images
         every_samples = round(epochs * train_size / PAPER_EPOCHS)
     elif cell.startswith("replay-"):
@@ -316,7 +336,7 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
         callbacks.append(AdaptiveBatchSize(rule=rule, mechanism=mechanism, max_factor=max_factor,
                                            rewarmup_steps=rewarmup, decide_every_n_steps=decide_every,
                                            decide_every_n_samples=every_samples))
-    if cell in ("absa", "absa-paper"):
+    if cell in ("absa", "absa-paper", "absa-capped"):
         callbacks.append(AdversarialTraining(ratio=0.2, epsilon=0.005, stop_fraction=0.5))
     clock = HookClock()  # what the rule's measurement costs: the noise callback's hooks, the Hessian's
     for cb in callbacks:
@@ -539,7 +559,7 @@ def overhead_lines(model: str, seeds: list[int]) -> list[str]:
 def paper_lines(model: str, seeds: list[int]) -> list[str]:
     """Goal 2 in the paper's proportions: per run, the decisions, each growth and its trigger, the closest halving."""
     lines = []
-    for cell in ("abs-paper", "absa-paper"):
+    for cell in ("abs-paper", "absa-paper", "abs-capped", "absa-capped"):
         for seed in seeds:
             r = load(model, cell, seed)
             if not r:
@@ -557,11 +577,13 @@ def paper_lines(model: str, seeds: list[int]) -> list[str]:
             values = [h["measurement"] for h in r["history"]]
             triggers = [h["trigger"] for h in r["history"] if h.get("trigger")]
             if not lines:
-                lines += ["", "ABS in the paper's proportions: every growth, what triggered it (the eigenvalue at "
-                          "half its reference, or `duration` decisions without growth), and the lowest ratio of an "
-                          "eigenvalue to its reference (0.5 would trigger):", ""]
+                lines += ["", "ABS in the paper's proportions (`-capped`: capped at the advisor's recommended batch): "
+                          "every growth, what triggered it (the eigenvalue at half its reference, or `duration` "
+                          "decisions without growth), and the lowest ratio of an eigenvalue to its reference (0.5 "
+                          "would trigger):", ""]
             largest = BASE_BATCH * max(h["next_factor"] for h in r["history"])
-            lines.append(f"- {cell}, seed {seed}: {len(values)} decisions, largest batch {largest}, eigenvalue "
+            cap = f" (cap {BASE_BATCH * advised_factor(model, seed)})" if cell.endswith("-capped") else ""
+            lines.append(f"- {cell}, seed {seed}: {len(values)} decisions, largest batch {largest}{cap}, eigenvalue "
                          f"{values[0]:.1f} first, "
                          f"{min(values):.1f}-{max(values):.1f}, {values[-1]:.1f} last; growths: "
                          f"{triggers.count('eigenvalue')} by the eigenvalue, {triggers.count('duration')} by duration; "
@@ -850,7 +872,7 @@ def report(models: list[str], seeds: list[int]) -> None:
         goals = []
         if base:
             for cell, limit in (("noise", 0.4), ("noise-steps", 0.4), ("abs", 0.5), ("abs-paper", 0.5),
-                                ("absa-paper", 0.5)):
+                                ("absa-paper", 0.5), ("abs-capped", 0.5), ("absa-capped", 0.5)):
                 if cell in rows:
                     common = sorted(set(rows[cell]["seeds"]) & set(base["seeds"]))  # the same seeds on both sides
                     if not common:
@@ -861,7 +883,7 @@ def report(models: list[str], seeds: list[int]) -> None:
                     goals.append(f"- {cell}: {ratio:.2f}x the steps of fixed-128, accuracy {-drop * 100:+.2f} points "
                                  f"on seeds {r['seeds']} (goal: <= {limit}x, >= "
                                  f"{-0.3 if cell.startswith('noise') else -0.5} points)")
-            for absa, abs_ in (("absa", "abs"), ("absa-paper", "abs-paper")):
+            for absa, abs_ in (("absa", "abs"), ("absa-paper", "abs-paper"), ("absa-capped", "abs-capped")):
                 both = absa in rows and abs_ in rows
                 common = sorted(set(rows[absa]["seeds"]) & set(rows[abs_]["seeds"])) if both else []
                 if common:
@@ -874,7 +896,7 @@ def report(models: list[str], seeds: list[int]) -> None:
                 goals.append(f"- wall {cell} / replay-{cell} of the study cells (run apart, under varying load; not "
                              f"the overhead measurement): {', '.join(f'{x:.3f}' for x in ratios)}")
         goals += overhead_lines(model, seeds)
-        for cell in ("noise", "noise-steps", "abs", "absa", "abs-paper", "absa-paper"):
+        for cell in ("noise", "noise-steps", "abs", "absa", "abs-paper", "absa-paper", "abs-capped", "absa-capped"):
             timed = [r for r in (load(model, cell, s) for s in seeds) if r and "measure_cpu_s" in r]
             if timed:
                 shares = [r["measure_cpu_s"] / (r["cpu_s"] - r["measure_cpu_s"]) for r in timed]

@@ -54,20 +54,26 @@ def _batch(seed: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 8, 5, 5, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def _steps_under(model: nn.Module, opt: KFAC, steps: int, mode: type[TorchDispatchMode]) -> list:
+    """``steps`` training steps, each under a new dispatch mode ``mode()``; the modes."""
+    modes = []
+    for step in range(steps):
+        x, y = _batch(step)
+        with mode() as watched:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        modes.append(watched)
+    return modes
+
+
 def test_kfac_lazy_low_rank_refresh_builds_no_dense_gram():
     """Refresh and inversion steps of low-rank layers build no d_A x d_A Gram; reading the factors builds each
     once (then cached), and the inverse is the Woodbury one."""
     torch.manual_seed(0)
     model = _Wide()
     opt = KFAC(model, lr=0.1, momentum=0.9, factor_update_interval=1, inverse_update_interval=2)
-    counts = []
-    for step in range(4):
-        x, y = _batch(step)
-        with GramCounter() as counter:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        counts.append(counter.grams)
+    counts = [counter.grams for counter in _steps_under(model, opt, 4, GramCounter)]
     pre = opt.preconditioner
     assert counts == [0, 0, 0, 0]
     assert all("A_rows" in pre.inverse(layer).data for layer in (model.conv, model.head))
@@ -182,15 +188,7 @@ def test_kfac_lazy_low_rank_refresh_steps_make_no_host_sync():
     torch.manual_seed(0)
     model = _Wide()
     opt = KFAC(model, lr=0.1, momentum=0.9, factor_update_interval=1, inverse_update_interval=3)
-    quiet = []
-    for step in range(6):
-        x, y = _batch(step)
-        counter = HostSyncCounter()
-        with counter:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        if step % 3:
-            quiet.append(counter.ops)
+    counters = _steps_under(model, opt, 6, HostSyncCounter)
+    quiet = [counter.ops for step, counter in enumerate(counters) if step % 3]
     assert isinstance(opt.preconditioner.block(model.head).stored_factors["A"], inv.DeferredFactor)
     assert quiet == [[]] * 4

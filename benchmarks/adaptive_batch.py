@@ -482,13 +482,16 @@ def doubling_table(model: str, seeds: list[int]) -> tuple[list[tuple[int, float,
     return ladder_knee(means)
 
 
-def ladder_knee(means: dict[int, tuple[float, float]]) -> tuple[list[tuple[int, float, float, float | None]], int | None]:
+def ladder_knee(means: dict[int, tuple[float, float]]
+                ) -> tuple[list[tuple[int, float, float, float | None]], int | None]:
     """Rows ``(B, mean steps, sd, S(2B) / S(B))`` and the knee of a ladder ``{B: (mean steps, sd)}``.
 
-    ``math.inf`` steps stand for "target not reached". The knee is the smallest ``B`` from which no
-    doubling on the ladder cuts the steps to ``KNEE_RATIO`` or less; None if the last one still does.
+    ``math.inf`` steps stand for "target not reached"; a doubling from such a batch halves nothing
+    (ratio ``math.inf``, not ``inf / inf``). The knee is the smallest ``B`` from which no doubling on
+    the ladder cuts the steps to ``KNEE_RATIO`` or less; None if the last one still does.
     """
-    rows = [(b, mean, sd, means[2 * b][0] / mean if 2 * b in means else None) for b, (mean, sd) in means.items()]
+    rows = [(b, mean, sd, (means[2 * b][0] / mean if math.isfinite(mean) else math.inf) if 2 * b in means else None)
+            for b, (mean, sd) in means.items()]
     ratios = [(b, r) for b, _, _, r in rows if r is not None]
     knee = None
     for b, _ in ratios:
@@ -632,7 +635,7 @@ def const_lines(model: str, seeds: list[int]) -> list[str]:
     dropped = [f"x{m:g}" for m in CONST_LR_MULTIPLIERS if m not in grid]
     lines = ["", f"Goal 3 at constant LR (cells `const-<B>-x<m>`, McCandlish's protocol in the script's docstring): "
              f"LR grid {', '.join(f'x{m:g}' for m in grid)} of 0.1 x B / 128, capped at {CONST_LR_CAP:g}"
-             + (f" ({', '.join(dropped)} not run: out of compute)" if dropped else "")
+             + (f" ({', '.join(dropped)} not run for every batch and seed: out of compute)" if dropped else "")
              + f", {CONST_WARMUP_STEPS}-step warmup then constant, stop at the first validation reaching "
              f"{TARGETS[model]:.0%}, budget {2 * EPOCHS[model]} epochs; {len(walls)} runs, 1 torch thread each, "
              f"{sum(walls):.0f} s wall in all, load average {min(loads):.1f}-{max(loads):.1f}. Steps to the target "
@@ -644,10 +647,17 @@ def const_lines(model: str, seeds: list[int]) -> list[str]:
                  for v, lr in (table[b][s] for s in seeds)]
         lines.append(f"| {b} | " + " | ".join(cells) + " | "
                      + (f"{mean:.0f} ± {sd:.0f}" if math.isfinite(mean) else "not reached") + " | "
-                     + (f"{ratio:.2f}" if ratio is not None and math.isfinite(ratio) else "-") + " |")
+                     + ("-" if ratio is None else f"{ratio:.2f}" if math.isfinite(ratio) else "2B not reached") + " |")
     lines += ["", f"- constant-LR knee (x{KNEE_RATIO} rule on the mean of the per-seed minima): {knee or 'none'}"
               + (f"; fit S = S_min (1 + B_crit / B) on the reached batches: B_crit = {b_crit:.0f}" if b_crit else
                  "; the fit S = S_min (1 + B_crit / B) has no positive B_crit")]
+    outside = [(c, s, r) for c in const_cells() if parse_const_cell(c)[1] not in grid for s in seeds
+               if (r := load(model, c, s))]
+    if outside:
+        reached = [(c, s, r, steps_to_interpolated(r["curve"], TARGETS[model])) for c, s, r in outside]
+        lines.append("- runs outside that grid (an LR not run for every batch and seed; not in the minima): "
+                     + "; ".join(f"{c} seed {s}: " + (f"{v:.0f} steps" if v is not None else
+                                                      f"not reached in {r['steps']} steps") for c, s, r, v in reached))
     advice = [r for r in (load(model, "advise", s) for s in seeds) if r]
     if advice and knee:
         lines.append("- advisor against the constant-LR knee: " + ", ".join(

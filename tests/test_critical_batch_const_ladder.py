@@ -51,6 +51,9 @@ def test_ladder_knee_unreached_batch_and_no_knee():
     assert ab.ladder_knee(halving)[1] is None  # every doubling halves the steps
     with_wall = {**halving, 1024: (math.inf, 0.0)}
     assert ab.ladder_knee(with_wall)[1] == 512  # doubling into a batch that never reaches the target halves nothing
+    # two unreached batches in a row: the doubling between them halves nothing either (inf / inf is not a ratio)
+    rows, knee = ab.ladder_knee({**with_wall, 2048: (math.inf, 0.0)})
+    assert knee == 512 and rows[3][3] == math.inf
     assert ab.fit_b_crit({128: 10.0, 256: 10.0}) is None  # too few points
     assert ab.fit_b_crit({128: 5.0, 256: 10.0, 512: 20.0}) is None  # steps grow with the batch: no critical batch
 
@@ -71,9 +74,10 @@ def test_const_ladder_takes_the_minimum_over_the_complete_grid(tmp_path, monkeyp
             for s in seeds:
                 path = ab.cell_path(model, f"const-{b}-x{mult:g}", s)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"curve": _curve(step, 10, 1000), "seed": s, "load_before": 1.0, "wall_s": 2.0}))
+                run = {"curve": _curve(step, 10, 1000), "seed": s, "load_before": 1.0, "wall_s": 2.0}
+                path.write_text(json.dumps(run))
     # x0.5 ran for one cell only: not a complete grid, so it must not enter any minimum
-    ab.cell_path(model, "const-1024-x0.5", 0).write_text(json.dumps({"curve": _curve(20, 10, 1000), "seed": 0}))
+    ab.cell_path(model, "const-1024-x0.5", 0).write_text(json.dumps({"curve": _curve(20, 10, 1000), "steps": 20}))
     table, grid = ab.const_ladder(model, seeds)
     assert grid == [1.0, 2.0]
     assert table[128][0] == (pytest.approx(299.0), pytest.approx(0.2))  # x2 (LR 0.2) beats x1 at 128
@@ -84,6 +88,7 @@ def test_const_ladder_takes_the_minimum_over_the_complete_grid(tmp_path, monkeyp
     # per-batch minima 299, 199, 89, 79, 69: doublings x0.67, x0.45, x0.89, x0.87 -> the knee is 512
     assert any(line.startswith("- constant-LR knee") and line.split(": ")[1].startswith("512;") for line in lines)
     assert "| 1024 | 79 (LR 0.8) | 79 (LR 0.8) | 79 ± 0 | 0.87 |" in lines
+    assert any("outside that grid" in line and "const-1024-x0.5 seed 0: 19 steps" in line for line in lines)
 
 
 def test_const_ladder_empty_without_a_complete_multiplier(tmp_path, monkeypatch):

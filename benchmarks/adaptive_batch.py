@@ -628,7 +628,8 @@ def const_lines(model: str, seeds: list[int]) -> list[str]:
         means[b] = ((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
                     if all(math.isfinite(v) for v in values) else (math.inf, 0.0))
     rows, knee = ladder_knee(means)
-    b_crit = fit_b_crit({b: m for b, (m, _) in means.items() if math.isfinite(m)})
+    reached = {b: m for b, (m, _) in means.items() if math.isfinite(m)}
+    b_crit = fit_b_crit(reached)
     run_cells = [c for c in const_cells() if parse_const_cell(c)[1] in grid]
     loads = [r["load_before"] for c in run_cells for s in seeds if (r := load(model, c, s))]
     walls = [r["wall_s"] for c in run_cells for s in seeds if (r := load(model, c, s))]
@@ -650,7 +651,8 @@ def const_lines(model: str, seeds: list[int]) -> list[str]:
                      + ("-" if ratio is None else f"{ratio:.2f}" if math.isfinite(ratio) else "2B not reached") + " |")
     lines += ["", f"- constant-LR knee (x{KNEE_RATIO} rule on the mean of the per-seed minima): {knee or 'none'}"
               + (f"; fit S = S_min (1 + B_crit / B) on the reached batches: B_crit = {b_crit:.0f}" if b_crit else
-                 "; the fit S = S_min (1 + B_crit / B) has no positive B_crit")]
+                 f"; no fit S = S_min (1 + B_crit / B): {len(reached)} batches reached on every seed (3 needed)"
+                 if len(reached) < 3 else "; the fit S = S_min (1 + B_crit / B) has no positive B_crit")]
     outside = [(c, s, r) for c in const_cells() if parse_const_cell(c)[1] not in grid for s in seeds
                if (r := load(model, c, s))]
     if outside:

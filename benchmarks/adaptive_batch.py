@@ -633,12 +633,13 @@ def const_lines(model: str, seeds: list[int]) -> list[str]:
     run_cells = [c for c in const_cells() if parse_const_cell(c)[1] in grid]
     loads = [r["load_before"] for c in run_cells for s in seeds if (r := load(model, c, s))]
     walls = [r["wall_s"] for c in run_cells for s in seeds if (r := load(model, c, s))]
+    threads = sorted({r["threads"] for c in run_cells for s in seeds if (r := load(model, c, s))})
     dropped = [f"x{m:g}" for m in CONST_LR_MULTIPLIERS if m not in grid]
     lines = ["", f"Goal 3 at constant LR (cells `const-<B>-x<m>`, McCandlish's protocol in the script's docstring): "
              f"LR grid {', '.join(f'x{m:g}' for m in grid)} of 0.1 x B / 128, capped at {CONST_LR_CAP:g}"
              + (f" ({', '.join(dropped)} not run for every batch and seed: out of compute)" if dropped else "")
              + f", {CONST_WARMUP_STEPS}-step warmup then constant, stop at the first validation reaching "
-             f"{TARGETS[model]:.0%}, budget {2 * EPOCHS[model]} epochs; {len(walls)} runs, 1 torch thread each, "
+             f"{TARGETS[model]:.0%}, budget {2 * EPOCHS[model]} epochs; {len(walls)} runs, torch threads {threads}, "
              f"{sum(walls):.0f} s wall in all, load average {min(loads):.1f}-{max(loads):.1f}. Steps to the target "
              "(interpolated between validations), the fewest over the LR grid, and that LR:", "",
              "| batch | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | S(2B)/S(B) |",

@@ -74,7 +74,7 @@ def test_const_ladder_takes_the_minimum_over_the_complete_grid(tmp_path, monkeyp
             for s in seeds:
                 path = ab.cell_path(model, f"const-{b}-x{mult:g}", s)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                run = {"curve": _curve(step, 10, 1000), "seed": s, "load_before": 1.0, "wall_s": 2.0}
+                run = {"curve": _curve(step, 10, 1000), "seed": s, "load_before": 1.0, "wall_s": 2.0, "threads": 1}
                 path.write_text(json.dumps(run))
     # x0.5 ran for one cell only: not a complete grid, so it must not enter any minimum
     ab.cell_path(model, "const-1024-x0.5", 0).write_text(json.dumps({"curve": _curve(20, 10, 1000), "steps": 20}))
@@ -95,6 +95,7 @@ def test_const_ladder_empty_without_a_complete_multiplier(tmp_path, monkeypatch)
     monkeypatch.setattr(ab, "RESULTS", tmp_path)
     path = ab.cell_path("cnn", "const-128-x1", 0)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"curve": _curve(100, 10, 200), "seed": 0, "load_before": 1.0, "wall_s": 1.0}))
+    path.write_text(json.dumps({"curve": _curve(100, 10, 200), "seed": 0, "load_before": 1.0, "wall_s": 1.0,
+                                "threads": 1}))
     assert ab.const_ladder("cnn", [0]) == ({}, [])
     assert "no complete LR grid yet" in ab.const_lines("cnn", [0])[0]

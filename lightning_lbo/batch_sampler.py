@@ -30,11 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}; use a positive integer.")
-    return value
+from lightning_lbo._checks import positive_int
 
 
 class ResizableBatchSampler(Sampler[list[int]]):
@@ -58,10 +54,10 @@ class ResizableBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.num_samples = _positive_int("num_samples", num_samples)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.batch_size = positive_int("batch_size", batch_size)
         if num_replicas is not None:
-            _positive_int("num_replicas", num_replicas)
+            positive_int("num_replicas", num_replicas)
         if rank is not None and not (isinstance(rank, int) and 0 <= rank < (num_replicas or 1)):
             raise ValueError(f"Invalid rank: {rank!r}; use 0 <= rank < num_replicas ({num_replicas}).")
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -94,7 +90,7 @@ class ResizableBatchSampler(Sampler[list[int]]):
     # ------------------------------------------------------------------ control
     def set_batch_size(self, batch_size: int) -> None:
         """Per-device batch size of the batches drawn from now on."""
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (Lightning calls this before each epoch); a restored epoch keeps its cursor."""

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_lbo._checks import positive_int
 from lightning_lbo.capture import capture_paused, curvature_capture_paused
 
 #: Sums a tensor over all ranks and returns the result (``torch.distributed.all_reduce`` or a
@@ -350,8 +351,7 @@ def estimate_precise_stats(module: nn.Module, batches: Iterable[Any], num_batche
         stats = estimate_precise_stats(model, loader, 50, forward=lambda b: model(b[0]))
         stats.install()
     """
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
-        raise ValueError(f"Invalid num_batches: {num_batches!r}; use a positive integer.")
+    positive_int("num_batches", num_batches)
     layers = batchnorm_layers(module)
     if not layers:
         raise ValueError(f"{type(module).__name__} has no BatchNorm layers with running statistics.")

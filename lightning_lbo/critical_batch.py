@@ -37,6 +37,7 @@ from typing import Any
 
 from typing_extensions import override
 
+from lightning_lbo._checks import positive_int
 from lightning_lbo.compat import callback_bases
 
 SCALINGS = ("linear", "sqrt")
@@ -128,20 +129,15 @@ def window_b_simple(history: list[tuple[int, float, float, float, float]], windo
     return (trace / grad_sq if grad_sq > 0 else math.nan), rows[0][0]
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}; use a positive integer.")
-
-
 def check_arguments(batch_size: int, lr: float, steps: int, window: int, probe_every_n_steps: int,
                     max_batch: int | None, target: float | None, monitor: str, val_every_n_steps: int,
                     val_size: int) -> None:
     """Reject bad advisor arguments before any training, naming the fix."""
     for name, value in (("batch_size", batch_size), ("steps", steps), ("window", window),
                         ("probe_every_n_steps", probe_every_n_steps), ("val_every_n_steps", val_every_n_steps)):
-        _positive_int(name, value)
+        positive_int(name, value)
     if max_batch is not None:
-        _positive_int("max_batch", max_batch)
+        positive_int("max_batch", max_batch)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"Invalid lr: {lr!r}; use a positive number.")
     if window < 2 * probe_every_n_steps:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_lbo._checks import positive_int
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
@@ -41,11 +42,6 @@ from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 MeasureFn = Callable[[Any, Any], float]
 #: Param-group keys that hold a learning rate (torch schedulers keep "initial_lr"; OneCycleLR max/min).
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}; use a positive integer.")
 
 
 class AdaptiveBatchSize(*callback_bases()):
@@ -103,7 +99,7 @@ class AdaptiveBatchSize(*callback_bases()):
         super().__init__()
         max_factor = max_accumulation if max_accumulation is not None else max_factor
         for name, value in (("max_factor", max_factor), ("power_iters", power_iters), ("num_batches", num_batches)):
-            _positive_int(name, value)
+            positive_int(name, value)
         if not isinstance(rewarmup_steps, int) or rewarmup_steps < 0:
             raise ValueError(f"Invalid rewarmup_steps: {rewarmup_steps!r}; use an integer >= 0.")
         if not tol > 0:
@@ -115,7 +111,7 @@ class AdaptiveBatchSize(*callback_bases()):
         for name, value in (("decide_every_n_steps", decide_every_n_steps),
                             ("decide_every_n_samples", decide_every_n_samples)):
             if value is not None:
-                _positive_int(name, value)
+                positive_int(name, value)
                 if isinstance(rule, RampRule):
                     raise ValueError(f"RampRule is a schedule by epoch: use it without {name}.")
         if decide_every_n_steps is not None and decide_every_n_samples is not None:

@@ -215,8 +215,8 @@ def advise(model: str = "mlp-bn", batch_size: int = 128, lr: float = 0.1, steps:
 class NoiseScaleTrace(*callback_bases()):
     """Record ``(step, global_batch, b_simple, grad_sq, trace)`` at each estimate a GradientNoiseScale logs.
 
-    Placed after the :class:`GradientNoiseScale` in the callback list: it reads the callback's
-    rank-averaged terms right after a new row of its history (a host sync at logging steps only).
+    Placed after the :class:`GradientNoiseScale` in the callback list: it reads the rank-averaged terms
+    the callback just logged with a new row of its history (a host sync at logging steps only).
     """
 
     def __init__(self, gns: Any) -> None:
@@ -228,7 +228,7 @@ class NoiseScaleTrace(*callback_bases()):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if len(self.gns.history) > len(self.rows):
             step, batch, b_simple = self.gns.history[-1]
-            grad_sq, trace = self.gns.reduced_terms(trainer).tolist()
+            grad_sq, trace = self.gns.last_terms.tolist()
             self.rows.append((step, batch, b_simple, grad_sq, trace))
 
 

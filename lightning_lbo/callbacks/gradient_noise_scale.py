@@ -48,7 +48,8 @@ class GradientNoiseScale(*callback_bases()):
         probe_every_n_steps: with a single batch size (one process, no accumulation), measure by the
             two-halves probe every this many optimizer steps; ``None``: skip those steps.
 
-    :attr:`history` keeps ``(global_step, global_batch, b_simple)`` of every logging step (mean over ranks);
+    :attr:`history` keeps ``(global_step, global_batch, b_simple)`` of every logging step (mean over ranks),
+:attr:`last_terms` the rank-averaged ``[|G|^2, tr(Sigma)]`` of the last one;
     :meth:`reduced_b_simple` gives the current estimate on every rank (a collective).
 
     Example::
@@ -65,6 +66,8 @@ class GradientNoiseScale(*callback_bases()):
         self.probe_every_n_steps = probe_every_n_steps
         self._probe: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self.history: list[tuple[int, float, float]] = []
+        # [|G|^2, tr(Sigma)] averaged over ranks at the last logging step (the terms of history[-1])
+        self.last_terms: torch.Tensor | None = None
         self.estimator = NoiseScaleEstimator(beta)  # validates beta
         self.log_every_n_steps = log_every_n_steps
         self._norms: MicroBatchGradNorms | None = None
@@ -155,7 +158,7 @@ class GradientNoiseScale(*callback_bases()):
         pl_module.log("noise_scale/grad_sq", terms[0], on_step=True, on_epoch=False)
         pl_module.log("noise_scale/trace", terms[1], on_step=True, on_epoch=False)
         pl_module.log("noise_scale/global_batch", float(global_batch), on_step=True, on_epoch=False)
-        self._last_terms = terms
+        self.last_terms = terms
 
     def b_simple(self) -> float:
         """This rank's current estimate (host sync; for inspection, not for the training loop)."""

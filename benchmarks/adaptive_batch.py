@@ -282,7 +282,7 @@ def run_cell(model: str, cell: str, seed: int, epochs: int, replay_history: list
         from lightning_lbo.critical_batch import advise
 
         start = time.perf_counter()  # to the ladder's target, within the ladder's epochs at 128
-        advice = advise(model, BASE_BATCH, BASE_LR, steps=EPOCHS[model] * (55000 // BASE_BATCH), seed=seed,
+        advice = advise(model, BASE_BATCH, BASE_LR, steps=EPOCHS[model] * (TRAIN_SIZE // BASE_BATCH), seed=seed,
                         target=TARGETS[model], window=ADVISE_WINDOW, val_every_n_steps=50, train_subset=TRAIN_SUBSET)
         return {"b_simple": advice.b_simple, "recommended_batch": advice.recommended_batch,
                 "recommended_lr": advice.recommended_lr, "steps": advice.steps, "window_start": advice.window_start,

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lbo.optim.kfac import KFAC, KFACPreconditioner
-from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac.factors import LowRankFactor
 from tests.test_kfac_host_sync import HostSyncCounter
 from tests.test_kfac_low_rank import _dense_factored_solve
 
@@ -141,7 +141,7 @@ def test_kfac_lazy_low_rank_step_matches_dense_fp64_solve():
     grads = [block.grad_matrix().clone() for block in blocks]
     pre.step()
     for block, grad in zip(blocks, grads, strict=True):
-        assert isinstance(block.stored_factors["A"], inv.DeferredFactor)
+        assert block.stored["A"].deferred
         factors = pre.factors(block.name)
         want = _dense_factored_solve(factors["A"][0].double(), factors["G"][0].double(), grad, damping)
         got = block.grad_matrix()[0].double()
@@ -172,7 +172,7 @@ def test_kfac_lazy_low_rank_resume_is_bit_identical(checkpoint_at):
     first.load_state_dict(start)
     opt = KFAC(first, **kw)
     _train(first, opt, range(checkpoint_at))
-    assert isinstance(opt.preconditioner.block(first.conv).stored_factors["A"], inv.DeferredFactor)
+    assert isinstance(opt.preconditioner.block(first.conv).stored["A"], LowRankFactor)
     saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
     resumed = _Wide()
     resumed.load_state_dict(saved_model)
@@ -190,5 +190,5 @@ def test_kfac_lazy_low_rank_refresh_steps_make_no_host_sync():
     opt = KFAC(model, lr=0.1, momentum=0.9, factor_update_interval=1, inverse_update_interval=3)
     counters = _steps_under(model, opt, 6, HostSyncCounter)
     quiet = [counter.ops for step, counter in enumerate(counters) if step % 3]
-    assert isinstance(opt.preconditioner.block(model.head).stored_factors["A"], inv.DeferredFactor)
+    assert opt.preconditioner.block(model.head).stored["A"].deferred
     assert quiet == [[]] * 4

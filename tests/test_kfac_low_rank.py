@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import KFAC, KFACPreconditioner
 from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac.factors import LowRankFactor
 from tests.test_kfac_host_sync import HostSyncCounter
 
 
@@ -31,9 +32,9 @@ def test_kfac_woodbury_low_rank_g_side_matches_dense_fp64_solve(low_rank, d_a, d
     out = 3 * torch.randn(n, d_g, generator=g)
     A64, G64 = rows.double().T @ rows.double() / n, out.double().T @ out.double() / n
     grad = (out.T @ rows / n).unsqueeze(0) + 0.01 * torch.randn(1, d_g, d_a, generator=g)
-    factors = {"A": A64.float().unsqueeze(0), "G": G64.float().unsqueeze(0), "g_rows": out.unsqueeze(0), "g_n": n}
+    factors = {"A": A64.float().unsqueeze(0), "G": LowRankFactor(out.unsqueeze(0), n, G64.float().unsqueeze(0))}
     if "A" in low_rank:
-        factors.update(rows=rows.unsqueeze(0), n=n)
+        factors["A"] = LowRankFactor(rows.unsqueeze(0), n, factors["A"])
     dtype = inv.WoodburyKronecker.storage_dtype(damping, torch.float32)
     inverse, ok = inv.WoodburyKronecker.from_factors(factors, damping, dtype, dtype)
     assert bool(ok) and ("A_rows" in inverse.data) == ("A" in low_rank) and "G_rows" in inverse.data
@@ -121,7 +122,7 @@ def test_kfac_woodbury_unused_columns_match_dense_fp64_solve(damping):
     out = 3 * torch.randn(n, d_g, generator=g)
     A64, G64 = rows.double().T @ rows.double() / n, out.double().T @ out.double() / n
     grad = torch.randn(1, d_g, d_a, generator=g)
-    factors = {"A": A64.float().unsqueeze(0), "G": G64.float().unsqueeze(0), "rows": rows.unsqueeze(0), "n": n}
+    factors = {"A": LowRankFactor(rows.unsqueeze(0), n, A64.float().unsqueeze(0)), "G": G64.float().unsqueeze(0)}
     dtype = inv.WoodburyKronecker.storage_dtype(damping, torch.float32)
     inverse, ok = inv.WoodburyKronecker.from_factors(factors, damping, dtype, dtype)
     assert bool(ok) and inverse.data["A_cols"].tolist() == [*range(10, 18), d_a - 1]

@@ -36,7 +36,7 @@ def test_kfac_gaussian_natural_gradient_step_solves_least_squares():
     pre.step()  # captures A (and an empirical G we replace by the exact one)
     st = pre.blocks[0]
     st.set_factor("G", torch.eye(2).unsqueeze(0))
-    st.owner = None  # force re-inversion with the exact Fisher
+    st.invalidate_inverse()  # force re-inversion with the exact Fisher
     lin.zero_grad()
     (0.5 * (lin(X) - Y).pow(2).sum(1).mean()).backward()
     pre.step()
@@ -160,7 +160,7 @@ def test_kfac_failed_inverse_falls_back_to_plain_gradient_with_warning():
     pre.step()
     st = pre.blocks[0]
     st.set_factor("A", -torch.eye(st.factors["A"].shape[-1]).unsqueeze(0))
-    st.owner = None
+    st.invalidate_inverse()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grad = st.grad_matrix().clone()

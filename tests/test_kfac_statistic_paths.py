@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import KFACPreconditioner
 from lightning_lbo.optim.kfac.blocks import Conv1dBlock, Conv2dBlock, LinearBlock, UnitWiseBlock, _gram
+from lightning_lbo.optim.kfac.factors import LowRankFactor
 
 
 def _count_output_rows(block, monkeypatch) -> list[str]:
@@ -86,4 +87,5 @@ def test_kfac_refresh_builds_no_output_rows_for_wide_batches(monkeypatch):
     pre.step()
     # the Linear's 8 rows < 64 / 2 feed its low-rank G; the conv's 288 rows are never built
     assert {name for name, built in calls.items() if built} == {"2"}
-    assert "G" in pre.blocks[1].low_rank and "G" not in pre.blocks[0].low_rank
+    assert isinstance(pre.blocks[1].stored["G"], LowRankFactor)
+    assert not isinstance(pre.blocks[0].stored["G"], LowRankFactor)

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from lightning_lbo.capture import capture_paused
+from lightning_lbo.optim._torch_private import grad_scaler_scale
+from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock
 from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, sampled_loss
 
@@ -53,12 +55,11 @@ class _MicroBatch:
 
 @dataclass
 class Captured:
-    """What a block captured since ``begin``: summed statistics, examples, and the A (G) rows if kept."""
+    """What a block captured since ``begin``: the sums of each micro-batch (tensors or low-rank parts, see
+    :mod:`.factors`) and the examples."""
 
-    sums: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    sums: dict[str, list[Any]] = field(default_factory=dict)
     examples: int = 0
-    rows: list[torch.Tensor] | None = field(default_factory=list)
-    g_rows: list[torch.Tensor] | None = field(default_factory=list)
     batches: dict[int, _MicroBatch] = field(default_factory=dict)  # the current micro-batch of each use
     forwards: int = 0
 
@@ -66,11 +67,11 @@ class Captured:
 def grad_scale(scaler: Any) -> torch.Tensor | None:
     """The current loss scale of an AMP ``GradScaler`` as a device tensor (no sync), ``None`` if disabled.
 
-    The one place that reads the scaler's private ``_scale`` (``get_scale()`` would sync the host).
+    ``get_scale()`` would sync the host: the private scale is read through :mod:`lightning_lbo.optim._torch_private`.
     """
     if scaler is None or not scaler.is_enabled():
         return None
-    return getattr(scaler, "_scale", None)
+    return grad_scaler_scale(scaler)
 
 
 class Capture:
@@ -82,12 +83,13 @@ class Capture:
         fisher: which Fisher the output statistics estimate.
         likelihood: sampling distribution of ``fisher="mc"``.
         output_to_logits: maps the root's output to the logits.
-        on_statistic: called with each finished sum over examples (e.g. to start reducing it).
+        on_statistic: called with each finished sum over examples, a tensor or a low-rank part, and whether
+            it is symmetric (e.g. to start reducing it).
     """
 
     def __init__(self, blocks: list[CurvatureBlock], root: nn.Module, *, fisher: Fisher, likelihood: Likelihood,
                  output_to_logits: Callable[[Any], torch.Tensor] | None,
-                 on_statistic: Callable[[torch.Tensor, bool], None]) -> None:
+                 on_statistic: Callable[[Any, bool], None]) -> None:
         self.blocks = blocks
         self.root = root
         self.fisher = fisher
@@ -96,7 +98,6 @@ class Capture:
         self.on_statistic = on_statistic
         self.grad_scaler: Any = None
         self.due: dict[int, set[str]] = {}
-        self.keep_rows: set[int] = set()
         self.captured: dict[int, Captured] = {}
         self._mc_targets: list[tuple[CurvatureBlock, Any, Any, Any, _MicroBatch]] = []
         self._in_mc = False
@@ -114,12 +115,11 @@ class Capture:
         self._handles.append(root.register_forward_hook(self._root_forward_hook))
 
     # ---- interface ------------------------------------------------------------------------------------------
-    def begin(self, due: dict[int, set[str]], keep_rows: set[int]) -> None:
-        """Arm the hooks: ``due`` maps ``id(block)`` to the statistics to capture; ``keep_rows`` the blocks
-        whose A rows are kept for a low-rank inverse (when they have fewer rows than half of ``d_A``)."""
+    def begin(self, due: dict[int, set[str]]) -> None:
+        """Arm the hooks: ``due`` maps ``id(block)`` to the statistics to capture (whether rows are kept for a
+        low-rank factor is the block's plan, :meth:`~.blocks.CurvatureBlock.capture_rows`)."""
         self.discard()
         self.due = {k: v for k, v in due.items() if v}
-        self.keep_rows = keep_rows
 
     @property
     def armed(self) -> bool:
@@ -190,12 +190,6 @@ class Capture:
         for name, value in stats.items():
             record.sums.setdefault(name, []).append(value)
             self.on_statistic(value, use.symmetric(name))
-        if "A" in stats and record.rows is not None:
-            rows = context
-            if id(block) in self.keep_rows and isinstance(rows, torch.Tensor) and 2 * rows.shape[1] <= block.dims[0]:
-                record.rows.append(rows)
-            else:
-                record.rows = None
         wanted = use.output_stat in due
         if self.fisher is Fisher.MC and wanted:
             self._mc_targets.append((block, use, torch.autograd.graph.get_gradient_edge(output), context, batch))
@@ -205,22 +199,15 @@ class Capture:
 
     def _output_statistic(self, block: CurvatureBlock, use: Any, grad: torch.Tensor, context: Any,
                           batch: _MicroBatch, scaled: bool) -> None:
-        stat = use.output_statistic(grad.detach(), context)
+        stat = block.output_part(use.output_statistic(grad.detach(), context), grad.detach())
         if batch.uses > 1:
-            stat = stat / batch.uses
+            stat = fac.divided(stat, batch.uses)
         scale = grad_scale(self.grad_scaler) if scaled else None
         if scale is not None:
-            stat = stat / scale.to(device=stat.device, dtype=stat.dtype).square()
+            stat = fac.unscaled(stat, scale)
         record = self.captured.get(id(block))
         if record is None:  # discarded meanwhile
             return
-        if record.g_rows is not None and id(block) in self.keep_rows:  # rows of a low-rank G (W^T W = stat)
-            rows = block.low_rank_output_rows(grad.detach())
-            if rows is None:
-                record.g_rows = None
-            else:
-                rows = rows / batch.uses ** 0.5 if batch.uses > 1 else rows
-                record.g_rows.append(rows if scale is None else rows / scale.to(device=rows.device, dtype=rows.dtype))
         record.sums.setdefault(use.output_stat, []).append(stat)
         self.on_statistic(stat, use.symmetric(use.output_stat))
 

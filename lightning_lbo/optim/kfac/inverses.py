@@ -43,11 +43,12 @@ that is broken, not rounded, and goes on down the ladder.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from lightning_lbo.optim.kfac.factors import dense, dense_factors, low_rank
 
 
 class InverseMethod(str, Enum):
@@ -222,98 +223,11 @@ class CholeskyKronecker(BlockInverse):
         return torch.bmm(torch.bmm(self.data["G_inv"], self._cast(grad)), self.data["A_inv"]).to(grad.dtype)
 
 
-#: the factor keys of a low-rank statistic: rows ``U: [groups, r, d]`` and ``n``, with ``factor = U^T U / n``
-LOW_RANK_KEYS = {"A": ("rows", "n"), "G": ("g_rows", "g_n")}
-
-
-class DeferredGram:
-    """The Gram ``gram(rows, dtype)`` of one micro-batch's rows ``[groups, r, d]``, built only if read.
-
-    The ``A`` statistic of a layer whose rows feed the Woodbury inverse: that inverse and its step use
-    the rows, so the ``d x d`` Gram (``r d^2`` multiply-adds, the largest part of a refresh of a wide
-    layer) is built only where a dense factor is read (a checkpoint, the public accessor, the dense
-    fallback of a failed low-rank inverse).
-    """
-
-    def __init__(self, rows: torch.Tensor, dtype: torch.dtype,
-                 gram: Callable[[torch.Tensor, torch.dtype], torch.Tensor]) -> None:
-        self.rows, self.dtype, self.gram = rows, dtype, gram
-
-    def dense(self) -> torch.Tensor:
-        return self.gram(self.rows, self.dtype)
-
-    def finite(self) -> torch.Tensor:
-        """Whether the Gram is finite (0-d bool, no sync): its diagonal, the sums of squares, bounds every entry."""
-        return torch.isfinite(self.rows.to(self.dtype).square().sum(1)).all()
-
-    def mergeable(self, other: DeferredGram) -> bool:
-        """Same layout (so that :meth:`select` builds the Gram a refresh of either would)."""
-        a, b = self.rows, other.rows
-        return (a.shape == b.shape and a.dtype == b.dtype and self.dtype == other.dtype
-                and a.is_contiguous() and b.is_contiguous())
-
-    def select(self, keep: torch.Tensor, other: DeferredGram) -> DeferredGram:
-        """The Gram of this one's rows where ``keep`` (0-d bool), else of ``other``'s (on the device)."""
-        return DeferredGram(torch.where(keep, self.rows, other.rows), self.dtype, self.gram)
-
-
-class DeferredFactor:
-    """A low-rank factor ``where(ok, sum_k Gram_k / n, fallback)`` whose Gram is built when first read.
-
-    ``grams``: the :class:`DeferredGram` of each micro-batch, ``n`` the examples; ``ok`` (0-d bool on the
-    device, ``None`` before the commit) is False when the refresh was not committed (a non-finite
-    statistic, a skipped step), the factor then being ``fallback``, the previous one (a tensor, or a
-    callable building it: the identity placeholder). :meth:`dense` builds bit for bit the tensor an
-    eager refresh stores (the same Grams, sum, division and ``where``), once.
-    """
-
-    def __init__(self, grams: list[DeferredGram], n: int, ok: torch.Tensor | None = None,
-                 fallback: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
-        self.grams, self.n, self.ok, self.fallback = grams, n, ok, fallback
-        self._value: torch.Tensor | None = None
-
-    def finite(self) -> torch.Tensor:
-        return torch.stack([g.finite() for g in self.grams]).all()
-
-    def committed(self, ok: torch.Tensor, previous: Any) -> DeferredFactor:
-        """The factor after this refresh: this statistic where ``ok``, else ``previous`` (decided on the device).
-
-        A still deferred ``previous`` of the same layout is merged by selecting rows, so refreshes never
-        chain factors (or keep old rows alive) and nothing is built; any other becomes the fallback.
-        """
-        if (isinstance(previous, DeferredFactor) and previous._value is None and previous.n == self.n
-                and len(previous.grams) == len(self.grams)
-                and all(g.mergeable(h) for g, h in zip(self.grams, previous.grams, strict=True))):
-            grams = [g.select(ok, h) for g, h in zip(self.grams, previous.grams, strict=True)]
-            return DeferredFactor(grams, self.n, ok | previous.ok, previous.fallback)
-        return DeferredFactor(self.grams, self.n, ok, previous if callable(previous) else dense(previous))
-
-    def dense(self) -> torch.Tensor:
-        if self._value is None:
-            parts = [g.dense() for g in self.grams]
-            total = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)) / self.n
-            if self.ok is not None:
-                fallback = self.fallback() if callable(self.fallback) else self.fallback
-                total = torch.where(self.ok, total, fallback)
-            self._value, self.grams, self.fallback = total, [], None
-        return self._value
-
-
-def dense(value: Any) -> Any:
-    """``value``, with a :class:`DeferredFactor` or :class:`DeferredGram` built."""
-    return value.dense() if isinstance(value, (DeferredFactor, DeferredGram)) else value
-
-
-def dense_factors(factors: dict[str, Any]) -> dict[str, Any]:
-    """``factors`` with every deferred factor built (for the methods that read the dense factors)."""
-    return {k: dense(v) for k, v in factors.items()}
-
-
 class WoodburyKronecker(BlockInverse):
     """:class:`CholeskyKronecker`'s system with a low-rank side, or both, through the Woodbury identity.
 
-    A factor given by ``r`` rows, ``A = U^T U / n`` (``factors["rows"]``, ``factors["n"]``; for ``G``:
-    ``"g_rows"``, ``"g_n"``), has the damped inverse
+    A factor given by ``r`` rows, ``A = U^T U / n`` (a :class:`~lightning_lbo.optim.kfac.factors.LowRankFactor`;
+    ``G`` too, or either side a dense tensor), has the damped inverse
 
     .. math:: (U^T U / n + \\delta I)^{-1} = \\frac{1}{\\delta}\\left(I - V^T V\\right), \\qquad
        V = L^{-1} U, \\quad L L^T = U U^T + n \\delta I \\in \\mathbb{R}^{r \\times r}
@@ -337,19 +251,18 @@ class WoodburyKronecker(BlockInverse):
     def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
         def side(stat: str) -> tuple[tuple[torch.Tensor, int] | None, torch.Tensor | None, torch.Tensor]:
             """(rows U and n, or None), (the dense factor, or None), tr / d; a low-rank side's factor is unread."""
-            rows_key, n_key = LOW_RANK_KEYS[stat]
-            if rows_key in factors:
-                U, n = factors[rows_key].to(dtype), factors[n_key]
-                return (U, n), None, U.square().sum((1, 2)) / (n * U.shape[2])
-            factor = factors[stat].to(dtype)
+            rows = low_rank(factors[stat])
+            if rows is not None:
+                return (rows[0].to(dtype), rows[1]), None, factors[stat].mean_trace(dtype)
+            factor = dense(factors[stat]).to(dtype)
             return None, factor, _mean_diagonal(factor)
 
         a_side, g_side = side("A"), side("G")
         pi, root = _pi(a_side[2], g_side[2]), damping ** 0.5
         tensors, ok, scale = {}, torch.ones((), dtype=torch.bool, device=pi.device), torch.ones_like(pi)
-        for stat, (low_rank, factor, _), delta in (("A", a_side, pi * root), ("G", g_side, root / pi)):
-            if low_rank is not None:
-                U, n = low_rank
+        for stat, (rows_n, factor, _), delta in (("A", a_side, pi * root), ("G", g_side, root / pi)):
+            if rows_n is not None:
+                U, n = rows_n
                 # the rows' all-zero columns (conv taps that only ever see padding) are left out
                 cols = _used_columns(U) if stat == "A" else None
                 rows, ok_side = _whitened_rows(U if cols is None else U.index_select(2, cols), n, delta)
@@ -529,9 +442,27 @@ class UnitWise(BlockInverse):
         return torch.bmm(self.data["F_inv"], self._cast(grad).unsqueeze(2)).squeeze(2).to(grad.dtype)
 
 
-def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, torch.Tensor], float, torch.dtype]]
-                         ) -> tuple[list[BlockInverse], list[str]]:
-    """Invert every job ``(block, method class, factors, damping, storage dtype)``.
+class InverseJob(NamedTuple):
+    """One inverse to compute: the block (for messages), the method, its source factors (``{stat: Factor}``,
+    or tensors), the damping and the dtype the inverse is stored in."""
+
+    block: Any
+    method: type[BlockInverse]
+    factors: dict[str, Any]
+    damping: float
+    dtype: torch.dtype
+
+
+def method_for(default: type[BlockInverse], factors: dict[str, Any], allow_low_rank: bool) -> type[BlockInverse]:
+    """The inverse method of ``factors``: :class:`WoodburyKronecker` when a factor is low-rank (and that is
+    allowed: one process), else the block's ``default``. The one place the method follows from factor types."""
+    if allow_low_rank and any(low_rank(f) is not None for f in factors.values()):
+        return WoodburyKronecker
+    return default
+
+
+def invert_with_fallback(jobs: list[InverseJob]) -> tuple[list[BlockInverse], list[str]]:
+    """Invert every job (:class:`InverseJob`, or a tuple of its fields).
 
     Ladder: fp32 (fp64 if the storage dtype is fp64), fp64, fp64 on the PSD projection of the factors,
     10x and 100x damping (projected, fp64), identity.
@@ -541,8 +472,9 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
     jobs are read together), one more per failed Woodbury job.
     Returns the inverses and the names of blocks that fell back to the plain gradient.
     """
+    jobs = [InverseJob(*job) for job in jobs]
     results: list[BlockInverse | None] = [None] * len(jobs)
-    methods = [job[1] for job in jobs]
+    methods = [job.method for job in jobs]
     pending = list(range(len(jobs)))
     rungs = ((torch.float32, 1.0, False), (torch.float64, 1.0, False), (torch.float64, 1.0, True),
              (torch.float64, 10.0, True), (torch.float64, 100.0, True))
@@ -551,9 +483,9 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
             break
         tries = {}
         for i in pending:
-            _, _, factors, damping, out_dtype = jobs[i]
+            factors, damping, out_dtype = jobs[i].factors, jobs[i].damping, jobs[i].dtype
             if attempt == 1 and methods[i] is WoodburyKronecker and not all(
-                    bool(torch.isfinite(factors[rows]).all()) for rows, _ in LOW_RANK_KEYS.values() if rows in factors):
+                    bool(torch.isfinite(rows[0]).all()) for rows in map(low_rank, factors.values()) if rows):
                 methods[i] = CholeskyKronecker
             compute = torch.float64 if out_dtype == torch.float64 else dtype
             if methods[i] is not WoodburyKronecker:  # reads the dense factors (a deferred low-rank A is built)
@@ -568,10 +500,10 @@ def invert_with_fallback(jobs: list[tuple[Any, type[BlockInverse], dict[str, tor
                 pending.append(i)
     failed = []
     for i in pending:
-        block, method, factors, _, out_dtype = jobs[i]
-        failed.append(block.name)
-        method = CholeskyKronecker if method is WoodburyKronecker else method  # no low-rank identity
-        results[i] = method.identity(dense_factors(factors), out_dtype)
+        job = jobs[i]
+        failed.append(job.block.name)
+        method = CholeskyKronecker if job.method is WoodburyKronecker else job.method  # no low-rank identity
+        results[i] = method.identity(dense_factors(job.factors), job.dtype)
     if failed:
         warnings.warn(f"K-FAC: inverting the curvature of {failed} failed in fp32, fp64, on the PSD projection "
                       "and with 100x damping; these layers use the plain gradient until the next inverse update. "

@@ -2,35 +2,41 @@
 
 Martens & Grosse 2015 (K-FAC), Grosse & Martens 2016 (KFC for conv), Osawa et al. 2019/2020
 (large-batch K-FAC, SP-NGD: unit-wise BN Fisher, stale statistics). Formulas and the scaling
-convention: :mod:`.blocks`; damping and inverses: :mod:`.inverses`; hooks: :mod:`.capture`; stale
-statistics: :mod:`.stale`. The preconditioner only schedules: capture -> commit -> invert -> apply.
+convention: :mod:`.blocks`; factor types: :mod:`.factors`; damping and inverses: :mod:`.inverses`;
+hooks: :mod:`.capture`; stale statistics: :mod:`.stale`; knobs: :mod:`.settings`. The preconditioner only
+schedules: capture -> commit -> invert -> apply; the blocks own their state and its transitions.
 """
 
 from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Iterable
-from functools import partial
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
-from lightning_lbo.optim.kfac.blocks import BLOCK_TYPES, EXPAND, CurvatureBlock, make_block, make_shared_block
-from lightning_lbo.optim.kfac.capture import Capture, Captured
+from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
+from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
+from lightning_lbo.optim.kfac.capture import Capture
 from lightning_lbo.optim.kfac.comm import Communicator
-from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
+from lightning_lbo.optim.kfac.fisher import Fisher
+from lightning_lbo.optim.kfac.settings import (
+    CurvatureSettings,
+    FloatSchedule,
+    IntSchedule,
+    InverseSettings,
+    ScheduleSettings,
+    describe,
+    resolve,
+)
 from lightning_lbo.optim.kfac.stale import StaleStatistics
 
-FloatSchedule = float | Callable[[int], float]
-IntSchedule = int | Callable[[int], int]
 Layer = nn.Module | str
-
-
-def _resolve(value, step: int):
-    return value(step) if callable(value) else value
+_resolve = resolve  # the former private name
 
 
 def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:
@@ -44,14 +50,18 @@ def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) ->
                         f"Valid: {', '.join(accepted)}.")
 
 
+def _setting(group: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, group), name), doc=f"``{group}.{name}`` (read only).")
+
+
 class KFACPreconditioner:
     """Replace the gradients of supported layers by their K-FAC natural gradient, in place.
 
-    Supported (:data:`~lightning_lbo.optim.kfac.blocks.BLOCK_TYPES`, extensible with
-    :func:`~lightning_lbo.optim.kfac.blocks.register_block`): ``nn.Linear`` (any input rank),
-    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``BatchNorm1d/2d/3d`` and ``LayerNorm`` (unit-wise).
-    Other parameters are left untouched (the optimizer behind applies its own update) and listed
-    once in a warning. Usable in front of any optimizer::
+    Supported (:data:`~lightning_lbo.optim.kfac.blocks.BLOCK_TYPES`, extensible per preconditioner with
+    ``block_types=`` or globally with :func:`~lightning_lbo.optim.kfac.blocks.register_block`): ``nn.Linear``
+    (any input rank), ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.MultiheadAttention``,
+    ``BatchNorm1d/2d/3d`` and ``LayerNorm`` (unit-wise). Other parameters are left untouched (the optimizer
+    behind applies its own update) and listed once in a warning. Usable in front of any optimizer::
 
         pre = KFACPreconditioner(model, damping=1e-3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -61,49 +71,36 @@ class KFACPreconditioner:
             pre.step(lr=0.1)                  # precondition .grad in place
             opt.step()
 
-    Args:
+    Args (grouped into :attr:`curvature`, :attr:`schedule` and :attr:`inverses`, see :mod:`.settings`):
         module: the model to hook; ``None`` to bind later with :meth:`bind`.
         damping: Tikhonov damping ``lambda``, a float or ``step -> float``.
         factor_decay: weight of a new statistic in the running average of factors,
-            ``factor <- (1 - factor_decay) * factor + factor_decay * new``. ``1.0`` (default) keeps
-            fresh statistics, the large-batch setting of Osawa et al. (32K); ``0.05`` averages over
-            about 20 refreshes (kfac-pytorch's ``factor_decay=0.95`` counts the other way).
-        factor_update_interval: steps between factor refreshes (int or ``step -> int``).
-        inverse_update_interval: steps between inverse updates (int or ``step -> int``).
+            ``factor <- (1 - factor_decay) * factor + factor_decay * new``; ``1.0`` (default) keeps fresh
+            statistics (Osawa et al., 32K); ``0.05`` averages over about 20 refreshes.
+        factor_update_interval / inverse_update_interval: steps between refreshes (int or ``step -> int``).
         inverse_method: ``"cholesky"`` (factored Tikhonov, fastest) or ``"eigen"`` (exact damping).
-        fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; needs the module's
-            ``forward`` output to be the logits, see ``output_to_logits``).
+        fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; see ``output_to_logits``).
         likelihood: for ``fisher="mc"``: ``"categorical"`` (logits ``[N, C, *]``) or ``"gaussian"``.
         output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
         kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
         stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
         exclude: modules or module types to leave to the plain update (e.g. ``[model.fc]``, ``nn.Embedding``).
-        linear_variant: ``"expand"`` or ``"reduce"`` for Linear layers with ``[N, T, in]`` inputs.
-        l2: L2 regularisation folded in: ``l2 * w`` is added to each preconditioned gradient and the
-            damping becomes ``max(damping, l2)``.
+        linear_variant: :class:`LinearVariant` (or ``"expand"`` / ``"reduce"``) for Linear inputs ``[N, T, in]``.
+        l2: L2 folded in: ``l2 * w`` is added to each preconditioned gradient and the damping becomes
+            ``max(damping, l2)``.
         grad_scaler: AMP ``GradScaler`` whose scale multiplies the output gradients (16-mixed).
-        low_rank_inverse: with fresh statistics (``factor_decay=1``), the cholesky method and one
-            process, apply ``(A + delta I)^{-1}`` through the Woodbury identity when the batch has
-            fewer rows (examples x positions) than half of ``d_A`` (much cheaper per step on wide layers).
-        factor_dtype: dtype of the factors; ``None`` (default): ``torch.float64`` for a model with
-            fp64 weights, else ``torch.float32``, except for blocks whose inverse damps exactly
-            (``"eigen"``, embeddings, unit-wise BatchNorm/LayerNorm), which hold fp64 factors: fp32
-            factors are rounded by ``~1e-7`` of their norm, more than a damping below 1e-3 (unit-wise
-            blocks, whose statistics are activation-sized, stay fp32 at a fixed damping >= 1e-3).
-        comm: the :class:`Communicator` (single process: the no-op default; injected by the Lightning
-            layer under DDP).
+        low_rank_inverse: with fresh statistics, the cholesky method and one process, apply
+            ``(A + delta I)^{-1}`` through the Woodbury identity when a batch has fewer rows than half of ``d``.
+        factor_dtype: dtype of the factors; ``None``: fp64 for a model with fp64 weights, else fp32, except
+            for blocks whose inverse damps exactly (eigen, embeddings, unit-wise below damping 1e-3): fp64.
+        comm: the :class:`Communicator` (single process: the no-op default; injected under DDP).
+        params: only layers whose parameters are all among these get a block (default: all).
+        block_types: ``{module type: block class}`` for this preconditioner, over the global registry.
 
     Distributed seam (all collectives go through ``self.comm``; in one process they are no-ops):
-
-    * ``comm.reduce_factors([stat], symmetric)``: as soon as the hooks finish a micro-batch's
-      statistic (forward for ``A``, backward for ``G``/``F``); may be asynchronous.
-    * ``comm.wait()``: at the start of :meth:`step`, before any statistic is read.
-    * ``comm.all_min(flags)``: on every refresh step, on the "statistic finite" flags (a skipped
-      refresh is skipped on every rank) and, with ``stale_statistics``, on the "statistic stable" flags.
-    * ``comm.assign(costs)``: on every inverse update; the owner computes the inverse, then
-      ``comm.broadcast(inverse.tensors(), src=owner)`` per block.
-    * With a communicator whose ``owners_precondition`` is true, inverses are not broadcast: the owner
-      preconditions the block's gradient and ``comm.broadcast([P], src=owner)`` sends the result.
+    ``reduce_factors`` as the hooks finish a statistic, ``wait`` at the start of :meth:`step`,
+    ``all_min`` on the "finite" (and "stable") flags of a refresh, ``assign`` and ``broadcast`` per inverse
+    update (or of the preconditioned gradient when the communicator's ``owners_precondition`` is true).
     """
 
     def __init__(self, module: nn.Module | None = None, *, damping: FloatSchedule = 1e-3,
@@ -112,45 +109,17 @@ class KFACPreconditioner:
                  fisher: str = "empirical", likelihood: str = "categorical",
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
-                 linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
+                 linear_variant: str | LinearVariant = LinearVariant.EXPAND, l2: float = 0.0, grad_scaler: Any = None,
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
-                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
-        if not callable(damping) and not damping > 0:
-            raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
-        if not 0.0 < factor_decay <= 1.0:
-            raise ValueError(f"Invalid factor_decay: {factor_decay}; use a value in (0, 1] (1 = fresh statistics).")
-        for name, value in (("factor_update_interval", factor_update_interval),
-                            ("inverse_update_interval", inverse_update_interval)):
-            if not callable(value) and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Invalid {name}: {value!r}; use a positive int or a callable step -> int.")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"Invalid kl_clip: {kl_clip}; use a positive float or None to disable.")
-        if not l2 >= 0:
-            raise ValueError(f"Invalid l2: {l2}; use a non-negative float.")
-        if stale_statistics is not None and not isinstance(stale_statistics, StaleStatistics):
-            raise TypeError("stale_statistics must be a StaleStatistics policy, got "
-                            f"{type(stale_statistics).__name__}.")
-        if factor_dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"Invalid factor_dtype: {factor_dtype}; use torch.float32, torch.float64 or None "
-                             "(the model's precision).")
-        if linear_variant not in ("expand", "reduce"):
-            raise ValueError(f"Invalid linear_variant: {linear_variant!r}. Supported: ('expand', 'reduce').")
-        self.damping = damping
-        self.factor_decay = factor_decay
-        self.factor_update_interval = factor_update_interval
-        self.inverse_update_interval = inverse_update_interval
-        self.inverse_method: inv.InverseMethod = inv.parse_inverse_method(inverse_method)
-        self.fisher: Fisher = parse_enum(Fisher, fisher, "fisher")
-        self.likelihood: Likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        self.output_to_logits = output_to_logits
-        self.kl_clip = kl_clip
-        self.stale_statistics = stale_statistics
-        self.exclude = tuple(exclude)
-        self.linear_variant = linear_variant
-        self.l2 = l2
-        self.low_rank_inverse = low_rank_inverse
-        self.factor_dtype = factor_dtype
-        self._exact_damping_in_fp64 = factor_dtype is None
+                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None,
+                 block_types: Mapping[type[nn.Module], type[CurvatureBlock]] | None = None) -> None:
+        self.inverses = InverseSettings(damping, inverse_method, low_rank_inverse, kl_clip, l2)
+        self.schedule = ScheduleSettings(factor_update_interval, inverse_update_interval, factor_decay,
+                                         stale_statistics)
+        self.curvature = CurvatureSettings(fisher, likelihood, output_to_logits, linear_variant, factor_dtype,
+                                           tuple(exclude))
+        self.registry = BlockRegistry.with_overrides(block_types)
+        self._factor_dtype = factor_dtype  # resolved at bind
         self.comm: Communicator = comm if comm is not None else Communicator()
         self._comm_injected = comm is not None
         self._comm_checked = False
@@ -168,13 +137,45 @@ class KFACPreconditioner:
         if module is not None:
             self.bind(module)
 
+    # the settings, readable under their constructor names
+    damping = _setting("inverses", "damping")
+    inverse_method = _setting("inverses", "inverse_method")
+    low_rank_inverse = _setting("inverses", "low_rank_inverse")
+    kl_clip = _setting("inverses", "kl_clip")
+    l2 = _setting("inverses", "l2")
+    factor_update_interval = _setting("schedule", "factor_update_interval")
+    inverse_update_interval = _setting("schedule", "inverse_update_interval")
+    factor_decay = _setting("schedule", "factor_decay")
+    stale_statistics = _setting("schedule", "stale_statistics")
+    fisher = _setting("curvature", "fisher")
+    likelihood = _setting("curvature", "likelihood")
+    output_to_logits = _setting("curvature", "output_to_logits")
+    linear_variant = _setting("curvature", "linear_variant")
+    exclude = _setting("curvature", "exclude")
+
+    @property
+    def factor_dtype(self) -> torch.dtype | None:
+        """The factors' dtype (``None`` until bound when left to the model's precision)."""
+        return self._factor_dtype
+
+    def signature(self) -> dict[str, Any]:
+        """Rank-independent, picklable description compared across ranks: the class, each layer's block type
+        and factor sizes, and every setting (derived from the settings objects: callables by qualified name,
+        enums by value)."""
+        settings = {f"{group}.{key}": value for group in ("curvature", "schedule", "inverses")
+                    for key, value in describe(getattr(self, group)).items()}
+        settings["factor_dtype"] = describe(self._factor_dtype)
+        return {"class": type(self).__qualname__, "layers": [f"{b.name}: {b.description}" for b in self.blocks],
+                "settings": settings}
+
     # ------------------------------------------------------------------ binding and teardown
     def set_communicator(self, comm: Communicator) -> None:
         """Install the communicator (the Lightning layer does this at setup under DDP)."""
         self.comm = comm
         self._comm_injected = True
         if self.capture is not None and comm.is_distributed:
-            self._keep_low_rank_rows(set())  # the low-rank inverse is single-process only
+            for block in self.blocks:
+                block.capture_rows(False)  # the low-rank inverse is single-process only
 
     @property
     def precondition_on_owner_only(self) -> bool:
@@ -206,61 +207,33 @@ class KFACPreconditioner:
             return
         if self.module is not None and self.module is not module:
             raise RuntimeError("This KFACPreconditioner is already bound to another module; build a new one.")
-        params = list(params) if params is not None else self._params
-        allowed = None if params is None else {id(p) for p in params}
-        if self.factor_dtype is None:
+        exact_in_fp64 = self.curvature.factor_dtype is None
+        if self._factor_dtype is None:
             weights = [p for p in module.parameters() if p.is_floating_point()]
-            self.factor_dtype = torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
-        if (self.inverse_method is inv.InverseMethod.EIGEN and self.factor_dtype == torch.float32
-                and not self._exact_damping_in_fp64
-                and not callable(self.damping) and self.damping < 1e-3):
-            warnings.warn(f"inverse_method='eigen' with damping {self.damping:g} < 1e-3 and fp32 factors: the "
+            self._factor_dtype = torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
+        damping = self.inverses.damping
+        if (self.inverse_method is inv.InverseMethod.EIGEN and self._factor_dtype == torch.float32
+                and not exact_in_fp64 and not callable(damping) and damping < 1e-3):
+            warnings.warn(f"inverse_method='eigen' with damping {damping:g} < 1e-3 and fp32 factors: the "
                           "factors' rounding (~1e-7 of their norm) exceeds the damping; pass "
                           "factor_dtype=torch.float64.", UserWarning, stacklevel=3)
-        excluded_types = tuple(t for t in self.exclude if isinstance(t, type))
-        excluded = {id(sub) for m in self.exclude if isinstance(m, nn.Module) for sub in m.modules()}
-        blocks, unsupported, seen, inside = [], [], {}, set()
-        for name, sub in module.named_modules():
-            own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-            skip = id(sub) in excluded or id(sub) in inside or (excluded_types and isinstance(sub, excluded_types))
-            if not own or skip:
-                continue
-            if allowed is not None and not all(id(p) in allowed for p in own):
-                continue
-            label = name or "<root>"
-            block = make_block(sub, name or type(sub).__name__, self.factor_dtype, self.linear_variant)
-            if block is None or not {id(p) for p in own} <= {id(p) for p in block.params}:
-                unsupported.append(f"{label} ({type(sub).__name__})")
-                continue
-            # A block that owns its submodules' parameters too (nn.MultiheadAttention's out_proj) covers them.
-            children = {id(p) for p in block.params} - {id(p) for p in own}
-            inside.update(id(m) for m in sub.modules() if m is not sub and
-                          {id(p) for p in m.parameters(recurse=False)} <= children)
-            shared = [seen[id(p)] for p in block.params if id(p) in seen]
-            if shared:  # a parameter of two layers: one block for both (tied embeddings), or the plain update
-                other = next(b for b in blocks if b.name == shared[0])
-                blocks = [b for b in blocks if b is not other]
-                block = make_shared_block(other, block)
-                if block is None:
-                    unsupported.append(f"{label} ({type(sub).__name__}, shares a parameter with {shared[0]})")
-                    continue
-            seen.update({id(p): block.name for p in block.params})
-            blocks.append(block)
+        blocks, unsupported = find_blocks(module, self.registry, exclude=self.exclude,
+                                          params=list(params) if params is not None else self._params,
+                                          factor_dtype=self._factor_dtype, linear_variant=self.linear_variant)
         if not blocks:
-            supported = ", ".join(t.__name__ for t in BLOCK_TYPES)
+            supported = ", ".join(t.__name__ for t in self.registry.types)
             raise ValueError(f"{type(module).__name__} has no layer K-FAC supports ({supported}) among the "
                              "optimized, non-excluded parameters; use a first-order optimizer.")
         if unsupported:
             layers = "1 layer" if len(blocks) == 1 else f"{len(blocks)} layers"
             warnings.warn(f"K-FAC preconditions {layers}; these get the plain momentum-SGD update: "
                           f"{', '.join(unsupported)}.", UserWarning, stacklevel=3)
-        interval = int(_resolve(self.factor_update_interval, 0))
+        interval = int(resolve(self.factor_update_interval, 0))
         for block in blocks:
-            block.interval = dict.fromkeys(block.stat_names, interval)
+            block.start_schedule(interval)
             method = block.inverse_type(self.inverse_method)
-            if (self._exact_damping_in_fp64 and method.exact_damping
-                    and (callable(self.damping) or self.damping < method.fp32_factors_from)):
-                block.factor_dtype = torch.float64
+            if exact_in_fp64 and method.exact_damping and (callable(damping) or damping < method.fp32_factors_from):
+                block.promote_factor_dtype(torch.float64)
         self.module = module
         self.blocks = blocks
         self.capture = Capture(blocks, module, fisher=self.fisher, likelihood=self.likelihood,
@@ -274,17 +247,14 @@ class KFACPreconditioner:
         if self.capture is not None:
             self.capture.remove()
 
-    def _reduce(self, statistic: torch.Tensor | inv.DeferredGram, symmetric: bool) -> None:
+    def _reduce(self, statistic: Any, symmetric: bool) -> None:
         self._check_communicator()
-        if not isinstance(statistic, inv.DeferredGram):  # deferred: one process (low-rank), nothing to average
-            self.comm.reduce_factors([statistic], symmetric=symmetric)
+        tensors = fac.wire(statistic)
+        if tensors:  # a deferred low-rank Gram: one process, nothing to average
+            self.comm.reduce_factors(tensors, symmetric=symmetric)
 
     def _check_communicator(self) -> None:
-        """Refuse to run on several ranks with the single-process communicator (ranks would drift apart).
-
-        Runs at the first capture and the first step. Under Lightning, ``KFACCallback`` (which every
-        Trainer has) injects the communicator at ``on_fit_start``; anyone else injects it.
-        """
+        """Refuse to run on several ranks with the single-process communicator (ranks would drift apart)."""
         if self._comm_injected or self._comm_checked:
             return
         dist = torch.distributed
@@ -308,10 +278,8 @@ class KFACPreconditioner:
 
     def factors(self, layer: Layer) -> dict[str, torch.Tensor]:
         """The current factors of ``layer`` (``{"A", "G"}`` or ``{"F"}``; empty before the first capture).
-
-        Read only: the tensors are replaced, never modified, at the next refresh.
-        """
-        return dict(self.block(layer).factors)
+        Read only: the tensors are replaced, never modified, at the next refresh."""
+        return self.block(layer).factors
 
     def inverse(self, layer: Layer) -> inv.BlockInverse | None:
         """The inverse in use for ``layer`` (``None`` before the first inversion, or on a non-owner rank
@@ -320,26 +288,17 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ step
     def current_damping(self) -> float:
-        return max(float(_resolve(self.damping, self.steps)), self.l2)
+        return self.inverses.damping_at(self.steps)
 
     def _plan_captures(self) -> None:
         """Arm the hooks for the coming step (host-side ints only)."""
-        self._due = {id(b): {s for s, due in b.next_due.items() if due <= self.steps} for b in self.blocks}
+        self._due = {id(b): b.due(self.steps) for b in self.blocks}
         low_rank = (self.low_rank_inverse and self.factor_decay == 1.0 and not self.comm.is_distributed
                     and self.inverse_method is inv.InverseMethod.CHOLESKY)
-        keep_rows = {id(b) for b in self.blocks if b.low_rank_capable} if low_rank else set()
-        self.capture.begin(self._due, keep_rows)
-        self._keep_low_rank_rows(keep_rows)
-
-    def _keep_low_rank_rows(self, keep_rows: set[int]) -> None:
-        """Keep the A rows of these blocks for the low-rank inverse, and defer their A Gram.
-
-        A refreshed A then stays in rows until a dense factor is read (:attr:`CurvatureBlock.factors`).
-        Stale statistics compare each new factor with the last one densely, so they keep the Gram.
-        """
-        self.capture.keep_rows = keep_rows
+        self.capture.begin(self._due)
+        # stale statistics compare each new factor with the last one densely, so they keep the Gram
         for block in self.blocks:
-            block.defer_low_rank_gram = id(block) in keep_rows and self.stale_statistics is None
+            block.capture_rows(low_rank, defer=self.stale_statistics is None)
 
     def discard_pending(self) -> None:
         """Drop statistics captured since the last step (e.g. after a step skipped by the AMP scaler)."""
@@ -348,28 +307,8 @@ class KFACPreconditioner:
 
     def run_mc_backward(self, logits: torch.Tensor) -> None:
         """Run the sampled-label backward for the current forward now (if the model's output is not the logits).
-
-        Call it before the training backward, with the logits computed by the current forward.
-        """
+        Call it before the training backward, with the logits computed by the current forward."""
         self.capture.run_mc_backward(logits)
-
-    def _totals(self, block: CurvatureBlock, captured: Captured) -> list[tuple[str, torch.Tensor | inv.DeferredFactor]]:
-        """Per-example-scaled statistics of one block (the scaling convention of :mod:`.blocks`)."""
-        n = max(captured.examples, 1)
-        out = []
-        for stat, parts in captured.sums.items():
-            if any(isinstance(p, inv.DeferredGram) for p in parts):
-                if captured.rows and all(isinstance(p, inv.DeferredGram) for p in parts):
-                    out.append((stat, inv.DeferredFactor(parts, n)))  # rows of a low-rank A: Gram built if read
-                    continue
-                parts = [inv.dense(p) for p in parts]  # a micro-batch's rows were not kept: no low-rank A
-            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            if stat in block.input_stats or self.fisher is Fisher.MC:
-                total = total / n  # input statistics; sampled-label gradients are already per example
-            else:
-                total = total * n  # empirical: (N dL/dy)(N dL/dy)^T / N
-            out.append((stat, total))
-        return out
 
     def _warn_missing(self, missing: list[str]) -> None:
         if self._warned_missing or not missing:
@@ -391,134 +330,69 @@ class KFACPreconditioner:
         captured = self.capture.collect()
         if not captured:
             return
-        news: list[tuple[CurvatureBlock, str, torch.Tensor | inv.DeferredFactor]] = []
-        rows: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
+        news: list[tuple[CurvatureBlock, str, fac.Factor]] = []
         missing = []
+        per_example = self.fisher is Fisher.EMPIRICAL  # sampled-label gradients are already per example
         for block in self.blocks:
             record = captured.get(id(block))
             if record is None:
                 continue
             if block.output_stat in self._due[id(block)] and block.output_stat not in record.sums:
                 missing.append(block.name)
-            news.extend((block, stat, total) for stat, total in self._totals(block, record))
-            n = max(record.examples, 1)
-            if record.rows and "A" in record.sums:
-                raw = torch.cat(record.rows, dim=1) if len(record.rows) > 1 else record.rows[0]
-                rows[id(block), "A"] = (block.with_ones(raw), n)
-            if record.g_rows and block.output_stat in record.sums:
-                raw = torch.cat(record.g_rows, dim=1) if len(record.g_rows) > 1 else record.g_rows[0]
-                # G = n W^T W (empirical) or W^T W / n (sampled labels, see _totals): as U^T U / n
-                rows[id(block), block.output_stat] = (raw * n if self.fisher is Fisher.EMPIRICAL else raw, n)
+            news.extend((block, stat, new) for stat, new in block.statistics(record.sums, record.examples,
+                                                                             per_example))
         self._warn_missing(missing)
         if not news:
             return
-        finite = torch.stack([t.finite() if isinstance(t, inv.DeferredFactor) else torch.isfinite(t).all()
-                              for _, _, t in news])
+        finite = torch.stack([new.finite() for _, _, new in news])
         if keep is not None:
             finite = finite & keep.to(finite.device)
         ok = self.comm.all_min(finite.float()) > 0
         self.skipped_refreshes += (~ok).sum().to(self.skipped_refreshes.device)
-        decay, rel = self.factor_decay, {}
-        for j, (block, stat, new) in enumerate(news):
-            old = block.stored_factors.get(stat)
-            if isinstance(new, inv.DeferredFactor):  # fresh (decay 1) low-rank A: this statistic where ok, else old
-                previous = partial(block.identity_factor, stat) if old is None else old
-                block.set_factor(stat, new.committed(ok[j], previous))
-            else:
-                if old is None:
-                    old = block.identity_factor(stat)
-                else:
-                    old = inv.dense(old)
-                    if self.stale_statistics is not None:
-                        rel[j] = StaleStatistics.relative_change(new, old)
-                mixed = new
-                if decay != 1.0 and stat in block.stored_factors:
-                    # the identity placeholder of a skipped first refresh is not an estimate: no average with it
-                    mixed = torch.where(block.estimated[stat], torch.lerp(old, new, decay), new)
-                block.set_factor(stat, torch.where(ok[j], mixed, old))
-            block.estimated[stat] = block.estimated[stat] | ok[j]
-            block.refreshes[stat] += 1
-            # the rows describe a factor only when it is this fresh statistic; a refresh that is not committed
-            # (non-finite, or a step the optimizer skips) keeps the old factor, and its rows are made NaN
-            # (on the device) so that they fail the Woodbury inverse, which then uses the dense old factor
-            low_rank = rows.get((id(block), stat))
-            if low_rank is not None:
-                block.low_rank[stat] = (torch.where(ok[j], low_rank[0], float("nan")), low_rank[1])
-                block.low_rank_versions[stat] = block.versions[stat]
-            else:
-                block.low_rank.pop(stat, None)
-        self._update_intervals(news, ok, rel)
+        track = self.stale_statistics is not None
+        changes = [block.commit(stat, new, ok[j], self.factor_decay, track)
+                   for j, (block, stat, new) in enumerate(news)]
+        self._update_intervals(news, ok, changes)
 
-    def _update_intervals(self, news, ok: torch.Tensor, rel: dict[int, torch.Tensor]) -> None:
-        base = max(1, int(_resolve(self.factor_update_interval, self.steps)))
+    def _update_intervals(self, news, ok: torch.Tensor, changes: list[torch.Tensor | None]) -> None:
+        base = max(1, int(resolve(self.factor_update_interval, self.steps)))
         policy = self.stale_statistics
         if policy is None:
             for block, stat, _ in news:
-                block.interval[stat] = base
-                block.next_due[stat] = self.steps + base
+                block.reschedule(stat, base, self.steps)
             return
-        stable_flags = [(rel[j] < policy.threshold) & ok[j] if j in rel else
-                        torch.zeros((), dtype=torch.bool, device=ok.device) for j in range(len(news))]
-        stable = self.comm.all_min(torch.stack(stable_flags).float()).tolist()  # one sync per refresh step
-        for j, ((block, stat, _), flag) in enumerate(zip(news, stable, strict=True)):
-            if j in rel:
-                block.interval[stat] = policy.next_interval(block.interval[stat], flag > 0)
-            block.next_due[stat] = self.steps + block.interval[stat]
-
-    def _inverse_job(self, block: CurvatureBlock, damping: float) -> tuple:
-        """``(block, method class, source factors, damping, storage dtype)`` of the inverse to compute now."""
-        restored = block.restored_source
-        if restored is not None:  # after load_state_dict: rebuild the inverse the checkpointed run used
-            source, damping, _, _ = restored
-        else:
-            source = dict(block.stored_factors)  # a deferred A stays deferred: the Woodbury inverse reads its rows
-            for stat, (low_rows, n) in block.low_rank.items():
-                if block.low_rank_versions[stat] == block.versions[stat] and not self.comm.is_distributed:
-                    rows_key, n_key = inv.LOW_RANK_KEYS[stat]
-                    source.update({rows_key: low_rows, n_key: n})
-            if any(rows_key not in source and isinstance(source.get(stat), inv.DeferredFactor)
-                   for stat, (rows_key, _) in inv.LOW_RANK_KEYS.items()):
-                source = inv.dense_factors(source)
-        method = block.inverse_type(self.inverse_method)
-        if any(rows_key in source for rows_key, _ in inv.LOW_RANK_KEYS.values()):
-            method = inv.WoodburyKronecker
-        return block, method, source, damping, method.storage_dtype(damping, block.factor_dtype)
+        flags = [(change < policy.threshold) & ok[j] if change is not None else
+                 torch.zeros((), dtype=torch.bool, device=ok.device) for j, change in enumerate(changes)]
+        stable = self.comm.all_min(torch.stack(flags).float()).tolist()  # one sync per refresh step
+        for (block, stat, _), change, flag in zip(news, changes, stable, strict=True):
+            interval = block.interval[stat]
+            block.reschedule(stat, policy.next_interval(interval, flag > 0) if change is not None else interval,
+                             self.steps)
 
     def _update_inverses(self) -> None:
-        due = self.steps % max(1, int(_resolve(self.inverse_update_interval, self.steps))) == 0
-        damping = self.current_damping()
-        for block in self.blocks:
-            if block.restored_source is not None and due and block.versions != block.restored_source[3]:
-                block.restored_source = None  # refreshed since the checkpoint and due: invert the fresh factors
-        todo = [block for block in self.blocks if block.captured
-                and (block.owner is None or (due and not block.inverse_is_current))]
+        due = self.steps % max(1, int(resolve(self.inverse_update_interval, self.steps))) == 0
+        todo = [block for block in self.blocks if block.needs_inverse(due)]
         if not todo:
             return
-        jobs = [self._inverse_job(block, damping) for block in todo]
+        damping, distributed = self.current_damping(), self.comm.is_distributed
+        jobs = [block.inverse_job(self.inverse_method, damping, allow_low_rank=not distributed) for block in todo]
         owners = self.comm.assign([block.cost() for block in todo])
         rank = self.comm.rank
         mine = [job for job, owner in zip(jobs, owners, strict=True) if owner == rank]
+        computed: dict[int, inv.BlockInverse] = {}
         if mine:
             inverses, failed = inv.invert_with_fallback(mine)
             self.inverse_fallbacks += len(failed)
-            for (block, *_), inverse in zip(mine, inverses, strict=True):
-                block.inverse = inverse
-        for (block, method, source, damp, dtype), owner in zip(jobs, owners, strict=True):
-            restored = block.restored_source
-            block.owner = owner
-            block.inverse_source, block.inverse_damping = source, damp
-            block.inverse_versions = ({s: -1 for s in block.versions}
-                                      if restored is not None and restored[2] else dict(block.versions))
-            block.restored_source = None
-            if not self.comm.is_distributed:
-                continue
-            if self.precondition_on_owner_only:
-                if owner != rank:
-                    block.inverse = None
-                continue
-            if owner != rank:
-                block.inverse = method.receiver(source, dtype)
-            self.comm.broadcast(block.inverse.tensors(), src=owner, symmetric=block.inverse.symmetric_flags())
+            computed = {id(job.block): inverse for job, inverse in zip(mine, inverses, strict=True)}
+        owners_only = self.precondition_on_owner_only
+        for job, owner in zip(jobs, owners, strict=True):
+            if owner == rank:
+                inverse = computed[id(job.block)]
+            else:  # several ranks: a buffer to receive the owner's inverse, or none where owners precondition
+                inverse = None if owners_only else job.method.receiver(fac.dense_factors(job.factors), job.dtype)
+            job.block.install(job, owner, inverse)
+            if distributed and not owners_only:
+                self.comm.broadcast(inverse.tensors(), src=owner, symmetric=inverse.symmetric_flags())
 
     @torch.no_grad()
     def step(self, lr: float | None = None, keep: torch.Tensor | None = None) -> None:
@@ -547,14 +421,14 @@ class KFACPreconditioner:
         damping = self.current_damping()
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
         grads, precond, scales = [], [], []
-        owners_only = self.precondition_on_owner_only
+        owners_only, l2, rank = self.precondition_on_owner_only, self.l2, self.comm.rank
         for block in work:
             g = block.grad_matrix()
-            if self.l2 > 0:
-                g = g + self.l2 * block.param_matrix()
+            if l2 > 0:
+                g = g + l2 * block.param_matrix()
             scale = None
             if owners_only:
-                p = block.inverse.apply(g, damping) if block.owner == self.comm.rank else torch.empty_like(g)
+                p = block.inverse.apply(g, damping) if block.owner == rank else torch.empty_like(g)
                 self.comm.broadcast([p], src=block.owner)
             else:
                 p, scale = block.inverse.apply_unscaled(g, damping)  # P = scale * p
@@ -579,45 +453,21 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Factors, schedules, counters, and what the current inverses were built from.
+        """Per block, its name, type, factors, schedule and what the current inverse was built from (the nested
+        form of :meth:`~.blocks.CurvatureBlock.state`, a flat dict), and the counters.
 
-        Inverses are not saved: :meth:`load_state_dict` rebuilds them from exactly the factors (and
-        low-rank rows) and damping the checkpointed run used, so a resume continues bit for bit.
+        Inverses are not saved: :meth:`load_state_dict` rebuilds them from exactly the factors (and low-rank
+        rows) and damping the checkpointed run used, so a resume continues bit for bit.
         """
-        blocks = []
-        for block in self.blocks:
-            factors = block.factors  # dense: a deferred low-rank A's Gram is built (checkpoints hold factors)
-            source = {s: inv.dense(t) for s, t in (block.inverse_source or {}).items()}
-            entry = {"name": block.name, "type": block.description, "factors": dict(factors),
-                     "interval": dict(block.interval), "next_due": dict(block.next_due),
-                     "refreshes": dict(block.refreshes), "inverse_damping": block.inverse_damping,
-                     "estimated": {stat: flag.clone() for stat, flag in block.estimated.items()},
-                     # factors refreshed since the last inversion (the others are the current ones)
-                     "inverse_factors": {s: t for s, t in source.items() if t is not factors.get(s)}}
-            blocks.append(entry)
+        blocks = [{"name": block.name, "type": block.description, **_nested_block_state(block.state())}
+                  for block in self.blocks]
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}
 
-    def _check_entry(self, block: CurvatureBlock, entry: dict[str, Any]) -> bool:
-        """Validate a checkpointed block: wrong shapes raise; non-finite factors reset it (returns False)."""
-        shapes = block.factor_shapes()
-        saved = list(entry.get("factors", {}).items())
-        saved += [(k, v) for k, v in entry.get("inverse_factors", {}).items() if k in block.stat_names]
-        for stat, tensor in saved:
-            if stat not in shapes or tuple(tensor.shape) != shapes[stat]:
-                raise ValueError(f"K-FAC checkpoint: layer {block.name!r} has {stat} of shape "
-                                 f"{tuple(getattr(tensor, 'shape', ()))}, the model's needs "
-                                 f"{shapes.get(stat)}; the checkpoint is from another model or configuration.")
-        if all(bool(torch.isfinite(t).all()) for _, t in saved):
-            return True
-        warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
-                      "and re-estimated at the next step (the running average would never recover from NaN).",
-                      RuntimeWarning, stacklevel=3)
-        return False
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Factors of the wrong shape raise ``ValueError`` naming the layer;
-        a layer with non-finite factors is reset (statistics re-estimated at the next step) with a warning."""
+        """Restore :meth:`state_dict`. Factors of the wrong
+        shape raise ``ValueError`` naming the layer; a layer with non-finite factors is reset (statistics
+        re-estimated at the next step) with a warning."""
         if self.module is None:
             raise RuntimeError("Bind the preconditioner to its module before load_state_dict.")
         entries = state.get("blocks", [])
@@ -625,31 +475,45 @@ class KFACPreconditioner:
         if [e["name"] for e in entries] != names:
             raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
                              f"{names}.")
-        valid = [self._check_entry(block, entry) for block, entry in zip(self.blocks, entries, strict=True)]
+        flats = [_flat_block_state(entry) for entry in entries]
+        valid = [block.check_state(flat) for block, flat in zip(self.blocks, flats, strict=True)]
+        for block, ok in zip(self.blocks, valid, strict=True):
+            if not ok:
+                warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are "
+                              "reset and re-estimated at the next step (the running average would never recover "
+                              "from NaN).", RuntimeWarning, stacklevel=2)
         self.steps = int(state.get("steps", 0))
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
-        for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
-            device, dtype = block.weight.device, block.factor_dtype
-            block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, {}
-            block.estimated = {stat: torch.zeros((), dtype=torch.bool, device=device) for stat in block.stat_names}
-            block.restored_source, block.inverse_versions = None, None
-            block.interval.update(entry.get("interval", {}))
-            block.refreshes.update(entry.get("refreshes", {}))
-            if not ok:
-                block.next_due = dict.fromkeys(block.stat_names, self.steps)
-                continue
-            block.next_due.update(entry.get("next_due", {}))
-            for stat, tensor in entry.get("factors", {}).items():
-                block.set_factor(stat, tensor.to(device=device, dtype=dtype))
-                block.estimated[stat] = torch.as_tensor(entry.get("estimated", {}).get(stat, True), device=device)
-            saved = {s: t.to(device) if isinstance(t, torch.Tensor) else t
-                     for s, t in entry.get("inverse_factors", {}).items()}
-            if block.captured:
-                source = {**block.factors, **saved}
-                stale = any(s in saved for s in block.stat_names)
-                block.restored_source = (source, entry.get("inverse_damping") or self.current_damping(), stale,
-                                         dict(block.versions))
+        for block, flat, ok in zip(self.blocks, flats, valid, strict=True):
+            block.restore(flat, ok, self.steps, self.current_damping())
         self.discard_pending()
         self._plan_captures()
+
+
+_SCHEDULE_KEYS = ("interval", "next_due", "refreshes", "estimated")
+
+
+def _nested_block_state(flat: dict[str, Any]) -> dict[str, Any]:
+    """A block's flat state as its checkpoint entry (the format of every K-FAC checkpoint so far)."""
+    entry: dict[str, Any] = {"factors": {}, **{key: {} for key in _SCHEDULE_KEYS}}
+    for key, value in flat.items():
+        head, _, stat = key.partition(".")
+        if head == "factor":
+            entry["factors"][stat] = value
+        elif head in _SCHEDULE_KEYS:
+            entry[head][stat] = value
+    entry["inverse_damping"] = flat.get("inverse_damping")
+    entry["inverse_factors"] = fac.nested_inverse_keys(flat, "inverse.")
+    return entry
+
+
+def _flat_block_state(entry: dict[str, Any]) -> dict[str, Any]:
+    """A block's checkpoint entry as its flat state."""
+    flat: dict[str, Any] = {f"factor.{stat}": t for stat, t in entry.get("factors", {}).items()}
+    for key in _SCHEDULE_KEYS:
+        flat.update({f"{key}.{stat}": v for stat, v in entry.get(key, {}).items()})
+    flat["inverse_damping"] = entry.get("inverse_damping")
+    flat.update(fac.legacy_inverse_keys(entry.get("inverse_factors", {}), "inverse."))
+    return flat

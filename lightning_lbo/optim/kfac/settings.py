@@ -1,0 +1,126 @@
+"""The knobs of a K-FAC preconditioner, grouped into small frozen settings objects, each validated once.
+
+* :class:`CurvatureSettings`: what is estimated (Fisher, likelihood, layers, precision);
+* :class:`ScheduleSettings`: when statistics and inverses are refreshed and how factors are averaged;
+* :class:`InverseSettings`: damping, inverse method and the update's shape (KL clip, L2).
+
+:func:`describe` turns them into the rank-independent, picklable description that ranks compare
+(:meth:`KFACPreconditioner.signature`): the list of settings is derived from the dataclass fields,
+never written out by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lbo.optim.kfac.blocks.linear import LinearVariant
+from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
+from lightning_lbo.optim.kfac.inverses import InverseMethod, parse_inverse_method
+from lightning_lbo.optim.kfac.stale import StaleStatistics
+
+FloatSchedule = float | Callable[[int], float]
+IntSchedule = int | Callable[[int], int]
+
+
+def resolve(value: Any, step: int) -> Any:
+    """A setting that may be a schedule ``step -> value``, at ``step``."""
+    return value(step) if callable(value) else value
+
+
+@dataclass(frozen=True)
+class CurvatureSettings:
+    """What the curvature estimates: see :class:`~lightning_lbo.optim.kfac.KFACPreconditioner`'s arguments."""
+
+    fisher: Fisher = Fisher.EMPIRICAL
+    likelihood: Likelihood = Likelihood.CATEGORICAL
+    output_to_logits: Callable[[Any], torch.Tensor] | None = None
+    linear_variant: LinearVariant = LinearVariant.EXPAND
+    factor_dtype: torch.dtype | None = None
+    exclude: tuple[nn.Module | type, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fisher", parse_enum(Fisher, self.fisher, "fisher"))
+        object.__setattr__(self, "likelihood", parse_enum(Likelihood, self.likelihood, "likelihood"))
+        object.__setattr__(self, "linear_variant", LinearVariant.parse(self.linear_variant))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.factor_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"Invalid factor_dtype: {self.factor_dtype}; use torch.float32, torch.float64 or None "
+                             "(the model's precision).")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """When statistics and inverses are refreshed, and the running average of factors."""
+
+    factor_update_interval: IntSchedule = 10
+    inverse_update_interval: IntSchedule = 10
+    factor_decay: float = 1.0
+    stale_statistics: StaleStatistics | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.factor_decay <= 1.0:
+            raise ValueError(f"Invalid factor_decay: {self.factor_decay}; use a value in (0, 1] (1 = fresh "
+                             "statistics).")
+        for name in ("factor_update_interval", "inverse_update_interval"):
+            value = getattr(self, name)
+            if not callable(value) and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Invalid {name}: {value!r}; use a positive int or a callable step -> int.")
+        if self.stale_statistics is not None and not isinstance(self.stale_statistics, StaleStatistics):
+            raise TypeError("stale_statistics must be a StaleStatistics policy, got "
+                            f"{type(self.stale_statistics).__name__}.")
+
+
+@dataclass(frozen=True)
+class InverseSettings:
+    """Damping and inverse method, and the shape of the update (KL clip, L2 folded in)."""
+
+    damping: FloatSchedule = 1e-3
+    inverse_method: InverseMethod = InverseMethod.CHOLESKY
+    low_rank_inverse: bool = True
+    kl_clip: float | None = 1e-3
+    l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not callable(self.damping) and not self.damping > 0:
+            raise ValueError(f"Invalid damping: {self.damping}; use a positive float or a callable step -> float.")
+        object.__setattr__(self, "inverse_method", parse_inverse_method(self.inverse_method))
+        if self.kl_clip is not None and not self.kl_clip > 0:
+            raise ValueError(f"Invalid kl_clip: {self.kl_clip}; use a positive float or None to disable.")
+        if not self.l2 >= 0:
+            raise ValueError(f"Invalid l2: {self.l2}; use a non-negative float.")
+
+    def damping_at(self, step: int) -> float:
+        """The damping in use at ``step``: ``max(damping(step), l2)``."""
+        return max(float(resolve(self.damping, step)), self.l2)
+
+
+SETTINGS_TYPES = (CurvatureSettings, ScheduleSettings, InverseSettings)
+
+
+def describe(value: Any) -> Any:
+    """A rank-independent, picklable description of a setting: callables by qualified name, enums by value,
+    dataclasses field by field, modules by type and structure (never by id)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, type):
+        return value.__qualname__
+    if dataclasses.is_dataclass(value):
+        return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [describe(v) for v in value]
+    if isinstance(value, nn.Module):
+        return f"{type(value).__qualname__} {sum(p.numel() for p in value.parameters())} parameters"
+    if callable(value):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return repr(value)

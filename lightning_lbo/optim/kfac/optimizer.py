@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_lbo.optim._step_utils import CheckedOptimizer, check_momentum, check_non_negative
+from lightning_lbo.optim._step_utils import CheckedOptimizer, check_momentum, check_non_negative, use_foreach
 from lightning_lbo.optim.kfac.blocks import KroneckerBlock
-from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner, check_keywords
+from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
+from lightning_lbo.optim.kfac.settings import check_keywords
 from lightning_lbo.optim.momentum import MOMENTUM_BUFFER, correction_factor
 
 #: keyword arguments ``KFAC`` passes on to :class:`KFACPreconditioner`
@@ -65,6 +66,19 @@ def kfac_sgd(params: list[Tensor], updates: list[Tensor], bufs: list[Tensor | No
     torch._foreach_add_(params, torch._foreach_mul(updates, _select(keep, -lr, 0.0)))
 
 
+def kfac_sgd_single_tensor(params: list[Tensor], updates: list[Tensor], bufs: list[Tensor | None], *, keep: Tensor,
+                           lr: float, momentum: float, momentum_scale: float = 1.0) -> None:
+    """:func:`kfac_sgd` one tensor at a time (the reference the multi-tensor path is tested equal to)."""
+    buffer_scale = _select(keep, momentum * momentum_scale, 1.0)
+    step_scale = _select(keep, -lr, 0.0)
+    for p, d, b in zip(params, updates, bufs, strict=True):
+        if momentum and b is not None:
+            b.mul_(buffer_scale)
+            b.add_(d)
+            d = b
+        p.add_(d * step_scale)
+
+
 class KFAC(CheckedOptimizer):
     """K-FAC natural-gradient descent with momentum.
 
@@ -79,6 +93,8 @@ class KFAC(CheckedOptimizer):
             damping for preconditioned layers (Osawa et al.), instead of after.
         momentum_correction: see the module docstring.
         weight_rescaling: clip Linear/Conv weight norms to ``sqrt(2 * d_out)`` after each step.
+        foreach: multi-tensor (``torch._foreach_*``) update; ``False``: one tensor at a time (the reference);
+            ``None`` picks the multi-tensor path for plain tensors.
         **preconditioner_kwargs: :class:`KFACPreconditioner` arguments (``damping``,
             ``factor_decay``, ``factor_update_interval``, ``inverse_update_interval``, ``fisher``,
             ``kl_clip``, ``stale_statistics``, ``exclude``, ``factor_dtype``, ...); an unknown name
@@ -93,13 +109,13 @@ class KFAC(CheckedOptimizer):
 
     def __init__(self, params: nn.Module | Iterable[Any], lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, fold_weight_decay: bool = False, momentum_correction: bool = True,
-                 weight_rescaling: bool = False, **preconditioner_kwargs: Any) -> None:
+                 weight_rescaling: bool = False, foreach: bool | None = None, **preconditioner_kwargs: Any) -> None:
         check_keywords("KFAC", preconditioner_kwargs, PRECONDITIONER_ARGUMENTS + tuple(
             n for n in inspect.signature(KFAC.__init__).parameters if n not in ("self", "preconditioner_kwargs")))
         module = params if isinstance(params, nn.Module) else None
         param_source = module.parameters() if module is not None else params
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_correction=momentum_correction,
-                        weight_rescaling=weight_rescaling)
+                        weight_rescaling=weight_rescaling, foreach=foreach)
         super().__init__(param_source, defaults)
         self.fold_weight_decay = fold_weight_decay
         if fold_weight_decay:
@@ -123,6 +139,7 @@ class KFAC(CheckedOptimizer):
         for group in self.param_groups:
             group.setdefault("momentum_correction", True)
             group.setdefault("weight_rescaling", False)
+            group.setdefault("foreach", None)
 
     def bind(self, module: nn.Module) -> None:
         """Register K-FAC's hooks on ``module``'s supported layers among this optimizer's parameters."""
@@ -168,34 +185,44 @@ class KFAC(CheckedOptimizer):
         if not params:
             return
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        foreach = use_foreach(group.get("foreach"), params)
         zero = torch.zeros((), dtype=params[0].grad.dtype, device=params[0].device)
         updates = [torch.where(keep, p.grad, zero) for p in params]  # NaN-free, zero on a skipped step
         if wd:
             decayed = [(d, p) for d, p in zip(updates, params, strict=True)
                        if not (self.fold_weight_decay and id(p) in self._preconditioned)]
             if decayed:
-                torch._foreach_add_([d for d, _ in decayed], torch._foreach_mul([p for _, p in decayed],
-                                                                                _select(keep, wd, 0.0)))
+                decay = _select(keep, wd, 0.0)
+                if foreach:
+                    torch._foreach_add_([d for d, _ in decayed], torch._foreach_mul([p for _, p in decayed], decay))
+                else:
+                    for d, p in decayed:
+                        d.add_(p * decay)
         bufs = [self.state[p].get(MOMENTUM_BUFFER) for p in params] if momentum else [None] * len(params)
         scale = 1.0 if group["momentum_correction"] else correction_factor(group.get("prev_lr", lr), lr,
                                                                            lr_in_buffer=False)
-        kfac_sgd(params, updates, bufs, keep=keep, lr=lr, momentum=momentum, momentum_scale=scale)
+        update = kfac_sgd if foreach else kfac_sgd_single_tensor
+        update(params, updates, bufs, keep=keep, lr=lr, momentum=momentum, momentum_scale=scale)
         if momentum:
             for p, b, d in zip(params, bufs, updates, strict=True):
                 if b is None:
                     self.state[p][MOMENTUM_BUFFER] = d
         group["prev_lr"] = lr
         if group["weight_rescaling"]:
-            self._rescale([p for p in params if id(p) in self._rescaled], keep)
+            self._rescale([p for p in params if id(p) in self._rescaled], keep, foreach)
 
-    def _rescale(self, weights: list[Tensor], keep: Tensor) -> None:
+    def _rescale(self, weights: list[Tensor], keep: Tensor, foreach: bool = True) -> None:
         if not weights:
             return
-        norms = torch._foreach_norm(weights)
+        norms = torch._foreach_norm(weights) if foreach else [torch.linalg.vector_norm(w) for w in weights]
         k = keep.to(torch.float32)
         factors = [k * torch.clamp((2.0 * self._rescaled[id(w)]) ** 0.5 / n.clamp_min(1e-12), max=1.0) + (1 - k)
                    for w, n in zip(weights, norms, strict=True)]
-        torch._foreach_mul_(weights, factors)
+        if foreach:
+            torch._foreach_mul_(weights, factors)
+        else:
+            for w, f in zip(weights, factors, strict=True):
+                w.mul_(f)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -9,7 +9,6 @@ schedules: capture -> commit -> invert -> apply; the blocks own their state and 
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,17 +18,20 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac import inversion
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
 from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
 from lightning_lbo.optim.kfac.capture import Capture
+from lightning_lbo.optim.kfac.checkpoint import flat_block_state, nested_block_state
 from lightning_lbo.optim.kfac.comm import Communicator
 from lightning_lbo.optim.kfac.fisher import Fisher
-from lightning_lbo.optim.kfac.settings import (
+from lightning_lbo.optim.kfac.settings import (  # noqa: F401 (check_keywords: its former home)
     CurvatureSettings,
     FloatSchedule,
     IntSchedule,
     InverseSettings,
     ScheduleSettings,
+    check_keywords,
     describe,
     resolve,
 )
@@ -37,17 +39,6 @@ from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 Layer = nn.Module | str
 _resolve = resolve  # the former private name
-
-
-def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:
-    """Raise ``TypeError`` naming ``owner``, each unknown keyword (with a close match) and the valid names."""
-    accepted = sorted(accepted)
-    unknown = [k for k in given if k not in accepted]
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, accepted, 1))
-                             else "") for k in unknown]
-        raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}. "
-                        f"Valid: {', '.join(accepted)}.")
 
 
 def _setting(group: str, name: str) -> property:
@@ -381,7 +372,7 @@ class KFACPreconditioner:
         mine = [job for job, owner in zip(jobs, owners, strict=True) if owner == rank]
         computed: dict[int, inv.BlockInverse] = {}
         if mine:
-            inverses, failed = inv.invert_with_fallback(mine)
+            inverses, failed = inversion.invert_with_fallback(mine)
             self.inverse_fallbacks += len(failed)
             computed = {id(job.block): inverse for job, inverse in zip(mine, inverses, strict=True)}
         owners_only = self.precondition_on_owner_only
@@ -459,7 +450,7 @@ class KFACPreconditioner:
         Inverses are not saved: :meth:`load_state_dict` rebuilds them from exactly the factors (and low-rank
         rows) and damping the checkpointed run used, so a resume continues bit for bit.
         """
-        blocks = [{"name": block.name, "type": block.description, **_nested_block_state(block.state())}
+        blocks = [{"name": block.name, "type": block.description, **nested_block_state(block.state())}
                   for block in self.blocks]
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}
@@ -475,7 +466,7 @@ class KFACPreconditioner:
         if [e["name"] for e in entries] != names:
             raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
                              f"{names}.")
-        flats = [_flat_block_state(entry) for entry in entries]
+        flats = [flat_block_state(entry) for entry in entries]
         valid = [block.check_state(flat) for block, flat in zip(self.blocks, flats, strict=True)]
         for block, ok in zip(self.blocks, valid, strict=True):
             if not ok:
@@ -490,30 +481,3 @@ class KFACPreconditioner:
             block.restore(flat, ok, self.steps, self.current_damping())
         self.discard_pending()
         self._plan_captures()
-
-
-_SCHEDULE_KEYS = ("interval", "next_due", "refreshes", "estimated")
-
-
-def _nested_block_state(flat: dict[str, Any]) -> dict[str, Any]:
-    """A block's flat state as its checkpoint entry (the format of every K-FAC checkpoint so far)."""
-    entry: dict[str, Any] = {"factors": {}, **{key: {} for key in _SCHEDULE_KEYS}}
-    for key, value in flat.items():
-        head, _, stat = key.partition(".")
-        if head == "factor":
-            entry["factors"][stat] = value
-        elif head in _SCHEDULE_KEYS:
-            entry[head][stat] = value
-    entry["inverse_damping"] = flat.get("inverse_damping")
-    entry["inverse_factors"] = fac.nested_inverse_keys(flat, "inverse.")
-    return entry
-
-
-def _flat_block_state(entry: dict[str, Any]) -> dict[str, Any]:
-    """A block's checkpoint entry as its flat state."""
-    flat: dict[str, Any] = {f"factor.{stat}": t for stat, t in entry.get("factors", {}).items()}
-    for key in _SCHEDULE_KEYS:
-        flat.update({f"{key}.{stat}": v for stat, v in entry.get(key, {}).items()})
-    flat["inverse_damping"] = entry.get("inverse_damping")
-    flat.update(fac.legacy_inverse_keys(entry.get("inverse_factors", {}), "inverse."))
-    return flat

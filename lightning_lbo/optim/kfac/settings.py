@@ -12,7 +12,8 @@ never written out by hand.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -102,6 +103,17 @@ class InverseSettings:
 
 
 SETTINGS_TYPES = (CurvatureSettings, ScheduleSettings, InverseSettings)
+
+
+def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise ``TypeError`` naming ``owner``, each unknown keyword (with a close match) and the valid names."""
+    accepted = sorted(accepted)
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, accepted, 1))
+                             else "") for k in unknown]
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(hints)}. "
+                        f"Valid: {', '.join(accepted)}.")
 
 
 def describe(value: Any) -> Any:

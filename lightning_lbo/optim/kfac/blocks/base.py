@@ -59,6 +59,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac import inversion
 from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 
@@ -346,16 +347,17 @@ class CurvatureBlock:
             self._restored = None  # refreshed since the checkpoint and due: invert the fresh factors
         return self.captured and (self._owner is None or (due and not self.inverse_is_current))
 
-    def inverse_job(self, method: inv.InverseMethod, damping: float, allow_low_rank: bool) -> inv.InverseJob:
+    def inverse_job(self, method: inv.InverseMethod, damping: float, allow_low_rank: bool) -> inversion.InverseJob:
         """The inverse to compute now: after a checkpoint load, the one the checkpointed run used."""
         if self._restored is not None:
             source, damping = self._restored.source, self._restored.damping
         else:
             source = dict(self._factors)
-        method_type = inv.method_for(self.inverse_type(method), source, allow_low_rank)
-        return inv.InverseJob(self, method_type, source, damping, method_type.storage_dtype(damping, self.factor_dtype))
+        method_type = inversion.method_for(self.inverse_type(method), source, allow_low_rank)
+        dtype = method_type.storage_dtype(damping, self.factor_dtype)
+        return inversion.InverseJob(self, method_type, source, damping, dtype)
 
-    def install(self, job: inv.InverseJob, owner: int, inverse: inv.BlockInverse | None) -> None:
+    def install(self, job: inversion.InverseJob, owner: int, inverse: inv.BlockInverse | None) -> None:
         """Use ``inverse`` (computed here, a buffer to receive it, or ``None`` where only the owner applies it)."""
         restored = self._restored
         self._owner, self._inverse = owner, inverse

@@ -36,9 +36,6 @@ from typing_extensions import override
 from lightning_lbo.compat import lightning_package, per_package, publish_per_package
 from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
 
-_SETTINGS = ("damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "inverse_method",
-             "fisher", "likelihood", "kl_clip", "stale_statistics", "linear_variant", "l2", "factor_dtype")
-
 
 def find_kfac(optimizers: Sequence[Any], module: Any = None) -> list[tuple[Any, KFACPreconditioner]]:
     """``(optimizer or None, preconditioner)`` for every K-FAC preconditioner, each once.
@@ -69,11 +66,11 @@ def _describe(value: Any) -> Any:
 
 def kfac_signature(optimizer: Any, preconditioner: KFACPreconditioner) -> dict[str, Any]:
     """Layers (name, block type, factor sizes) and settings of one K-FAC instance, compared across ranks."""
-    layers = [f"{block.name}: {block.description}" for block in preconditioner.blocks]
-    settings = {name: _describe(getattr(preconditioner, name, None)) for name in _SETTINGS}
+    signature = preconditioner.signature()  # layers and every setting, derived from the settings objects
     if optimizer is not None:
-        settings |= {f"optimizer.{k}": _describe(v) for k, v in sorted(getattr(optimizer, "defaults", {}).items())}
-    return {"class": type(preconditioner).__qualname__, "layers": layers, "settings": settings}
+        signature["settings"] |= {f"optimizer.{k}": _describe(v)
+                                  for k, v in sorted(getattr(optimizer, "defaults", {}).items())}
+    return signature
 
 
 def attach_kfac(optimizers: Sequence[Any], module: Any, precision_plugin: Any = None, communicator: Any = None,

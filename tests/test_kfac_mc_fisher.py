@@ -136,8 +136,9 @@ def _mc_nonfinite_two_ranks(rank, world_size):
     assert opt.nonfinite_skips.item() == 1 and opt.preconditioner.skipped_refreshes.item() >= 1
     _assert_unchanged(model, opt, before)
     _step(ddp, opt, 30 + rank)
+    counters = torch.stack([opt.nonfinite_skips, opt.preconditioner.skipped_refreshes]).float()
     state = torch.cat([p.detach().reshape(-1) for p in model.parameters()]
-                      + [t.reshape(-1) for b in opt.preconditioner.blocks for t in b.factors.values()])
+                      + [t.reshape(-1) for b in opt.preconditioner.blocks for t in b.factors.values()] + [counters])
     gathered = [torch.empty_like(state) for _ in range(world_size)]
     torch.distributed.all_gather(gathered, state)
     assert torch.isfinite(state).all() and torch.equal(gathered[0], gathered[1])

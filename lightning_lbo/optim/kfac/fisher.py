@@ -122,8 +122,8 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     The exponential race ``argmax(logits - log E)``, ``E ~ Exp(1)`` (Gumbel-max); never raises (rows
     with non-finite logits get an arbitrary label), no host synchronisation.
     """
-    noise = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits - noise.log()).argmax(dim=1)
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return race.log_().neg_().add_(logits).argmax(dim=1)  # logits - log E, in one [M, C] buffer
 
 
 def sampled_loss(output: torch.Tensor, likelihood: Likelihood, classes_dim: int = 1,

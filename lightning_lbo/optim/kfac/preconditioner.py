@@ -21,7 +21,7 @@ from lightning_lbo.optim.kfac import inverses as inv
 from lightning_lbo.optim.kfac.blocks import BLOCK_TYPES, EXPAND, CurvatureBlock, make_block, make_shared_block
 from lightning_lbo.optim.kfac.capture import Capture, Captured
 from lightning_lbo.optim.kfac.comm import Communicator
-from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
+from lightning_lbo.optim.kfac.fisher import Fisher, LabelSampler, Likelihood, check_mc_settings, parse_enum
 from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 FloatSchedule = float | Callable[[int], float]
@@ -75,6 +75,11 @@ class KFACPreconditioner:
             ``forward`` output to be the logits, see ``output_to_logits``).
         likelihood: for ``fisher="mc"``: ``"categorical"`` (logits ``[N, C, *]``) or ``"gaussian"``.
         output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
+        classes_dim: for ``fisher="mc"`` with categorical logits: their classes axis (``1`` for
+            ``[N, C, *]``, ``-1`` for ``[N, T, V]``); ``None`` (default): the module's
+            ``logits_classes_dim`` attribute if it declares one (``lightning_lbo.lm.GPT`` does), else ``1``.
+        mc_seed: seed of the labels ``fisher="mc"`` samples (checkpointed with the draw count, so a resume
+            samples the labels of the uninterrupted run); ``None``: ``torch.initial_seed()``.
         kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
         stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
         exclude: modules or module types to leave to the plain update (e.g. ``[model.fc]``, ``nn.Embedding``).
@@ -114,7 +119,8 @@ class KFACPreconditioner:
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
                  linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
-                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
+                 comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None,
+                 classes_dim: int | None = None, mc_seed: int | None = None) -> None:
         if not callable(damping) and not damping > 0:
             raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
         if not 0.0 < factor_decay <= 1.0:
@@ -143,6 +149,8 @@ class KFACPreconditioner:
         self.fisher: Fisher = parse_enum(Fisher, fisher, "fisher")
         self.likelihood: Likelihood = parse_enum(Likelihood, likelihood, "likelihood")
         self.output_to_logits = output_to_logits
+        check_mc_settings(self.fisher, self.likelihood, classes_dim, mc_seed)
+        self.classes_dim = classes_dim
         self.kl_clip = kl_clip
         self.stale_statistics = stale_statistics
         self.exclude = tuple(exclude)
@@ -152,6 +160,8 @@ class KFACPreconditioner:
         self.factor_dtype = factor_dtype
         self._exact_damping_in_fp64 = factor_dtype is None
         self.comm: Communicator = comm if comm is not None else Communicator()
+        self.label_sampler = LabelSampler(mc_seed)  # the labels of fisher="mc"; distinct per rank
+        self.label_sampler.rank = self.comm.rank
         self._comm_injected = comm is not None
         self._comm_checked = False
         self._grad_scaler = grad_scaler
@@ -173,6 +183,7 @@ class KFACPreconditioner:
         """Install the communicator (the Lightning layer does this at setup under DDP)."""
         self.comm = comm
         self._comm_injected = True
+        self.label_sampler.rank = comm.rank
         if self.capture is not None and comm.is_distributed:
             self._keep_low_rank_rows(set())  # the low-rank inverse is single-process only
 
@@ -264,7 +275,8 @@ class KFACPreconditioner:
         self.module = module
         self.blocks = blocks
         self.capture = Capture(blocks, module, fisher=self.fisher, likelihood=self.likelihood,
-                               output_to_logits=self.output_to_logits, on_statistic=self._reduce)
+                               output_to_logits=self.output_to_logits, on_statistic=self._reduce,
+                               classes_dim=self.classes_dim, sampler=self.label_sampler)
         self.capture.grad_scaler = self._grad_scaler
         self.skipped_refreshes = self.skipped_refreshes.to(blocks[0].weight.device)
         self._plan_captures()
@@ -376,10 +388,7 @@ class KFACPreconditioner:
             return
         self._warned_missing = True
         if self.fisher is Fisher.MC:
-            fix = (f"with fisher='mc' the sampled-label backward starts from the output of the module K-FAC is "
-                   f"bound to ({type(self.module).__name__}), whose forward was not called (e.g. training_step "
-                   "calls self.net(x)). Build K-FAC on the module that returns the logits (KFAC(self.net, ...)), "
-                   "or call preconditioner.run_mc_backward(logits) before the backward")
+            fix = self.capture.mc_missing_reason(missing)
         else:
             fix = "their outputs received no gradient; exclude them (exclude=[...]) if they do not reach the loss"
         warnings.warn(f"K-FAC captured no output-gradient statistic for {missing} on a refresh step: {fix}. "
@@ -596,7 +605,7 @@ class KFACPreconditioner:
                      "inverse_factors": {s: t for s, t in source.items() if t is not factors.get(s)}}
             blocks.append(entry)
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
-                "inverse_fallbacks": self.inverse_fallbacks}
+                "inverse_fallbacks": self.inverse_fallbacks, "mc_sampling": self.label_sampler.state_dict()}
 
     def _check_entry(self, block: CurvatureBlock, entry: dict[str, Any]) -> bool:
         """Validate a checkpointed block: wrong shapes raise; non-finite factors reset it (returns False)."""
@@ -630,6 +639,7 @@ class KFACPreconditioner:
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
+        self.label_sampler.load_state_dict(state.get("mc_sampling", {}))
         for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
             device, dtype = block.weight.device, block.factor_dtype
             block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, {}

@@ -39,6 +39,7 @@ from benchmarks.study import RESULTS, VARIANTS, Cache, Cell, StudyConfig, Tune, 
 REPORT = HERE / "REPORT.md"
 PLOTS = HERE / "results"
 NOTES = PLOTS / "study_notes.md"  # hand-written reading of the figures (dated), included verbatim
+HISTORY = "### History"  # the notes' section of superseded readings, moved to the end of the report
 FASHION_MNIST = 60000
 FIRST_ORDER = ("sgd", "goyal", "lars", "lamb", "akiba")
 GOAL_BATCH, BEYOND_BATCH = 2048, 8192
@@ -468,20 +469,27 @@ def write_report(config: StudyConfig) -> str:
                       "arrive, so more follow); every figure below says how many seeds and LR values it rests on. "
                       "Next: " + ", ".join(f"`{k}`" for k in todo[:8]) + ("..." if len(todo) > 8 else "") + ".")
     notes = NOTES.read_text().strip().splitlines() if NOTES.exists() and config.results == RESULTS else []
+    # Superseded readings (the notes' "### History") go to the end of the report, out of the current reading.
+    cut = next((i for i, line in enumerate(notes) if line.startswith(HISTORY)), len(notes))
+    history = ["## History" + notes[cut][len(HISTORY):], *notes[cut + 1:]] if cut < len(notes) else []
+    notes = notes[:cut]
     lines += ["", *_setup(cache, config), *_goals(cells, head, config, base, target), *notes, "", *baseline_lines,
               *_by_batch_table(cells, config, base), *_steps_table(cells, config, target),
               "## SP-NGD against K-FAC", ""]
     for batch in (BEYOND_BATCH, GOAL_BATCH):
         lines += _ablation(cache, config, batch)
     if head:
-        lines += [f"## SmallCNN headline cells ({config.headline_epochs} epochs; LR grid of 3 values, the chosen LR's "
-                  "test accuracy over its seeds)", "",
+        sizes = sorted({len(c.grid) for c in head.values()})
+        grid = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        lines += [f"## SmallCNN headline cells ({config.headline_epochs} epochs; LR grids of {grid} values, the chosen "
+                  "LR's test accuracy over its seeds)", "",
                   "| recipe | batch | base LR: held-out accuracy (seed 0) | test |", "|---|---|---|---|"]
         lines += [f"| {c.name} | {c.batch} | {_lr_grid(c)} | {_pm(c.test_mean, c.test_std, len(c.runs))} |"
                   for c in sorted(head.values(), key=lambda c: (c.batch, c.name))]
         lines.append("")
     lines += _grids(cells, config)
     lines += ["## Curves", "", "![held-out accuracy against steps](results/curves/accuracy.png)", ""]
+    lines += [*history, ""] if history else []
     return "\n".join(lines)
 
 

@@ -38,9 +38,8 @@ class GPT(nn.Module):
         d_ff: hidden width of the feed-forward layers (default ``4 * d_model``).
         dropout: dropout inside the blocks (0 in the benchmark).
         classes_last: logits ``[N, T, V]`` (default) or, with ``False``, ``[N, V, T]``, the class-second
-            layout of ``F.cross_entropy`` and of K-FAC's MC Fisher, which samples labels from the
-            forward's output itself (a transposed copy made outside the model is not in the loss's
-            graph, so no gradient would reach the statistics).
+            layout of ``F.cross_entropy``. The model declares the classes axis of its logits in
+            :attr:`logits_classes_dim`, where K-FAC's MC Fisher samples its labels (either layout).
         tie_embeddings: the head uses the token embedding's weight (``head.weight =
             token_embedding.weight``, GPT-2's tying); K-FAC preconditions it with one tied block.
     """
@@ -87,6 +86,11 @@ class GPT(nn.Module):
             for residual_out in (block.self_attn.out_proj, block.linear2):
                 nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * n_layers))
 
+    @property
+    def logits_classes_dim(self) -> int:
+        """The classes axis of the logits (``-1``: ``[N, T, V]``; ``1``: ``[N, V, T]``), for K-FAC's MC Fisher."""
+        return -1 if self.classes_last else 1
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n, t = tokens.shape
         if t > self.seq_len:
@@ -129,8 +133,7 @@ def causal_lm_module_class(package: str) -> type:
 
         Example::
 
-            module = CausalLMModule(model_kwargs=dict(classes_last=False),
-                                    optimizer=lambda m: KFAC(m, lr=0.05, fisher="mc"))
+            module = CausalLMModule(optimizer=lambda m: KFAC(m, lr=0.05, fisher="mc"))
             Trainer(max_steps=500).fit(module, datamodule=GCIDEDataModule(batch_size=32))
         """
 
@@ -143,6 +146,11 @@ def causal_lm_module_class(package: str) -> type:
                 raise ValueError("Give either model or model_kwargs (the arguments of the default GPT), not both.")
             self.model = model if model is not None else GPT(**(model_kwargs or {}))
             self.optimizer_factory = optimizer or _adamw
+
+        @property
+        def logits_classes_dim(self) -> int:
+            """The classes axis of the logits, for K-FAC's MC Fisher: ``-1`` unless the model is class-second."""
+            return -1 if getattr(self.model, "classes_last", True) else 1
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             return self.model(tokens)

@@ -262,3 +262,17 @@ def test_report_smallcnn_goal_from_its_grid_and_seeds(tmp_path):
     assert ("| 1. SmallCNN (4 epochs, 3 LR value(s) tried) | kfac 0.8960 ± 0.0010 (n=3) vs sgd@128 "
             "0.8860 ± 0.0010 (n=3): gap -0.0100 | **met** |") in text
     assert "| sgd | 128 | 0.05: 0.8100, 0.1: 0.8600, **0.2: 0.8900** | 0.8860 ± 0.0010 (n=3) |" in text
+
+
+def test_report_moves_superseded_notes_to_a_history_section_at_the_end(tmp_path, monkeypatch):
+    """The notes' "### History" part leaves the current reading and closes the report; the rest stays in place."""
+    config = _config(tmp_path, recipes=("sgd",), batches=(128,), train_subset=0, val_size=5000)
+    study.run_study(config, runner=_fake_runner([]), log=lambda _: None)
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Reading\n\ncurrent text\n\n### History (old)\n\n- superseded text\n")
+    monkeypatch.setattr(report, "NOTES", notes)
+    monkeypatch.setattr(report, "RESULTS", config.results)
+    text = report.write_report(config)
+    assert text.index("current text") < text.index("## Curves") < text.index("## History (old)") \
+        < text.index("superseded text")
+    assert "### History" not in text

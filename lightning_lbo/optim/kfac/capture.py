@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from lightning_lbo.capture import capture_paused
 from lightning_lbo.optim._torch_private import grad_scaler_scale
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock
-from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, sampled_loss
+from lightning_lbo.optim.kfac.fisher import CLASSES_DIM_ATTRIBUTE, Fisher, LabelSampler, Likelihood, sampled_loss
 
 # module -> the Capture hooking it (weak both ways; not an attribute, so modules stay picklable)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -85,17 +86,23 @@ class Capture:
         output_to_logits: maps the root's output to the logits.
         on_statistic: called with each finished sum over examples, a tensor or a low-rank part, and whether
             it is symmetric (e.g. to start reducing it).
+        classes_dim: the classes axis of categorical logits; ``None``: the root's declared
+            ``logits_classes_dim`` attribute if it has one, else ``1`` (``[N, C, *]``).
+        sampler: the random stream of the sampled labels (default: one seeded from the global seed).
     """
 
     def __init__(self, blocks: list[CurvatureBlock], root: nn.Module, *, fisher: Fisher, likelihood: Likelihood,
                  output_to_logits: Callable[[Any], torch.Tensor] | None,
-                 on_statistic: Callable[[Any, bool], None]) -> None:
+                 on_statistic: Callable[[Any, bool], None], classes_dim: int | None = None,
+                 sampler: LabelSampler | None = None) -> None:
         self.blocks = blocks
         self.root = root
         self.fisher = fisher
         self.likelihood = likelihood
         self.output_to_logits = output_to_logits
         self.on_statistic = on_statistic
+        self.classes_dim = classes_dim
+        self.sampler = sampler if sampler is not None else LabelSampler()
         self.grad_scaler: Any = None
         self.due: dict[int, set[str]] = {}
         self.captured: dict[int, Captured] = {}
@@ -105,6 +112,9 @@ class Capture:
         # hook gets the key, not the tensor: a hook holding the tensor it is registered on is a reference
         # cycle through the autograd graph that Python's GC cannot see (every step's graph leaked).
         self._mc_pending: dict[int, tuple[torch.Tensor, list]] = {}
+        # why output statistics went missing on the last collected step (see mc_missing_reason)
+        self._mc_unreached: dict[str, list[str]] = {}
+        self._mc_no_grad = False
         self._handles: list[Any] = []
         for block in blocks:
             for i, (module, use) in enumerate(block.uses()):
@@ -133,13 +143,51 @@ class Capture:
     def collect(self) -> dict[int, Captured]:
         """The statistics captured since :meth:`begin`, by ``id(block)``; disarms the hooks."""
         captured, self.captured = self.captured, {}
+        if self._mc_targets:
+            self._mc_unreached.setdefault("root_not_called", []).extend(b.name for b, *_ in self._mc_targets)
+        for _, targets in self._mc_pending.values():
+            self._mc_unreached.setdefault("backward_never_reached", []).extend(b.name for b, *_ in targets)
         self.due, self._mc_targets, self._mc_pending = {}, [], {}
         return captured
 
     def discard(self) -> None:
         """Drop what was captured (e.g. the statistics of a step the AMP scaler skipped)."""
         self.captured = {}
-        self._mc_targets, self._mc_pending = [], {}
+        self._mc_targets, self._mc_pending, self._mc_unreached, self._mc_no_grad = [], {}, {}, False
+
+    def mc_missing_reason(self, missing: list[str]) -> str:
+        """Why the sampled-label backward gave no output statistic to the blocks named ``missing`` on the
+        step just collected (``fisher="mc"``), and the fix; forgets the record."""
+        unreached, no_grad = self._mc_unreached, self._mc_no_grad
+        self._mc_unreached, self._mc_no_grad = {}, False
+        root = type(self.root).__name__
+
+        def hit(kind: str) -> bool:
+            return any(name in missing for name in unreached.get(kind, ()))
+
+        reasons = []
+        if hit("backward_never_reached"):
+            reasons.append(
+                f"the training backward never reached the output of {root}'s forward nor the logits "
+                "output_to_logits returned, where the hook that starts the sampled-label backward sits (the loss "
+                "was computed from another tensor, e.g. a second forward or a copy made outside the forward); "
+                "compute the loss from the forward's output, or call preconditioner.run_mc_backward(logits) "
+                "before the backward. For logits [N, T, V] pass classes_dim=-1 instead of transposing them in "
+                "output_to_logits")
+        if hit("not_on_path"):
+            reasons.append(
+                "the sampled-label backward from the logits (the root's output, or what output_to_logits returns) "
+                "does not reach these layers' outputs: they do not feed the logits (exclude them, or return the "
+                "logits they feed through output_to_logits)")
+        if no_grad:
+            reasons.append(f"the logits of {root}'s forward do not require grad, so no sampled-label backward ran")
+        if hit("root_not_called") or not reasons:
+            reasons.append(
+                f"the sampled-label backward starts from the output of the module K-FAC is bound to ({root}), "
+                "whose forward was not called (e.g. training_step calls self.net(x)). Build K-FAC on the module "
+                "that returns the logits (KFAC(self.net, ...)), or call preconditioner.run_mc_backward(logits) "
+                "before the backward")
+        return "with fisher='mc' " + "; and ".join(reasons)
 
     def remove(self) -> None:
         """Remove every hook (teardown); idempotent."""
@@ -229,9 +277,22 @@ class Capture:
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"fisher='mc' needs the module's forward to return the logits tensor, got "
                             f"{type(logits).__name__}; pass output_to_logits=... to extract them.")
-        if logits.requires_grad:
-            self._mc_pending[id(logits)] = (logits, targets)
-            logits.register_hook(partial(self._mc_hook, id(logits)))
+        if not logits.requires_grad:
+            self._mc_no_grad = True
+            return
+        key = id(logits)
+        self._mc_pending[key] = (logits, targets)
+        # The first of these tensors the training backward reaches starts the sampled-label backward: the
+        # logits may be a new tensor the loss never uses (output_to_logits=lambda o: o.transpose(1, 2)).
+        triggers = {id(t): t for t in [logits, *tree_leaves(output)]
+                    if isinstance(t, torch.Tensor) and t.requires_grad}
+        for tensor in triggers.values():
+            tensor.register_hook(partial(self._mc_hook, key))
+
+    def _classes_dim(self) -> int:
+        if self.classes_dim is not None:
+            return self.classes_dim
+        return getattr(self.root, CLASSES_DIM_ATTRIBUTE, 1)
 
     def _mc_hook(self, key: int, grad: torch.Tensor) -> None:
         """At the start of the training backward: the sampled-label backward to the layer outputs only."""
@@ -243,11 +304,13 @@ class Capture:
         self._in_mc = True
         try:
             with torch.enable_grad():
-                loss = sampled_loss(logits, self.likelihood)
+                loss = sampled_loss(logits, self.likelihood, self._classes_dim(), self.sampler.generator(logits.device))
                 grads = torch.autograd.grad(loss, [edge for _, _, edge, _, _ in targets], retain_graph=True,
                                             allow_unused=True)
             for (block, use, _, context, batch), g in zip(targets, grads, strict=True):
                 if g is not None:
                     self._output_statistic(block, use, g, context, batch, scaled=False)
+                else:
+                    self._mc_unreached.setdefault("not_on_path", []).append(block.name)
         finally:
             self._in_mc = False

@@ -24,7 +24,7 @@ from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
 from lightning_lbo.optim.kfac.capture import Capture
 from lightning_lbo.optim.kfac.checkpoint import flat_block_state, nested_block_state
 from lightning_lbo.optim.kfac.comm import Communicator
-from lightning_lbo.optim.kfac.fisher import Fisher
+from lightning_lbo.optim.kfac.fisher import Fisher, LabelSampler, check_mc_settings
 from lightning_lbo.optim.kfac.settings import (  # noqa: F401 (check_keywords: its former home)
     CurvatureSettings,
     FloatSchedule,
@@ -73,6 +73,11 @@ class KFACPreconditioner:
         fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; see ``output_to_logits``).
         likelihood: for ``fisher="mc"``: ``"categorical"`` (logits ``[N, C, *]``) or ``"gaussian"``.
         output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
+        classes_dim: for ``fisher="mc"`` with categorical logits: their classes axis (``1`` for
+            ``[N, C, *]``, ``-1`` for ``[N, T, V]``); ``None`` (default): the module's
+            ``logits_classes_dim`` attribute if it declares one (``lightning_lbo.lm.GPT`` does), else ``1``.
+        mc_seed: seed of the labels ``fisher="mc"`` samples (checkpointed with the draw count, so a resume
+            samples the labels of the uninterrupted run); ``None``: ``torch.initial_seed()``.
         kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
         stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
         exclude: modules or module types to leave to the plain update (e.g. ``[model.fc]``, ``nn.Embedding``).
@@ -103,15 +108,19 @@ class KFACPreconditioner:
                  linear_variant: str | LinearVariant = LinearVariant.EXPAND, l2: float = 0.0, grad_scaler: Any = None,
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
                  comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None,
-                 block_types: Mapping[type[nn.Module], type[CurvatureBlock]] | None = None) -> None:
+                 block_types: Mapping[type[nn.Module], type[CurvatureBlock]] | None = None,
+                 classes_dim: int | None = None, mc_seed: int | None = None) -> None:
         self.inverses = InverseSettings(damping, inverse_method, low_rank_inverse, kl_clip, l2)
         self.schedule = ScheduleSettings(factor_update_interval, inverse_update_interval, factor_decay,
                                          stale_statistics)
         self.curvature = CurvatureSettings(fisher, likelihood, output_to_logits, linear_variant, factor_dtype,
-                                           tuple(exclude))
+                                           tuple(exclude), classes_dim)
+        check_mc_settings(self.curvature.fisher, self.curvature.likelihood, classes_dim, mc_seed)
         self.registry = BlockRegistry.with_overrides(block_types)
         self._factor_dtype = factor_dtype  # resolved at bind
         self.comm: Communicator = comm if comm is not None else Communicator()
+        self.label_sampler = LabelSampler(mc_seed)  # the labels of fisher="mc"; distinct per rank
+        self.label_sampler.rank = self.comm.rank
         self._comm_injected = comm is not None
         self._comm_checked = False
         self._grad_scaler = grad_scaler
@@ -143,6 +152,7 @@ class KFACPreconditioner:
     output_to_logits = _setting("curvature", "output_to_logits")
     linear_variant = _setting("curvature", "linear_variant")
     exclude = _setting("curvature", "exclude")
+    classes_dim = _setting("curvature", "classes_dim")
 
     @property
     def factor_dtype(self) -> torch.dtype | None:
@@ -164,6 +174,7 @@ class KFACPreconditioner:
         """Install the communicator (the Lightning layer does this at setup under DDP)."""
         self.comm = comm
         self._comm_injected = True
+        self.label_sampler.rank = comm.rank
         if self.capture is not None and comm.is_distributed:
             for block in self.blocks:
                 block.capture_rows(False)  # the low-rank inverse is single-process only
@@ -228,7 +239,8 @@ class KFACPreconditioner:
         self.module = module
         self.blocks = blocks
         self.capture = Capture(blocks, module, fisher=self.fisher, likelihood=self.likelihood,
-                               output_to_logits=self.output_to_logits, on_statistic=self._reduce)
+                               output_to_logits=self.output_to_logits, on_statistic=self._reduce,
+                               classes_dim=self.classes_dim, sampler=self.label_sampler)
         self.capture.grad_scaler = self._grad_scaler
         self.skipped_refreshes = self.skipped_refreshes.to(blocks[0].weight.device)
         self._plan_captures()
@@ -306,10 +318,7 @@ class KFACPreconditioner:
             return
         self._warned_missing = True
         if self.fisher is Fisher.MC:
-            fix = (f"with fisher='mc' the sampled-label backward starts from the output of the module K-FAC is "
-                   f"bound to ({type(self.module).__name__}), whose forward was not called (e.g. training_step "
-                   "calls self.net(x)). Build K-FAC on the module that returns the logits (KFAC(self.net, ...)), "
-                   "or call preconditioner.run_mc_backward(logits) before the backward")
+            fix = self.capture.mc_missing_reason(missing)
         else:
             fix = "their outputs received no gradient; exclude them (exclude=[...]) if they do not reach the loss"
         warnings.warn(f"K-FAC captured no output-gradient statistic for {missing} on a refresh step: {fix}. "
@@ -453,7 +462,7 @@ class KFACPreconditioner:
         blocks = [{"name": block.name, "type": block.description, **nested_block_state(block.state())}
                   for block in self.blocks]
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
-                "inverse_fallbacks": self.inverse_fallbacks}
+                "inverse_fallbacks": self.inverse_fallbacks, "mc_sampling": self.label_sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Factors of the wrong
@@ -477,6 +486,7 @@ class KFACPreconditioner:
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
+        self.label_sampler.load_state_dict(state.get("mc_sampling", {}))
         for block, flat, ok in zip(self.blocks, flats, valid, strict=True):
             block.restore(flat, ok, self.steps, self.current_damping())
         self.discard_pending()

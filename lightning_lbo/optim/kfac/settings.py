@@ -45,6 +45,7 @@ class CurvatureSettings:
     linear_variant: LinearVariant = LinearVariant.EXPAND
     factor_dtype: torch.dtype | None = None
     exclude: tuple[nn.Module | type, ...] = ()
+    classes_dim: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", parse_enum(Fisher, self.fisher, "fisher"))

@@ -95,6 +95,7 @@ class Capture:
         self.output_to_logits = output_to_logits
         self.on_statistic = on_statistic
         self.grad_scaler: Any = None
+        self.output_grad_dtypes: set[torch.dtype] = set()  # read by binding.check_grad_scaler at the first step
         self.due: dict[int, set[str]] = {}
         self.keep_rows: set[int] = set()
         self.captured: dict[int, Captured] = {}
@@ -229,6 +230,7 @@ class Capture:
         if capture_paused() or self._in_mc:
             return
         batch.closed = True
+        self.output_grad_dtypes.add(grad.dtype)
         if wanted:
             self._output_statistic(block, use, grad, context, batch, scaled=True)
 

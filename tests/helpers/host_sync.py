@@ -16,17 +16,19 @@ from lightning_lbo.compat import callback_bases
 
 aten = torch.ops.aten
 
-# Ops that wait for the device or build a tensor from host data.
+# Ops that wait for the device or build a tensor from host data. Not counted: ``scalar_tensor`` (a Python
+# number promoted in ``torch.where(c, t, 0.0)`` and the like) and ``full``: both are an empty tensor filled
+# on the target device, a kernel launch with the number as argument, no copy and no wait.
 _SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.lift_fresh.default,
-             aten.lift_fresh_copy.default, aten.scalar_tensor.default}
+             aten.lift_fresh_copy.default}
 
 
 class HostSyncCounter(TorchDispatchMode):
     """Counts ops that wait for the device or copy between host and device.
 
     ``_local_scalar_dense``/``item`` (``.item()``, ``float(t)``, ``if t:``), ``lift_fresh`` (a tensor
-    built from host data, ``torch.tensor(x)``: a blocking host-to-device copy on an accelerator),
-    ``scalar_tensor`` (a 0-d tensor from a Python number) and copies between devices.
+    built from host data, ``torch.tensor(x)``: a blocking host-to-device copy on an accelerator) and
+    copies between devices.
     """
 
     def __init__(self) -> None:

@@ -224,20 +224,40 @@ class _HookedLoader:
         return getattr(self.loader, name)
 
 
-# ---------------------------------------------------------------------------- private Lightning names
-# Every private Lightning name the package uses is read here and nowhere else. tests/test_compat.py checks
-# each one on the installed versions of both packages, so a Lightning release that moves one fails a test,
-# not a user's run. (Private torch names of the K-FAC core live in lightning_lbo/optim/_torch_private.py.)
+# ---------------------------------------------------------------------------- private Lightning and torch names
+# Every private Lightning name the package uses (and torch's outside the K-FAC core) is read here only.
+# tests/test_compat.py checks each one on the installed versions of both packages, so a release that moves
+# one fails a test, not a user's run. (The K-FAC core's private torch names: lightning_lbo/optim/_torch_private.py.)
 
 DDP_REGISTER_HOOKS = "_register_ddp_hooks"
 """``DDPStrategy``'s method that registers the DDP comm hook (CUDA only in Lightning); ``ddp_kfac`` overrides it."""
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer behind a ``LightningOptimizer`` (its ``optimizer`` property), else ``optimizer``."""
-    if type(optimizer).__name__ == "LightningOptimizer":
-        return optimizer.optimizer
+    """The torch optimizer behind a ``LightningOptimizer`` (its ``optimizer`` property), else ``optimizer``.
+
+    Imports nothing: a ``LightningOptimizer`` exists only when its package is imported.
+    """
+    for package in PACKAGE_NAMES:
+        module = sys.modules.get(f"{package}.core.optimizer")
+        if module is not None and isinstance(optimizer, module.LightningOptimizer):
+            return optimizer.optimizer
     return optimizer
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """A callback's checkpoint key made unique by ``identity`` (Lightning's protected
+    ``Callback._generate_state_key``, the spelling its own stateful callbacks use)."""
+    return callback._generate_state_key(**identity)
+
+
+@cache
+def batch_norm_base() -> type:
+    """torch's base class of every normalisation layer with running statistics (BatchNorm*, SyncBatchNorm,
+    InstanceNorm*, the lazy ones): ``torch.nn.modules.batchnorm._NormBase``, which has no public name."""
+    from torch.nn.modules import batchnorm
+
+    return batchnorm._NormBase
 
 
 def strategy_timeout(strategy: Any) -> Any:
@@ -264,3 +284,12 @@ def register_ddp_comm_hook(package: str, model: Any, strategy: Any) -> None:
 def uses_distributed_sampler(trainer: Any) -> bool:
     """``Trainer(use_distributed_sampler=...)``: kept by the private accelerator connector (no public getter)."""
     return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
+def map_tensors(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``tree`` (tuples, lists, dicts, namedtuples of tensors and other leaves) with ``fn`` applied to each
+    tensor, other leaves kept: torch's pytree ``tree_map`` (``torch.utils._pytree``, no public spelling)."""
+    import torch  # here: importing this module imports no torch
+    from torch.utils import _pytree
+
+    return _pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, tree)

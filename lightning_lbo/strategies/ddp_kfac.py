@@ -101,8 +101,8 @@ def kfac_ddp_strategy_class(package: str) -> type:
             self._curvature_group: Any = None
 
         def _register_comm_hook_on_every_device(self) -> None:
-            """Lightning's ``_register_ddp_hooks`` (see :data:`lightning_lbo.compat.DDP_REGISTER_HOOKS`) registers
-            comm hooks only on CUDA; DDP itself supports them on gloo as well."""
+            """Replaces DDPStrategy's hook registration (:data:`lightning_lbo.compat.DDP_REGISTER_HOOKS`), which
+            registers comm hooks only on CUDA; DDP itself supports them on gloo as well."""
             if ddp_comm_hook_settings(self)[0] is not None:  # the user gave ddp_comm_hook=
                 register_ddp_comm_hook(package, self.model, self)
 

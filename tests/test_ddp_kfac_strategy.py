@@ -85,8 +85,9 @@ def test_kfac_communicator_rejects_a_grad_worker_fraction_for_another_world_size
 @pytest.mark.slow
 def test_ddp_kfac_two_ranks_match_one_process():
     """2 ranks x B/2 equal 1 process x B: ddp_kfac (both grad-worker settings, stale statistics,
-    accumulation, resume, CPU comm hook), plain ddp; conv weights bit-identical across ranks (both settings and
-    plain ddp); a mismatched configuration fails on every rank."""
+    accumulation, resume, CPU comm hook), plain ddp with KFACCallback; conv weights bit-identical across ranks (both
+    settings and plain ddp); a mismatched configuration fails on every rank; plain ddp without KFACCallback fails
+    at the first step naming it."""
     out = run_script(SCRIPTS / "ddp_kfac_equivalence.py", torchrun_nproc=2, timeout=420).stdout
     assert "rank 0 ok" in out and "rank 1 ok" in out
     for name in ("ddp_kfac", "ddp_kfac grad_worker_fraction=1/2", "ddp_kfac stale statistics",
@@ -94,6 +95,7 @@ def test_ddp_kfac_two_ranks_match_one_process():
         assert f"{name}: equal to 1 process" in out, name
     for name in ("conv ddp_kfac", "conv ddp_kfac grad_worker_fraction=1/2", "conv plain ddp"):
         assert f"{name}: ranks bit-identical" in out, name
+    assert "plain ddp without KFACCallback: fails naming it" in out
 
 
 @pytest.mark.slow

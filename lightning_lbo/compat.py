@@ -222,3 +222,74 @@ class _HookedLoader:
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
         return getattr(self.loader, name)
+
+
+# ---------------------------------------------------------------------------- private Lightning and torch names
+# Every private Lightning name the package uses (and torch's outside the K-FAC core) is read here only.
+# tests/test_compat.py checks each one on the installed versions of both packages, so a release that moves
+# one fails a test, not a user's run. (The K-FAC core's private torch names: lightning_lbo/optim/_torch_private.py.)
+
+DDP_REGISTER_HOOKS = "_register_ddp_hooks"
+"""``DDPStrategy``'s method that registers the DDP comm hook (CUDA only in Lightning); ``ddp_kfac`` overrides it."""
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind a ``LightningOptimizer`` (its ``optimizer`` property), else ``optimizer``.
+
+    Imports nothing: a ``LightningOptimizer`` exists only when its package is imported.
+    """
+    for package in PACKAGE_NAMES:
+        module = sys.modules.get(f"{package}.core.optimizer")
+        if module is not None and isinstance(optimizer, module.LightningOptimizer):
+            return optimizer.optimizer
+    return optimizer
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """A callback's checkpoint key made unique by ``identity`` (Lightning's protected
+    ``Callback._generate_state_key``, the spelling its own stateful callbacks use)."""
+    return callback._generate_state_key(**identity)
+
+
+@cache
+def batch_norm_base() -> type:
+    """torch's base class of every normalisation layer with running statistics (BatchNorm*, SyncBatchNorm,
+    InstanceNorm*, the lazy ones): ``torch.nn.modules.batchnorm._NormBase``, which has no public name."""
+    from torch.nn.modules import batchnorm
+
+    return batchnorm._NormBase
+
+
+def strategy_timeout(strategy: Any) -> Any:
+    """The collective timeout (``datetime.timedelta``) a DDP-like strategy was built with, ``None`` if it has none.
+
+    Lightning keeps ``DDPStrategy(timeout=...)`` in the private ``_timeout`` (no public getter).
+    """
+    return getattr(strategy, "_timeout", None)
+
+
+def ddp_comm_hook_settings(strategy: Any) -> tuple[Any, Any, Any]:
+    """``(ddp_comm_hook, ddp_comm_state, ddp_comm_wrapper)`` a ``DDPStrategy`` was built with (private fields)."""
+    return strategy._ddp_comm_hook, strategy._ddp_comm_state, strategy._ddp_comm_wrapper
+
+
+def register_ddp_comm_hook(package: str, model: Any, strategy: Any) -> None:
+    """Register ``strategy``'s DDP comm hook on ``model`` (a ``DistributedDataParallel``) on any device type,
+    with the helper Lightning uses for CUDA (``<package>.overrides.distributed._register_ddp_comm_hook``)."""
+    hook, state, wrapper = ddp_comm_hook_settings(strategy)
+    register = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
+    register(model=model, ddp_comm_state=state, ddp_comm_hook=hook, ddp_comm_wrapper=wrapper)
+
+
+def uses_distributed_sampler(trainer: Any) -> bool:
+    """``Trainer(use_distributed_sampler=...)``: kept by the private accelerator connector (no public getter)."""
+    return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
+def map_tensors(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``tree`` (tuples, lists, dicts, namedtuples of tensors and other leaves) with ``fn`` applied to each
+    tensor, other leaves kept: torch's pytree ``tree_map`` (``torch.utils._pytree``, no public spelling)."""
+    import torch  # here: importing this module imports no torch
+    from torch.utils import _pytree
+
+    return _pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, tree)

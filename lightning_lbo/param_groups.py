@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+
+from lightning_lbo.compat import batch_norm_base
 
 __all__ = ["NORM_TYPES", "is_norm_or_bias", "param_groups", "zero_init_last_bn", "last_bn_of_blocks"]
 
-#: Normalisation layers: BatchNorm*, SyncBatchNorm, InstanceNorm* (all ``_NormBase``), GroupNorm,
-#: LayerNorm, LocalResponseNorm, RMSNorm.
-NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+#: Normalisation layers: BatchNorm*, SyncBatchNorm, InstanceNorm* (:func:`~lightning_lbo.compat.batch_norm_base`),
+#: GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm.
+NORM_TYPES: tuple[type[nn.Module], ...] = (batch_norm_base(), nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                                            *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 #: ``filter(module, param) -> True`` if ``param`` (owned directly by ``module``) is *excluded*.
@@ -138,7 +139,7 @@ def last_bn_of_blocks(model: nn.Module, blocks: Mapping[type[nn.Module], str] | 
         for block_type, attr in blocks.items():
             if isinstance(mod, block_type):
                 bn = getattr(mod, attr, None)
-                if not isinstance(bn, _NormBase) or bn.weight is None:
+                if not isinstance(bn, batch_norm_base()) or bn.weight is None:
                     raise ValueError(f"{type(mod).__name__}.{attr} is {type(bn).__name__}, not an affine BatchNorm; "
                                      "pass blocks={BlockType: 'name_of_last_bn'}.")
                 found.append(bn)

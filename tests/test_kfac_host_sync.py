@@ -6,38 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lbo.callbacks import LRSchedule
 from lightning_lbo.optim.kfac import KFAC, StaleStatistics
 from tests.conftest import make_trainer
-
-aten = torch.ops.aten
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts ops that wait for the device or copy between host and device.
-
-    ``_local_scalar_dense`` (``.item()``, ``float(t)``, ``if t:``), ``lift_fresh`` (a tensor built from
-    host data, ``torch.tensor(x)``: a blocking host-to-device copy on an accelerator) and copies
-    between devices.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (aten._local_scalar_dense.default, aten.lift_fresh.default, aten.lift_fresh_copy.default):
-            self.ops.append(str(func))
-        elif func in (aten._to_copy.default, aten.copy_.default):
-            src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0].device if func is aten.copy_.default else kwargs.get("device", src.device)
-            if isinstance(src, torch.Tensor) and torch.device(dst) != src.device:
-                self.ops.append(f"{func} {src.device}->{dst}")
-        return func(*args, **kwargs)
+from tests.helpers.host_sync import HostSyncCounter  # also imported from here by older tests
 
 
 def _net():

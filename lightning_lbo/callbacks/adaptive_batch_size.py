@@ -34,7 +34,7 @@ from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, R
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
-from lightning_lbo.compat import callback_bases, lightning_package, package_of
+from lightning_lbo.compat import callback_bases, callback_state_key, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
 from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 
@@ -144,7 +144,7 @@ class AdaptiveBatchSize(*callback_bases()):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(rule=type(self.rule).__name__, max_factor=self.max_factor)
+        return callback_state_key(self, rule=type(self.rule).__name__, max_factor=self.max_factor)
 
     @property
     def accumulation(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_lbo.batch_sampler import ResizableBatchSampler
+from lightning_lbo.compat import uses_distributed_sampler
 
 
 class Accumulation:
@@ -84,8 +85,8 @@ class Resize:
             raise ValueError("AdaptiveBatchSize(mechanism='resize') changes the epoch's length: set "
                              "Trainer(reload_dataloaders_every_n_epochs=1) (train_dataloader() returning the same "
                              "ResizableDataLoader each time).")
-        # Lightning's switch has no public getter; it would replace the sampler with a DistributedSampler.
-        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        # Lightning's switch (no public getter): it would replace the sampler with a DistributedSampler.
+        if trainer.world_size > 1 and uses_distributed_sampler(trainer):
             raise ValueError("AdaptiveBatchSize(mechanism='resize') shards the data in its ResizableBatchSampler: "
                              "set Trainer(use_distributed_sampler=False).")
 

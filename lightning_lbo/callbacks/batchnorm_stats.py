@@ -24,7 +24,7 @@ from lightning_lbo.batchnorm import (
     batchnorm_layers,
     estimate_precise_stats,
 )
-from lightning_lbo.compat import callback_bases
+from lightning_lbo.compat import callback_bases, callback_state_key
 
 
 class BatchNormStatsMode(str, Enum):
@@ -133,7 +133,7 @@ class BatchNormStats(*callback_bases()):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode.value, num_batches=self.num_batches)
+        return callback_state_key(self, mode=self.mode.value, num_batches=self.num_batches)
 
     # ------------------------------------------------------------------ hooks
     @override

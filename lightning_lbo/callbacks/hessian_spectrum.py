@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
-from torch.utils._pytree import tree_map
 from typing_extensions import override
 
-from lightning_lbo.compat import callback_bases, lightning_package, package_of
+from lightning_lbo.compat import callback_bases, callback_state_key, lightning_package, map_tensors, package_of
 from lightning_lbo.hessian import (
     HessianOperator,
     HVPBudgetExceeded,
@@ -59,13 +58,13 @@ class FixedBatches:
 
     def offer(self, batch: Any) -> None:
         if not self.ready:
-            self.batches.append(tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch))
+            self.batches.append(map_tensors(lambda t: t.detach().clone(), batch))
 
     def to_state(self) -> list[Any]:
-        return [tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, b) for b in self.batches]
+        return [map_tensors(lambda t: t.cpu(), b) for b in self.batches]
 
     def load(self, batches: list[Any], device: torch.device) -> None:
-        self.batches = [tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, b) for b in batches]
+        self.batches = [map_tensors(lambda t: t.to(device), b) for b in batches]
 
 
 def density_figure(density: SpectralDensity, title: str) -> Any:
@@ -178,7 +177,7 @@ class HessianSpectrum(*callback_bases()):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_epochs=self.every_n_epochs, groups=tuple(self.param_groups))
+        return callback_state_key(self, every_n_epochs=self.every_n_epochs, groups=tuple(self.param_groups))
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -1,14 +1,14 @@
 """The Lightning lifecycle of K-FAC, in one place: find, bind, grad scaler, communicator, logging, teardown.
 
 :class:`KFACLifecycle` holds the hooks; :class:`~lightning_lbo.callbacks.kfac.KFACCallback` is the
-public callback built on it, and every Trainer has one: installing lightning_lbo registers
-:func:`callbacks_factory_pytorch_lightning` / :func:`callbacks_factory_lightning` under Lightning's
-``callbacks_factory`` entry points, so a Trainer built without a ``KFACCallback`` gets a silent one
-(no logging, nothing to do without a K-FAC optimizer; built on that Trainer's package only, so the
-other package is not imported) that steps aside when the user passes their own. At ``on_fit_start`` (after the
-strategy's setup, before the checkpoint's optimizer state is restored) it calls :func:`attach_kfac`, the
-one path that connects K-FAC to a run; the ``ddp_kfac`` strategy only builds the communicator it
-injects. :func:`attach_kfac`
+public callback built on it. A run gets one only when it asks for K-FAC: the user passes
+``callbacks=[KFACCallback()]``, or ``strategy="ddp_kfac"`` adds a silent one (no logging, a warning
+instead of an error without a K-FAC optimizer) when the user passed none. A Trainer that does neither
+gets nothing from this package: no callback, no import of the K-FAC core, no console line.
+
+At ``on_fit_start`` (after the strategy's setup, before the checkpoint's optimizer state is restored)
+the callback calls :func:`attach_kfac`, the one path that connects K-FAC to a run; the ``ddp_kfac``
+strategy only builds the communicator it injects. :func:`attach_kfac`
 
 1. finds every K-FAC preconditioner: the ``preconditioner`` of an optimizer (Lightning wrappers
    unwrapped) or a standalone ``KFACPreconditioner`` stored on the LightningModule;
@@ -16,25 +16,30 @@ injects. :func:`attach_kfac`
 3. gives them the precision plugin's AMP grad scaler (16-mixed: output gradients carry its scale,
    which the factors must not);
 4. injects the communicator: the strategy's (``ddp_kfac``) or, under another multi-process strategy
-   (plain ``ddp``), a synchronous one; a single process keeps the no-op communicator;
+   (plain ``ddp``), a synchronous one on a group with the strategy's timeout; a single process keeps
+   the no-op communicator;
 5. checks that every rank built the same K-FAC layers and settings (fails instead of hanging).
 
-:func:`detach_kfac` removes the capture hooks at the end of the run (``on_fit_end``, or
-``on_exception``). The callback also drops the statistics of a step the AMP scaler skipped and logs
-what K-FAC is doing (``kfac/...`` keys, with an explicit ``KFACCallback``). Outside Lightning, a
-multi-process user injects the communicator: ``pre.set_communicator(default_communicator())``.
+Without the callback, K-FAC checks at its first step what only this wiring provides
+(:func:`lightning_lbo.optim.kfac.binding.check_bound`: several ranks, an AMP scale) and fails with a
+message naming ``KFACCallback()``. :func:`detach_kfac` removes the capture hooks at the end of the run
+(``on_fit_end``, or ``on_exception``). The callback also drops the statistics of a step the AMP scaler
+skipped and logs what K-FAC is doing (``kfac/...`` keys, built on the device: no host-to-device copy).
+Outside Lightning, a multi-process user injects the communicator: ``pre.set_communicator(default_communicator())``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
-from lightning_lbo.compat import lightning_package, per_package, publish_per_package
-from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
+from lightning_lbo.compat import strategy_timeout, unwrap_optimizer
+
+if TYPE_CHECKING:
+    from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
 
 
 def find_kfac(optimizers: Sequence[Any], module: Any = None) -> list[tuple[Any, KFACPreconditioner]]:
@@ -43,9 +48,12 @@ def find_kfac(optimizers: Sequence[Any], module: Any = None) -> list[tuple[Any, 
     The ``preconditioner`` of an optimizer (``LightningOptimizer`` unwrapped), or a standalone one
     stored as an attribute of ``module`` (``self.kfac = KFACPreconditioner(self)``).
     """
+    # Imported here: this module is loaded by Lightning for stale entry points, which must not import the core.
+    from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
+
     found: dict[int, tuple[Any, KFACPreconditioner]] = {}
     for optimizer in optimizers:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         pre = getattr(optimizer, "preconditioner", None)
         if isinstance(pre, KFACPreconditioner):
             found.setdefault(id(pre), (optimizer, pre))
@@ -74,7 +82,8 @@ def kfac_signature(optimizer: Any, preconditioner: KFACPreconditioner) -> dict[s
 
 
 def attach_kfac(optimizers: Sequence[Any], module: Any, precision_plugin: Any = None, communicator: Any = None,
-                signature_extra: dict[str, Any] | None = None) -> list[tuple[Any, KFACPreconditioner]]:
+                signature_extra: dict[str, Any] | None = None, timeout: Any = None
+                ) -> list[tuple[Any, KFACPreconditioner]]:
     """Bind, scale, connect and verify every K-FAC instance of a run (all ranks call it); idempotent.
 
     Args:
@@ -84,6 +93,8 @@ def attach_kfac(optimizers: Sequence[Any], module: Any, precision_plugin: Any = 
         communicator: the communicator to inject (``ddp_kfac``); ``None``: a synchronous one when a
             multi-process group is initialised and none was injected yet, else nothing.
         signature_extra: more settings every rank must share (the strategy's knobs).
+        timeout: the ``datetime.timedelta`` of the synchronous communicator's process group (the strategy's
+            collective timeout); ``None``: torch's default.
 
     Returns the ``(optimizer, preconditioner)`` pairs found.
     """
@@ -105,7 +116,7 @@ def attach_kfac(optimizers: Sequence[Any], module: Any, precision_plugin: Any = 
         if communicator is not None:
             pre.set_communicator(communicator)
         elif not pre.comm.is_distributed:
-            pre.set_communicator(default_communicator())
+            pre.set_communicator(default_communicator(timeout=timeout))
     return found
 
 
@@ -119,23 +130,29 @@ class KFACLifecycle:
     """The hooks of :class:`~lightning_lbo.callbacks.kfac.KFACCallback`: attach K-FAC to the run
     (:func:`attach_kfac`), drop statistics of AMP-skipped steps, log K-FAC's state, detach at the end.
 
-    A mixin without a Lightning base: the public callback adds every installed package's ``Callback``,
-    the automatic one only its Trainer's.
+    A mixin without a Lightning base (the public callback adds every installed package's ``Callback``).
+
+    Args:
+        log_every_n_steps: log the ``kfac/*`` metrics every this many optimizer steps (0: never). Every
+            metric is a device tensor (``torch.full`` on the module's device): logging copies nothing
+            from the host and waits for nothing.
+        require_kfac: raise at ``on_fit_start`` when the run has no K-FAC optimizer (the user asked for
+            K-FAC); the instance ``strategy="ddp_kfac"`` adds passes ``False`` (the strategy warns instead).
     """
 
-    _automatic = False  # True for the instance a Trainer gets from the entry point
-
-    def __init__(self, log_every_n_steps: int = 1) -> None:
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+    def __init__(self, log_every_n_steps: int = 1, *, require_kfac: bool = True) -> None:
+        if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0:
             raise ValueError(f"Invalid log_every_n_steps: {log_every_n_steps!r}; use a non-negative int.")
         self.log_every_n_steps = log_every_n_steps
+        self.require_kfac = require_kfac
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         strategy = trainer.strategy
         found = attach_kfac(trainer.optimizers, pl_module, getattr(strategy, "precision_plugin", None),
-                            getattr(strategy, "communicator", None), getattr(strategy, "curvature_settings", None))
-        if not found and not self._automatic:
+                            getattr(strategy, "communicator", None), getattr(strategy, "curvature_settings", None),
+                            timeout=strategy_timeout(strategy))
+        if not found and self.require_kfac:
             raise RuntimeError("KFACCallback found no KFAC optimizer: return lightning_lbo.KFAC(...) from "
                                "configure_optimizers or remove the callback.")
 
@@ -161,81 +178,43 @@ class KFACLifecycle:
         for i, (opt, pre) in enumerate(find_kfac(trainer.optimizers, pl_module)):
             prefix = "kfac/" if i == 0 else f"kfac_{i}/"
             intervals = [v for block in pre.blocks for v in block.interval.values()]
-            metrics = {
+            # Host numbers become device tensors through a fill (no host-to-device copy, no sync, unlike
+            # torch.tensor(x) or a float given to log); the counters K-FAC keeps on the device are logged as they are.
+            device = pre.skipped_refreshes.device
+            host = {
                 "damping": pre.current_damping(),
-                "factor_interval_mean": sum(intervals) / len(intervals),
-                "refreshes": float(sum(v for block in pre.blocks for v in block.refreshes.values())),
-                "skipped_refreshes": pre.skipped_refreshes.float(),
-                "inverse_fallbacks": float(pre.inverse_fallbacks),
+                "factor_interval_mean": sum(intervals) / max(1, len(intervals)),
+                "refreshes": sum(v for block in pre.blocks for v in block.refreshes.values()),
+                "inverse_fallbacks": pre.inverse_fallbacks,
             }
-            if pre.last_kl_clip_factor is not None:
-                metrics["kl_clip_factor"] = pre.last_kl_clip_factor
+            metrics = {name: torch.full((), float(value), device=device) for name, value in host.items()}
+            metrics["skipped_refreshes"] = pre.skipped_refreshes.float()
+            if isinstance(pre.last_kl_clip_factor, torch.Tensor):
+                metrics["kl_clip_factor"] = pre.last_kl_clip_factor.float()
             skips = getattr(opt, "nonfinite_skips", None)
             if isinstance(skips, torch.Tensor):
                 metrics["nonfinite_skips"] = skips.float()
-            pl_module.log_dict({prefix + k: (v if isinstance(v, torch.Tensor) else torch.tensor(v))
-                                for k, v in metrics.items()}, on_step=True, on_epoch=False)
+            pl_module.log_dict({prefix + k: v for k, v in metrics.items()}, on_step=True, on_epoch=False)
 
+    # Logging cadence is configuration, not training state: nothing to checkpoint (a resumed run keeps the
+    # cadence it was built with; an instance ``ddp_kfac`` added never overrides the user's).
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"log_every_n_steps": self.log_every_n_steps}
+        return {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.log_every_n_steps = state_dict.get("log_every_n_steps", self.log_every_n_steps)
+        pass
 
 
-@per_package
-def automatic_kfac_callback_class(package: str) -> type:
-    """The ``KFACCallback`` of a Trainer built without one, on ``package``'s ``Callback`` only.
-
-    It attaches K-FAC like an explicit one but logs nothing, says nothing when the run has no K-FAC
-    optimizer, keeps no state, and at ``setup`` leaves the Trainer's callbacks when the user passed a
-    ``KFACCallback`` (or returned one from ``configure_callbacks``), so a run has exactly one.
-    """
-
-    class AutomaticKFACCallback(KFACLifecycle, lightning_package(package).Callback):
-        _automatic = True
-
-        def __init__(self) -> None:
-            super().__init__(log_every_n_steps=0)
-
-        @property
-        def state_key(self) -> str:
-            return self._generate_state_key(automatic=True)  # never collides with a user's KFACCallback
-
-        @override
-        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if any(isinstance(c, KFACLifecycle) and not c._automatic for c in trainer.callbacks):
-                # A new list (Lightning iterates the old one while calling this hook), as configure_callbacks does.
-                trainer.callbacks = [c for c in trainer.callbacks if c is not self]
-
-        @override
-        def state_dict(self) -> dict[str, Any]:
-            return {}
-
-        @override
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            pass
-
-    return publish_per_package(AutomaticKFACCallback, __name__, package)
-
-
+# Lightning's ``callbacks_factory`` entry points that older versions declared: the metadata of an environment
+# installed before this change still names them until ``pip install -e .`` runs again. They add nothing.
 def callbacks_factory_pytorch_lightning() -> list[Any]:
-    """The ``pytorch_lightning.callbacks_factory`` entry point (pyproject.toml): every Trainer gets a
-    ``KFACCallback`` that owns K-FAC's lifecycle (inert without a K-FAC optimizer)."""
-    return [automatic_kfac_callback_class("pytorch_lightning")()]
+    """Removed entry point (a Trainer gets no K-FAC callback it was not given); kept so that stale installed
+    metadata naming it still loads. Returns no callback."""
+    return []
 
 
 def callbacks_factory_lightning() -> list[Any]:
-    """The ``lightning.pytorch.callbacks_factory`` entry point (see :func:`callbacks_factory_pytorch_lightning`)."""
-    return [automatic_kfac_callback_class("lightning.pytorch")()]
-
-
-def __getattr__(name: str) -> type:
-    # Unpickling the automatic callback in a ddp_spawn worker asks for its class by its published name.
-    for package in ("pytorch_lightning", "lightning.pytorch"):
-        suffix = "" if package == "pytorch_lightning" else "_" + package.replace(".", "_")
-        if name == "AutomaticKFACCallback" + suffix:
-            return automatic_kfac_callback_class(package)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """Removed entry point, see :func:`callbacks_factory_pytorch_lightning`. Returns no callback."""
+    return []

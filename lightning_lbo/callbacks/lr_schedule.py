@@ -20,7 +20,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_lbo import schedules as S
-from lightning_lbo.compat import callback_bases
+from lightning_lbo.compat import callback_bases, callback_state_key
 from lightning_lbo.optim.momentum import correction_factor, scale_momentum_
 
 WARMUPS = ("linear", "constant", "exponential")
@@ -178,7 +178,7 @@ class LRSchedule(*callback_bases()):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(warmup=self.warmup, decay=self.decay,
+        return callback_state_key(self, warmup=self.warmup, decay=self.decay,
                                         reference_batch_size=self.reference_batch_size)
 
     # ------------------------------------------------------------------ setup

@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
-from lightning_lbo.compat import callback_bases
+from lightning_lbo.compat import batch_norm_base, callback_bases
 from lightning_lbo.optim._step_utils import all_finite
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ METRIC = "nonfinite_skips"
 
 def running_statistics(module: nn.Module) -> list[Tensor]:
     """The running-statistics buffers of every normalization layer that tracks them."""
-    return [buf for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats
+    return [buf for m in module.modules() if isinstance(m, batch_norm_base()) and m.track_running_stats
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
 
 

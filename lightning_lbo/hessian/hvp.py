@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_lbo.capture import curvature_capture_paused
+from lightning_lbo.compat import batch_norm_base
 
 #: ``loss_fn(model, batch) -> scalar mean loss`` and ``count_fn(batch) -> number of samples``.
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -91,21 +92,23 @@ def batch_norm_mode(model: nn.Module, mode: str) -> Iterator[None]:
     if mode not in BN_MODES:
         raise ValueError(f"Invalid bn_mode: {mode!r}. Supported: {BN_MODES}.")
     flags = [(m, m.training) for m in model.modules()]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    norms = [m for m in model.modules() if isinstance(m, batch_norm_base())]
     # Batch statistics update the running buffers in place: give the modules scratch copies and put the
-    # originals back afterwards (no in-place write to the originals, so cached graphs stay valid).
-    saved = [dict(m._buffers) for m in norms]
+    # originals back afterwards (no in-place write to the originals, so cached graphs stay valid). Assigning
+    # a tensor to a registered buffer's name replaces the buffer (nn.Module.__setattr__).
+    saved = [dict(m.named_buffers(recurse=False)) for m in norms]
     model.train(mode == "train")
     if mode == "train":
-        for m in norms:
-            for k, b in m._buffers.items():
+        for m, buffers in zip(norms, saved, strict=True):
+            for k, b in buffers.items():
                 if b is not None:
-                    m._buffers[k] = b.detach().clone()
+                    setattr(m, k, b.detach().clone())
     try:
         yield
     finally:
         for m, buffers in zip(norms, saved, strict=True):
-            m._buffers.update(buffers)
+            for k, b in buffers.items():
+                setattr(m, k, b)
         for m, flag in flags:
             m.training = flag
 

@@ -1,19 +1,24 @@
 """``ddp_kfac``: Lightning's DDP strategy plus K-FAC curvature sync (KAISA-style), for both Lightning packages.
 
-DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. It only
-provides the process group, the communicator and the flush; attaching K-FAC to the run (bind, grad
-scaler, communicator injection, cross-rank check, teardown) is
-:class:`~lightning_lbo.callbacks.kfac.KFACCallback`'s, which every Trainer has (entry point). After the
-optimizers are set up it
+DDP averages gradients; :class:`KFACDDPStrategy` makes K-FAC's *curvature* distributed too. It provides
+the process group, the communicator and the flush; attaching K-FAC to the run (bind, grad scaler,
+communicator injection, cross-rank check, teardown) is
+:class:`~lightning_lbo.callbacks.kfac.KFACCallback`'s: the strategy adds a silent one (no logging) when
+the user passed none, so ``strategy="ddp_kfac"`` alone is a complete K-FAC setup. It
 
-1. builds a :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a
-   dedicated process group (:attr:`communicator`, with :attr:`curvature_settings`, the knobs every
-   rank must share): factors are all-reduced asynchronously in buckets as packed triangles,
-   inverse work is assigned by greedy LPT on ``n^3``, and ``grad_worker_fraction`` chooses between
-   broadcasting inverses (``1.0``) and broadcasting preconditioned gradients from one owner per layer
-   (``1 / world_size``); warns once when the run has no K-FAC optimizer;
-2. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
-3. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
+1. checks ``grad_worker_fraction`` at construction (and against the world size at setup) with one rule
+   (:func:`~lightning_lbo.optim.kfac.distributed.check_grad_worker_fraction`);
+2. after the optimizers are set up, builds a
+   :class:`~lightning_lbo.optim.kfac.distributed.TorchDistributedCommunicator` on a dedicated process
+   group created with the strategy's ``timeout`` (a frozen peer makes a curvature collective fail after
+   ``timeout`` like a DDP collective, instead of hanging) (:attr:`communicator`, with
+   :attr:`curvature_settings`, the knobs every rank must share): factors are all-reduced asynchronously
+   in buckets as packed triangles, inverse work is assigned by greedy LPT on ``n^3``, and
+   ``grad_worker_fraction`` chooses between broadcasting inverses (``1.0``) and broadcasting
+   preconditioned gradients from one owner per layer (``1 / world_size``); warns once when the run has
+   no K-FAC optimizer;
+3. registers ``ddp_comm_hook`` on every device type (Lightning registers comm hooks only on CUDA);
+4. launches the forward's partly filled factor buckets right after ``training_step`` returns, so the
    ``A`` reductions overlap the backward (full buckets go out from the hooks as they fill).
 
 Registered as ``"ddp_kfac"`` (subprocess launch, like ``"ddp"``) and ``"ddp_kfac_spawn"``. Multi-node
@@ -27,13 +32,21 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch.distributed as dist
 from typing_extensions import override
 
-from lightning_lbo.compat import default_class_attribute, lightning_package, per_package, publish_per_package
+from lightning_lbo.compat import (
+    DDP_REGISTER_HOOKS,
+    ddp_comm_hook_settings,
+    default_class_attribute,
+    lightning_package,
+    per_package,
+    publish_per_package,
+    register_ddp_comm_hook,
+    strategy_timeout,
+)
 
 STRATEGY_NAME = "ddp_kfac"
 SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
@@ -43,8 +56,7 @@ SPAWN_STRATEGY_NAME = "ddp_kfac_spawn"
 def kfac_ddp_strategy_class(package: str) -> type:
     """The ``KFACDDPStrategy`` class built on ``package``'s ``DDPStrategy`` (one class per package)."""
     pl = lightning_package(package)
-    register_ddp_comm_hook = importlib.import_module(f"{package}.overrides.distributed")._register_ddp_comm_hook
-    rank_zero_warn = importlib.import_module(f"{package}.utilities").rank_zero_warn
+    rank_zero_warn = pl.utilities.rank_zero_warn
     fitting = pl.trainer.states.TrainerFn.FITTING
 
     class KFACDDPStrategy(pl.strategies.DDPStrategy):
@@ -74,9 +86,9 @@ def kfac_ddp_strategy_class(package: str) -> type:
         def __init__(self, *args: Any, grad_worker_fraction: float = 1.0, bucket_cap_mb: float = 25.0,
                      async_factors: bool = True, pack_symmetric: bool = True, factor_reduce_dtype: Any = None,
                      **kwargs: Any) -> None:
-            if not 0.0 < grad_worker_fraction <= 1.0:
-                raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction}; use 1.0 (every rank "
-                                 "preconditions) or 1/world_size (each layer's owner preconditions).")
+            from lightning_lbo.optim.kfac.distributed import check_grad_worker_fraction
+
+            check_grad_worker_fraction(grad_worker_fraction)  # the same rule again at setup, with the world size
             if not bucket_cap_mb >= 0:
                 raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb}; use a size >= 0 in MiB.")
             super().__init__(*args, **kwargs)
@@ -88,12 +100,29 @@ def kfac_ddp_strategy_class(package: str) -> type:
             self.communicator: Any = None  # TorchDistributedCommunicator once set up
             self._curvature_group: Any = None
 
+        def _register_comm_hook_on_every_device(self) -> None:
+            """Replaces DDPStrategy's hook registration (:data:`lightning_lbo.compat.DDP_REGISTER_HOOKS`), which
+            registers comm hooks only on CUDA; DDP itself supports them on gloo as well."""
+            if ddp_comm_hook_settings(self)[0] is not None:  # the user gave ddp_comm_hook=
+                register_ddp_comm_hook(package, self.model, self)
+
         @override
-        def _register_ddp_hooks(self) -> None:
-            # Lightning registers comm hooks only on CUDA; DDP itself supports them on gloo as well.
-            if self._ddp_comm_hook is not None:
-                register_ddp_comm_hook(model=self.model, ddp_comm_state=self._ddp_comm_state,
-                                       ddp_comm_hook=self._ddp_comm_hook, ddp_comm_wrapper=self._ddp_comm_wrapper)
+        def connect(self, model: Any) -> None:
+            super().connect(model)
+            self.ensure_kfac_callback(model.trainer)
+
+        def ensure_kfac_callback(self, trainer: Any) -> None:
+            """Give the run K-FAC's lifecycle owner: the user's ``KFACCallback`` if any, else a silent one.
+
+            Called when the Trainer connects the module, before the module's ``configure_callbacks`` (a
+            ``KFACCallback`` returned there replaces this one) and before a checkpoint is restored.
+            """
+            from lightning_lbo.callbacks.kfac import KFACCallback
+            from lightning_lbo.callbacks.kfac_lifecycle import KFACLifecycle
+
+            if not any(isinstance(c, KFACLifecycle) for c in trainer.callbacks):
+                # a new list, as Lightning's own configure_callbacks handling does
+                trainer.callbacks = [*trainer.callbacks, KFACCallback(log_every_n_steps=0, require_kfac=False)]
 
         @override
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -116,7 +145,11 @@ def kfac_ddp_strategy_class(package: str) -> type:
                     "factor_reduce_dtype": str(self.factor_reduce_dtype)}
 
         def setup_curvature_sync(self) -> None:
-            """Build the communicator that ``KFACCallback`` injects into every K-FAC instance at ``on_fit_start``."""
+            """Build the communicator that ``KFACCallback`` injects into every K-FAC instance at ``on_fit_start``.
+
+            Raises ValueError when ``grad_worker_fraction`` gives no valid number of grad workers for the world size
+            (the communicator applies the constructor's rule with the world size).
+            """
             # Imported here so that registering this strategy stays light.
             from lightning_lbo.callbacks.kfac_lifecycle import find_kfac
             from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
@@ -127,8 +160,10 @@ def kfac_ddp_strategy_class(package: str) -> type:
                                category=UserWarning)
             if dist.is_initialized():
                 if self._curvature_group is None:
-                    # K-FAC's own group: its collectives never interleave with DDP's gradient buckets.
-                    self._curvature_group = dist.new_group(backend=dist.get_backend())
+                    # K-FAC's own group: its collectives never interleave with DDP's gradient buckets, and
+                    # wait for a frozen peer no longer than DDP's own (the strategy's timeout).
+                    self._curvature_group = dist.new_group(backend=dist.get_backend(),
+                                                           timeout=strategy_timeout(self))
                 self.communicator = TorchDistributedCommunicator(
                     group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
                     pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction,
@@ -143,7 +178,10 @@ def kfac_ddp_strategy_class(package: str) -> type:
                         name, cls, start_method=start_method,
                         description=f"DDP with K-FAC curvature sync (lightning_lbo), start_method '{start_method}'")
 
+    # Lightning's private hook-registration method, named in one place (compat), overridden here.
+    setattr(KFACDDPStrategy, DDP_REGISTER_HOOKS, KFACDDPStrategy._register_comm_hook_on_every_device)
     return publish_per_package(KFACDDPStrategy, __name__, package)
+
 
 
 # Built on first access, so that registering with lightning.pytorch imports no pytorch_lightning.

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from lightning_lbo.callbacks.kfac import KFACCallback
 from lightning_lbo.classifier import classifier_module_class
 from lightning_lbo.compat import lightning_package
 from lightning_lbo.optim.kfac import KFAC, Communicator, StaleStatistics
@@ -88,6 +89,11 @@ def counting_allreduce_hook(state, bucket):
     return default_hooks.allreduce_hook(state, bucket)
 
 
+def _kfac_callbacks(strategy):
+    """Plain ddp needs the user's KFACCallback (it injects the curvature communicator); ddp_kfac adds its own."""
+    return [KFACCallback()] if strategy == "ddp" else []
+
+
 def train(pl, args, strategy, kfac_kwargs, epochs=EPOCHS, accumulate=1, ckpt_path=None):
     module = make_module(args.package, kfac_kwargs)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # set by torchrun
@@ -96,7 +102,7 @@ def train(pl, args, strategy, kfac_kwargs, epochs=EPOCHS, accumulate=1, ckpt_pat
     trainer = pl.Trainer(accelerator="cpu", devices=world // args.nodes, num_nodes=args.nodes, strategy=strategy,
                          max_epochs=epochs, accumulate_grad_batches=accumulate, use_distributed_sampler=False,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0)
+                         enable_model_summary=False, limit_val_batches=0, callbacks=_kfac_callbacks(strategy))
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -114,7 +120,8 @@ def train_conv(pl, args, strategy):
     loader = DataLoader(TensorDataset(IMAGES, Y), batch_size=B // world, sampler=RankSlices(rank, world, 1))
     trainer = pl.Trainer(accelerator="cpu", devices=world // args.nodes, num_nodes=args.nodes, strategy=strategy,
                          max_epochs=EPOCHS, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=_kfac_callbacks(strategy))
     trainer.fit(module, train_dataloaders=loader)
     return trainer, module
 
@@ -206,6 +213,20 @@ def main() -> None:
         assert "configured differently" in str(err) and "rank 1" in str(err), err
     else:
         raise AssertionError("a mismatched K-FAC configuration did not fail")
+
+    # plain ddp without KFACCallback: K-FAC has no communicator; it must fail at its first step, naming the fix
+    module = make_module(args.package, {})
+    loader = DataLoader(TensorDataset(X, Y), batch_size=B // 2, sampler=RankSlices(trainer.global_rank, 2, 1))
+    bare = pl.Trainer(accelerator="cpu", devices=2 // args.nodes, num_nodes=args.nodes, strategy="ddp", max_steps=1,
+                      use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    try:
+        bare.fit(module, train_dataloaders=loader)
+    except RuntimeError as err:
+        assert "KFACCallback()" in str(err) and "ddp_kfac" in str(err), err
+        print("plain ddp without KFACCallback: fails naming it", flush=True)
+    else:
+        raise AssertionError("plain ddp without KFACCallback trained with per-rank curvature")
     print(f"rank {trainer.global_rank} ok", flush=True)
 
 

@@ -104,6 +104,7 @@ class Capture:
         self.classes_dim = classes_dim
         self.sampler = sampler if sampler is not None else LabelSampler()
         self.grad_scaler: Any = None
+        self.output_grad_dtypes: set[torch.dtype] = set()  # read by binding.check_grad_scaler at the first step
         self.due: dict[int, set[str]] = {}
         self.captured: dict[int, Captured] = {}
         self._mc_targets: list[tuple[CurvatureBlock, Any, Any, Any, _MicroBatch]] = []
@@ -264,6 +265,7 @@ class Capture:
         if capture_paused() or self._in_mc:
             return
         batch.closed = True
+        self.output_grad_dtypes.add(grad.dtype)
         if wanted:
             self._output_statistic(block, use, grad, context, batch, scaled=True)
 

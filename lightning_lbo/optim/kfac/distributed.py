@@ -41,6 +41,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -156,6 +157,31 @@ class _Bucket:
         self.nbytes = 0
 
 
+def check_grad_worker_fraction(fraction: float, world_size: int | None = None) -> int | None:
+    """The one rule for ``grad_worker_fraction``; returns the number of ranks that precondition each layer.
+
+    Valid: ``1.0`` (every rank preconditions every layer) or ``1 / world_size`` (each layer's owner
+    preconditions it and broadcasts the result), the two ends of KAISA's range that the communicator
+    implements. Without ``world_size`` (a strategy's constructor, before the world is known) the value
+    must already be ``1 / k`` for a whole ``k``; with it, ``k`` must be ``1`` or ``world_size``. Anything
+    else (``0.3``; ``0.5`` on 4 ranks) raises a ValueError naming the valid values, never rounds.
+
+    Returns ``None`` without ``world_size``.
+    """
+    size = "" if world_size is None else f" with world size {world_size}"
+    end = "" if world_size is None else f" = {1 / world_size:g}"
+    ok = (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
+          and 0.0 < fraction <= 1.0)
+    whole = round(1.0 / fraction) if ok else 0
+    ok = ok and math.isclose(whole * fraction, 1.0, rel_tol=1e-9)
+    if ok and world_size is not None:
+        ok = whole in (1, world_size)
+    if not ok:
+        raise ValueError(f"Invalid grad_worker_fraction: {fraction!r}{size}; use 1.0 (every rank preconditions "
+                         f"each layer) or 1/world_size{end} (each layer's owner preconditions it).")
+    return None if world_size is None else world_size // whole
+
+
 class TorchDistributedCommunicator(Communicator):
     """:class:`Communicator` over a ``torch.distributed`` process group.
 
@@ -193,13 +219,7 @@ class TorchDistributedCommunicator(Communicator):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        if not 0.0 < grad_worker_fraction <= 1.0:
-            raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction}; use 1.0 (every rank "
-                             f"preconditions) or 1/world_size = {1 / self.world_size:g} (owners precondition).")
-        grad_workers = max(1, round(grad_worker_fraction * self.world_size))
-        if grad_workers not in (1, self.world_size):
-            raise ValueError(f"Invalid grad_worker_fraction: {grad_worker_fraction} with world size {self.world_size}; "
-                             f"supported: 1.0 or 1/world_size = {1 / self.world_size:g}.")
+        grad_workers = check_grad_worker_fraction(grad_worker_fraction, self.world_size)
         self.grad_worker_fraction = grad_workers / self.world_size
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.async_op = async_op
@@ -371,7 +391,7 @@ def verify_same_signature(signature: Any, group: Any = None) -> None:
 _HINT_SHOWN = False
 
 
-def default_communicator() -> Communicator:
+def default_communicator(timeout: timedelta | None = None) -> Communicator:
     """The synchronous communicator: what ``KFACCallback`` injects under plain ``strategy="ddp"``, and what
     a user outside Lightning injects (``pre.set_communicator(default_communicator())``).
 
@@ -380,11 +400,16 @@ def default_communicator() -> Communicator:
     group (a collective: every rank calls it at the same point). One-process runs
     get the no-op :class:`Communicator`. A one-time hint recommends ``strategy="ddp_kfac"``, which
     overlaps and packs the reductions and shares the inverse work.
+
+    Args:
+        timeout: how long a curvature collective of the new group waits for a peer before it fails (give
+            the strategy's DDP timeout; ``KFACCallback`` does); ``None``: torch's default process-group timeout.
     """
     global _HINT_SHOWN
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return Communicator()
-    comm = TorchDistributedCommunicator(group=dist.new_group(backend=dist.get_backend()), async_op=False)
+    comm = TorchDistributedCommunicator(group=dist.new_group(backend=dist.get_backend(), timeout=timeout),
+                                        async_op=False)
     if not _HINT_SHOWN and comm.rank == 0:
         _HINT_SHOWN = True
         warnings.warn("K-FAC under plain DDP: Kronecker factors are now averaged across ranks synchronously. "

@@ -169,7 +169,7 @@ class KFAC(CheckedOptimizer):
         if not self.preconditioner.bound:
             raise RuntimeError("KFAC was built from parameters and is not bound to its module: call "
                                "optimizer.bind(model), or with Lightning pass callbacks=[KFACCallback()] "
-                               "(lightning_lbo.callbacks; installing lightning_lbo adds one to every Trainer).")
+                               "(lightning_lbo.callbacks), or build KFAC(self, ...) in configure_optimizers.")
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             self.preconditioner.step(lr=self.param_groups[0]["lr"])

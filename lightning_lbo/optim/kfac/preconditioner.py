@@ -19,6 +19,7 @@ from torch import nn
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
 from lightning_lbo.optim.kfac import inversion
+from lightning_lbo.optim.kfac.binding import check_bound, check_communicator
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
 from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
 from lightning_lbo.optim.kfac.capture import Capture
@@ -257,17 +258,15 @@ class KFACPreconditioner:
             self.comm.reduce_factors(tensors, symmetric=symmetric)
 
     def _check_communicator(self) -> None:
-        """Refuse to run on several ranks with the single-process communicator (ranks would drift apart)."""
+        """Refuse to run on several ranks with the single-process communicator (ranks would drift apart).
+
+        Runs at the first capture and the first step (:func:`~lightning_lbo.optim.kfac.binding.check_communicator`).
+        Under Lightning, ``KFACCallback`` (passed by the user, or added by ``strategy="ddp_kfac"``) injects the
+        communicator at ``on_fit_start``; anyone else injects it.
+        """
         if self._comm_injected or self._comm_checked:
             return
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                f"K-FAC runs in a process group of {dist.get_world_size()} ranks with no communicator, so each rank "
-                "would keep its own curvature. Inject one: pre.set_communicator(default_communicator()) (from "
-                "lightning_lbo.optim.kfac.distributed; for KFAC, opt.preconditioner). With Lightning, "
-                "lightning_lbo.callbacks.KFACCallback does this: install lightning_lbo (pip install -e .: its "
-                "entry point adds the callback to every Trainer) or pass callbacks=[KFACCallback()].")
+        check_communicator(self)
         self._comm_checked = True  # one process: the no-op communicator is the right one
 
     # ------------------------------------------------------------------ public read access
@@ -411,6 +410,7 @@ class KFACPreconditioner:
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the learning rate: call step(lr=...) or set kl_clip=None.")
         self._check_communicator()
+        check_bound(self)  # once: several ranks or an AMP scale that no KFACCallback provided fail here, loudly
         self._commit_statistics(keep)
         self._update_inverses()
         self._precondition(lr)

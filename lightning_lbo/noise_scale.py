@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lightning_lbo._dtensor import refuse_dtensors
 from lightning_lbo.capture import capture_paused
 
 
@@ -129,6 +130,8 @@ class MicroBatchGradNorms:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroBatchGradNorms needs at least one parameter that requires grad.")
+        refuse_dtensors(self.params, "MicroBatchGradNorms", "Measure per-rank gradients with unsharded parameters "
+                        "(DDP).")
         self.enabled = True
         self._sq: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in self.params]
@@ -183,6 +186,7 @@ def split_batch_sq_norms(model: torch.nn.Module, batch: Any, params: Iterable[to
 
     loss_fn = loss_fn or classifier_loss
     params = [p for p in params if p.requires_grad]
+    refuse_dtensors(params, "split_batch_sq_norms", "Measure with unsharded parameters (DDP, or one process).")
     n = int(batch[0].shape[0]) // 2
     if n < 1:
         raise ValueError(f"A batch of {batch[0].shape[0]} samples cannot be split in two halves: use batches >= 2.")

@@ -31,8 +31,9 @@ from typing_extensions import override
 
 from lightning_lbo._checks import positive_int
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
+from lightning_lbo.callbacks._sharded import refuse_parameter_sharding
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
-from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
+from lightning_lbo.callbacks.hessian_spectrum import SHARDED_HVP_WHY, FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
@@ -174,6 +175,7 @@ class AdaptiveBatchSize(*callback_bases()):
             if isinstance(cb, pkg.callbacks.GradientAccumulationScheduler):
                 raise ValueError("AdaptiveBatchSize and GradientAccumulationScheduler both change the batch: remove "
                                  "one of them.")
+        self._refuse_sharded_measurement(trainer, None)
         self._lr_schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
         if self.rewarmup_steps and self._lr_schedule is None:
             raise ValueError("rewarmup_steps needs LRSchedule in the Trainer (it ramps the LR); add "
@@ -192,9 +194,22 @@ class AdaptiveBatchSize(*callback_bases()):
                              f"{trainer.accumulate_grad_batches}) would split: remove accumulate_grad_batches or "
                              "decide at epoch ends.")
 
+    def _refuse_sharded_measurement(self, trainer: Any, pl_module: Any) -> None:
+        """The built-in measurements (Hessian eigenvalue, B_simple) cannot run on sharded parameters."""
+        if self.measure_fn is not None or self.rule.needs is None:
+            return
+        instead = "use strategy='ddp', a RampRule, or measure_fn=..."
+        if self.rule.needs == "eigenvalue":
+            refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='hessian')", SHARDED_HVP_WHY, instead)
+        else:
+            refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='noise_scale')",
+                                      "it reads B_simple from GradientNoiseScale, which cannot measure a rank's own "
+                                      "gradient when FSDP reduce-scatters the gradients", instead)
+
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._refuse_sharded_measurement(trainer, pl_module)
         if self._loaded_batches:
             self.fixed.load(self._loaded_batches, pl_module.device)
             self._loaded_batches = None

@@ -20,7 +20,10 @@ denominator are EMA-smoothed separately on each rank (no host sync per step); at
 mean over ranks (one 2-element all-reduce) gives ``B_simple``.
 
 Limitations: fp16 mixed precision with a GradScaler is rejected (the hooks would see scaled
-gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results).
+gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results);
+sharded parameters (``ModelParallelStrategy`` / ``fully_shard``, ``FSDPStrategy``) are rejected at setup:
+FSDP computes with gathered copies of the parameters and reduce-scatters their gradients itself, so
+hooks on the parameters never see a rank's own gradient (it would measure nothing).
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_lbo.callbacks._sharded import refuse_parameter_sharding
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian.hvp import first_dim_count
 from lightning_lbo.noise_scale import MicroBatchGradNorms, NoiseScaleEstimator, grad_sq_norm, split_batch_sq_norms
+
+_SHARDED_WHY = ("it reads each rank's own micro-batch gradient with hooks on the parameters before the gradients "
+                "are averaged, and under sharding FSDP differentiates gathered copies and reduce-scatters their "
+                "gradients itself, so those hooks never fire and B_simple would be wrong")
 
 
 class GradientNoiseScale(*callback_bases()):
@@ -82,6 +90,7 @@ class GradientNoiseScale(*callback_bases()):
         if not pl_module.automatic_optimization:
             raise RuntimeError("GradientNoiseScale reads the gradient Lightning's automatic optimization steps with; "
                                "use automatic optimization or remove the callback.")
+        refuse_parameter_sharding(trainer, None, "GradientNoiseScale", _SHARDED_WHY)
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError("GradientNoiseScale does not support fp16 mixed precision with a GradScaler (its hooks "
                              "would see loss-scaled gradients): use precision='bf16-mixed' or '32-true'.")
@@ -90,6 +99,7 @@ class GradientNoiseScale(*callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"GradientNoiseScale needs exactly one optimizer, found {len(trainer.optimizers)}.")
+        refuse_parameter_sharding(trainer, pl_module, "GradientNoiseScale", _SHARDED_WHY)
         params = [p for group in trainer.optimizers[0].param_groups for p in group["params"] if p.requires_grad]
         self._norms = MicroBatchGradNorms(params)
         self._params = params

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
+from lightning_lbo.callbacks._sharded import refuse_parameter_sharding
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian import (
     HessianOperator,
@@ -36,6 +37,9 @@ from lightning_lbo.hessian import (
 from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 
 ParamSelector = Callable[[nn.Module], Iterable[torch.Tensor]]
+#: Why Hessian-vector products refuse sharded parameters (shared with AdaptiveBatchSize's Hessian rule).
+SHARDED_HVP_WHY = ("Hessian-vector products differentiate the loss twice with respect to the parameters, and under "
+                   "sharding autograd never reaches them (FSDP computes with gathered copies)")
 
 
 def _matplotlib_available() -> bool:
@@ -179,6 +183,15 @@ class HessianSpectrum(*callback_bases()):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_epochs=self.every_n_epochs, groups=tuple(self.param_groups))
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            refuse_parameter_sharding(trainer, None, "HessianSpectrum", SHARDED_HVP_WHY)
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        refuse_parameter_sharding(trainer, pl_module, "HessianSpectrum", SHARDED_HVP_WHY)
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -73,6 +73,18 @@ def test_sharded_callbacks_refusal_names_strategy_ddp_on_ddp_it_passes(pl_packag
         assert parameter_sharding(trainer) is None
 
 
+def test_sharded_callbacks_parameter_sharding_knows_fsdp1_and_subclasses_by_name():
+    """FSDPStrategy (GPU-only, so not run here) and subclasses of a sharding strategy are recognised by class name."""
+    class FSDPStrategy:  # stands in for Lightning's (both packages' classes carry this name)
+        pass
+
+    class MyShardedStrategy(FSDPStrategy):
+        pass
+
+    assert parameter_sharding(SimpleNamespace(strategy=MyShardedStrategy())) == "FSDPStrategy"
+    assert parameter_sharding(SimpleNamespace(strategy=object()), nn.Linear(2, 2)) is None
+
+
 def _dtensor_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -1,13 +1,16 @@
 """The callbacks under sharded data parallel (Lightning's ModelParallelStrategy, ``fully_shard`` / FSDP2).
 
-LRSchedule, BatchNormStats, NonFiniteBatchGuard, AdaptiveBatchSize (ramp rule or measure_fn) and
-AdversarialTraining work there: 2 sharded ranks equal a one-process loop over the same global batch
-(tests/scripts/sharded_callbacks.py). HessianSpectrum, GradientNoiseScale and AdaptiveBatchSize's built-in
-measurements refuse at setup, naming ``strategy='ddp'``; the pure helpers they use refuse DTensors.
+LRSchedule, BatchNormStats, NonFiniteBatchGuard, AdaptiveBatchSize (ramp rule or measure_fn),
+AdversarialTraining and GradientNoiseScale (per-micro-batch gradients of all ranks, from accumulation
+windows) work there: 2 sharded ranks equal a one-process loop over the same global batch
+(tests/scripts/sharded_callbacks.py). HessianSpectrum and AdaptiveBatchSize's built-in Hessian measurement
+refuse at setup, naming ``strategy='ddp'``, and so does the noise-scale rule without accumulation; the
+pure helpers they use refuse DTensors.
 """
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -21,16 +24,15 @@ from tests.helpers.ddp import REPO_ROOT, run_script, spawn_gloo
 
 REFUSED = [
     ("HessianSpectrum", lambda: HessianSpectrum(plot=False)),
-    ("GradientNoiseScale", lambda: GradientNoiseScale()),
     (r"AdaptiveBatchSize\(rule='hessian'\)", lambda: AdaptiveBatchSize()),
     (r"AdaptiveBatchSize\(rule='noise_scale'\)", lambda: AdaptiveBatchSize(rule="noise_scale")),
 ]
 
 
-def _model_parallel_trainer(pl, callbacks):
+def _model_parallel_trainer(pl, callbacks, **kwargs):
     strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
 def _module(pl):
@@ -83,20 +85,34 @@ def test_sharded_callbacks_parameter_sharding_knows_fsdp1_and_subclasses_by_name
 
     assert parameter_sharding(SimpleNamespace(strategy=MyShardedStrategy())) == "FSDPStrategy"
     assert parameter_sharding(SimpleNamespace(strategy=object()), nn.Linear(2, 2)) is None
+    module = SimpleNamespace(automatic_optimization=True)
+    trainer = SimpleNamespace(strategy=MyShardedStrategy(), precision_plugin=None)
+    with pytest.raises(ValueError, match=r"^GradientNoiseScale does not support FSDPStrategy .*strategy='ddp'"):
+        GradientNoiseScale().setup(trainer, module, "fit")
+
+
+def test_sharded_callbacks_noise_scale_rule_accepts_sharding_with_accumulation(pl_package):
+    """The noise-scale rule under sharding needs GradientNoiseScale's accumulation windows from the first step."""
+    callback = AdaptiveBatchSize(rule="noise_scale", mechanism="resize")
+    trainer = _model_parallel_trainer(pl_package, [callback, GradientNoiseScale()], accumulate_grad_batches=2,
+                                      reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False)
+    callback.setup(trainer, _module(pl_package), "fit")
 
 
 def _dtensor_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     from lightning_lbo.callbacks._sharded import refuse_parameter_sharding
     from lightning_lbo.callbacks.nonfinite_batches import TensorSnapshot
     from lightning_lbo.hessian import HessianOperator
-    from lightning_lbo.noise_scale import MicroBatchGradNorms, split_batch_sq_norms
+    from lightning_lbo.noise_scale import MicroBatchGradNorms, ShardedMicroBatchGradNorms, split_batch_sq_norms
 
     mesh = init_device_mesh("cpu", (world_size,))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))  # 5 and 3 rows: uneven shards
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()  # 5 and 3 rows: uneven shards
+    plain = copy.deepcopy(model)
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
     assert all(type(p).__name__ == "DTensor" for p in params)
@@ -110,6 +126,36 @@ def _dtensor_worker(rank: int, world_size: int) -> None:
     trainer = SimpleNamespace(strategy=object())
     with pytest.raises(ValueError, match=r"^X does not support sharded parameters \(fully_shard \(DTensor"):
         refuse_parameter_sharding(trainer, model, "X", "why")
+
+    # per-micro-batch gradients of all ranks from the accumulated shards == brute force on the unsharded copy
+    def reduce_sum(t):
+        torch.distributed.all_reduce(t)
+        return t
+
+    gen = torch.Generator().manual_seed(1)
+    data = [[(torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (3,), generator=gen))
+             for _ in range(2)] for _ in range(world_size)]  # [rank][micro-batch]
+    norms = ShardedMicroBatchGradNorms(params, world_size, reduce_sum)
+    for _window in range(2):  # the second window must start from nothing again
+        norms.start_window()
+        for x, y in data[rank]:
+            (nn.functional.cross_entropy(model(x), y) / 2).backward()
+            norms.after_backward()
+        micro_sq, big_sq, count = norms.pop()
+        for p in params:
+            p.grad = None
+    contributions = []
+    for i in range(2):
+        grads = [torch.autograd.grad(nn.functional.cross_entropy(plain(data[r][i][0]), data[r][i][1]) / 2,
+                                     list(plain.parameters())) for r in range(world_size)]
+        contributions.append(torch.cat([sum(g[j] for g in grads).reshape(-1) / world_size
+                                        for j in range(len(params))]))
+    assert count == 2
+    torch.testing.assert_close(micro_sq, sum(c.pow(2).sum() for c in contributions), rtol=1e-12, atol=0)
+    torch.testing.assert_close(big_sq, sum(contributions).pow(2).sum(), rtol=1e-12, atol=0)
+    replicated = nn.Parameter(distribute_tensor(torch.zeros(2), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match="replicated pieces would be counted once per replica"):
+        ShardedMicroBatchGradNorms([replicated], world_size, reduce_sum)
 
     # NonFiniteBatchGuard's snapshot saves and restores each rank's own shard of sharded parameters
     before = [p.detach().full_tensor().clone() for p in params]
@@ -126,8 +172,8 @@ def _dtensor_worker(rank: int, world_size: int) -> None:
         assert torch.equal(p.detach().full_tensor(), b)
 
 
-def test_sharded_callbacks_pure_helpers_refuse_dtensors_and_snapshot_restores_shards():
-    """2 gloo ranks, fully_shard: HVP/noise-scale helpers raise on DTensors; TensorSnapshot restores the shards."""
+def test_sharded_callbacks_pure_helpers_on_dtensors():
+    """2 gloo ranks, fully_shard: HVP/probe helpers raise; sharded micro-batch norms == brute force; snapshot."""
     spawn_gloo(_dtensor_worker, world_size=2)
 
 

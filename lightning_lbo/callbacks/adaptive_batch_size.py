@@ -201,10 +201,11 @@ class AdaptiveBatchSize(*callback_bases()):
         instead = "use strategy='ddp', a RampRule, or measure_fn=..."
         if self.rule.needs == "eigenvalue":
             refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='hessian')", SHARDED_HVP_WHY, instead)
-        else:
+        elif trainer.accumulate_grad_batches < 2:
             refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='noise_scale')",
-                                      "it reads B_simple from GradientNoiseScale, which cannot measure a rank's own "
-                                      "gradient when FSDP reduce-scatters the gradients", instead)
+                                      "it reads B_simple from GradientNoiseScale, which under sharding compares the "
+                                      "micro-batches of an accumulation window and so needs accumulate_grad_batches "
+                                      ">= 2 from the first step", instead)
 
     # ------------------------------------------------------------------ hooks
     @override

@@ -3,13 +3,15 @@
 Run under ``torchrun --nproc_per_node=2``. One sharded fit (float64, SGD with momentum) carries the
 callbacks that work under sharding: ``LRSchedule`` (linear warmup, batch scaling), ``AdaptiveBatchSize``
 (``RampRule``: accumulation x2 from epoch 1, LR following the batch), ``AdversarialTraining`` (FGSM on
-half, then a quarter of each batch), ``BatchNormStats`` (last batch) and ``NonFiniteBatchGuard``, with two
+half, then a quarter of each batch), ``BatchNormStats`` (last batch), ``GradientNoiseScale`` (from the
+accumulation windows of epoch 1) and ``NonFiniteBatchGuard``, with two
 bad steps: at step 1 rank 1's forward makes the gradient of one row of the first layer infinite (a row held
 by rank 1's shard only: the loss stays finite, rank 0's shard is clean), at step 2 rank 0's batch gets a
 NaN. The oracle is a plain one-process loop written here without Lightning over both ranks' batches
 (each rank's chunk normalised with its own batch statistics and its own running statistics, as
 data-parallel ranks do), the bad steps dropped: final weights, the LR of every step, the installed
-BatchNorm statistics (and precise BN after the fit) and the skip count must match on every rank.
+BatchNorm statistics (and precise BN after the fit), the smoothed noise-scale terms and the skip count
+must match on every rank.
 
 Then the callbacks that cannot work under sharding must refuse at setup through ``Trainer.fit`` with a
 message naming the alternative, and the pure helpers must refuse DTensor parameters. Prints ``rank R ok``.
@@ -47,6 +49,7 @@ BASE_LR, MOMENTUM, WARMUP_STEPS, REFERENCE_BATCH = 0.05, 0.9, 3, 8
 RATIO, EPSILON, DATA_RANGE = 0.5, 0.05, (-3.0, 3.0)
 POISON_STEP, NAN_STEP = {1: 1}, {0: 2}  # rank -> step of its bad batch (epoch 0, one batch per step)
 BAD_STEPS = {1, 2}
+NOISE_BETA = 0.5
 TOL = 1e-10
 
 
@@ -153,6 +156,11 @@ def reference():
     data = [rank_data(r).tensors for r in range(WORLD)]
     running = [[b.clone() for b in bn_buffers(net)] for _ in range(WORLD)]  # each rank's own BN buffers
     lrs, last_inputs, step = [], None, 0
+    noise_terms = []  # (|G|^2, tr Sigma) of each step with two batch sizes (accumulation windows)
+
+    def flat_grad():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in net.parameters()])
 
     def use_buffers(rank):
         for buf, saved in zip(bn_buffers(net), running[rank], strict=True):
@@ -171,8 +179,9 @@ def reference():
             lrs.append(lr)
             if step not in BAD_STEPS:
                 opt.zero_grad()
-                inputs = []
+                inputs, micro_grads = [], []
                 for b in range(first, first + factor):
+                    before = flat_grad()
                     for rank in range(WORLD):
                         x, y = (t[b * PER_RANK_BATCH:(b + 1) * PER_RANK_BATCH].clone() for t in data[rank])
                         use_buffers(rank)
@@ -182,6 +191,13 @@ def reference():
                         loss.backward()
                         with torch.no_grad():
                             inputs.append(net[0](x))
+                    micro_grads.append((flat_grad() - before) * factor)  # the mean-loss gradient of both ranks' chunks
+                if factor > 1:
+                    small_sq = torch.stack([g.pow(2).sum() for g in micro_grads]).mean()
+                    big_sq = torch.stack(micro_grads).mean(0).pow(2).sum()
+                    b_small, b_big = PER_RANK_BATCH * WORLD, PER_RANK_BATCH * WORLD * factor
+                    noise_terms.append(((b_big * big_sq - b_small * small_sq) / (b_big - b_small),
+                                        (small_sq - big_sq) / (1 / b_small - 1 / b_big)))
                 last_inputs = torch.cat(inputs[-WORLD:])  # the last micro-batch of both ranks
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -192,27 +208,36 @@ def reference():
     with torch.no_grad():  # precise BN over the first 2 batches per rank, final weights
         h = torch.cat([net[0](d[0][:2 * PER_RANK_BATCH]) for d in data])
     precise = (h.mean(0), h.var(0, unbiased=True))
-    return params, lrs, last, precise
+    ema, weight = torch.zeros(2, dtype=torch.float64), 0.0  # McCandlish's smoothed terms, bias-corrected
+    for terms in noise_terms:
+        ema = NOISE_BETA * ema + (1 - NOISE_BETA) * torch.stack(terms)
+        weight = NOISE_BETA * weight + (1 - NOISE_BETA)
+    return params, lrs, last, precise, (ema / weight, len(noise_terms))
 
 
 # ---------------------------------------------------------------------------------------------- checks
+WORST = {"error": 0.0}
+
+
 def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     assert err <= TOL, f"{name}: relative error {err:.3e} > {TOL}"
+    WORST["error"] = max(WORST["error"], err)
 
 
 def check_working_callbacks(pl, rank: int) -> None:
     recorder = LRRecorder(pl)
     guard = NonFiniteBatchGuard()
     bn_stats = BatchNormStats()
-    callbacks = [LRSchedule(warmup_steps=WARMUP_STEPS, reference_batch_size=REFERENCE_BATCH),
+    noise = GradientNoiseScale(beta=NOISE_BETA, log_every_n_steps=1)
+    callbacks = [noise, LRSchedule(warmup_steps=WARMUP_STEPS, reference_batch_size=REFERENCE_BATCH),
                  AdaptiveBatchSize(rule=RampRule({0: 1, 1: 2}), max_factor=4),
                  AdversarialTraining(ratio=RATIO, epsilon=EPSILON, stop_fraction=1.0, data_range=DATA_RANGE),
                  bn_stats, guard, recorder.callback]
     module = module_class(pl)()
     trainer = trainer_for(pl, callbacks)
     trainer.fit(module, train_dataloaders=DataLoader(rank_data(rank), batch_size=PER_RANK_BATCH))
-    want_params, want_lrs, want_last, want_precise = reference()
+    want_params, want_lrs, want_last, want_precise, (want_noise, noise_updates) = reference()
 
     assert trainer.global_step == len(want_lrs), (trainer.global_step, len(want_lrs))
     assert len(recorder.lrs) == len(want_lrs), (recorder.lrs, want_lrs)
@@ -221,6 +246,9 @@ def check_working_callbacks(pl, rank: int) -> None:
     for name, p in module.model.named_parameters():
         assert type(p).__name__ == "DTensor", f"{name} is not sharded: {type(p).__name__}"
         close(f"parameter {name}", p.detach().full_tensor(), want_params[name])
+    assert noise_updates == 2 and noise.estimator.updates == noise_updates, (noise.estimator.updates, noise_updates)
+    close("noise scale |G|^2", noise.estimator.grad_sq(), want_noise[0])
+    close("noise scale tr(Sigma)", noise.estimator.trace(), want_noise[1])
     assert guard.total == len(BAD_STEPS), f"rank {rank} counted {guard.total} skipped steps, not {len(BAD_STEPS)}"
     bn = module.model[2]
     close("BatchNormStats running_mean", bn.running_mean, want_last[0])
@@ -253,7 +281,6 @@ def check_working_callbacks(pl, rank: int) -> None:
 def check_refusals(pl, rank: int) -> None:
     """Each callback that cannot work on sharded parameters stops Trainer.fit at setup, naming strategy='ddp'."""
     cases = [("HessianSpectrum", [HessianSpectrum(plot=False)]),
-             ("GradientNoiseScale", [GradientNoiseScale()]),
              ("AdaptiveBatchSize(rule='hessian')", [AdaptiveBatchSize()]),
              ("AdaptiveBatchSize(rule='noise_scale')", [AdaptiveBatchSize(rule="noise_scale")])]
     for name, callbacks in cases:
@@ -275,7 +302,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     check_working_callbacks(pl, rank)
     check_refusals(pl, rank)
-    print(f"rank {rank} ok", flush=True)
+    print(f"rank {rank} ok (largest relative error against one process: {WORST['error']:.1e})", flush=True)
     if torch.distributed.is_initialized():  # leave together: a gloo group left to interpreter exit can abort
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_lbo.batch_rules import RampRule
 from lightning_lbo.callbacks import AdaptiveBatchSize, GradientNoiseScale, HessianSpectrum
-from lightning_lbo.callbacks._sharded import parameter_sharding
+from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding
 from tests.helpers.ddp import REPO_ROOT, run_script, spawn_gloo
 
 REFUSED = [
@@ -97,6 +97,19 @@ def test_sharded_callbacks_noise_scale_rule_accepts_sharding_with_accumulation(p
     trainer = _model_parallel_trainer(pl_package, [callback, GradientNoiseScale()], accumulate_grad_batches=2,
                                       reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False)
     callback.setup(trainer, _module(pl_package), "fit")
+
+
+def test_sharded_callbacks_data_parallel_size_counts_sampler_replicas_not_ranks():
+    """The global batch counts ranks that see different data: the sampler's replicas, else the world size."""
+    class MeshNotBuilt:
+        @property
+        def distributed_sampler_kwargs(self):
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+
+    tensor_parallel = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    assert data_parallel_size(SimpleNamespace(strategy=tensor_parallel, world_size=4)) == 2
+    assert data_parallel_size(SimpleNamespace(strategy=object(), world_size=1)) == 1  # single device: no sampler
+    assert data_parallel_size(SimpleNamespace(strategy=MeshNotBuilt(), world_size=4)) == 4
 
 
 def _dtensor_worker(rank: int, world_size: int) -> None:

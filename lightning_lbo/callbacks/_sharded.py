@@ -29,6 +29,20 @@ def parameter_sharding(trainer: Any, pl_module: Any = None) -> str | None:
     return None
 
 
+def data_parallel_size(trainer: Any) -> int:
+    """Ranks that see different data: the strategy's sampler replicas, else the world size.
+
+    Under ``ModelParallelStrategy`` that is the data-parallel mesh (``data_parallel_size``); its
+    ``tensor_parallel_size`` ranks share each batch, so counting the world would overcount the global batch.
+    """
+    try:
+        kwargs = trainer.strategy.distributed_sampler_kwargs
+    except (AttributeError, RuntimeError, AssertionError):  # single device; a mesh not built yet
+        kwargs = None
+    replicas = kwargs.get("num_replicas") if isinstance(kwargs, dict) else None
+    return int(replicas) if replicas else int(trainer.world_size)
+
+
 def refuse_parameter_sharding(trainer: Any, pl_module: Any, what: str, why: str, instead: str = USE_DDP) -> None:
     """Raise ``ValueError`` naming ``what`` cannot run, ``why``, and ``instead``, when parameters are sharded."""
     sharding = parameter_sharding(trainer, pl_module)

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_lbo._checks import positive_int
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
-from lightning_lbo.callbacks._sharded import refuse_parameter_sharding
+from lightning_lbo.callbacks._sharded import data_parallel_size, refuse_parameter_sharding
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
 from lightning_lbo.callbacks.hessian_spectrum import SHARDED_HVP_WHY, FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
@@ -287,9 +287,9 @@ class AdaptiveBatchSize(*callback_bases()):
                 self._grow(trainer, new)  # at the epoch's end: every mechanism applies it at once
 
     def global_batch(self, trainer: Any, factor: int | None = None) -> int:
-        """Global batch at ``factor`` (default: the current one): base per-device batch x factor x world."""
+        """Global batch at ``factor`` (default: the current one): base per-device batch x factor x data ranks."""
         per_device = self.mechanism.base_batch if self.mechanism.name == "resize" else _loader_batch(trainer)
-        return int(per_device * (factor or self.factor) * trainer.world_size)
+        return int(per_device * (factor or self.factor) * data_parallel_size(trainer))
 
     def measure(self, trainer: Any, pl_module: Any) -> float | None:
         """What the rule needs: the top Hessian eigenvalue, ``B_simple`` (mean over ranks), or nothing."""

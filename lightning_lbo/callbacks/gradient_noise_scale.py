@@ -39,7 +39,7 @@ import torch
 from typing_extensions import override
 
 from lightning_lbo._dtensor import any_dtensor
-from lightning_lbo.callbacks._sharded import parameter_sharding
+from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian.hvp import first_dim_count
 from lightning_lbo.noise_scale import (
@@ -143,7 +143,7 @@ class GradientNoiseScale(*callback_bases()):
 
     @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if self._sharded is not None:
+        if self._sharded is not None and trainer.accumulate_grad_batches >= 2:
             self._sharded.after_backward()
 
     @override
@@ -177,9 +177,8 @@ class GradientNoiseScale(*callback_bases()):
     def _sharded_step(self, trainer: Any, pl_module: Any) -> None:
         """Under fully_shard: micro-batches of all ranks against their accumulated gradient."""
         sizes, self._micro_sizes = self._micro_sizes, []
-        micro_sq, big_sq, micro = self._sharded.pop()  # a collective on every step, as the gradients' own
         k = trainer.accumulate_grad_batches
-        if micro < 2 or micro != len(sizes):
+        if k < 2 or len(sizes) < 2:  # one batch size (every rank alike: no collective is skipped on one only)
             if not self._warned:
                 self._warned = True
                 lightning_package(package_of(trainer)).utilities.rank_zero_warn(
@@ -187,7 +186,8 @@ class GradientNoiseScale(*callback_bases()):
                     "accumulation window with their sum: set accumulate_grad_batches >= 2. Steps with a single "
                     "batch size are skipped.")
             return
-        b_small = sum(sizes) / micro * trainer.world_size
+        micro_sq, big_sq, micro = self._sharded.pop()  # one all-reduce of two numbers
+        b_small = sum(sizes) / micro * data_parallel_size(trainer)
         # Lightning divides each micro-batch loss by k: undo it, so both are gradients of mean losses.
         small_sq = micro_sq * (k * k / micro)
         big_sq = big_sq * (k / micro) ** 2

@@ -14,7 +14,9 @@ BatchNorm statistics (and precise BN after the fit), the smoothed noise-scale te
 must match on every rank.
 
 Then the callbacks that cannot work under sharding must refuse at setup through ``Trainer.fit`` with a
-message naming the alternative, and the pure helpers must refuse DTensor parameters. Prints ``rank R ok``.
+message naming the alternative, and the pure helpers must refuse DTensor parameters. Last, with
+``tensor_parallel_size=2`` (both ranks on one batch) the global batch of LRSchedule and AdaptiveBatchSize
+counts data-parallel ranks only, and BatchNormStats refuses. Prints ``rank R ok``.
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ class LRRecorder:
         self.callback = _Recorder()
 
 
-def trainer_for(pl, callbacks, **kwargs):
-    strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+def trainer_for(pl, callbacks, data_parallel_size=WORLD, **kwargs):
+    strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=data_parallel_size,
+                                                   tensor_parallel_size=WORLD // data_parallel_size)
     return pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=EPOCHS, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=1,
@@ -296,12 +299,32 @@ def check_refusals(pl, rank: int) -> None:
         assert trainer.global_step == 0, name
 
 
+def check_tensor_parallel(pl, rank: int) -> None:
+    """tensor_parallel_size=2: both ranks share each batch, so the global batch is the per-device batch."""
+    recorder = LRRecorder(pl)
+    lr_schedule = LRSchedule(reference_batch_size=REFERENCE_BATCH)
+    adaptive = AdaptiveBatchSize(rule=RampRule({0: 1}))
+    trainer = trainer_for(pl, [lr_schedule, adaptive, recorder.callback], data_parallel_size=1, max_steps=1)
+    trainer.fit(module_class(pl)(), train_dataloaders=DataLoader(rank_data(0), batch_size=PER_RANK_BATCH))
+    assert lr_schedule.global_batch_size == PER_RANK_BATCH, lr_schedule.global_batch_size
+    assert adaptive.global_batch(trainer) == PER_RANK_BATCH, adaptive.global_batch(trainer)
+    assert recorder.lrs == [BASE_LR * PER_RANK_BATCH / REFERENCE_BATCH], recorder.lrs
+    trainer = trainer_for(pl, [BatchNormStats()], data_parallel_size=1, max_steps=1)
+    try:
+        trainer.fit(module_class(pl)(), train_dataloaders=DataLoader(rank_data(0), batch_size=PER_RANK_BATCH))
+    except ValueError as err:
+        assert "runs 2 ranks on 1 data-parallel replicas" in str(err), err
+    else:
+        raise AssertionError("BatchNormStats pooled duplicate batches under tensor parallelism")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     pl = importlib.import_module(sys.argv[1] if len(sys.argv) > 1 else "pytorch_lightning")
     rank = int(os.environ["RANK"])
     check_working_callbacks(pl, rank)
     check_refusals(pl, rank)
+    check_tensor_parallel(pl, rank)
     print(f"rank {rank} ok (largest relative error against one process: {WORST['error']:.1e})", flush=True)
     if torch.distributed.is_initialized():  # leave together: a gloo group left to interpreter exit can abort
         torch.distributed.barrier()

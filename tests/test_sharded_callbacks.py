@@ -1,11 +1,10 @@
 """The callbacks under sharded data parallel (Lightning's ModelParallelStrategy, ``fully_shard`` / FSDP2).
 
-LRSchedule, BatchNormStats, NonFiniteBatchGuard, AdaptiveBatchSize (ramp rule or measure_fn),
-AdversarialTraining and GradientNoiseScale (per-micro-batch gradients of all ranks, from accumulation
-windows) work there: 2 sharded ranks equal a one-process loop over the same global batch
-(tests/scripts/sharded_callbacks.py). HessianSpectrum and AdaptiveBatchSize's built-in Hessian measurement
-refuse at setup, naming ``strategy='ddp'``, and so does the noise-scale rule without accumulation; the
-pure helpers they use refuse DTensors.
+All seven work there: 2 sharded ranks equal a one-process loop over the same global batch
+(tests/scripts/sharded_callbacks.py). HessianSpectrum and AdaptiveBatchSize's Hessian rule gather the full
+parameters for the measurement; GradientNoiseScale reads per-micro-batch gradients of all ranks from
+accumulation windows, so the noise-scale rule without accumulation refuses at setup. FSDPStrategy (FSDP1)
+is refused by the three that differentiate or read per-rank gradients. Pure helpers refuse DTensors.
 """
 
 from __future__ import annotations
@@ -22,11 +21,12 @@ from lightning_lbo.callbacks import AdaptiveBatchSize, GradientNoiseScale, Hessi
 from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding
 from tests.helpers.ddp import REPO_ROOT, run_script, spawn_gloo
 
-REFUSED = [
-    ("HessianSpectrum", lambda: HessianSpectrum(plot=False)),
-    (r"AdaptiveBatchSize\(rule='hessian'\)", lambda: AdaptiveBatchSize()),
-    (r"AdaptiveBatchSize\(rule='noise_scale'\)", lambda: AdaptiveBatchSize(rule="noise_scale")),
-]
+#: Refused under ModelParallelStrategy (fully_shard) at setup; everything else works there.
+REFUSED = [(r"AdaptiveBatchSize\(rule='noise_scale'\)", lambda: AdaptiveBatchSize(rule="noise_scale"))]
+#: Refused under FSDPStrategy (FSDP1 flat parameters; GPU-only, so checked with a stand-in class).
+REFUSED_FSDP1 = [("HessianSpectrum", lambda: HessianSpectrum(plot=False)),
+                 ("GradientNoiseScale", lambda: GradientNoiseScale()),
+                 (r"AdaptiveBatchSize\(rule='hessian'\)", lambda: AdaptiveBatchSize())]
 
 
 def _model_parallel_trainer(pl, callbacks, **kwargs):
@@ -55,10 +55,12 @@ def test_sharded_callbacks_setup_refuses_model_parallel_strategy(pl_package, nam
 
 
 @pytest.mark.parametrize("make", [lambda: AdaptiveBatchSize(rule=RampRule({0: 1, 2: 2})),
-                                  lambda: AdaptiveBatchSize(measure_fn=lambda trainer, module: 1.0)],
-                         ids=["ramp", "measure_fn"])
-def test_sharded_callbacks_adaptive_batch_size_without_builtin_measurement_accepts_sharding(pl_package, make):
-    """A ramp or a user measurement needs no gradient of the parameters: no refusal."""
+                                  lambda: AdaptiveBatchSize(measure_fn=lambda trainer, module: 1.0),
+                                  lambda: AdaptiveBatchSize(), lambda: HessianSpectrum(plot=False),
+                                  lambda: GradientNoiseScale()],
+                         ids=["ramp", "measure_fn", "hessian_rule", "hessian_spectrum", "noise_scale"])
+def test_sharded_callbacks_setup_accepts_model_parallel_strategy(pl_package, make):
+    """Ramps, user measurements, the Hessian (full parameters gathered) and the noise scale set up under fully_shard."""
     callback = make()
     callback.setup(_model_parallel_trainer(pl_package, [callback]), _module(pl_package), "fit")
 
@@ -85,10 +87,23 @@ def test_sharded_callbacks_parameter_sharding_knows_fsdp1_and_subclasses_by_name
 
     assert parameter_sharding(SimpleNamespace(strategy=MyShardedStrategy())) == "FSDPStrategy"
     assert parameter_sharding(SimpleNamespace(strategy=object()), nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize(("name", "make"), REFUSED_FSDP1, ids=[r[0].replace("\\", "") for r in REFUSED_FSDP1])
+def test_sharded_callbacks_setup_refuses_fsdp1(name, make):
+    """Under FSDPStrategy (a stand-in: Lightning's runs on GPUs only) they stop at setup, naming the alternatives."""
+    class FSDPStrategy:
+        pass
+
+    callback = make()
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, accumulate_grad_batches=1)
     module = SimpleNamespace(automatic_optimization=True)
-    trainer = SimpleNamespace(strategy=MyShardedStrategy(), precision_plugin=None)
-    with pytest.raises(ValueError, match=r"^GradientNoiseScale does not support FSDPStrategy .*strategy='ddp'"):
-        GradientNoiseScale().setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match=rf"^{name} does not support FSDPStrategy \(FSDP1 flat parameters\):.*"
+                                         r"Instead, use ModelParallelStrategy with fully_shard .*or strategy='ddp'"):
+        if isinstance(callback, AdaptiveBatchSize):
+            callback._refuse_sharded_measurement(trainer, None)  # the first check of its setup
+        else:
+            callback.setup(trainer, module, "fit")
 
 
 def test_sharded_callbacks_noise_scale_rule_accepts_sharding_with_accumulation(pl_package):
@@ -139,6 +154,18 @@ def _dtensor_worker(rank: int, world_size: int) -> None:
     trainer = SimpleNamespace(strategy=object())
     with pytest.raises(ValueError, match=r"^X does not support sharded parameters \(fully_shard \(DTensor"):
         refuse_parameter_sharding(trainer, model, "X", "why")
+
+    # inside fsdp_unsharded the operator takes the full parameters: == one process over every rank's batch
+    from lightning_lbo._dtensor import fsdp_unsharded
+
+    batches = [(torch.randn(4, 4, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64),
+                torch.tensor([0, 1, 2, r])) for r in range(world_size)]
+    with fsdp_unsharded(model) as full:
+        assert not any(type(p).__name__ == "DTensor" for p in full)
+        sharded_hessian = HessianOperator(model, [batches[rank]]).dense()
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())  # resharded on exit
+    torch.testing.assert_close(sharded_hessian, HessianOperator(plain, batches, distributed=False).dense(),
+                               rtol=1e-12, atol=1e-14)
 
     # per-micro-batch gradients of all ranks from the accumulated shards == brute force on the unsharded copy
     def reduce_sum(t):

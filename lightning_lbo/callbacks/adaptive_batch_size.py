@@ -30,10 +30,11 @@ import torch
 from typing_extensions import override
 
 from lightning_lbo._checks import positive_int
+from lightning_lbo._dtensor import fsdp_unsharded
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
-from lightning_lbo.callbacks._sharded import data_parallel_size, refuse_parameter_sharding
+from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding, refuse_parameter_sharding
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
-from lightning_lbo.callbacks.hessian_spectrum import SHARDED_HVP_WHY, FixedBatches
+from lightning_lbo.callbacks.hessian_spectrum import FSDP1_HVP_MESSAGE, FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
@@ -195,12 +196,13 @@ class AdaptiveBatchSize(*callback_bases()):
                              "decide at epoch ends.")
 
     def _refuse_sharded_measurement(self, trainer: Any, pl_module: Any) -> None:
-        """The built-in measurements (Hessian eigenvalue, B_simple) cannot run on sharded parameters."""
+        """The built-in measurements: no Hessian under FSDP1, no B_simple under sharding without accumulation."""
         if self.measure_fn is not None or self.rule.needs is None:
             return
         instead = "use strategy='ddp', a RampRule, or measure_fn=..."
         if self.rule.needs == "eigenvalue":
-            refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='hessian')", SHARDED_HVP_WHY, instead)
+            if parameter_sharding(trainer) == "FSDPStrategy":
+                raise ValueError(FSDP1_HVP_MESSAGE.format(what="AdaptiveBatchSize(rule='hessian')"))
         elif trainer.accumulate_grad_batches < 2:
             refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='noise_scale')",
                                       "it reads B_simple from GradientNoiseScale, which under sharding compares the "
@@ -298,9 +300,10 @@ class AdaptiveBatchSize(*callback_bases()):
         if self.measure_fn is not None:
             return float(self.measure_fn(trainer, pl_module))
         if self.rule.needs == "eigenvalue":
-            op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
-            result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
-            op.release()
+            with fsdp_unsharded(pl_module):  # fully_shard: the full parameters, for autograd to reach (collective)
+                op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
+                result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
+                op.release()
             return result.eigenvalues[0]
         return self._noise.reduced_b_simple(trainer)  # a collective and one host sync per epoch
 

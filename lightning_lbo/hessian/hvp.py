@@ -172,8 +172,8 @@ class HessianOperator:
         self.params = list(params) if params is not None else parameters_of(model)
         if not self.params or not all(p.requires_grad for p in self.params):
             raise ValueError("params must be a non-empty list of tensors that require grad.")
-        refuse_dtensors(self.params, "HessianOperator", "Take Hessian-vector products on an unsharded model (DDP, "
-                        "or one process).")
+        refuse_dtensors(self.params, "HessianOperator", "Build the operator inside "
+                        "lightning_lbo._dtensor.fsdp_unsharded(model), which holds the full parameters, or use DDP.")
         self.bn_mode, self.group, self.max_hvps = bn_mode, group, max_hvps
         self.distributed = distributed and _distributed(group)
         self.cache_graph = cache_graph and len(batches) == 1

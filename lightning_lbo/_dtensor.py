@@ -76,9 +76,11 @@ def fsdp_unsharded(model: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     settings = []
     for m in modules:
-        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-        settings.append((group is not None and getattr(group, "post_forward_mesh_info", None) is not None,
-                         getattr(group, "reshard_after_backward", True), getattr(group, "reduce_grads", True)))
+        get_state = getattr(m, "_get_fsdp_state", None)  # private: without it, fully_shard's defaults come back
+        group = getattr(get_state(), "_fsdp_param_group", None) if callable(get_state) else None
+        after_forward = getattr(group, "post_forward_mesh_info", None) is not None if group is not None else True
+        settings.append((after_forward, getattr(group, "reshard_after_backward", True),
+                         getattr(group, "reduce_grads", True)))
         m.set_reshard_after_forward(False, recurse=False)
         m.set_reshard_after_backward(False, recurse=False)
         m.set_requires_gradient_sync(False, recurse=False)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lightning_lbo._dtensor import is_dtensor, local_tensor, refuse_dtensors
 from lightning_lbo.capture import capture_paused
 
 
@@ -129,6 +130,8 @@ class MicroBatchGradNorms:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroBatchGradNorms needs at least one parameter that requires grad.")
+        refuse_dtensors(self.params, "MicroBatchGradNorms", "Measure per-rank gradients with unsharded parameters "
+                        "(DDP).")
         self.enabled = True
         self._sq: list[torch.Tensor] = []
         self._handles = [p.register_hook(self._hook) for p in self.params]
@@ -150,6 +153,73 @@ class MicroBatchGradNorms:
             handle.remove()
         self._handles = []
         self._sq = []
+
+
+class ShardedMicroBatchGradNorms:
+    """Squared norms of each micro-batch's *global* gradient under sharded data parallel (``fully_shard``).
+
+    FSDP2 reduce-scatters every backward's gradient (rank-averaged) into the sharded ``.grad``, adding it
+    to what the accumulation window holds, so no rank ever sees its own gradient (what
+    :class:`MicroBatchGradNorms` reads under DDP). What can be read is the contribution of each micro-batch
+    to the accumulated gradient: ``.grad`` after its backward minus ``.grad`` before it, the gradient of
+    the micro-batch of *all* ranks (``B_small`` = per-device batch x ranks; ``B_big`` adds the
+    micro-batches of the window). Shards are disjoint, so a squared norm is the sum over ranks of the
+    squared norms of the local shards: kept on the device per micro-batch, summed over ranks once per
+    optimizer step (:meth:`pop`, one collective of two numbers). Memory: one copy of this rank's
+    gradient shards.
+
+    Args:
+        params: the parameters, all DTensors sharded (``Shard`` placements only) over a mesh of ``world_size`` ranks.
+        world_size: the number of ranks the shards are spread over.
+        all_reduce_sum: sums a tensor over those ranks and returns it (a collective).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], world_size: int,
+                 all_reduce_sum: Any) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("ShardedMicroBatchGradNorms needs at least one parameter that requires grad.")
+        for p in self.params:
+            if not (is_dtensor(p) and p.device_mesh.size() == world_size and all(pl.is_shard() for pl in p.placements)):
+                what = (f"a DTensor with placements {tuple(p.placements)} over {p.device_mesh.size()} ranks"
+                        if is_dtensor(p) else "a plain tensor")
+                raise ValueError(f"ShardedMicroBatchGradNorms needs every parameter sharded over all {world_size} "
+                                 f"ranks (fully_shard on the data-parallel mesh), found {what}: replicated pieces "
+                                 "would be counted once per replica.")
+        self.all_reduce_sum = all_reduce_sum
+        self._previous: list[torch.Tensor] | None = None  # this rank's shards of .grad after the last backward
+        self._sq: list[torch.Tensor] = []
+
+    def start_window(self) -> None:
+        """A new accumulation window: ``.grad`` starts from nothing (Lightning zeroes it)."""
+        if self._previous is not None:
+            torch._foreach_zero_(self._previous)
+        self._sq = []
+
+    def after_backward(self) -> None:
+        """Record the squared norm (this rank's shards) of what the backward just added to ``.grad``."""
+        if self._previous is None:
+            self._previous = [torch.zeros_like(local_tensor(p.detach())) for p in self.params]
+        current = [local_tensor(p.grad.detach()) if p.grad is not None else prev
+                   for p, prev in zip(self.params, self._previous, strict=True)]
+        added = torch._foreach_sub(current, self._previous)
+        self._sq.append(torch.stack([n.double() for n in torch._foreach_norm(added)]).pow(2).sum())
+        torch._foreach_copy_(self._previous, current)
+
+    def pop(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(sum_i |g_i|^2, |grad|^2, micro-batches)`` over all ranks since :meth:`start_window` (a collective).
+
+        ``g_i`` is the i-th backward's contribution to the accumulated gradient, ``grad`` the accumulated
+        gradient itself (what the optimizer steps with).
+        """
+        count, sq = len(self._sq), self._sq
+        self._sq = []
+        device = self._previous[0].device if self._previous else self.params[0].device
+        total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=device)
+        final = (torch.stack([n.double() for n in torch._foreach_norm(self._previous)]).pow(2).sum()
+                 if self._previous else torch.zeros((), dtype=torch.float64, device=device))
+        both = self.all_reduce_sum(torch.stack([total, final]))
+        return both[0], both[1], count
 
 
 def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -183,6 +253,7 @@ def split_batch_sq_norms(model: torch.nn.Module, batch: Any, params: Iterable[to
 
     loss_fn = loss_fn or classifier_loss
     params = [p for p in params if p.requires_grad]
+    refuse_dtensors(params, "split_batch_sq_norms", "Measure with unsharded parameters (DDP, or one process).")
     n = int(batch[0].shape[0]) // 2
     if n < 1:
         raise ValueError(f"A batch of {batch[0].shape[0]} samples cannot be split in two halves: use batches >= 2.")

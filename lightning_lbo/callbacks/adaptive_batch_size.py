@@ -30,9 +30,11 @@ import torch
 from typing_extensions import override
 
 from lightning_lbo._checks import positive_int
+from lightning_lbo._dtensor import fsdp_unsharded
 from lightning_lbo.batch_rules import BatchSizeRule, HessianRule, Observation, RampRule, make_rule
+from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding, refuse_parameter_sharding
 from lightning_lbo.callbacks.batch_mechanisms import MECHANISMS
-from lightning_lbo.callbacks.hessian_spectrum import FixedBatches
+from lightning_lbo.callbacks.hessian_spectrum import FSDP1_HVP_MESSAGE, FixedBatches
 from lightning_lbo.callbacks.lr_schedule import LRSchedule
 from lightning_lbo.compat import callback_bases, callback_state_key, lightning_package, package_of
 from lightning_lbo.hessian import HessianOperator, classifier_loss, power_iteration
@@ -174,6 +176,7 @@ class AdaptiveBatchSize(*callback_bases()):
             if isinstance(cb, pkg.callbacks.GradientAccumulationScheduler):
                 raise ValueError("AdaptiveBatchSize and GradientAccumulationScheduler both change the batch: remove "
                                  "one of them.")
+        self._refuse_sharded_measurement(trainer, None)
         self._lr_schedule = next((cb for cb in trainer.callbacks if isinstance(cb, LRSchedule)), None)
         if self.rewarmup_steps and self._lr_schedule is None:
             raise ValueError("rewarmup_steps needs LRSchedule in the Trainer (it ramps the LR); add "
@@ -192,9 +195,24 @@ class AdaptiveBatchSize(*callback_bases()):
                              f"{trainer.accumulate_grad_batches}) would split: remove accumulate_grad_batches or "
                              "decide at epoch ends.")
 
+    def _refuse_sharded_measurement(self, trainer: Any, pl_module: Any) -> None:
+        """The built-in measurements: no Hessian under FSDP1, no B_simple under sharding without accumulation."""
+        if self.measure_fn is not None or self.rule.needs is None:
+            return
+        instead = "use strategy='ddp', a RampRule, or measure_fn=..."
+        if self.rule.needs == "eigenvalue":
+            if parameter_sharding(trainer) == "FSDPStrategy":
+                raise ValueError(FSDP1_HVP_MESSAGE.format(what="AdaptiveBatchSize(rule='hessian')"))
+        elif trainer.accumulate_grad_batches < 2:
+            refuse_parameter_sharding(trainer, pl_module, "AdaptiveBatchSize(rule='noise_scale')",
+                                      "it reads B_simple from GradientNoiseScale, which under sharding compares the "
+                                      "micro-batches of an accumulation window and so needs accumulate_grad_batches "
+                                      ">= 2 from the first step", instead)
+
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._refuse_sharded_measurement(trainer, pl_module)
         if self._loaded_batches:
             self.fixed.load(self._loaded_batches, pl_module.device)
             self._loaded_batches = None
@@ -271,9 +289,9 @@ class AdaptiveBatchSize(*callback_bases()):
                 self._grow(trainer, new)  # at the epoch's end: every mechanism applies it at once
 
     def global_batch(self, trainer: Any, factor: int | None = None) -> int:
-        """Global batch at ``factor`` (default: the current one): base per-device batch x factor x world."""
+        """Global batch at ``factor`` (default: the current one): base per-device batch x factor x data ranks."""
         per_device = self.mechanism.base_batch if self.mechanism.name == "resize" else _loader_batch(trainer)
-        return int(per_device * (factor or self.factor) * trainer.world_size)
+        return int(per_device * (factor or self.factor) * data_parallel_size(trainer))
 
     def measure(self, trainer: Any, pl_module: Any) -> float | None:
         """What the rule needs: the top Hessian eigenvalue, ``B_simple`` (mean over ranks), or nothing."""
@@ -282,9 +300,10 @@ class AdaptiveBatchSize(*callback_bases()):
         if self.measure_fn is not None:
             return float(self.measure_fn(trainer, pl_module))
         if self.rule.needs == "eigenvalue":
-            op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
-            result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
-            op.release()
+            with fsdp_unsharded(pl_module):  # fully_shard: the full parameters, for autograd to reach (collective)
+                op = HessianOperator(pl_module, self.fixed.batches, loss_fn=self.loss_fn, bn_mode=self.bn_mode)
+                result = power_iteration(op, k=1, max_iters=self.power_iters, tol=self.tol, seed=self.seed)
+                op.release()
             return result.eigenvalues[0]
         return self._noise.reduced_b_simple(trainer)  # a collective and one host sync per epoch
 

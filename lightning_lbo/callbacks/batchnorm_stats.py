@@ -24,6 +24,7 @@ from lightning_lbo.batchnorm import (
     batchnorm_layers,
     estimate_precise_stats,
 )
+from lightning_lbo.callbacks._sharded import data_parallel_size
 from lightning_lbo.compat import callback_bases, callback_state_key
 
 
@@ -136,6 +137,15 @@ class BatchNormStats(*callback_bases()):
         return callback_state_key(self, mode=self.mode.value, num_batches=self.num_batches)
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        replicas = data_parallel_size(trainer)
+        if replicas != trainer.world_size:
+            raise ValueError(f"BatchNormStats pools the statistics of every rank, but this strategy runs "
+                             f"{trainer.world_size} ranks on {replicas} data-parallel replicas (tensor or model "
+                             "parallelism): ranks that share a batch would count it several times. Use "
+                             "tensor_parallel_size=1, or evaluate with the running statistics (drop the callback).")
+
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         layers = self._layers(trainer, pl_module)

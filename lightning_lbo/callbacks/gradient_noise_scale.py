@@ -20,7 +20,15 @@ denominator are EMA-smoothed separately on each rank (no host sync per step); at
 mean over ranks (one 2-element all-reduce) gives ``B_simple``.
 
 Limitations: fp16 mixed precision with a GradScaler is rejected (the hooks would see scaled
-gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results).
+gradients); micro-batches are assumed to be of equal size (use ``drop_last=True`` for exact results);
+``FSDPStrategy`` (FSDP1) is rejected at setup.
+
+Sharded parameters (``ModelParallelStrategy`` + ``fully_shard``, FSDP2): FSDP reduce-scatters every
+backward's gradient itself, so no rank sees its own; "small" is then the gradient of one micro-batch of
+*all* ranks, read as what its backward added to the accumulated sharded ``.grad``
+(:class:`~lightning_lbo.noise_scale.ShardedMicroBatchGradNorms`): ``B_small`` = per-device batch x ranks,
+``B_big`` = ``B_small`` x ``accumulate_grad_batches``, which must then be >= 2 (with 1 there is a single
+batch size and steps are skipped, with a warning).
 """
 
 from __future__ import annotations
@@ -30,9 +38,21 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_lbo._dtensor import any_dtensor
+from lightning_lbo.callbacks._sharded import data_parallel_size, parameter_sharding
 from lightning_lbo.compat import callback_bases, lightning_package, package_of
 from lightning_lbo.hessian.hvp import first_dim_count
-from lightning_lbo.noise_scale import MicroBatchGradNorms, NoiseScaleEstimator, grad_sq_norm, split_batch_sq_norms
+from lightning_lbo.noise_scale import (
+    MicroBatchGradNorms,
+    NoiseScaleEstimator,
+    ShardedMicroBatchGradNorms,
+    grad_sq_norm,
+    split_batch_sq_norms,
+)
+
+_FSDP1_MESSAGE = ("GradientNoiseScale does not support FSDPStrategy (FSDP1 flat parameters): it reads per-rank or "
+                  "per-micro-batch gradients that FSDP1 keeps inside its flat shards. Instead, use "
+                  "ModelParallelStrategy with fully_shard (and accumulate_grad_batches >= 2) or strategy='ddp'.")
 
 
 class GradientNoiseScale(*callback_bases()):
@@ -71,6 +91,7 @@ class GradientNoiseScale(*callback_bases()):
         self.estimator = NoiseScaleEstimator(beta)  # validates beta
         self.log_every_n_steps = log_every_n_steps
         self._norms: MicroBatchGradNorms | None = None
+        self._sharded: ShardedMicroBatchGradNorms | None = None
         self._micro_sizes: list[int] = []
         self._warned = False
         self.last: dict[str, float] = {}
@@ -82,6 +103,8 @@ class GradientNoiseScale(*callback_bases()):
         if not pl_module.automatic_optimization:
             raise RuntimeError("GradientNoiseScale reads the gradient Lightning's automatic optimization steps with; "
                                "use automatic optimization or remove the callback.")
+        if parameter_sharding(trainer) == "FSDPStrategy":
+            raise ValueError(_FSDP1_MESSAGE)
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError("GradientNoiseScale does not support fp16 mixed precision with a GradScaler (its hooks "
                              "would see loss-scaled gradients): use precision='bf16-mixed' or '32-true'.")
@@ -91,8 +114,12 @@ class GradientNoiseScale(*callback_bases()):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"GradientNoiseScale needs exactly one optimizer, found {len(trainer.optimizers)}.")
         params = [p for group in trainer.optimizers[0].param_groups for p in group["params"] if p.requires_grad]
-        self._norms = MicroBatchGradNorms(params)
         self._params = params
+        if any_dtensor(params):  # fully_shard: per-micro-batch gradients of all ranks, from the accumulated shards
+            self._sharded = ShardedMicroBatchGradNorms(
+                params, trainer.world_size, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+            return
+        self._norms = MicroBatchGradNorms(params)
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -104,6 +131,10 @@ class GradientNoiseScale(*callback_bases()):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         first = not self._micro_sizes
         self._micro_sizes.append(first_dim_count(batch))
+        if self._sharded is not None:
+            if first:
+                self._sharded.start_window()
+            return
         single_size = trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
         self._norms.enabled = not single_size  # one batch size: the per-backward norms would go unread
         every = self.probe_every_n_steps
@@ -111,7 +142,15 @@ class GradientNoiseScale(*callback_bases()):
             self._probe = split_batch_sq_norms(pl_module, batch, self._params)
 
     @override
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self._sharded is not None and trainer.accumulate_grad_batches >= 2:
+            self._sharded.after_backward()
+
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._sharded is not None:
+            self._sharded_step(trainer, pl_module)
+            return
         sizes, self._micro_sizes = self._micro_sizes, []
         micro, k, world = len(sizes), trainer.accumulate_grad_batches, trainer.world_size
         b_small = sum(sizes) / max(micro, 1)
@@ -134,6 +173,26 @@ class GradientNoiseScale(*callback_bases()):
         big_sq = grad_sq_norm(self._params) * (k / micro) ** 2
         self.estimator.update(small_sq, big_sq, b_small, b_big)
         self._maybe_log(trainer, pl_module, b_big / micro * k)
+
+    def _sharded_step(self, trainer: Any, pl_module: Any) -> None:
+        """Under fully_shard: micro-batches of all ranks against their accumulated gradient."""
+        sizes, self._micro_sizes = self._micro_sizes, []
+        k = trainer.accumulate_grad_batches
+        if k < 2 or len(sizes) < 2:  # one batch size (every rank alike: no collective is skipped on one only)
+            if not self._warned:
+                self._warned = True
+                lightning_package(package_of(trainer)).utilities.rank_zero_warn(
+                    "GradientNoiseScale under sharded parameters (fully_shard) compares the micro-batches of an "
+                    "accumulation window with their sum: set accumulate_grad_batches >= 2. Steps with a single "
+                    "batch size are skipped.")
+            return
+        micro_sq, big_sq, micro = self._sharded.pop()  # one all-reduce of two numbers
+        b_small = sum(sizes) / micro * data_parallel_size(trainer)
+        # Lightning divides each micro-batch loss by k: undo it, so both are gradients of mean losses.
+        small_sq = micro_sq * (k * k / micro)
+        big_sq = big_sq * (k / micro) ** 2
+        self.estimator.update(small_sq, big_sq, b_small, b_small * micro)
+        self._maybe_log(trainer, pl_module, b_small * micro)
 
     def _maybe_log(self, trainer: Any, pl_module: Any, global_batch: float) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps

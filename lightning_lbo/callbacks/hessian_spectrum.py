@@ -4,7 +4,9 @@ The pure computations live in :mod:`lightning_lbo.hessian`; this callback decide
 ``every_n_epochs`` epochs, at ``on_train_epoch_end``: outside validation's ``no_grad``/inference mode)
 and on what (fixed batches: the first ``num_batches`` training batches this process sees, cloned),
 and logs through ``pl_module.log`` and the Trainer's loggers. Under DDP each rank contributes its own
-fixed batches and the Hessian-vector products are all-reduced, so every rank logs the same values.
+fixed batches and the Hessian-vector products are all-reduced, so every rank logs the same values. Under
+``fully_shard`` (``ModelParallelStrategy``) the full parameters are gathered on every rank for the duration
+of a measurement (:func:`lightning_lbo._dtensor.fsdp_unsharded`); ``FSDPStrategy`` (FSDP1) is refused at setup.
 
 Contract with the LightningModule (the default ``loss_fn``): a batch is ``(x, y)``, ``module(x)``
 returns logits, ``module.loss_fn(logits, y)`` the mean loss (cross-entropy if it has no ``loss_fn``).
@@ -21,6 +23,8 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_lbo._dtensor import fsdp_unsharded
+from lightning_lbo.callbacks._sharded import parameter_sharding
 from lightning_lbo.compat import callback_bases, callback_state_key, lightning_package, map_tensors, package_of
 from lightning_lbo.hessian import (
     HessianOperator,
@@ -35,6 +39,11 @@ from lightning_lbo.hessian import (
 from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 
 ParamSelector = Callable[[nn.Module], Iterable[torch.Tensor]]
+#: Why FSDP1 is refused (shared with AdaptiveBatchSize's Hessian rule); FSDP2 (fully_shard) works.
+FSDP1_HVP_MESSAGE = ("{what} does not support FSDPStrategy (FSDP1 flat parameters): Hessian-vector products "
+                     "differentiate the loss twice with respect to the parameters, which FSDP1 keeps in flat shards. "
+                     "Instead, use ModelParallelStrategy with fully_shard (the full parameters are gathered for the "
+                     "measurement) or strategy='ddp'.")
 
 
 def _matplotlib_available() -> bool:
@@ -180,6 +189,11 @@ class HessianSpectrum(*callback_bases()):
         return callback_state_key(self, every_n_epochs=self.every_n_epochs, groups=tuple(self.param_groups))
 
     @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and parameter_sharding(trainer) == "FSDPStrategy":
+            raise ValueError(FSDP1_HVP_MESSAGE.format(what="HessianSpectrum"))
+
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.fixed.offer(batch)
 
@@ -189,8 +203,9 @@ class HessianSpectrum(*callback_bases()):
             return
         for name, select in self.param_groups.items():
             suffix = "" if name == "all" else f"/{name}"
-            params = list(select(pl_module))
-            result = self.compute(pl_module, params)
+            with fsdp_unsharded(pl_module):  # fully_shard: the full parameters, for autograd to reach (collective)
+                params = list(select(pl_module))
+                result = self.compute(pl_module, params)
             self.last[name] = result
             found = len(result.get("eigenvalues", []))
             if self.top_k and found < self.top_k and name not in self._warned_short:

@@ -20,6 +20,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_lbo import schedules as S
+from lightning_lbo.callbacks._sharded import data_parallel_size
 from lightning_lbo.compat import callback_bases, callback_state_key
 from lightning_lbo.optim.momentum import correction_factor, scale_momentum_
 
@@ -55,7 +56,8 @@ class LRSchedule(*callback_bases()):
 
     where ``lr_g`` is the LR of param group ``g`` as built in ``configure_optimizers`` (the LR for
     the reference batch ``B_ref``), ``B`` = per-device batch x devices x num_nodes x
-    ``accumulate_grad_batches`` (re-read whenever ``accumulate_grad_batches`` changes, e.g. under
+    ``accumulate_grad_batches`` (data-parallel ranks only: under ``ModelParallelStrategy`` its
+    ``data_parallel_size``) (re-read whenever ``accumulate_grad_batches`` changes, e.g. under
     Lightning's ``GradientAccumulationScheduler``) and ``m`` is the warmup-then-decay multiplier of
     :mod:`lightning_lbo.schedules`. The warmup starts at ``warmup_start_factor`` (default: Goyal's
     ``1/k``, i.e. at the unscaled LR) and reaches ``m = 1`` at step ``warmup_steps``. ``poly`` and
@@ -230,7 +232,7 @@ class LRSchedule(*callback_bases()):
     def _update_scale(self, trainer: Any) -> None:
         """Global batch and scaling factor for the current ``accumulate_grad_batches``."""
         self._accumulation = trainer.accumulate_grad_batches
-        self.global_batch_size = self._per_device_batch * trainer.world_size * self._accumulation
+        self.global_batch_size = self._per_device_batch * data_parallel_size(trainer) * self._accumulation
         if self.reference_batch_size is not None:
             ratio = self.global_batch_size / self.reference_batch_size
             self.scale = ratio if self.scaling == "linear" else math.sqrt(ratio)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_lbo._dtensor import local_tensor, replicated_value
 from lightning_lbo.compat import batch_norm_base, callback_bases
 from lightning_lbo.optim._step_utils import all_finite
 
@@ -66,7 +67,8 @@ class TensorSnapshot:
     """A saved copy of a fixed list of tensors, put back on the device where a 0-d bool says so.
 
     Tensors are kept per (device, dtype) in one flat buffer, so saving and restoring cost three ops per
-    group, not one per tensor.
+    group, not one per tensor. A sharded tensor (DTensor: parameters and optimizer state under
+    ``fully_shard``) is saved and restored through its local shard: each rank keeps only what it holds.
     """
 
     def __init__(self, tensors: list[Tensor]) -> None:
@@ -75,21 +77,26 @@ class TensorSnapshot:
         for t in tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)
         self._groups = list(groups.values())
-        self._saved = [torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
+        self._saved = [torch.empty(sum(local_tensor(t).numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
                        for ts in self._groups]
+
+    @staticmethod
+    def _locals(ts: list[Tensor]) -> list[Tensor]:
+        # re-read every time: the shard is a view of the DTensor's storage, never cached across steps
+        return [local_tensor(t.detach()) for t in ts]
 
     def save(self) -> None:
         for ts, flat in zip(self._groups, self._saved, strict=True):
-            torch.cat([t.detach().reshape(-1) for t in ts], out=flat)
+            torch.cat([t.reshape(-1) for t in self._locals(ts)], out=flat)
 
     def restore_where(self, restore: Tensor) -> None:
         """``t = saved if restore else t`` for every tensor (``restore``: 0-d bool on any device)."""
         for ts, flat in zip(self._groups, self._saved, strict=True):
-            current = torch.cat([t.detach().reshape(-1) for t in ts])
+            shards = self._locals(ts)
+            current = torch.cat([t.reshape(-1) for t in shards])
             merged = torch.where(restore.to(flat.device), flat, current)
-            torch._foreach_copy_([t.detach() for t in ts],
-                                 [part.view_as(t) for part, t in zip(merged.split([t.numel() for t in ts]), ts,
-                                                                     strict=True)])
+            torch._foreach_copy_(shards, [part.view_as(t) for part, t in
+                                          zip(merged.split([t.numel() for t in shards]), shards, strict=True)])
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
@@ -217,7 +224,9 @@ class NonFiniteBatchGuard(*callback_bases()):
             return
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if grads and scaler is None:  # under a grad scaler, overflowing gradients are the scaler's (it skips)
-            bad = bad | ~all_finite(grads, device=bad.device)
+            # Sharded gradients (DTensors): the check covers every rank's shard, read out as one plain flag, so
+            # a NaN in another rank's rows skips this rank's update too.
+            bad = bad | ~replicated_value(all_finite(grads, device=bad.device))
         if id(opt) not in self._foreign:
             self._foreign[id(opt)] = OptimizerUndo(opt)
         undo = self._foreign[id(opt)]

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_lbo._dtensor import refuse_dtensors
 from lightning_lbo.capture import curvature_capture_paused
 from lightning_lbo.compat import batch_norm_base
 
@@ -174,6 +175,8 @@ class HessianOperator:
         self.params = list(params) if params is not None else parameters_of(model)
         if not self.params or not all(p.requires_grad for p in self.params):
             raise ValueError("params must be a non-empty list of tensors that require grad.")
+        refuse_dtensors(self.params, "HessianOperator", "Build the operator inside "
+                        "lightning_lbo._dtensor.fsdp_unsharded(model), which holds the full parameters, or use DDP.")
         self.bn_mode, self.group, self.max_hvps = bn_mode, group, max_hvps
         self.distributed = distributed and _distributed(group)
         self.cache_graph = cache_graph and len(batches) == 1

@@ -41,7 +41,8 @@ data-text: $(STAMP)
 	fi
 	$(PY) -c "from lightning_lbo.text import load_gcide_splits as f; t, v = f(); print(f'GCIDE: {t.numel()} train / {v.numel()} held-out bytes')"
 
-# About a minute on 2 cores: SGD at batch 256 against sgd, goyal, lars and kfac at 4096 (docs/compare.md).
+# SGD at batch 256 against sgd, goyal, lars and kfac at 4096 (docs/compare.md): ~40 s on 2 cores once installed;
+# the first run adds the .venv install (a fresh machine: 1:40-5:34 in all; docs/getting_started.md).
 demo: data
 	$(VENV)/bin/lbo compare $(DEMO_ARGS)
 

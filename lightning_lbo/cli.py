@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("lightning_lbo.cli", "add_data_parser", "locate the Fashion-MNIST files and print their sizes"),
     "compare": ("lightning_lbo.compare", "add_compare_parser",
                 "train recipes side by side on Fashion-MNIST and print a table"),
-    "advise": ("lightning_lbo.critical_batch", "add_advise_parser",
+    "advise": ("lightning_lbo.advise_cli", "add_advise_parser",
                "estimate the critical batch, recommend a batch and LR"),
 }
 

@@ -46,6 +46,9 @@ DEFAULT_BATCH, DEFAULT_BASELINE_BATCH, DEFAULT_EPOCHS = 4096, 256, 3  # `make de
 DEFAULT_THREADS = 1
 FASHION_MNIST_TRAIN = 60000
 DATASETS = ("fashion-mnist",)
+#: The keys of :data:`lightning_lbo.recipes.RECIPES` (tested equal), named here so that building the parser
+#: (``lbo compare --help``) does not import the recipes, and with them torch.
+RECIPE_NAMES = ("sgd", "goyal", "lars", "lamb", "akiba", "kfac", "spngd", "absa")
 #: ``--model`` choices: reference model name and its keyword arguments (lightning_lbo.models).
 MODELS = {"cnn": ("cnn", {}), "mlp-bn": ("mlp", {"batch_norm": True}), "mlp": ("mlp", {}), "resnet": ("resnet", {}),
           "resnet8": ("resnet", {"depth": 8})}
@@ -387,7 +390,7 @@ def below_sgd_notes(results: Sequence[RunResult]) -> list[str]:
         if r.recipe == "sgd" or r.error or base is None or not r.final_acc < base.final_acc:
             continue
         gap = base.final_acc - r.final_acc
-        line = f"{r.recipe} ends {gap:.1%} below sgd at batch {r.batch_size}"
+        line = f"{r.recipe} ends {100 * gap:.1f} pp below sgd at batch {r.batch_size}"
         if r.paper_batch is not None and r.train_examples:
             paper_batch, paper_images, data = r.paper_batch
             fraction, ours = paper_batch / paper_images, r.batch_size / r.train_examples
@@ -421,7 +424,8 @@ def format_table(results: Sequence[RunResult], target: float, baseline: RunResul
                "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
                f"{r.seconds_per_step:.3f}", f"{r.peak_rss_mb:.0f}")
         if compared:
-            gap = "baseline" if r is baseline else f"{r.final_acc - baseline.final_acc:+.1%}"
+            # a difference of two accuracies: percentage points, not a percentage of anything
+            gap = "baseline" if r is baseline else f"{100 * (r.final_acc - baseline.final_acc):+.1f}pp"
             row = (*row[:4], gap, *row[4:])
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -559,11 +563,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    from lightning_lbo.recipes import RECIPES
-
     p = sub.add_parser("compare", help="train recipes side by side on Fashion-MNIST and print a table",
                        description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, from: {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, from: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="global batch size of the recipes")
     p.add_argument("--baseline-batch-size", type=int, default=DEFAULT_BASELINE_BATCH,
                    help="also train the SGD recipe at this small batch (0: no baseline row)")

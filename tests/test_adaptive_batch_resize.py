@@ -165,12 +165,12 @@ def test_step_interval_decisions_reject_fixed_accumulation_and_ramps(tmp_path):
 def test_resize_rejects_missing_trainer_settings(tmp_path):
     """No reload per epoch, or a loader without a ResizableBatchSampler: errors that say what to set."""
     pl = lightning_package(PYTORCH_LIGHTNING)
-    cb = AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize")
+    cb = AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize", scale_lr=False)
     trainer = make_trainer(pl, tmp_path, max_epochs=1, callbacks=[cb])
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         trainer.fit(module(pl), resizable_loader(4))
     trainer = make_trainer(pl, tmp_path, max_epochs=1, reload_dataloaders_every_n_epochs=1,
-                           callbacks=[AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize")])
+                           callbacks=[AdaptiveBatchSize(rule=RampRule({0: 1}), mechanism="resize", scale_lr=False)])
     with pytest.raises(TypeError, match="ResizableDataLoader"):
         trainer.fit(module(pl), DataLoader(dataset(), batch_size=4))
 

@@ -72,7 +72,8 @@ def test_adaptive_batch_size_rejects_bad_arguments():
 def test_adaptive_batch_size_doubles_micro_batches_and_lr(pl_package, tmp_path):
     """Scripted eigenvalues: 2 micro-batches per step after the first halving, 4 after the second, LR x2 each."""
     spy = StepSpy.make(pl_package)
-    cb = AdaptiveBatchSize(max_accumulation=4, duration=10, eigenvalue_fn=scripted([10, 9, 4, 3.5, 1.9, 0.5]))
+    cb = AdaptiveBatchSize(max_accumulation=4, duration=10, eigenvalue_fn=scripted([10, 9, 4, 3.5, 1.9, 0.5]),
+                           scale_lr="linear")
     trainer = make_trainer(pl_package, tmp_path, max_epochs=6, callbacks=[cb, spy])
     trainer.fit(tiny_classifier(pl_package), tiny_loader())
     per_epoch = {e: sorted({m for m, ep in zip(spy.per_step, spy.epochs, strict=True) if ep == e}) for e in range(6)}
@@ -94,7 +95,7 @@ def test_adaptive_batch_size_resume_continues_like_an_uninterrupted_run(tmp_path
 
     def run(max_epochs, ckpt=None, root=tmp_path / "a"):
         spy = StepSpy.make(pl)
-        cb = AdaptiveBatchSize(max_accumulation=4, eigenvalue_fn=scripted(values))
+        cb = AdaptiveBatchSize(max_accumulation=4, eigenvalue_fn=scripted(values), scale_lr="linear")
         saver = pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
         trainer = make_trainer(pl, root, max_epochs=max_epochs, callbacks=[cb, spy, saver], enable_checkpointing=True)
         trainer.fit(tiny_classifier(pl), tiny_loader(), ckpt_path=ckpt)
@@ -117,7 +118,7 @@ def test_adaptive_batch_size_measures_the_hessian_eigenvalue(tmp_path):
 
     from lightning_lbo.hessian import HessianOperator
 
-    cb = AdaptiveBatchSize(power_iters=200, tol=1e-6)
+    cb = AdaptiveBatchSize(power_iters=200, tol=1e-6, scale_lr="linear")
     module = tiny_classifier(pl)
     trainer = make_trainer(pl, tmp_path, max_epochs=1, callbacks=[cb])
     trainer.fit(module, tiny_loader())
@@ -154,7 +155,7 @@ def test_noise_scale_rule_grows_on_the_measured_b_simple(tmp_path):
     from lightning_lbo.callbacks.gradient_noise_scale import GradientNoiseScale
 
     gns = GradientNoiseScale(beta=0.5, probe_every_n_steps=2, log_every_n_steps=2)
-    cb = AdaptiveBatchSize(rule=NoiseScaleRule(margin=1.0), max_factor=8)
+    cb = AdaptiveBatchSize(rule=NoiseScaleRule(margin=1.0), max_factor=8, scale_lr="linear")
     trainer = make_trainer(pl, tmp_path, max_epochs=3, callbacks=[gns, cb])
     trainer.fit(tiny_classifier(pl), tiny_loader())
     # factor 1: a probe every 2nd step; factor >= 2: every step has two batch sizes (micro-batch vs accumulated)

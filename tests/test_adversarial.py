@@ -67,7 +67,8 @@ def test_adversarial_training_ratio_halves_with_abs_and_switches_off(pl_package,
     x, y = images(32)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 4 batches per epoch
     script = [8.0, 1.0, 0.4, 0.1, 0.1, 0.1]
-    abs_cb = AdaptiveBatchSize(max_accumulation=4, eigenvalue_fn=lambda t, m: script[t.current_epoch])
+    abs_cb = AdaptiveBatchSize(max_accumulation=4, eigenvalue_fn=lambda t, m: script[t.current_epoch],
+                               scale_lr="linear")
     adv = AdversarialTraining(ratio=0.25, epsilon=0.01, stop_fraction=0.5, data_range=RANGE)
     counts = []
 
@@ -105,7 +106,7 @@ def test_adversarial_ratio_follows_any_rule(tmp_path):
     module = classifier_module_class("pytorch_lightning")(conv_bn_net(), num_classes=3,
                                                           optimizer=sgd_factory(lr=0.05, weight_decay=0.0))
     x, y = images(32)
-    abs_cb = AdaptiveBatchSize(rule=RampRule({0: 1, 1: 2}))
+    abs_cb = AdaptiveBatchSize(rule=RampRule({0: 1, 1: 2}), scale_lr="linear")
     adv = AdversarialTraining(ratio=0.25, epsilon=0.01, stop_fraction=1.0, data_range=RANGE, stop_at_max_batch=False)
     trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[abs_cb, adv])
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))

@@ -190,10 +190,10 @@ def test_below_sgd_notes_say_why_with_the_papers_batch_ratio():
     results = [_result("sgd", 4096, 0.85), _result("goyal", 4096, 0.80), _result("lars", 4096, 0.86),
                _result("sgd", 512, 0.88), _result("lars", 512, 0.87, steps=351)]
     goyal, lars = below_sgd_notes(results)
-    assert goyal.startswith("goyal ends 5.0% below sgd at batch 4096: the batch is 6.83% of the 60000")
+    assert goyal.startswith("goyal ends 5.0 pp below sgd at batch 4096: the batch is 6.83% of the 60000")
     assert "10.7x beyond" in goyal and "8192 of 1281167 ImageNet images = 0.64%, a batch of ~384 here" in goyal
     assert "linear scaling rule's LR overshoots" in goyal
-    assert lars.startswith("lars ends 1.0% below sgd at batch 512") and "within the largest ratio" in lars
+    assert lars.startswith("lars ends 1.0 pp below sgd at batch 512") and "within the largest ratio" in lars
     assert below_sgd_notes([_result("goyal", 4096, 0.8)]) == []  # no sgd row: nothing to compare
 
 
@@ -226,7 +226,7 @@ def test_table_compares_every_run_with_the_small_batch_baseline():
                RunResult("lars", 4096, 0, math.nan, math.nan, None, None, math.nan, math.nan, error="boom")]
     lines = format_table(results, 0.8, baseline=results[0]).splitlines()
     assert lines[0].split()[:5] == ["recipe", "batch", "steps", "final", "acc"] and "vs sgd@256" in lines[0]
-    assert [line.split()[4] for line in lines[2:5]] == ["baseline", "-8.2%", "-0.6%"]
+    assert [line.split()[4] for line in lines[2:5]] == ["baseline", "-8.2pp", "-0.6pp"]  # points, not a percentage
     assert lines[5].split()[:4] == ["lars", "4096", "-", "failed:"]
     assert "vs sgd" not in format_table(results, 0.8)  # no baseline run: no column
 

@@ -18,6 +18,10 @@ The LR follows the batch: with :class:`~lightning_lbo.callbacks.LRSchedule` in t
 :meth:`LRSchedule.global_batch_changed` (its scaling rule, linear or sqrt, a re-warmup over
 ``rewarmup_steps`` steps and its momentum correction); without it (torch schedulers in
 ``configure_optimizers``), every LR is multiplied by the growth factor (linear rule), as ABS does.
+With neither (a constant LR) that multiplication would be the run's only LR schedule, a jump of up
+to ``max_factor`` at once, which cost test accuracy against fixed batch 128 on 3 seeds
+(docs/adaptive_batch_size.md): refused at fit start, with the recommended ``LRSchedule`` pairing in the
+message; ``scale_lr="linear"`` asks for it explicitly.
 :class:`AdversarialTraining` halves its ratio on each doubling (ABSA), whatever the rule.
 """
 
@@ -42,6 +46,9 @@ from lightning_lbo.hessian.hvp import BN_MODES, LossFn
 
 #: ``measure_fn(trainer, pl_module) -> float`` replaces the measurement the rule needs (tests, other criteria).
 MeasureFn = Callable[[Any, Any], float]
+#: The LR pairing the setup errors recommend (measured in docs/adaptive_batch_size.md, "The first setup").
+RECOMMENDED_LR_SCHEDULE = 'LRSchedule(reference_batch_size=<the base global batch>, scaling="sqrt")'
+RECOMMENDED_REWARMUP_STEPS = 50
 #: Param-group keys that hold a learning rate (torch schedulers keep "initial_lr"; OneCycleLR max/min).
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
@@ -57,7 +64,10 @@ class AdaptiveBatchSize(*callback_bases()):
             :class:`~lightning_lbo.callbacks.batch_mechanisms.Resize` for its Trainer settings).
         max_factor: largest batch as a multiple of the base batch.
         duration, eigenvalue_ratio: of the default Hessian rule (paper: 10 epochs, 0.5).
-        scale_lr: let the LR follow the batch (see the module docstring).
+        scale_lr: let the LR follow the batch: ``True`` through ``LRSchedule`` in the Trainer (or, without it,
+            the torch schedulers' LRs multiplied by each growth; with neither, refused at fit start: add
+            ``LRSchedule``), ``"linear"`` the same but also at a constant LR (every LR multiplied by each
+            growth at once), ``False`` never (see the module docstring).
         rewarmup_steps: with LRSchedule, steps over which the LR ramps to its new value after a growth.
         decide_every_n_steps: decide every this many optimizer steps instead of at epoch ends (None).
         decide_every_n_samples: decide at the first optimizer step that completes each further this
@@ -102,6 +112,8 @@ class AdaptiveBatchSize(*callback_bases()):
         max_factor = max_accumulation if max_accumulation is not None else max_factor
         for name, value in (("max_factor", max_factor), ("power_iters", power_iters), ("num_batches", num_batches)):
             positive_int(name, value)
+        if scale_lr not in (True, False, "linear") or not isinstance(scale_lr, (bool, str)):
+            raise ValueError(f"Invalid scale_lr: {scale_lr!r}; use True (LRSchedule), 'linear' or False.")
         if not isinstance(rewarmup_steps, int) or rewarmup_steps < 0:
             raise ValueError(f"Invalid rewarmup_steps: {rewarmup_steps!r}; use an integer >= 0.")
         if not tol > 0:
@@ -186,8 +198,12 @@ class AdaptiveBatchSize(*callback_bases()):
 
             self._noise = next((cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScale)), None)
             if self._noise is None:
+                pairing = "" if self._lr_schedule is not None or not self.scale_lr else (
+                    f" For the LR as the batch grows, also add {RECOMMENDED_LR_SCHEDULE} and pass "
+                    f"rewarmup_steps={RECOMMENDED_REWARMUP_STEPS} (the recommended pairing).")
                 raise ValueError("The noise-scale rule reads B_simple from a GradientNoiseScale callback: add "
-                                 "GradientNoiseScale(beta=0.9, probe_every_n_steps=20) to the Trainer's callbacks.")
+                                 "GradientNoiseScale(beta=0.9, probe_every_n_steps=20) to the Trainer's callbacks."
+                                 + pairing)
         self.mechanism.setup(trainer)
         if self.decides_between_steps and trainer.accumulate_grad_batches != 1:
             raise ValueError("decide_every_n_steps/decide_every_n_samples resize the batch between optimizer steps, "
@@ -213,6 +229,14 @@ class AdaptiveBatchSize(*callback_bases()):
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._refuse_sharded_measurement(trainer, pl_module)
+        # here, not at setup: configure_optimizers (and so lr_scheduler_configs) runs between the two
+        if self.scale_lr is True and self._lr_schedule is None and not trainer.lr_scheduler_configs:
+            raise ValueError(
+                "AdaptiveBatchSize(scale_lr=True) found no LRSchedule and no LR scheduler: each growth would multiply "
+                f"every LR at once (up to {self.max_factor}x, no re-warmup), which lost test accuracy against a fixed "
+                f"batch (docs/adaptive_batch_size.md). Add {RECOMMENDED_LR_SCHEDULE} to the Trainer's callbacks "
+                f"and pass rewarmup_steps={RECOMMENDED_REWARMUP_STEPS} (recommended); or scale_lr=False to keep "
+                "the LR as it is; or scale_lr='linear' to multiply it at each growth anyway.")
         if self._loaded_batches:
             self.fixed.load(self._loaded_batches, pl_module.device)
             self._loaded_batches = None

@@ -188,7 +188,8 @@ class LRSchedule(*callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.lr_scheduler_configs:
             raise ValueError("LRSchedule sets the LR itself, but configure_optimizers also returned an lr_scheduler: "
-                             "return only the optimizer, or drop LRSchedule and use lightning_lbo.schedules.lambda_lr.")
+                             "return only the optimizer, or drop LRSchedule and return lightning_lbo.schedules."
+                             "lightning_scheduler(optimizer, schedule) from configure_optimizers.")
         if not trainer.optimizers:
             raise ValueError("LRSchedule found no optimizer: configure_optimizers must return one.")
         fresh = []

@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from lightning_lbo.optim.kfac import inverses as inv  # noqa: E402
+from lightning_lbo.optim.kfac.factors import LowRankFactor  # noqa: E402
 
 METHODS = ("cholesky", "eigen", "woodbury", "unit_wise", "diagonal")
 FACTOR_DTYPES = ("fp64", "fp32", "bf16")
@@ -244,13 +245,13 @@ def run_case(gen: torch.Generator, method: str | None = None, factor_dtype: str 
         U, n = low_rank_rows(gen, d_a, spectrum, cond, scale_a)
         rows = received(U, factor_dtype, gen)
         a64 = rows.double().T @ rows.double() / n  # the dense factor of exactly the rows the method receives
-        factors = {"rows": rows.unsqueeze(0), "n": n, "A": a64.to(recv_dtype).unsqueeze(0)}
+        # low-rank sides are LowRankFactor objects (rows and count beside the dense value), as the blocks hand them
+        factors = {"A": LowRankFactor(rows.unsqueeze(0), n, a64.to(recv_dtype).unsqueeze(0))}
         if d_g >= 3 and bool(torch.rand((), generator=gen) < 0.3):  # G low-rank too
             V, g_n = low_rank_rows(gen, d_g, spectrum, cond, scale_g)
             g_rows = received(V, factor_dtype, gen)
             g64 = g_rows.double().T @ g_rows.double() / g_n
-            factors.update(g_rows=g_rows.unsqueeze(0), g_n=g_n)
-            factors["G"] = g64.to(recv_dtype).unsqueeze(0)
+            factors["G"] = LowRankFactor(g_rows.unsqueeze(0), g_n, g64.to(recv_dtype).unsqueeze(0))
         else:
             G = received(psd_factor(gen, d_g, spectrum, cond, scale_g), factor_dtype, gen)
             g64 = G.double()

@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import inverse_robustness as sweep
 from lightning_lbo.optim.kfac import inverses as inv
+from lightning_lbo.optim.kfac.factors import LowRankFactor
 
 
 def _describe(o: sweep.Outcome) -> str:
@@ -54,9 +55,8 @@ def test_inverse_robustness_bf16_reduced_rank_deficient_factor_is_not_dropped(me
     assert d_g[0] < -1e-5 * d_g[-1]  # beyond the old tolerance: the case the ladder refused
     rows = torch.randn(2, 9, generator=gen)
     A = (rows.double().T @ rows.double() / 2).float()
-    factors = {"A": A.unsqueeze(0), "G": G.unsqueeze(0)}
-    if method is inv.WoodburyKronecker:
-        factors.update(rows=rows.unsqueeze(0), n=2)
+    low_rank_a = LowRankFactor(rows.unsqueeze(0), 2, A.unsqueeze(0)) if method is inv.WoodburyKronecker else None
+    factors = {"A": low_rank_a if low_rank_a is not None else A.unsqueeze(0), "G": G.unsqueeze(0)}
     damping = 1e-8  # delta_G = sqrt(damping) / pi ~ 1e-4 x G's scale, below its negative eigenvalue
     grad = torch.randn(1, 12, 9, generator=gen)
     (inverse,), failed = inv.invert_with_fallback([(type("B", (), {"name": "fc"})(), method, factors, damping,

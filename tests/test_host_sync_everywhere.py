@@ -104,6 +104,12 @@ def _callbacks():
         LRSchedule,
         NonFiniteBatchGuard,
     )
+    from lightning_lbo.critical_batch import NoiseScaleTrace
+    from lightning_lbo.recipes import ZeroGammaInit
+
+    def _noise_scale_with_trace():
+        gns = GradientNoiseScale(log_every_n_steps=5, probe_every_n_steps=None)
+        return [gns, NoiseScaleTrace(gns)]
 
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)  # noqa: E731
     # name -> (callbacks, optimizer, trainer kwargs, is_busy(global_step)): busy steps may sync (refreshes, logs)
@@ -126,6 +132,9 @@ def _callbacks():
                                                                            data_range=(-4.0, 4.0))], sgd, {},
                                 never),
         "FractionalEpoch": (lambda: [FractionalEpoch()], lambda m: RMSpropWarmup(m.parameters(), lr=0.1), {}, never),
+        "GradientNoiseScale+NoiseScaleTrace": (_noise_scale_with_trace, sgd, {"accumulate_grad_batches": 2},
+                                               lambda step: step % 5 == 0),
+        "ZeroGammaInit": (lambda: [ZeroGammaInit()], sgd, {}, never),
         "KFACCallback": (lambda: [KFACCallback()], _kfac, {}, lambda step: step % 3 == 0),
         "KFACCallback-every-2": (lambda: [KFACCallback(log_every_n_steps=2)], partial(_kfac, kl_clip=1e-3), {},
                                  lambda step: step % 3 == 0),
@@ -178,3 +187,23 @@ def test_host_sync_baseline_fit_without_our_code_is_sync_free(tmp_path):
 
     assert fit(False) == [[]] * 4
     assert all(ops for ops in fit(True))  # a host float in self.log: a host-built tensor every step
+
+
+def test_host_sync_classifier_module_training_steps(tmp_path):
+    """The package's own LightningModule (loss and accuracy logged every step) is sync-free per step too."""
+    import pytorch_lightning as pl
+
+    from lightning_lbo.classifier import ClassifierModule, sgd_factory
+    from lightning_lbo.models import MLP
+
+    first, last = batch_sync_recorder()
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)),
+                      batch_size=8)
+    module = ClassifierModule(MLP(in_features=6, hidden=(8,), num_classes=3), optimizer=sgd_factory(lr=0.05),
+                              num_classes=3)
+    trainer = make_trainer(pl, tmp_path, max_steps=8, limit_val_batches=0, log_every_n_steps=1000,
+                           callbacks=[first, last])
+    trainer.fit(module, train_dataloaders=data)
+    quiet = [ops for step, ops in first.batches if step >= WARMUP_STEPS]
+    assert len(quiet) == 6 and quiet == [[]] * 6, quiet

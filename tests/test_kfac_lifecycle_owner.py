@@ -254,6 +254,12 @@ def test_kfac_binding_fp16_gradients_need_a_grad_scaler_outside_lightning():
     opt.step()  # fp32 gradients need no scaler
     assert opt.preconditioner.steps == 1
 
+    torch.manual_seed(0)  # float16 without loss scaling: a disabled scaler says so, and G is left as it is
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = KFAC(model, lr=0.1, factor_update_interval=1, grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    step(opt, model)
+    assert opt.preconditioner.steps == 1
+
 
 def _bare_preconditioner_on_two_ranks(rank, world_size):
     from lightning_lbo.optim.kfac.distributed import default_communicator

@@ -36,7 +36,8 @@ def check_grad_scaler(preconditioner: Any) -> None:
     """Raise when float16 output gradients were captured and K-FAC has no AMP grad scaler.
 
     fp16 gradients come from a loss multiplied by a grad scaler's scale (16-mixed), which the ``G``
-    factors must divide out; without the scaler they would carry ``scale^2``.
+    factors must divide out; without the scaler they would carry ``scale^2``. A float16 model trained
+    without loss scaling passes a disabled scaler (``torch.amp.GradScaler(enabled=False)``: no division).
     """
     capture = getattr(preconditioner, "capture", None)
     if preconditioner.grad_scaler is not None or capture is None:
@@ -45,7 +46,8 @@ def check_grad_scaler(preconditioner: Any) -> None:
         raise RuntimeError(
             "K-FAC captured float16 output gradients (16-mixed) but has no AMP grad scaler, so its G factors would "
             f"carry the loss scale squared. {_FIX}; outside Lightning, pass KFAC(..., grad_scaler=scaler) or set "
-            "opt.preconditioner.grad_scaler = scaler.")
+            "opt.preconditioner.grad_scaler = scaler (a model trained in float16 without loss scaling: "
+            "torch.amp.GradScaler(enabled=False)).")
 
 
 def check_bound(preconditioner: Any) -> None:

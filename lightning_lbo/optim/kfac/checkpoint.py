@@ -9,6 +9,7 @@ state; :class:`~lightning_lbo.optim.kfac.KFACPreconditioner` checkpoints keep th
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning_lbo.optim.kfac import factors as fac
@@ -38,3 +39,15 @@ def flat_block_state(entry: dict[str, Any]) -> dict[str, Any]:
     flat["inverse_damping"] = entry.get("inverse_damping")
     flat.update(fac.legacy_inverse_keys(entry.get("inverse_factors", {}), "inverse."))
     return flat
+
+
+def check_block_states(blocks: list[Any], states: list[dict[str, Any]]) -> list[bool]:
+    """Validate every block's flat state before any is restored (wrong shapes raise, naming the layer); a block
+    with non-finite factors is reported (False) with a warning: it is reset and re-estimated."""
+    valid = [block.check_state(state) for block, state in zip(blocks, states, strict=True)]
+    for block, ok in zip(blocks, valid, strict=True):
+        if not ok:
+            warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
+                          "and re-estimated at the next step (the running average would never recover from NaN).",
+                          RuntimeWarning, stacklevel=3)
+    return valid

@@ -19,11 +19,12 @@ from torch import nn
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
 from lightning_lbo.optim.kfac import inversion
+from lightning_lbo.optim.kfac.apply import precondition
 from lightning_lbo.optim.kfac.binding import check_bound, check_communicator
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
 from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
 from lightning_lbo.optim.kfac.capture import Capture
-from lightning_lbo.optim.kfac.checkpoint import flat_block_state, nested_block_state
+from lightning_lbo.optim.kfac.checkpoint import check_block_states, flat_block_state, nested_block_state
 from lightning_lbo.optim.kfac.comm import Communicator
 from lightning_lbo.optim.kfac.fisher import Fisher, LabelSampler, check_mc_settings
 from lightning_lbo.optim.kfac.settings import (  # noqa: F401 (check_keywords: its former home)
@@ -418,38 +419,11 @@ class KFACPreconditioner:
         self._plan_captures()
 
     def _precondition(self, lr: float | None) -> None:
-        damping = self.current_damping()
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
-        grads, precond, scales = [], [], []
-        owners_only, l2, rank = self.precondition_on_owner_only, self.l2, self.comm.rank
-        for block in work:
-            g = block.grad_matrix()
-            if l2 > 0:
-                g = g + l2 * block.param_matrix()
-            scale = None
-            if owners_only:
-                p = block.inverse.apply(g, damping) if block.owner == rank else torch.empty_like(g)
-                self.comm.broadcast([p], src=block.owner)
-            else:
-                p, scale = block.inverse.apply_unscaled(g, damping)  # P = scale * p
-            grads.append(g)
-            precond.append(p)
-            scales.append(scale)
-        unscaled = [p for p, scale in zip(precond, scales, strict=True) if scale is None]
-        if self.kl_clip is not None and precond:
-            dots = [torch.vdot(p.reshape(-1), g.reshape(-1)) for p, g in zip(precond, grads, strict=True)]
-            vg = torch.stack([d if scale is None else d * scale for d, scale in zip(dots, scales, strict=True)]).sum()
-            nu = torch.sqrt(self.kl_clip / (lr ** 2 * vg.abs().clamp_min(1e-30))).clamp(max=1.0)
-            nu = torch.where(torch.isfinite(nu), nu, torch.ones_like(nu))
-            if unscaled:
-                torch._foreach_mul_(unscaled, nu)
-            scales = [None if scale is None else scale * nu for scale in scales]
+        nu = precondition(work, self.current_damping(), lr, l2=self.l2, kl_clip=self.kl_clip, comm=self.comm,
+                          owners_only=self.precondition_on_owner_only)
+        if nu is not None:
             self.last_kl_clip_factor = nu
-        scaled = [(p, scale) for p, scale in zip(precond, scales, strict=True) if scale is not None]
-        if scaled:
-            torch._foreach_mul_([p for p, _ in scaled], [scale for _, scale in scaled])
-        for block, p in zip(work, precond, strict=True):
-            block.set_grad(p)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -465,9 +439,8 @@ class KFACPreconditioner:
                 "inverse_fallbacks": self.inverse_fallbacks, "mc_sampling": self.label_sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Factors of the wrong
-        shape raise ``ValueError`` naming the layer; a layer with non-finite factors is reset (statistics
-        re-estimated at the next step) with a warning."""
+        """Restore :meth:`state_dict`. Factors of the wrong shape raise ``ValueError`` naming the layer; a layer
+        with non-finite factors is reset (statistics re-estimated at the next step) with a warning."""
         if self.module is None:
             raise RuntimeError("Bind the preconditioner to its module before load_state_dict.")
         entries = state.get("blocks", [])
@@ -476,12 +449,7 @@ class KFACPreconditioner:
             raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
                              f"{names}.")
         flats = [flat_block_state(entry) for entry in entries]
-        valid = [block.check_state(flat) for block, flat in zip(self.blocks, flats, strict=True)]
-        for block, ok in zip(self.blocks, valid, strict=True):
-            if not ok:
-                warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are "
-                              "reset and re-estimated at the next step (the running average would never recover "
-                              "from NaN).", RuntimeWarning, stacklevel=2)
+        valid = check_block_states(self.blocks, flats)
         self.steps = int(state.get("steps", 0))
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()

@@ -126,3 +126,20 @@ def test_optim_state_dict_api_keeps_optimizer_wide_counters(name):
     assert opt2.nonfinite_skips.item() == 1
     if name == "rmsprop_warmup":
         assert opt2.steps_taken == SAVE_AFTER
+
+
+def _poisoned_shard_worker(rank: int, world_size: int) -> None:
+    model, opt = _build("lamb", world_size)
+    _train(model, opt, range(2), rank, world_size)
+    osd = get_optimizer_state_dict(model, opt)  # sharded: every rank holds its own shards (DTensors)
+    if rank == world_size - 1:  # the last rank's shard only: the others hold clean values
+        osd["state"]["0.weight"]["exp_avg"].to_local().view(-1)[0] = float("nan")
+    fresh_model, fresh_opt = _build("lamb", world_size)
+    with pytest.raises(ValueError, match=r"state\['0.weight'\]\['exp_avg'\] \(shape \(7, 6\)\) holds 1 NaN/Inf"):
+        set_optimizer_state_dict(fresh_model, fresh_opt, osd)
+    dist.barrier()  # every rank refused (a rank that accepted would now train alone and hang its peers)
+
+
+def test_sharded_optim_load_refuses_a_poisoned_shard_on_every_rank():
+    """A NaN in one rank's shard of a sharded checkpoint is refused on every rank (one all-reduce of the counts)."""
+    spawn_gloo(_poisoned_shard_worker, world_size=2)

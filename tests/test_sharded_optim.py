@@ -102,3 +102,21 @@ def test_sharded_optim_lightning_model_parallel_strategy():
     trains and equals one process on the global batches (the script asserts; see its docstring)."""
     out = run_script(REPO_ROOT / "tests" / "scripts" / "sharded_optim_lightning.py", timeout=600)
     assert "sharded Lightning == one process" in out.stdout
+
+
+def _fsdp1_worker(rank: int, world_size: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (True, False):
+        model = FullyShardedDataParallel(sharded.make_mlp(), use_orig_params=use_orig_params,
+                                         device_id=torch.device("cpu"))
+        for factory in (FACTORIES["lars"], FACTORIES["lamb"], FACTORIES["rmsprop_warmup"]):
+            with pytest.raises(ValueError, match=r"FSDP1 parameters .* Shard with fully_shard \(FSDP2"):
+                factory(model)
+    dist.barrier()
+
+
+def test_sharded_optim_refuses_fsdp1_parameters():
+    """FSDP1 (what Lightning's FSDPStrategy wraps with; it runs on CPU through torch directly) hands the optimizer
+    flattened pieces of parameters: per-tensor trust ratios would be per-piece. Refused at construction."""
+    spawn_gloo(_fsdp1_worker, world_size=2)

@@ -84,6 +84,15 @@ class CheckedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        if any(getattr(p, "_fsdp_flattened", False) for p in self.param_groups[-1]["params"]):
+            self.param_groups.pop()
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} cannot run on FSDP1 parameters (FullyShardedDataParallel, Lightning's FSDPStrategy): each "
+                "rank holds flattened pieces of parameters (even with use_orig_params=True), so per-tensor norms "
+                "and the skip decision would be per-rank, silently wrong. Shard with fully_shard (FSDP2; "
+                "Lightning's ModelParallelStrategy), which this optimizer supports, or use DDP."
+            )
 
     @property
     def nonfinite_skips(self) -> Tensor:

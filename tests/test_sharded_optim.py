@@ -23,6 +23,11 @@ from tests.helpers import sharded
 from tests.helpers.ddp import REPO_ROOT, run_script, spawn_gloo
 
 STEPS, BAD_STEP, RTOL = 7, 3, 1e-6
+FACTORIES_LIGHTNING = ("LARS", "LAMB", "RMSpropWarmup")  # what tests/scripts/sharded_optim_lightning.py runs
+# all-reduces one optimizer step adds to FSDP2's own collectives (the MLP: 8 tensors; LAMB: one for the skip
+# decision, then ||w|| and ||u|| together per param group, or per tensor on the loop path)
+ALL_REDUCES_PER_STEP = {"lars": 1, "lars_paper_nesterov_clip": 1, "lars_loop": 1, "lamb": 2, "lamb_foreach_clip": 2,
+                        "lamb_loop": 9, "rmsprop_warmup": 1, "rmsprop_warmup_loop": 1}
 
 # name -> optimizer factory (the model is plain or fully_shard-ed; the factory cannot tell)
 FACTORIES: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
@@ -49,6 +54,23 @@ def _train_step(model, opt, x, y) -> None:
     opt.step()
 
 
+def _count_all_reduces(fn: Callable[[], object]) -> int:
+    """How many ``torch.distributed.all_reduce`` calls ``fn()`` makes."""
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        fn()
+    finally:
+        dist.all_reduce = all_reduce
+    return len(calls)
+
+
 def _equality_worker(rank: int, world_size: int, names: list[str], errors_out: str) -> None:
     worst = {}
     for name in names:
@@ -65,7 +87,8 @@ def _equality_worker(rank: int, world_size: int, names: list[str], errors_out: s
                 # one entry of the LAST rank's shard only: the other ranks' gradients are all finite
                 local = next(p.grad.to_local() for p in model.parameters() if p.grad.to_local().numel())
                 local.view(-1)[0] = float("nan")
-            opt.step()
+            calls = _count_all_reduces(opt.step)
+            assert calls == ALL_REDUCES_PER_STEP[name], f"{name}: {calls} all-reduces in one step"
             # the reference skips the bad step on request (host-side counts such as RMSpropWarmup's steps_taken
             # advance on a skipped step too)
             ref_opt.skip_next_step_where(torch.tensor(step == BAD_STEP))
@@ -97,11 +120,13 @@ def test_sharded_optim_equals_one_process(world_size, tmp_path):
     print(f"P={world_size} worst relative error vs one process: {worst}")
 
 
-def test_sharded_optim_lightning_model_parallel_strategy():
+def test_sharded_optim_lightning_model_parallel_strategy(tmp_path):
     """Trainer(strategy=ModelParallelStrategy(data_parallel_size=2)) with LARS/LAMB/RMSpropWarmup(self.parameters())
-    trains and equals one process on the global batches (the script asserts; see its docstring)."""
-    out = run_script(REPO_ROOT / "tests" / "scripts" / "sharded_optim_lightning.py", timeout=600)
+    trains and equals one process on the global batches, also across a save and resume through Lightning's
+    distributed checkpoint (the script asserts; see its docstring)."""
+    out = run_script(REPO_ROOT / "tests" / "scripts" / "sharded_optim_lightning.py", str(tmp_path), timeout=600)
     assert "sharded Lightning == one process" in out.stdout
+    assert out.stdout.count("Lightning checkpoint 3 + 3 steps == 6 uninterrupted steps") == len(FACTORIES_LIGHTNING)
 
 
 def _fsdp1_worker(rank: int, world_size: int) -> None:

@@ -3,6 +3,8 @@
 The user writes ``fully_shard`` in ``configure_model`` and ``LARS(self.parameters(), ...)`` in
 ``configure_optimizers``, nothing else. After ``fit`` the whole parameters (gathered in ``on_train_end``)
 must equal a plain single-process loop over the same global batches (float64, <= 1e-6 relative).
+Then the same through Lightning's own (distributed) checkpoint: 3 steps, ``trainer.save_checkpoint``, a
+new Trainer resumes with ``ckpt_path`` for 3 more (a second epoch over the same 3 batches) == 6 steps.
 Run by tests/test_sharded_optim.py (popen ``ddp`` re-runs this script for rank 1).
 """
 
@@ -33,9 +35,10 @@ FACTORIES = {
 
 
 class ShardedNet(pl.LightningModule):
-    def __init__(self, optimizer: str) -> None:
+    def __init__(self, optimizer: str, n_batches: int = STEPS) -> None:
         super().__init__()
         self.optimizer_name = optimizer
+        self.n_batches = n_batches
         self.net = sharded.make_mlp()
         self.final: list[torch.Tensor] = []
 
@@ -57,7 +60,7 @@ class ShardedNet(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         # this rank's contiguous share of each global batch, in order (no sampler: the split is explicit)
-        shares = [sharded.rank_batch(step, self.global_rank, WORLD) for step in range(STEPS)]
+        shares = [sharded.rank_batch(step, self.global_rank, WORLD) for step in range(self.n_batches)]
         x, y = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
         return DataLoader(TensorDataset(x, y), batch_size=shares[0][0].shape[0])
 
@@ -90,6 +93,39 @@ def main() -> None:
             print(f"{name}: sharded Lightning == one process over {STEPS} steps")
     if trainer.global_rank == 0:
         print("sharded Lightning == one process")
+    resume_through_lightning_checkpoint(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("sharded_ckpt"))
+
+
+def resume_through_lightning_checkpoint(directory: Path) -> None:
+    """3 steps, save (ModelParallelStrategy's default distributed checkpoint), resume for 3 more == 6 steps."""
+    def trainer(max_epochs: int) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", devices=WORLD, max_epochs=max_epochs, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          use_distributed_sampler=False, default_root_dir=str(directory),
+                          strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1))
+
+    batches = [sharded.global_batch(step, WORLD) for step in range(3)] * 2  # two epochs of 3 batches
+    for name, factory in FACTORIES.items():
+        first = trainer(1)  # one epoch of 3 batches: the checkpoint is at an epoch boundary
+        first.fit(ShardedNet(name, n_batches=3))
+        path = directory / f"{name}.ckpt"
+        first.save_checkpoint(path)
+        module = ShardedNet(name, n_batches=3)
+        resumed = trainer(2)
+        resumed.fit(module, ckpt_path=path)
+        optimizer = resumed.optimizers[0]
+        if name == "RMSpropWarmup":
+            assert optimizer.steps_taken == 6, f"steps_taken after resume: {optimizer.steps_taken}"
+        ref = sharded.make_mlp()
+        opt = factory(ref.parameters())
+        for bx, by in batches:
+            opt.zero_grad()
+            F.cross_entropy(ref(bx), by).backward()
+            opt.step()
+        for got, want in zip(module.final, ref.parameters(), strict=True):
+            sharded.assert_close_relative(got, want.detach(), 1e-6, f"{name} resumed from a Lightning checkpoint")
+        if resumed.global_rank == 0:
+            print(f"{name}: Lightning checkpoint 3 + 3 steps == 6 uninterrupted steps")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class CheckedOptimizer(torch.optim.Optimizer):
     _STATE_POSITIVE: tuple[str, ...] = ()
     # optimizer-wide values also written into every param group of ``state_dict()`` (see the module docstring)
     _GROUP_COPIES: tuple[str, ...] = (NONFINITE_SKIPS,)
+    # FSDP1 hands the optimizer flattened per-rank pieces of parameters: refused by optimizers whose step needs
+    # whole-tensor norms (LARS, LAMB) or a rank-wide skip decision (all of them); KFAC decides for itself
+    _REFUSES_FSDP1: bool = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if isinstance(params, torch.nn.Module):
@@ -84,7 +87,7 @@ class CheckedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
-        if any(getattr(p, "_fsdp_flattened", False) for p in self.param_groups[-1]["params"]):
+        if self._REFUSES_FSDP1 and any(getattr(p, "_fsdp_flattened", False) for p in self.param_groups[-1]["params"]):
             self.param_groups.pop()
             name = type(self).__name__
             raise ValueError(

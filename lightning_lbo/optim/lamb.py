@@ -80,6 +80,7 @@ class LAMB(CheckedOptimizer):
     """
 
     _STATE_COUNTS = ("step",)
+    _REFUSES_FSDP1 = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,

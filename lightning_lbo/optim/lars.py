@@ -107,6 +107,7 @@ class LARS(CheckedOptimizer):
     """
 
     _STATE_POSITIVE = (BUFFER_SCALE,)
+    _REFUSES_FSDP1 = True
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, nesterov: bool = False,

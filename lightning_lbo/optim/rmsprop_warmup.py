@@ -98,6 +98,7 @@ class RMSpropWarmup(CheckedOptimizer):
     """
 
     _GROUP_COPIES = (NONFINITE_SKIPS, "steps_taken", "fractional_epoch")
+    _REFUSES_FSDP1 = True
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, lr_rmsprop: float = 3e-4, momentum: float = 0.9,
                  alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0, beta_center: float = 10.0,

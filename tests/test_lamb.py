@@ -83,7 +83,7 @@ def test_lamb_without_adaptation_equals_adamw(impl):
 def test_lamb_zero_weight_gives_ratio_one():
     """||w|| = 0 gives trust ratio 1: the first step is lr * sign-like Adam step m_hat / (sqrt(v_hat) + eps)."""
     w = torch.nn.Parameter(torch.zeros(3))
-    opt = LAMB([w], lr=0.1, eps=0.0)
+    opt = LAMB([w], lr=0.1, eps=1e-12)
     w.grad = torch.tensor([2.0, -3.0, 0.5])
     opt.step()
     torch.testing.assert_close(w.detach(), torch.tensor([-0.1, 0.1, -0.1]))

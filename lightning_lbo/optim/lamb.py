@@ -36,12 +36,16 @@ from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
     CheckedOptimizer,
+    ShardLayout,
     all_finite,
     check_momentum,
     check_non_negative,
     group_by_device_and_dtype,
+    local_tensor,
     params_with_grads,
+    shard_layout,
     use_foreach,
+    whole_norms,
     zero_nonfinite_,
 )
 
@@ -75,6 +79,9 @@ class LAMB(CheckedOptimizer):
         opt = LAMB(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     """
 
+    _STATE_COUNTS = ("step",)
+    _REFUSES_FSDP1 = True
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
                  max_trust_ratio: float | None = None, lars_adapt: bool = True, foreach: bool | None = None,
@@ -93,7 +100,10 @@ class LAMB(CheckedOptimizer):
             raise ValueError(f"Invalid betas: {betas!r}; use two values in [0, 1), e.g. (0.9, 0.999).")
         check_momentum(betas[0], "betas[0]")
         check_momentum(betas[1], "betas[1]")
-        check_non_negative("eps", group["eps"])
+        eps = group["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < float("inf"):
+            raise ValueError(f"Invalid eps: {eps!r}; use a value > 0 (e.g. 1e-6): a weight whose gradient is 0 "
+                             "(a dead ReLU unit) would get 0/(sqrt(0)+0) = NaN.")
         check_non_negative("weight_decay", group["weight_decay"])
         mtr = group["max_trust_ratio"]
         if mtr is not None and (isinstance(mtr, bool) or not isinstance(mtr, (int, float)) or not mtr > 0):
@@ -130,12 +140,15 @@ class LAMB(CheckedOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
-            lamb(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                 [s["step"] for s in states], keep=keep, lr=group["lr"], beta1=group["betas"][0],
-                 beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+            local_params = [local_tensor(p) for p in params]
+            layouts = [shard_layout(p) for p in params]
+            lamb(local_params, [local_tensor(g) for g in grads], [local_tensor(s["exp_avg"]) for s in states],
+                 [local_tensor(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], keep=keep,
+                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                 weight_decay=group["weight_decay"],
                  bias_correction=group["bias_correction"], max_trust_ratio=group["max_trust_ratio"],
-                 adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], params),
-                 fused=_use_fused(group, params))
+                 adapt=group["lars_adapt"], foreach=use_foreach(group["foreach"], local_params),
+                 fused=_use_fused(group, local_params), layouts=layouts if any(layouts) else None)
         return loss
 
 
@@ -152,16 +165,17 @@ def _use_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
          steps: list[Tensor], *, keep: Tensor | None = None, lr: float | Tensor, beta1: float, beta2: float,
          eps: float, weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, adapt: bool,
-         foreach: bool, fused: bool = False) -> None:
+         foreach: bool, fused: bool = False, layouts: list[ShardLayout | None] | None = None) -> None:
     """Functional LAMB update in place; ``steps`` are 0-d float tensors, advanced only when the step is taken.
 
     ``keep`` (0-d bool) is the step's decision (see ``CheckedOptimizer._step_keep``); ``None``: taken iff
-    these gradients are all finite.
+    these gradients are all finite. ``layouts`` (one per tensor, from ``shard_layout``): the tensors are
+    local shards of sharded parameters, whose trust-ratio norms are all-reduced into whole-tensor norms.
     """
     if keep is None:
         keep = all_finite(grads)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
-              adapt=adapt)
+              adapt=adapt, layouts=layouts if layouts is not None else [None] * len(params))
     if fused:
         if not bias_correction:
             raise ValueError("fused=True always applies bias correction; use fused=False with bias_correction=False.")
@@ -183,6 +197,13 @@ def _moment_coefficients(keep: Tensor, step: Tensor, *, beta1: float, beta2: flo
     return b1, b2, 1.0 / (1.0 - beta1 ** t), torch.rsqrt(1.0 - beta2 ** t)
 
 
+def _whole_norm_pair(w_norms: list[Tensor], u_norms: list[Tensor], layouts: list[ShardLayout | None]
+                     ) -> tuple[Tensor, Tensor]:
+    """``||w||`` and ``||u||`` of whole tensors, stacked; for shards both are all-reduced together (one collective)."""
+    norms = whole_norms(list(w_norms) + list(u_norms), list(layouts) * 2)
+    return torch.stack(norms[:len(w_norms)]), torch.stack(norms[len(w_norms):])
+
+
 def _update_scale(keep: Tensor, w_norm: Tensor, u_norm: Tensor, *, lr: float | Tensor,
                   max_trust_ratio: float | None, adapt: bool) -> Tensor:
     """``-lr * trust_ratio`` per tensor, 0 where the step is skipped."""
@@ -197,25 +218,26 @@ def _update_scale(keep: Tensor, w_norm: Tensor, u_norm: Tensor, *, lr: float | T
 
 def _fused_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 steps: list[Tensor], keep: Tensor, *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-                weight_decay: float, max_trust_ratio: float | None, adapt: bool) -> None:
-    for ws, gs, ms, vs, ts in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+                weight_decay: float, max_trust_ratio: float | None, adapt: bool,
+                layouts: list[ShardLayout | None]) -> None:
+    for ws, gs, ms, vs, ts, ls in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps, layouts]):
         kept = keep.to(ts[0].device)
-        w_norm = torch.stack(torch._foreach_norm(ws))
+        w_norms = torch._foreach_norm(ws)
         # u starts as wd * w; the kernel with lr = -1 adds m_hat / (sqrt(v_hat) + eps) to it and updates m, v.
         us = torch._foreach_mul(ws, weight_decay) if weight_decay != 0 else [torch.zeros_like(w) for w in ws]
-        torch._foreach_add_(ts, kept.to(ts[0].dtype))
+        torch._foreach_add_(ts, kept.to(ts[0].dtype), alpha=1.0)  # alpha: the Tensor overload, no .item()
         torch._fused_adam_(us, gs, ms, vs, [], ts, lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
                            amsgrad=False, maximize=False, grad_scale=None, found_inf=(~kept).to(torch.float32))
-        scale = _update_scale(kept, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
-                              max_trust_ratio=max_trust_ratio, adapt=adapt)
+        w_norm, u_norm = _whole_norm_pair(w_norms, torch._foreach_norm(us), ls)
+        scale = _update_scale(kept, w_norm, u_norm, lr=lr, max_trust_ratio=max_trust_ratio, adapt=adapt)
         torch._foreach_addcmul_(ws, us, list(scale.to(ws[0].dtype).unbind()))
 
 
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                         beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-                        max_trust_ratio: float | None, adapt: bool) -> None:
-    for w, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+                        max_trust_ratio: float | None, adapt: bool, layouts: list[ShardLayout | None]) -> None:
+    for w, g, m, v, step, layout in zip(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, strict=True):
         kept = keep.to(w.device)
         w_norm = torch.linalg.vector_norm(w)
         step.add_(kept.to(step.dtype))
@@ -228,19 +250,19 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         u = torch.div(m, v.sqrt().mul_(inv_sqrt_bc2).add_(eps)).mul_(inv_bc1)
         if weight_decay != 0:
             u.add_(w, alpha=weight_decay)
-        scale = _update_scale(kept, w_norm, torch.linalg.vector_norm(u), lr=lr, max_trust_ratio=max_trust_ratio,
-                              adapt=adapt)
+        w_norm, u_norm = _whole_norm_pair([w_norm], [torch.linalg.vector_norm(u)], [layout])
+        scale = _update_scale(kept, w_norm[0], u_norm[0], lr=lr, max_trust_ratio=max_trust_ratio, adapt=adapt)
         w.addcmul_(u, scale)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], keep: Tensor, *, lr: float | Tensor,
                        beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-                       max_trust_ratio: float | None, adapt: bool) -> None:
-    for ws, gs, ms, vs, ts in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+                       max_trust_ratio: float | None, adapt: bool, layouts: list[ShardLayout | None]) -> None:
+    for ws, gs, ms, vs, ts, ls in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps, layouts]):
         kept = keep.to(ws[0].device)
-        w_norm = torch.stack(torch._foreach_norm(ws))
-        torch._foreach_add_(ts, kept.to(ts[0].dtype))
+        w_norms = torch._foreach_norm(ws)
+        torch._foreach_add_(ts, kept.to(ts[0].dtype), alpha=1.0)  # alpha: the Tensor overload, no .item()
         zero_nonfinite_(gs)
         gs = torch._foreach_mul(gs, kept.to(gs[0].dtype))  # a skipped step's moments must not move
         b1, b2, inv_bc1, inv_sqrt_bc2 = _moment_coefficients(kept, torch.stack(ts).to(ws[0].dtype), beta1=beta1,
@@ -257,6 +279,6 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_mul_(us, list(inv_bc1.unbind()))
         if weight_decay != 0:
             torch._foreach_add_(us, ws, alpha=weight_decay)
-        scale = _update_scale(kept, w_norm, torch.stack(torch._foreach_norm(us)), lr=lr,
-                              max_trust_ratio=max_trust_ratio, adapt=adapt)
+        w_norm, u_norm = _whole_norm_pair(w_norms, torch._foreach_norm(us), ls)
+        scale = _update_scale(kept, w_norm, u_norm, lr=lr, max_trust_ratio=max_trust_ratio, adapt=adapt)
         torch._foreach_addcmul_(ws, us, list(scale.unbind()))

@@ -48,8 +48,12 @@ from lightning_lbo.optim._step_utils import (
     check_non_negative,
     group_by_device_and_dtype,
     lars_trust_ratio,
+    local_norms,
+    local_tensor,
     params_with_grads,
+    shard_layout,
     use_foreach,
+    whole_norms,
     zero_nonfinite_,
 )
 from lightning_lbo.optim.lamb import LAMB  # one paper per file; importable from here as the public API says
@@ -101,6 +105,9 @@ class LARS(CheckedOptimizer):
         opt = LARS(param_groups(model, weight_decay=5e-4), lr=2.0, momentum=0.9, weight_decay=5e-4,
                    trust_coefficient=1e-3)
     """
+
+    _STATE_POSITIVE = (BUFFER_SCALE,)
+    _REFUSES_FSDP1 = True
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, nesterov: bool = False,
@@ -161,11 +168,17 @@ class LARS(CheckedOptimizer):
         work = [(group, params, grads) for group, params, grads in work if params]
         if not work:
             return loss
-        # ||g|| of every tensor of every group first: they decide whether the step is taken (all or none)
-        grad_norms = [torch._foreach_norm(grads) if use_foreach(group["foreach"], params)
-                      else [torch.linalg.vector_norm(g) for g in grads] for group, params, grads in work]
-        keep = self._step_keep([g for _, _, grads in work for g in grads], [n for ns in grad_norms for n in ns])
-        for (group, params, grads), norms in zip(work, grad_norms, strict=True):
+        # ||g|| and ||w|| of every tensor of every group first, of whole tensors (a sharded parameter's norm
+        # from its shards' norms, one all-reduce for all); the ||g|| decide whether the step is taken (all or none)
+        all_grads = [g for _, _, grads in work for g in grads]
+        all_params = [p for _, params, _ in work for p in params]
+        tensors = all_grads + all_params
+        norms = whole_norms(local_norms(tensors), [shard_layout(t) for t in tensors])
+        grad_norms, weight_norms = norms[:len(all_grads)], norms[len(all_grads):]
+        keep = self._step_keep(all_grads, grad_norms)
+        start = 0
+        for group, params, grads in work:
+            stop = start + len(params)
             bufs = scales = None
             rescale = False
             if group["momentum"] != 0:
@@ -184,16 +197,21 @@ class LARS(CheckedOptimizer):
                 count = group.get("steps_since_rescale", 0)
                 rescale = count >= _rescale_interval(group["momentum"])
                 group["steps_since_rescale"] = 1 if rescale else count + 1
-            lars(params, grads, bufs, scales, keep=keep, grad_norms=norms, lr=group["lr"],
+            local_params = [local_tensor(p) for p in params]
+            lars(local_params, [local_tensor(g) for g in grads], [local_tensor(b) for b in bufs] if bufs else bufs,
+                 scales, keep=keep, grad_norms=grad_norms[start:stop], weight_norms=weight_norms[start:stop],
+                 lr=group["lr"],
                  momentum=group["momentum"], weight_decay=group["weight_decay"],
                  trust_coefficient=group["trust_coefficient"], eps=group["eps"], nesterov=group["nesterov"],
                  paper_form=group["momentum_form"] == MomentumForm.PAPER.value, clip=group["clip"],
-                 adapt=group["lars_adapt"], rescale=rescale, foreach=use_foreach(group["foreach"], params))
+                 adapt=group["lars_adapt"], rescale=rescale, foreach=use_foreach(group["foreach"], local_params))
+            start = stop
         return loss
 
 
 def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor] | None, *,
-         keep: Tensor | None = None, grad_norms: list[Tensor] | None = None, lr: float | Tensor, momentum: float,
+         keep: Tensor | None = None, grad_norms: list[Tensor] | None = None,
+         weight_norms: list[Tensor] | None = None, lr: float | Tensor, momentum: float,
          weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, paper_form: bool, clip: bool,
          adapt: bool, rescale: bool, foreach: bool) -> None:
     """Functional LARS update of ``params`` in place (see the module docstring for the formulas).
@@ -203,14 +221,17 @@ def lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, s
     Decaying the buffer by ``m`` is then a multiply of the 0-d scale, not a pass over the tensor, which
     saves one read+write of every buffer per step. ``rescale`` first folds the scales back into the
     buffers (done every few steps, decided on the host). ``keep`` (0-d bool) is the step's decision
-    (``None``: taken iff these gradients are finite); ``grad_norms`` are ``||g||`` per tensor if already known.
+    (``None``: taken iff these gradients are finite); ``grad_norms`` and ``weight_norms`` are ``||g||`` and
+    ``||w||`` per tensor if already known (of the whole tensors when ``params`` are local shards).
     """
     if grad_norms is None:
         grad_norms = torch._foreach_norm(grads)
+    if weight_norms is None:
+        weight_norms = torch._foreach_norm(params)
     if keep is None:
         keep = all_finite(grads, grad_norms)
     fn = _multi_tensor_lars if foreach else _single_tensor_lars
-    fn(params, grads, bufs, scales, keep, grad_norms, lr=lr, momentum=momentum, weight_decay=weight_decay,
+    fn(params, grads, bufs, scales, keep, grad_norms, weight_norms, lr=lr, momentum=momentum, weight_decay=weight_decay,
        trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, paper_form=paper_form, clip=clip,
        adapt=adapt, rescale=rescale)
 
@@ -245,12 +266,13 @@ def _coefficients(keep: Tensor, w_norm: Tensor, g_norm: Tensor, *, lr: float | T
 
 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
-                        scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor], *, lr: float | Tensor,
+                        scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor],
+                        weight_norms: list[Tensor], *, lr: float | Tensor,
                         momentum: float, weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool,
                         paper_form: bool, clip: bool, adapt: bool, rescale: bool) -> None:
     for i, (w, g) in enumerate(zip(params, grads, strict=True)):
         d_coef, buf_decay, lr_out = _coefficients(
-            keep.to(w.device), torch.linalg.vector_norm(w), grad_norms[i], lr=lr, momentum=momentum,
+            keep.to(w.device), weight_norms[i], grad_norms[i], lr=lr, momentum=momentum,
             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, paper_form=paper_form,
             clip=clip, adapt=adapt)
         zero_nonfinite_(g)
@@ -277,20 +299,22 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Te
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
-                       scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor], *, lr: float | Tensor,
+                       scales: list[Tensor] | None, keep: Tensor, grad_norms: list[Tensor],
+                       weight_norms: list[Tensor], *, lr: float | Tensor,
                        momentum: float, weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool,
                        paper_form: bool, clip: bool, adapt: bool, rescale: bool) -> None:
-    lists = [params, grads, list(grad_norms)] + ([bufs, scales] if bufs is not None and scales is not None else [])
+    lists = [params, grads, list(grad_norms), list(weight_norms)]
+    lists += [bufs, scales] if bufs is not None and scales is not None else []
     for bucket in group_by_device_and_dtype(lists):
-        ws, gs, g_norms = bucket[0], bucket[1], bucket[2]
+        ws, gs, g_norms, w_norms = bucket[0], bucket[1], bucket[2], bucket[3]
         d_coef, buf_decay, lr_out = _coefficients(
-            keep.to(ws[0].device), torch.stack(torch._foreach_norm(ws)), torch.stack(g_norms), lr=lr,
+            keep.to(ws[0].device), torch.stack(w_norms), torch.stack(g_norms), lr=lr,
             momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             paper_form=paper_form, clip=clip, adapt=adapt)
         zero_nonfinite_(gs)
         step = lr_out * d_coef
-        if len(bucket) > 3:
-            bs, ss = bucket[3], bucket[4]
+        if len(bucket) > 4:
+            bs, ss = bucket[4], bucket[5]
             if rescale:
                 torch._foreach_mul_(bs, ss)
                 torch._foreach_zero_(ss)
@@ -307,5 +331,5 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Ten
         if weight_decay != 0:
             torch._foreach_mul_(ws, list((1 - step * weight_decay).unbind()))
         torch._foreach_addcmul_(ws, gs, list((-step).unbind()))
-        if len(bucket) > 3:
-            torch._foreach_addcmul_(ws, bucket[3], list((-(lr_out * momentum) * scale).to(ws[0].dtype).unbind()))
+        if len(bucket) > 4:
+            torch._foreach_addcmul_(ws, bucket[4], list((-(lr_out * momentum) * scale).to(ws[0].dtype).unbind()))

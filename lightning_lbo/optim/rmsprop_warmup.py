@@ -40,11 +40,14 @@ import torch
 from torch import Tensor
 
 from lightning_lbo.optim._step_utils import (
+    NONFINITE_SKIPS,
     CheckedOptimizer,
     all_finite,
+    check_count,
     check_momentum,
     check_non_negative,
     group_by_device_and_dtype,
+    local_tensor,
     params_with_grads,
     use_foreach,
     zero_nonfinite_,
@@ -93,6 +96,9 @@ class RMSpropWarmup(CheckedOptimizer):
         opt = RMSpropWarmup(model.parameters(), lr=12.8, lr_rmsprop=3e-4)
         trainer = Trainer(callbacks=[FractionalEpoch()])   # or RMSpropWarmup(..., steps_per_epoch=1251)
     """
+
+    _GROUP_COPIES = (NONFINITE_SKIPS, "steps_taken", "fractional_epoch")
+    _REFUSES_FSDP1 = True
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, lr_rmsprop: float = 3e-4, momentum: float = 0.9,
                  alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0, beta_center: float = 10.0,
@@ -149,6 +155,9 @@ class RMSpropWarmup(CheckedOptimizer):
         group = group or self.param_groups[0]
         return sgd_mixing(self.current_epoch(), group["beta_center"], group["beta_period"])
 
+    def _group_copies(self) -> dict[str, Any]:
+        return {**super()._group_copies(), "steps_taken": self.steps_taken, "fractional_epoch": self.fractional_epoch}
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["rmsprop_warmup"] = {"steps_taken": self.steps_taken, "fractional_epoch": self.fractional_epoch}
@@ -156,10 +165,26 @@ class RMSpropWarmup(CheckedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("rmsprop_warmup", {})
+        extra = state_dict.pop("rmsprop_warmup", None)
+        if extra is not None:  # the top-level entry of a torch.save checkpoint; else the param groups' copies
+            state_dict.update(steps_taken=extra.get("steps_taken", 0), fractional_epoch=extra.get("fractional_epoch"))
         super().load_state_dict(state_dict)
-        self.steps_taken = extra.get("steps_taken", 0)
-        self.fractional_epoch = extra.get("fractional_epoch")
+
+    def _check_loaded(self, state_dict: dict[str, Any], extras: dict[str, Any]) -> None:
+        fix = "; the checkpoint is corrupt: resume from an earlier one."
+        if extras.get("steps_taken") is not None:
+            check_count("RMSpropWarmup checkpoint: steps_taken", extras["steps_taken"], fix)
+        epoch = extras.get("fractional_epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float))
+                                  or not math.isfinite(epoch) or epoch < 0):
+            raise ValueError(f"RMSpropWarmup checkpoint: fractional_epoch is {epoch!r}, must be a finite value "
+                             f">= 0{fix}")
+        super()._check_loaded(state_dict, extras)
+
+    def _load_extras(self, extras: dict[str, Any]) -> None:
+        super()._load_extras(extras)
+        self.steps_taken = int(extras.get("steps_taken") or 0)
+        self.fractional_epoch = extras.get("fractional_epoch")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -179,10 +204,13 @@ class RMSpropWarmup(CheckedOptimizer):
             lr = group["lr"]
             a_rms = (1.0 - a_sgd) * group["lr_rmsprop"] / lr if lr != 0 else 0.0
             states = [self.state[p] for p in params]
-            rmsprop_warmup(params, grads, [s["velocity"] for s in states], [s["square_avg"] for s in states],
+            local_params = [local_tensor(p) for p in params]
+            velocities = [local_tensor(s["velocity"]) for s in states]
+            rmsprop_warmup(local_params, [local_tensor(g) for g in grads], velocities,
+                           [local_tensor(s["square_avg"]) for s in states],
                            keep=keep, lr=lr, a_sgd=a_sgd, a_rms=a_rms, momentum=group["momentum"],
                            alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-                           foreach=use_foreach(group["foreach"], params))
+                           foreach=use_foreach(group["foreach"], local_params))
         self.steps_taken += 1
         self.fractional_epoch = None  # consumed: the callback sets it again before the next step
         return loss

@@ -41,14 +41,7 @@ OPTIMIZERS = {
 }
 
 
-def _lamb_xfail(name: str):
-    # LAMB's step counter update `torch._foreach_add_(steps, kept.to(dtype))` reaches the Scalar overload through
-    # .item(): one host sync per step, being fixed by H3 (optim/lamb.py, issue 23 item 5).
-    return pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="LAMB's per-step .item() in its step "
-                                                                          "counter update; H3 fixes it (issue 23.5)"))
-
-
-@pytest.mark.parametrize("name", [n if not n.startswith("LAMB") else _lamb_xfail(n) for n in OPTIMIZERS])
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_host_sync_optimizer_steps_that_refresh_nothing(name):
     """Forward, backward and step of each optimizer: no sync, no host-built tensor after the warm-up steps
     (K-FAC: on the steps that refresh no factor or inverse)."""

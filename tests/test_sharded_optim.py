@@ -145,3 +145,25 @@ def test_sharded_optim_refuses_fsdp1_parameters():
     """FSDP1 (what Lightning's FSDPStrategy wraps with; it runs on CPU through torch directly) hands the optimizer
     flattened pieces of parameters: per-tensor trust ratios would be per-piece. Refused at construction."""
     spawn_gloo(_fsdp1_worker, world_size=2)
+
+
+def _all_finite_worker(rank: int, world_size: int) -> None:
+    from lightning_lbo.optim._step_utils import all_finite
+
+    model = sharded.shard(sharded.make_mlp(), world_size)
+    F.cross_entropy(model(sharded.rank_batch(0, rank, world_size)[0]), sharded.rank_batch(0, rank, world_size)[1]
+                    ).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all_finite(grads).item()
+    if rank == world_size - 1:
+        grads[0].to_local().view(-1)[0] = float("inf")
+    decision = all_finite(grads, device=torch.device("cpu"))
+    assert type(decision) is torch.Tensor  # a plain 0-d bool, combinable with the guard's own flags
+    bad = torch.zeros((), dtype=torch.bool) | ~decision  # what NonFiniteBatchGuard does with it
+    assert bad.item(), f"rank {rank} missed the Inf in rank {world_size - 1}'s shard"
+    dist.barrier()
+
+
+def test_sharded_all_finite_decides_over_whole_tensors():
+    """all_finite (what NonFiniteBatchGuard calls) on DTensor gradients: an Inf in one rank's shard is seen by all."""
+    spawn_gloo(_all_finite_worker, world_size=2)

@@ -292,10 +292,12 @@ def all_finite(tensors: list[Tensor], norms: list[Tensor] | None = None, device:
     """0-d bool on ``device`` (default: the first norm's): every tensor is finite, decided without a host sync.
 
     Decided from the tensors' norms (``norms``, if the caller has them, else one read of every tensor):
-    their sum is finite iff every entry is, barring an overflow to inf, which is as bad.
+    their sum is finite iff every entry is, barring an overflow to inf, which is as bad. Sharded tensors
+    (``DTensor``) are read shard by shard and decided over the whole tensor (one all-reduce per mesh: every
+    rank must call this, and every rank gets the same answer).
     """
     if norms is None:
-        norms = [n for bucket in group_by_device_and_dtype([tensors]) for n in torch._foreach_norm(bucket[0])]
+        norms = whole_norms(local_norms(tensors), [shard_layout(t) for t in tensors])
     device = device or norms[0].device
     return torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]).sum())
 

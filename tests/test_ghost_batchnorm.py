@@ -288,3 +288,37 @@ def test_ghost_batchnorm_ddp_normalises_each_rank_batch_on_its_own():
     inputs = torch.randn(2, 20, 1, 4, 4)
     targets = torch.randint(0, 2, (2, 20))
     spawn_gloo(_ddp_worker, 2, (state, inputs, targets))
+
+
+def test_ghost_batchnorm_with_batchnorm_stats_callback(pl_package, tmp_path):
+    """BatchNormStats on a ghost model, through a Trainer: last_batches installs the moments of the last
+    per-device batch, precise those of all training data with later layers fed by ghost-normalised inputs."""
+    from torch.utils.data import DataLoader
+
+    from lightning_lbo.callbacks.batchnorm_stats import BatchNormStats
+    from tests.conftest import make_trainer
+    from tests.test_batchnorm import capture_bn_inputs, numpy_stats
+    from tests.test_batchnorm_stats_callback import LastInputsChecker, bn_model, module_for, synthetic_data
+
+    pl = pl_package
+    data = synthetic_data(96)
+    train = DataLoader(data, batch_size=32, shuffle=False)
+    val = DataLoader(data, batch_size=96)
+    module = module_for(pl, convert_to_ghost_batchnorm(bn_model(dropout=False), 8))
+    checker = LastInputsChecker(k=1)
+    trainer = make_trainer(pl, tmp_path, max_epochs=2, callbacks=[BatchNormStats("last_batches", 1), checker])
+    trainer.fit(module, train, val)
+    assert checker.checked == 2
+
+    module = module_for(pl, convert_to_ghost_batchnorm(bn_model(dropout=False), 8))
+    callback = BatchNormStats(mode="precise", num_batches=3)
+    make_trainer(pl, tmp_path, max_epochs=1, callbacks=[callback]).fit(module, train, val)
+    assert callback.num_samples == 96
+    layers = batchnorm_layers(module.model)
+    assert all(type(layer).__name__.startswith("Ghost") for layer in layers)
+    inputs = capture_bn_inputs(module.model, [x for x, _ in train])  # the ghost forward, chunks of 8
+    for layer, seen in zip(layers, inputs, strict=True):
+        mean, var = numpy_stats(seen)
+        torch.testing.assert_close(layer.running_mean, torch.as_tensor(mean, dtype=torch.float32), rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(layer.running_var, torch.as_tensor(var, dtype=torch.float32), rtol=1e-5, atol=1e-6)

@@ -164,6 +164,7 @@ class KFACPreconditioner:
         self.inverse_fallbacks = 0
         self._due: dict[int, set[str]] = {}
         self._warned_missing = False
+        self._warned_partial = False
         self._params = None if params is None else list(params)
         if module is not None:
             self.bind(module)
@@ -276,7 +277,8 @@ class KFACPreconditioner:
 
     def _reduce(self, statistic: torch.Tensor | inv.DeferredGram, symmetric: bool) -> None:
         self._check_communicator()
-        if not isinstance(statistic, inv.DeferredGram):  # deferred: one process (low-rank), nothing to average
+        # deferred: one process (low-rank), nothing to average; without reduce_in_hooks: at step time, by block
+        if self.comm.reduce_in_hooks and not isinstance(statistic, inv.DeferredGram):
             self.comm.reduce_factors([statistic], symmetric=symmetric)
 
     def _check_communicator(self) -> None:
@@ -385,10 +387,46 @@ class KFACPreconditioner:
         warnings.warn(f"K-FAC captured no output-gradient statistic for {missing} on a refresh step: {fix}. "
                       "These layers keep their previous (initially identity) factor.", RuntimeWarning, stacklevel=4)
 
+    def _agree_on_captures(self, captured: dict[int, Captured]) -> dict[int, Captured]:
+        """Make every rank commit the same blocks' statistics (rank-dependent control flow: routing, LayerDrop).
+
+        One small collective per refresh step: per (block, statistic), the minimum and maximum over ranks
+        of the number of captured sums. Reducing at step time, a block that captured a statistic on some
+        ranks only is skipped on every rank this step (retried at the next step). Reducing from the hooks
+        (positional: the sums were already averaged in hook order), any difference raises, naming the layers.
+        """
+        keys = [(block, stat) for block in self.blocks for stat in block.stat_names]
+        counts = [len(captured[id(b)].sums.get(stat, ())) if id(b) in captured else 0 for b, stat in keys]
+        flags = torch.tensor(counts + [-c for c in counts], dtype=torch.float32, device=self.blocks[0].weight.device)
+        agreed = self.comm.all_min(flags).tolist()  # host sync on refresh steps only
+        low, high = agreed[:len(keys)], [-v for v in agreed[len(keys):]]
+        if self.comm.reduce_in_hooks:
+            differ = list(dict.fromkeys(b.name for (b, _), lo, hi in zip(keys, low, high, strict=True) if lo != hi))
+            if differ:
+                raise RuntimeError(
+                    f"K-FAC: layers {differ} captured statistics a different number of times on different ranks "
+                    "(rank-dependent control flow), but this communicator reduces them from the hooks, in hook "
+                    "order, so they were mixed. Use a communicator with reduce_in_hooks=False (KFACDDPStrategy "
+                    "does with find_unused_parameters=True), or run the same layers on every rank.")
+            return captured
+        partial_blocks = list(dict.fromkeys(b for (b, _), lo, hi in zip(keys, low, high, strict=True)
+                                            if lo == 0 and hi > 0))
+        if partial_blocks:
+            if not self._warned_partial:
+                self._warned_partial = True
+                warnings.warn(f"K-FAC: layers {[b.name for b in partial_blocks]} ran on some ranks only on a refresh "
+                              "step (rank-dependent control flow); their statistics are skipped on every rank and "
+                              "refreshed at the next step where every rank runs them.", RuntimeWarning, stacklevel=4)
+            for block in partial_blocks:
+                captured.pop(id(block), None)
+        return captured
+
     def _commit_statistics(self, keep: torch.Tensor | None) -> None:
         """Turn captured sums into factors (running average), skipping non-finite ones on every rank."""
         self.comm.wait()
         captured = self.capture.collect()
+        if self.comm.is_distributed and any(self._due.values()):  # a refresh step (the same on every rank)
+            captured = self._agree_on_captures(captured)
         if not captured:
             return
         news: list[tuple[CurvatureBlock, str, torch.Tensor | inv.DeferredFactor]] = []
@@ -400,7 +438,9 @@ class KFACPreconditioner:
                 continue
             if block.output_stat in self._due[id(block)] and block.output_stat not in record.sums:
                 missing.append(block.name)
-            news.extend((block, stat, total) for stat, total in self._totals(block, record))
+            order = block.stat_names.index  # the same order on every rank, whatever order the hooks ran in
+            news.extend((block, stat, total) for stat, total in sorted(self._totals(block, record),
+                                                                       key=lambda item: order(item[0])))
             n = max(record.examples, 1)
             if record.rows and "A" in record.sums:
                 raw = torch.cat(record.rows, dim=1) if len(record.rows) > 1 else record.rows[0]
@@ -412,6 +452,11 @@ class KFACPreconditioner:
         self._warn_missing(missing)
         if not news:
             return
+        if self.comm.is_distributed and not self.comm.reduce_in_hooks:
+            # every rank holds the same (block, statistic) list here (agreed above): reduce in that order
+            for block, stat, total in news:
+                self.comm.reduce_factors([total], symmetric=block.symmetric(stat))
+            self.comm.wait()
         finite = torch.stack([t.finite() if isinstance(t, inv.DeferredFactor) else torch.isfinite(t).all()
                               for _, _, t in news])
         if keep is not None:

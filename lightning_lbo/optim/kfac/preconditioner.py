@@ -643,6 +643,27 @@ class KFACPreconditioner:
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}
 
+    def _check_schedule(self, block: CurvatureBlock, entry: dict[str, Any], steps: int) -> None:
+        """A checkpointed schedule must be one this run could have written: positive int intervals (at most
+        ``stale_statistics.max_interval``), each ``next_due`` at most one interval after the checkpoint's step
+        (``next_due=1e9`` would stop refreshing for good)."""
+        intervals, next_due = entry.get("interval", {}), entry.get("next_due", {})
+        policy = self.stale_statistics
+        for stat in block.stat_names:
+            interval, due = intervals.get(stat, block.interval[stat]), next_due.get(stat, steps)
+            where = f"K-FAC checkpoint: layer {block.name!r}, statistic {stat!r}"
+            if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+                raise ValueError(f"{where} has interval {interval!r}; a refresh interval is a positive int. "
+                                 "The checkpoint is corrupt: resume from an earlier one.")
+            if policy is not None and interval > policy.max_interval:
+                raise ValueError(f"{where} has interval {interval} > stale_statistics.max_interval="
+                                 f"{policy.max_interval}; raise max_interval to resume this run, or resume from "
+                                 "another checkpoint.")
+            if not isinstance(due, int) or isinstance(due, bool) or due > steps + interval:
+                raise ValueError(f"{where} has next_due {due!r}, more than its interval {interval} after the "
+                                 f"checkpoint's step {steps}: K-FAC would not refresh it again. The checkpoint is "
+                                 "corrupt: resume from an earlier one.")
+
     def _check_entry(self, block: CurvatureBlock, entry: dict[str, Any]) -> bool:
         """Validate a checkpointed block: wrong shapes raise; non-finite factors reset it (returns False)."""
         shapes = block.factor_shapes()
@@ -670,8 +691,13 @@ class KFACPreconditioner:
         if [e["name"] for e in entries] != names:
             raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
                              f"{names}.")
+        steps = state.get("steps", 0)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"K-FAC checkpoint: steps {steps!r} is not a non-negative int; the checkpoint is corrupt.")
+        for block, entry in zip(self.blocks, entries, strict=True):
+            self._check_schedule(block, entry, steps)
         valid = [self._check_entry(block, entry) for block, entry in zip(self.blocks, entries, strict=True)]
-        self.steps = int(state.get("steps", 0))
+        self.steps = steps
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))

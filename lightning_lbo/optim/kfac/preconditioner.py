@@ -533,8 +533,11 @@ class KFACPreconditioner:
         due = self.steps % max(1, int(_resolve(self.inverse_update_interval, self.steps))) == 0
         damping = self.current_damping()
         for block in self.blocks:
-            if block.restored_source is not None and due and block.versions != block.restored_source[3]:
-                block.restored_source = None  # refreshed since the checkpoint and due: invert the fresh factors
+            restored = block.restored_source
+            if restored is not None and due and (restored[2] or block.versions != restored[3]):
+                # the checkpointed run re-inverts here (its inverse was older than its factors, or they were
+                # refreshed since the checkpoint): invert the current factors, as it did
+                block.restored_source = None
         todo = [block for block in self.blocks if block.captured
                 and (block.owner is None or (due and not block.inverse_is_current))]
         if not todo:
@@ -552,8 +555,10 @@ class KFACPreconditioner:
             restored = block.restored_source
             block.owner = owner
             block.inverse_source, block.inverse_damping = source, damp
-            block.inverse_versions = ({s: -1 for s in block.versions}
-                                      if restored is not None and restored[2] else dict(block.versions))
+            if restored is None:
+                block.inverse_versions = dict(block.versions)
+            else:  # built from the factors at load: a refresh since then (this step's) leaves it out of date
+                block.inverse_versions = {s: -1 for s in block.versions} if restored[2] else dict(restored[3])
             block.restored_source = None
             if not self.comm.is_distributed:
                 continue
@@ -638,7 +643,10 @@ class KFACPreconditioner:
                      "refreshes": dict(block.refreshes), "inverse_damping": block.inverse_damping,
                      "estimated": {stat: flag.clone() for stat, flag in block.estimated.items()},
                      # factors refreshed since the last inversion (the others are the current ones)
-                     "inverse_factors": {s: t for s, t in source.items() if t is not factors.get(s)}}
+                     "inverse_factors": {s: t for s, t in source.items() if t is not factors.get(s)},
+                     # rows of current low-rank factors: the next inversion uses them (Woodbury), as after a refresh
+                     "low_rank": {s: (rows, n) for s, (rows, n) in block.low_rank.items()
+                                  if block.low_rank_versions.get(s) == block.versions[s]}}
             blocks.append(entry)
         return {"steps": self.steps, "blocks": blocks, "skipped_refreshes": self.skipped_refreshes.clone(),
                 "inverse_fallbacks": self.inverse_fallbacks}
@@ -674,6 +682,11 @@ class KFACPreconditioner:
                 raise ValueError(f"K-FAC checkpoint: layer {block.name!r} has {stat} of shape "
                                  f"{tuple(getattr(tensor, 'shape', ()))}, the model's needs "
                                  f"{shapes.get(stat)}; the checkpoint is from another model or configuration.")
+        for stat, (rows, _) in entry.get("low_rank", {}).items():
+            if stat not in shapes or rows.dim() != 3 or rows.shape[-1] != shapes[stat][-1]:
+                raise ValueError(f"K-FAC checkpoint: layer {block.name!r} has low-rank rows of {stat} of shape "
+                                 f"{tuple(rows.shape)}, the model's need [groups, r, {shapes.get(stat, (None,))[-1]}]; "
+                                 "the checkpoint is from another model or configuration.")
         if all(bool(torch.isfinite(t).all()) for _, t in saved):
             return True
         warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
@@ -701,6 +714,8 @@ class KFACPreconditioner:
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
+        low_rank = (self.low_rank_inverse and self.factor_decay == 1.0 and not self.comm.is_distributed
+                    and self.inverse_method is inv.InverseMethod.CHOLESKY)
         for block, entry, ok in zip(self.blocks, entries, valid, strict=True):
             device, dtype = block.weight.device, block.factor_dtype
             block.factors, block.inverse, block.owner, block.low_rank = {}, None, None, {}
@@ -715,6 +730,11 @@ class KFACPreconditioner:
             for stat, tensor in entry.get("factors", {}).items():
                 block.set_factor(stat, tensor.to(device=device, dtype=dtype))
                 block.estimated[stat] = torch.as_tensor(entry.get("estimated", {}).get(stat, True), device=device)
+            if low_rank:
+                for stat, (rows, n) in entry.get("low_rank", {}).items():
+                    if stat in block.stored_factors:
+                        block.low_rank[stat] = (rows.to(device), int(n))
+                        block.low_rank_versions[stat] = block.versions[stat]
             saved = {s: t.to(device) if isinstance(t, torch.Tensor) else t
                      for s, t in entry.get("inverse_factors", {}).items()}
             if block.captured:

@@ -106,6 +106,11 @@ class KFAC(CheckedOptimizer):
             preconditioner_kwargs["l2"] = weight_decay
         all_params = [p for g in self.param_groups for p in g["params"]]
         self.preconditioner = KFACPreconditioner(None, params=all_params, **preconditioner_kwargs)
+        lrs = sorted({group["lr"] for group in self.param_groups if group["params"]}, key=str)
+        if self.preconditioner.kl_clip is not None and len(lrs) > 1:
+            # the clip bounds lr^2 <P, g> summed over layers with one lr (group 0's, passed to the preconditioner)
+            raise ValueError(f"kl_clip with parameter groups of different learning rates {lrs}: the KL clip scales "
+                             "every layer with one learning rate. Use one lr for all groups, or kl_clip=None.")
         self._preconditioned: set[int] = set()
         self._rescaled: dict[int, int] = {}
         self._pending_kfac_state: dict[str, Any] | None = None

@@ -9,6 +9,7 @@ statistics: :mod:`.stale`. The preconditioner only schedules: capture -> commit 
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -73,11 +74,13 @@ class KFACPreconditioner:
         inverse_method: ``"cholesky"`` (factored Tikhonov, fastest) or ``"eigen"`` (exact damping).
         fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; needs the module's
             ``forward`` output to be the logits, see ``output_to_logits``).
-        likelihood: for ``fisher="mc"``: ``"categorical"`` (logits ``[N, C, *]``) or ``"gaussian"``.
+        likelihood: for ``fisher="mc"``: ``"categorical"`` (default; logits ``[N, C, *]``) or ``"gaussian"``;
+            passing it with the empirical Fisher (which uses the training loss) raises ``ValueError``.
         output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
         kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
         stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
-        exclude: modules or module types to leave to the plain update (e.g. ``[model.fc]``, ``nn.Embedding``).
+        exclude: modules, their qualified names or module types to leave to the plain update (e.g.
+            ``[model.fc]``, ``["fc"]``, ``nn.Embedding``); a module or name not in the bound model raises.
         linear_variant: ``"expand"`` or ``"reduce"`` for Linear layers with ``[N, T, in]`` inputs.
         l2: L2 regularisation folded in: ``l2 * w`` is added to each preconditioned gradient and the
             damping becomes ``max(damping, l2)``.
@@ -109,19 +112,20 @@ class KFACPreconditioner:
     def __init__(self, module: nn.Module | None = None, *, damping: FloatSchedule = 1e-3,
                  factor_decay: float = 1.0, factor_update_interval: IntSchedule = 10,
                  inverse_update_interval: IntSchedule = 10, inverse_method: str = "cholesky",
-                 fisher: str = "empirical", likelihood: str = "categorical",
+                 fisher: str = "empirical", likelihood: str | None = None,
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
                  stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
                  linear_variant: str = EXPAND, l2: float = 0.0, grad_scaler: Any = None,
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
                  comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
-        if not callable(damping) and not damping > 0:
-            raise ValueError(f"Invalid damping: {damping}; use a positive float or a callable step -> float.")
+        if not callable(damping) and not 0 < damping < math.inf:
+            raise ValueError(f"Invalid damping: {damping}; use a positive finite float or a callable step -> float "
+                             "(an infinite damping turns K-FAC into plain SGD scaled by 1/damping).")
         if not 0.0 < factor_decay <= 1.0:
             raise ValueError(f"Invalid factor_decay: {factor_decay}; use a value in (0, 1] (1 = fresh statistics).")
         for name, value in (("factor_update_interval", factor_update_interval),
                             ("inverse_update_interval", inverse_update_interval)):
-            if not callable(value) and (not isinstance(value, int) or value < 1):
+            if not callable(value) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"Invalid {name}: {value!r}; use a positive int or a callable step -> int.")
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {kl_clip}; use a positive float or None to disable.")
@@ -133,6 +137,15 @@ class KFACPreconditioner:
         if factor_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"Invalid factor_dtype: {factor_dtype}; use torch.float32, torch.float64 or None "
                              "(the model's precision).")
+        if likelihood is not None and parse_enum(Fisher, fisher, "fisher") is Fisher.EMPIRICAL:
+            raise ValueError(f"likelihood={likelihood!r} has no effect with fisher='empirical' (the output statistics "
+                             "come from the training loss); pass fisher='mc' to sample labels from it, or drop "
+                             "likelihood.")
+        exclude = tuple(exclude)
+        for entry in exclude:
+            if not (isinstance(entry, (nn.Module, str)) or (isinstance(entry, type) and issubclass(entry, nn.Module))):
+                raise TypeError(f"Invalid exclude entry {entry!r}; use modules (model.fc), qualified module names "
+                                "('fc', 'encoder.0') or module types (nn.Embedding).")
         if linear_variant not in ("expand", "reduce"):
             raise ValueError(f"Invalid linear_variant: {linear_variant!r}. Supported: ('expand', 'reduce').")
         self.damping = damping
@@ -141,7 +154,7 @@ class KFACPreconditioner:
         self.inverse_update_interval = inverse_update_interval
         self.inverse_method: inv.InverseMethod = inv.parse_inverse_method(inverse_method)
         self.fisher: Fisher = parse_enum(Fisher, fisher, "fisher")
-        self.likelihood: Likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        self.likelihood: Likelihood = parse_enum(Likelihood, likelihood or Likelihood.CATEGORICAL.value, "likelihood")
         self.output_to_logits = output_to_logits
         self.kl_clip = kl_clip
         self.stale_statistics = stale_statistics
@@ -219,7 +232,16 @@ class KFACPreconditioner:
                           "factors' rounding (~1e-7 of their norm) exceeds the damping; pass "
                           "factor_dtype=torch.float64.", UserWarning, stacklevel=3)
         excluded_types = tuple(t for t in self.exclude if isinstance(t, type))
-        excluded = {id(sub) for m in self.exclude if isinstance(m, nn.Module) for sub in m.modules()}
+        named = dict(module.named_modules())
+        ids = {id(sub) for sub in named.values()}
+        unknown = [e for e in self.exclude if (isinstance(e, str) and e not in named)
+                   or (isinstance(e, nn.Module) and id(e) not in ids)]
+        if unknown:
+            shown = [e if isinstance(e, str) else type(e).__name__ + " (a module not in the model)" for e in unknown]
+            raise ValueError(f"exclude lists {shown}, not in {type(module).__name__}: exclude that model's own "
+                             f"modules or their qualified names ({', '.join(repr(n) for n in list(named)[1:8])}, ...).")
+        excluded_modules = [named[e] if isinstance(e, str) else e for e in self.exclude if not isinstance(e, type)]
+        excluded = {id(sub) for m in excluded_modules for sub in m.modules()}
         blocks, unsupported, seen, inside = [], [], {}, set()
         for name, sub in module.named_modules():
             own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
@@ -322,7 +344,11 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ step
     def current_damping(self) -> float:
-        return max(float(_resolve(self.damping, self.steps)), self.l2)
+        damping = float(_resolve(self.damping, self.steps))
+        if callable(self.damping) and not 0 < damping < math.inf:  # a host float: the check costs no sync
+            raise ValueError(f"damping({self.steps}) returned {damping}; a damping schedule must return positive "
+                             "finite floats.")
+        return max(damping, self.l2)
 
     def _plan_captures(self) -> None:
         """Arm the hooks for the coming step (host-side ints only)."""

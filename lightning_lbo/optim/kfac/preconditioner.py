@@ -242,6 +242,8 @@ class KFACPreconditioner:
                              f"modules or their qualified names ({', '.join(repr(n) for n in list(named)[1:8])}, ...).")
         excluded_modules = [named[e] if isinstance(e, str) else e for e in self.exclude if not isinstance(e, type)]
         excluded = {id(sub) for m in excluded_modules for sub in m.modules()}
+        # nn.MultiheadAttention uses out_proj's weight without calling out_proj: its hooks would never fire
+        attention_out = {id(m.out_proj): m for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
         blocks, unsupported, seen, inside = [], [], {}, set()
         for name, sub in module.named_modules():
             own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
@@ -251,9 +253,21 @@ class KFACPreconditioner:
             if allowed is not None and not all(id(p) in allowed for p in own):
                 continue
             label = name or "<root>"
+            parent = attention_out.get(id(sub))
+            if parent is not None:  # the attention layer got no block (excluded or unsupported): nor does out_proj
+                if not (id(parent) in excluded or (excluded_types and isinstance(parent, excluded_types))):
+                    unsupported.append(f"{label} ({type(sub).__name__}, used by its MultiheadAttention without a "
+                                       "forward call)")
+                continue
             block = make_block(sub, name or type(sub).__name__, self.factor_dtype, self.linear_variant)
             if block is None or not {id(p) for p in own} <= {id(p) for p in block.params}:
                 unsupported.append(f"{label} ({type(sub).__name__})")
+                continue
+            frozen = [n for n, p in (("weight", block.weight), ("bias", block.bias)) if p is not None
+                      and not p.requires_grad]
+            if frozen or not all(p.requires_grad for p in block.params):
+                # K-FAC preconditions a layer's parameters jointly: one without a gradient leaves none to apply
+                unsupported.append(f"{label} ({type(sub).__name__}, frozen {' and '.join(frozen) or 'parameters'})")
                 continue
             # A block that owns its submodules' parameters too (nn.MultiheadAttention's out_proj) covers them.
             children = {id(p) for p in block.params} - {id(p) for p in own}

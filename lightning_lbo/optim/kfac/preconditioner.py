@@ -178,6 +178,9 @@ class KFACPreconditioner:
         self._due: dict[int, set[str]] = {}
         self._warned_missing = False
         self._warned_partial = False
+        # (id(block), statistic) known (on the host) to hold a finite estimate / found without one at a refresh
+        self._known_estimated: set[tuple[int, str]] = set()
+        self._unestimated: set[tuple[int, str]] = set()
         self._params = None if params is None else list(params)
         if module is not None:
             self.bind(module)
@@ -533,6 +536,30 @@ class KFACPreconditioner:
             else:
                 block.low_rank.pop(stat, None)
         self._update_intervals(news, ok, rel)
+        self._retry_unestimated(news)
+
+    def _retry_unestimated(self, news) -> None:
+        """A statistic with no finite estimate yet (its first refreshes were skipped: a bad first batch) is
+        refreshed again at the next step, not one interval later (K-FAC would run on identity placeholders,
+        plain SGD, meanwhile); once it has one, its block is re-inverted at once.
+
+        One host sync per refresh step, only until every statistic has had its first finite estimate (the
+        host remembers which have; after a checkpoint load it asks once more).
+        """
+        pending = [(block, stat) for block, stat, _ in news if (id(block), stat) not in self._known_estimated]
+        if not pending:
+            return
+        flags = torch.stack([block.estimated[stat] for block, stat in pending]).tolist()
+        for (block, stat), estimated in zip(pending, flags, strict=True):
+            key = (id(block), stat)
+            if estimated:
+                self._known_estimated.add(key)
+                if key in self._unestimated:  # its inverse was built from the placeholder: rebuild it now
+                    self._unestimated.discard(key)
+                    block.owner = None
+            else:
+                self._unestimated.add(key)
+                block.next_due[stat] = self.steps + 1
 
     def _update_intervals(self, news, ok: torch.Tensor, rel: dict[int, torch.Tensor]) -> None:
         base = max(1, int(_resolve(self.factor_update_interval, self.steps)))
@@ -782,5 +809,6 @@ class KFACPreconditioner:
                 stale = any(s in saved for s in block.stat_names)
                 block.restored_source = (source, entry.get("inverse_damping") or self.current_damping(), stale,
                                          dict(block.versions))
+        self._known_estimated, self._unestimated = set(), set()  # the loaded flags are on the device: ask again
         self.discard_pending()
         self._plan_captures()

@@ -96,3 +96,25 @@ def _hooks_mismatch(rank: int, world_size: int) -> None:
 
 def test_kfac_rank_dependent_control_flow_refused_with_hook_reductions():
     spawn_gloo(_hooks_mismatch, world_size=2)
+
+
+def _strategy_communicators(rank: int, world_size: int) -> None:
+    import warnings
+    from unittest import mock
+
+    from lightning_lbo.strategies.ddp_kfac import kfac_ddp_strategy_class
+
+    strategy_class = kfac_ddp_strategy_class("lightning.pytorch")
+    for kwargs, in_hooks in (({}, True), ({"find_unused_parameters": True}, False),
+                             ({"async_factors": False}, False)):
+        strategy = strategy_class(**kwargs)
+        with mock.patch.object(strategy_class, "optimizers", []), \
+                mock.patch.object(strategy_class, "lightning_module", None):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "found no K-FAC optimizer" (rank 0 only): none is needed here
+                strategy.setup_curvature_sync()
+        assert strategy.communicator.reduce_in_hooks is in_hooks, kwargs
+
+
+def test_kfac_ddp_strategy_reduces_at_step_time_with_find_unused_parameters():
+    spawn_gloo(_strategy_communicators, world_size=2)

@@ -70,3 +70,25 @@ def test_kfac_bad_first_batch_retry_then_regular_schedule():
     before = copy.deepcopy(pre.state_dict())
     _step(model, opt, x, y)  # not a refresh step: nothing captured, schedule unchanged
     assert [b["next_due"] for b in pre.state_dict()["blocks"]] == [b["next_due"] for b in before["blocks"]]
+
+
+def test_kfac_bad_first_batch_resume_between_skip_and_retry_is_bit_identical():
+    g = torch.Generator().manual_seed(2)
+    good = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    bad_x = good[0][0].clone()
+    bad_x[0, 0] = float("nan")
+    kwargs = dict(lr=0.1, momentum=0.9, damping=1e-2, factor_update_interval=10, inverse_update_interval=10)
+    model = _model()
+    opt = KFAC(model, **kwargs)
+    _step(model, opt, bad_x, good[0][1])
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for x, y in good[1:]:
+        _step(model, opt, x, y)
+    resumed = _model()
+    resumed.load_state_dict(weights)
+    opt2 = KFAC(resumed, **kwargs)
+    opt2.load_state_dict(state)
+    for x, y in good[1:]:
+        _step(resumed, opt2, x, y)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -556,7 +556,7 @@ class KFACPreconditioner:
                 self._known_estimated.add(key)
                 if key in self._unestimated:  # its inverse was built from the placeholder: rebuild it now
                     self._unestimated.discard(key)
-                    block.owner = None
+                    block.owner, block.restored_source = None, None
             else:
                 self._unestimated.add(key)
                 block.next_due[stat] = self.steps + 1
@@ -809,6 +809,10 @@ class KFACPreconditioner:
                 stale = any(s in saved for s in block.stat_names)
                 block.restored_source = (source, entry.get("inverse_damping") or self.current_damping(), stale,
                                          dict(block.versions))
-        self._known_estimated, self._unestimated = set(), set()  # the loaded flags are on the device: ask again
+        # the loaded flags are on the device: ask again at the next refresh; a statistic still on its placeholder
+        # is re-inverted when first estimated, as in the checkpointed run
+        self._known_estimated = set()
+        self._unestimated = {(id(block), stat) for block in self.blocks for stat, flag in block.estimated.items()
+                             if stat in block.stored_factors and not bool(flag)}
         self.discard_pending()
         self._plan_captures()

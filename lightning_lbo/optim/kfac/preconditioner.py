@@ -496,9 +496,12 @@ class KFACPreconditioner:
         if not news:
             return
         if self.comm.is_distributed and not self.comm.reduce_in_hooks:
-            # every rank holds the same (block, statistic) list here (agreed above): reduce in that order
-            for block, stat, total in news:
-                self.comm.reduce_factors([total], symmetric=block.symmetric(stat))
+            # every rank holds the same (block, statistic) list here (agreed above): reduce in that order, in
+            # one call per symmetry (a synchronous communicator then sends full buckets, not one per statistic)
+            for symmetric in (True, False):
+                same = [total for block, stat, total in news if bool(block.symmetric(stat)) is symmetric]
+                if same:
+                    self.comm.reduce_factors(same, symmetric=symmetric)
             self.comm.wait()
         finite = torch.stack([t.finite() if isinstance(t, inv.DeferredFactor) else torch.isfinite(t).all()
                               for _, _, t in news])

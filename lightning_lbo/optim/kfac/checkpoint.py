@@ -4,7 +4,9 @@ A block's :meth:`~lightning_lbo.optim.kfac.blocks.CurvatureBlock.state` is a fla
 numbers (``factor.A``, ``interval.A``, ``inverse.A.rows``, ...), ready to live in per-parameter optimizer
 state; :class:`~lightning_lbo.optim.kfac.KFACPreconditioner` checkpoints keep the nested entry
 (``factors``, ``interval``, ``next_due``, ``refreshes``, ``estimated``, ``inverse_damping``,
-``inverse_factors``) that earlier checkpoints have, so those load unchanged.
+``inverse_factors``) that earlier checkpoints have, so those load unchanged, plus ``low_rank``
+(``{stat: (rows, n)}``, the Woodbury rows of current low-rank factors: the next inversion uses them).
+Loading validates every entry (:func:`check_block_states`) before any block is restored.
 """
 
 from __future__ import annotations

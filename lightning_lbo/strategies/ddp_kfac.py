@@ -167,7 +167,9 @@ def kfac_ddp_strategy_class(package: str) -> type:
                 self.communicator = TorchDistributedCommunicator(
                     group=self._curvature_group, bucket_cap_mb=self.bucket_cap_mb, async_op=self.async_factors,
                     pack_symmetric=self.pack_symmetric, grad_worker_fraction=self.grad_worker_fraction,
-                    reduce_dtype=self.factor_reduce_dtype)
+                    reduce_dtype=self.factor_reduce_dtype,
+                    # layers that run on some ranks only (find_unused_parameters): reduce by block at step time
+                    reduce_in_hooks=self.async_factors and not self._ddp_kwargs.get("find_unused_parameters", False))
 
         @classmethod
         @override

@@ -33,6 +33,11 @@ class Communicator:
 
     rank: int = 0
     world_size: int = 1
+    #: reduce each statistic from the capture hooks as it is finished (overlaps the backward, but needs
+    #: every rank to run the same layers the same number of times); ``False``: the preconditioner reduces
+    #: each block's summed statistic at step time, in block order, after the ranks agree which blocks
+    #: captured (correct under rank-dependent control flow)
+    reduce_in_hooks: bool = False
 
     def reduce_factors(self, factors: Sequence[torch.Tensor], symmetric: bool = True) -> None:
         """Start averaging ``factors`` in place over all ranks (may return before it completes).

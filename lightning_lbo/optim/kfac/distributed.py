@@ -201,6 +201,13 @@ class TorchDistributedCommunicator(Communicator):
             the bytes) with an all-gather, and every rank sums them in the factor dtype in rank order
             (fp32 accumulation, identical on every rank). Cheaper than an fp32 all-reduce up to ~4
             ranks per curvature group; relative rounding ``2^-9`` per factor entry.
+        reduce_in_hooks: K-FAC reduces each statistic from its capture hooks (overlapping the
+            backward; every rank must run the same layers the same number of times, which is checked
+            on each refresh step: a mismatch raises naming the layer) instead of at step time, in
+            block order, after the ranks agree which blocks captured (correct under rank-dependent
+            control flow: a statistic missing on any rank is skipped on every rank). ``None``
+            (default): ``async_op``. ``strategy="ddp_kfac"`` passes ``False`` with
+            ``find_unused_parameters=True``.
 
     Example::
 
@@ -210,7 +217,7 @@ class TorchDistributedCommunicator(Communicator):
 
     def __init__(self, group: Any = None, bucket_cap_mb: float = 25.0, async_op: bool = True,
                  pack_symmetric: bool = True, grad_worker_fraction: float = 1.0,
-                 reduce_dtype: torch.dtype | None = None) -> None:
+                 reduce_dtype: torch.dtype | None = None, reduce_in_hooks: bool | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchDistributedCommunicator needs an initialized process group: "
                                "call torch.distributed.init_process_group first (Lightning's DDP strategies do).")
@@ -223,6 +230,8 @@ class TorchDistributedCommunicator(Communicator):
         self.grad_worker_fraction = grad_workers / self.world_size
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.async_op = async_op
+        # hook-time reductions only pay off when they overlap the backward (async)
+        self.reduce_in_hooks = async_op if reduce_in_hooks is None else bool(reduce_in_hooks)
         self.pack_symmetric = pack_symmetric
         if reduce_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"Invalid reduce_dtype: {reduce_dtype}; use None (the factors' dtype), "

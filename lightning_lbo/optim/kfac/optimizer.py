@@ -122,6 +122,11 @@ class KFAC(CheckedOptimizer):
             preconditioner_kwargs["l2"] = weight_decay
         all_params = [p for g in self.param_groups for p in g["params"]]
         self.preconditioner = KFACPreconditioner(None, params=all_params, **preconditioner_kwargs)
+        lrs = sorted({group["lr"] for group in self.param_groups if group["params"]}, key=str)
+        if self.preconditioner.kl_clip is not None and len(lrs) > 1:
+            # the clip bounds lr^2 <P, g> summed over layers with one lr (group 0's, passed to the preconditioner)
+            raise ValueError(f"kl_clip with parameter groups of different learning rates {lrs}: the KL clip scales "
+                             "every layer with one learning rate. Use one lr for all groups, or kl_clip=None.")
         self._preconditioned: set[int] = set()
         self._rescaled: dict[int, int] = {}
         self._pending_kfac_state: dict[str, Any] | None = None
@@ -235,9 +240,21 @@ class KFAC(CheckedOptimizer):
         legacy = state_dict.pop("skipped_steps", None)  # checkpoints before the package-wide skip counter
         if legacy is not None and "nonfinite_skips" not in state_dict:
             state_dict["nonfinite_skips"] = legacy
+        self._check_momentum_buffers(state_dict)
+        if kfac_state is not None and self.preconditioner.bound:
+            self.preconditioner.load_state_dict(kfac_state)  # validates first: a bad entry raises before any change
         super().load_state_dict(state_dict)
-        if kfac_state is not None:
-            if self.preconditioner.bound:
-                self.preconditioner.load_state_dict(kfac_state)
-            else:
-                self._pending_kfac_state = kfac_state  # applied by bind()
+        if kfac_state is not None and not self.preconditioner.bound:
+            self._pending_kfac_state = kfac_state  # applied by bind()
+
+    @staticmethod
+    def _check_momentum_buffers(state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose momentum buffers are not finite: the next step would write them into the weights
+        (a kept step adds ``lr * v``), where the gradient check (``nonfinite_skips``) never looks."""
+        for index, entry in state_dict.get("state", {}).items():
+            buf = entry.get(MOMENTUM_BUFFER) if isinstance(entry, dict) else None
+            if isinstance(buf, Tensor) and not bool(torch.isfinite(buf).all()):
+                raise ValueError(f"KFAC checkpoint: the momentum buffer of parameter {index} (state[{index!r}]"
+                                 f"[{MOMENTUM_BUFFER!r}]) is not finite; loading it would write NaN/inf into the "
+                                 "weights at the next step. Resume from an earlier checkpoint, or drop that entry "
+                                 "to restart its momentum from zero.")

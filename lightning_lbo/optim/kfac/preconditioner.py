@@ -19,6 +19,7 @@ from torch import nn
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
 from lightning_lbo.optim.kfac import inversion
+from lightning_lbo.optim.kfac.agreement import agree_on_captures, reduce_by_block
 from lightning_lbo.optim.kfac.apply import precondition
 from lightning_lbo.optim.kfac.binding import check_bound, check_communicator
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
@@ -26,6 +27,7 @@ from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
 from lightning_lbo.optim.kfac.capture import Capture
 from lightning_lbo.optim.kfac.checkpoint import check_block_states, flat_block_state, nested_block_state
 from lightning_lbo.optim.kfac.comm import Communicator
+from lightning_lbo.optim.kfac.first_estimate import FirstEstimates
 from lightning_lbo.optim.kfac.fisher import Fisher, LabelSampler, check_mc_settings
 from lightning_lbo.optim.kfac.settings import (  # noqa: F401 (check_keywords: its former home)
     CurvatureSettings,
@@ -73,7 +75,8 @@ class KFACPreconditioner:
         factor_update_interval / inverse_update_interval: steps between refreshes (int or ``step -> int``).
         inverse_method: ``"cholesky"`` (factored Tikhonov, fastest) or ``"eigen"`` (exact damping).
         fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; see ``output_to_logits``).
-        likelihood: for ``fisher="mc"``: ``"categorical"`` (logits ``[N, C, *]``) or ``"gaussian"``.
+        likelihood: for ``fisher="mc"``: ``"categorical"`` (default; logits ``[N, C, *]``) or ``"gaussian"``;
+            passing it with the empirical Fisher (which uses the training loss) raises ``ValueError``.
         output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
         classes_dim: for ``fisher="mc"`` with categorical logits: their classes axis (``1`` for
             ``[N, C, *]``, ``-1`` for ``[N, T, V]``); ``None`` (default): the module's
@@ -82,7 +85,8 @@ class KFACPreconditioner:
             samples the labels of the uninterrupted run); ``None``: ``torch.initial_seed()``.
         kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
         stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
-        exclude: modules or module types to leave to the plain update (e.g. ``[model.fc]``, ``nn.Embedding``).
+        exclude: modules, their qualified names or module types to leave to the plain update (e.g.
+            ``[model.fc]``, ``["fc"]``, ``nn.Embedding``); a module or name not in the bound model raises.
         linear_variant: :class:`LinearVariant` (or ``"expand"`` / ``"reduce"``) for Linear inputs ``[N, T, in]``.
         l2: L2 folded in: ``l2 * w`` is added to each preconditioned gradient and the damping becomes
             ``max(damping, l2)``.
@@ -104,9 +108,9 @@ class KFACPreconditioner:
     def __init__(self, module: nn.Module | None = None, *, damping: FloatSchedule = 1e-3,
                  factor_decay: float = 1.0, factor_update_interval: IntSchedule = 10,
                  inverse_update_interval: IntSchedule = 10, inverse_method: str = "cholesky",
-                 fisher: str = "empirical", likelihood: str = "categorical",
+                 fisher: str = "empirical", likelihood: str | None = None,
                  output_to_logits: Callable[[Any], torch.Tensor] | None = None, kl_clip: float | None = 1e-3,
-                 stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | type] = (),
+                 stale_statistics: StaleStatistics | None = None, exclude: Iterable[nn.Module | str | type] = (),
                  linear_variant: str | LinearVariant = LinearVariant.EXPAND, l2: float = 0.0, grad_scaler: Any = None,
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
                  comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None,
@@ -135,6 +139,8 @@ class KFACPreconditioner:
         self.inverse_fallbacks = 0
         self._due: dict[int, set[str]] = {}
         self._warned_missing = False
+        self._warned_partial = False
+        self._first_estimates = FirstEstimates()  # the retry of statistics whose first refresh was skipped
         self._params = None if params is None else list(params)
         if module is not None:
             self.bind(module)
@@ -255,7 +261,8 @@ class KFACPreconditioner:
     def _reduce(self, statistic: Any, symmetric: bool) -> None:
         self._check_communicator()
         tensors = fac.wire(statistic)
-        if tensors:  # a deferred low-rank Gram: one process, nothing to average
+        # a deferred low-rank Gram: one process, nothing to average; without reduce_in_hooks: at step time, by block
+        if tensors and self.comm.reduce_in_hooks:
             self.comm.reduce_factors(tensors, symmetric=symmetric)
 
     def _check_communicator(self) -> None:
@@ -328,6 +335,9 @@ class KFACPreconditioner:
         """Turn captured sums into factors (running average), skipping non-finite ones on every rank."""
         self.comm.wait()
         captured = self.capture.collect()
+        if self.comm.is_distributed and any(self._due.values()):  # a refresh step (the same on every rank)
+            captured, warned = agree_on_captures(self.blocks, captured, self.comm, not self._warned_partial)
+            self._warned_partial |= warned
         if not captured:
             return
         news: list[tuple[CurvatureBlock, str, fac.Factor]] = []
@@ -339,11 +349,14 @@ class KFACPreconditioner:
                 continue
             if block.output_stat in self._due[id(block)] and block.output_stat not in record.sums:
                 missing.append(block.name)
-            news.extend((block, stat, new) for stat, new in block.statistics(record.sums, record.examples,
-                                                                             per_example))
+            order = block.stat_names.index  # the same order on every rank, whatever order the hooks ran in
+            news.extend((block, stat, new) for stat, new in sorted(
+                block.statistics(record.sums, record.examples, per_example), key=lambda item: order(item[0])))
         self._warn_missing(missing)
         if not news:
             return
+        if self.comm.is_distributed and not self.comm.reduce_in_hooks:
+            reduce_by_block(news, self.comm)  # every rank holds the same (block, statistic) list (agreed above)
         finite = torch.stack([new.finite() for _, _, new in news])
         if keep is not None:
             finite = finite & keep.to(finite.device)
@@ -353,6 +366,7 @@ class KFACPreconditioner:
         changes = [block.commit(stat, new, ok[j], self.factor_decay, track)
                    for j, (block, stat, new) in enumerate(news)]
         self._update_intervals(news, ok, changes)
+        self._first_estimates.retry(news, self.steps)
 
     def _update_intervals(self, news, ok: torch.Tensor, changes: list[torch.Tensor | None]) -> None:
         base = max(1, int(resolve(self.factor_update_interval, self.steps)))
@@ -449,13 +463,16 @@ class KFACPreconditioner:
             raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's "
                              f"{names}.")
         flats = [flat_block_state(entry) for entry in entries]
-        valid = check_block_states(self.blocks, flats)
-        self.steps = int(state.get("steps", 0))
+        policy = self.stale_statistics
+        steps = state.get("steps", 0)
+        valid = check_block_states(self.blocks, flats, steps, policy.max_interval if policy is not None else None)
+        self.steps = steps
         skipped = state.get("skipped_refreshes", torch.zeros((), dtype=torch.long))
         self.skipped_refreshes = skipped.to(self.skipped_refreshes.device).clone()
         self.inverse_fallbacks = int(state.get("inverse_fallbacks", 0))
         self.label_sampler.load_state_dict(state.get("mc_sampling", {}))
         for block, flat, ok in zip(self.blocks, flats, valid, strict=True):
             block.restore(flat, ok, self.steps, self.current_damping())
+        self._first_estimates.reset(self.blocks)
         self.discard_pending()
         self._plan_captures()

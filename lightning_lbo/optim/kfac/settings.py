@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -40,18 +41,27 @@ class CurvatureSettings:
     """What the curvature estimates: see :class:`~lightning_lbo.optim.kfac.KFACPreconditioner`'s arguments."""
 
     fisher: Fisher = Fisher.EMPIRICAL
-    likelihood: Likelihood = Likelihood.CATEGORICAL
+    likelihood: Likelihood | None = None  # None: categorical (passing one with the empirical Fisher raises)
     output_to_logits: Callable[[Any], torch.Tensor] | None = None
     linear_variant: LinearVariant = LinearVariant.EXPAND
     factor_dtype: torch.dtype | None = None
-    exclude: tuple[nn.Module | type, ...] = ()
+    exclude: tuple[nn.Module | str | type, ...] = ()
     classes_dim: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", parse_enum(Fisher, self.fisher, "fisher"))
-        object.__setattr__(self, "likelihood", parse_enum(Likelihood, self.likelihood, "likelihood"))
+        if self.likelihood is not None and self.fisher is Fisher.EMPIRICAL:
+            raise ValueError(f"likelihood={self.likelihood!r} has no effect with fisher='empirical' (the output "
+                             "statistics come from the training loss); pass fisher='mc' to sample labels from it, "
+                             "or drop likelihood.")
+        likelihood = Likelihood.CATEGORICAL.value if self.likelihood is None else self.likelihood
+        object.__setattr__(self, "likelihood", parse_enum(Likelihood, likelihood, "likelihood"))
         object.__setattr__(self, "linear_variant", LinearVariant.parse(self.linear_variant))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        for entry in self.exclude:
+            if not (isinstance(entry, (nn.Module, str)) or (isinstance(entry, type) and issubclass(entry, nn.Module))):
+                raise TypeError(f"Invalid exclude entry {entry!r}; use modules (model.fc), qualified module names "
+                                "('fc', 'encoder.0') or module types (nn.Embedding).")
         if self.factor_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"Invalid factor_dtype: {self.factor_dtype}; use torch.float32, torch.float64 or None "
                              "(the model's precision).")
@@ -72,7 +82,7 @@ class ScheduleSettings:
                              "statistics).")
         for name in ("factor_update_interval", "inverse_update_interval"):
             value = getattr(self, name)
-            if not callable(value) and (not isinstance(value, int) or value < 1):
+            if not callable(value) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"Invalid {name}: {value!r}; use a positive int or a callable step -> int.")
         if self.stale_statistics is not None and not isinstance(self.stale_statistics, StaleStatistics):
             raise TypeError("stale_statistics must be a StaleStatistics policy, got "
@@ -90,8 +100,9 @@ class InverseSettings:
     l2: float = 0.0
 
     def __post_init__(self) -> None:
-        if not callable(self.damping) and not self.damping > 0:
-            raise ValueError(f"Invalid damping: {self.damping}; use a positive float or a callable step -> float.")
+        if not callable(self.damping) and not 0 < self.damping < math.inf:
+            raise ValueError(f"Invalid damping: {self.damping}; use a positive finite float or a callable step -> "
+                             "float (an infinite damping turns K-FAC into plain SGD scaled by 1/damping).")
         object.__setattr__(self, "inverse_method", parse_inverse_method(self.inverse_method))
         if self.kl_clip is not None and not self.kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {self.kl_clip}; use a positive float or None to disable.")
@@ -99,8 +110,13 @@ class InverseSettings:
             raise ValueError(f"Invalid l2: {self.l2}; use a non-negative float.")
 
     def damping_at(self, step: int) -> float:
-        """The damping in use at ``step``: ``max(damping(step), l2)``."""
-        return max(float(resolve(self.damping, step)), self.l2)
+        """The damping in use at ``step``: ``max(damping(step), l2)``. A schedule's value is checked each time
+        (a host float: the check costs no sync)."""
+        damping = float(resolve(self.damping, step))
+        if callable(self.damping) and not 0 < damping < math.inf:
+            raise ValueError(f"damping({step}) returned {damping}; a damping schedule must return positive finite "
+                             "floats.")
+        return max(damping, self.l2)
 
 
 SETTINGS_TYPES = (CurvatureSettings, ScheduleSettings, InverseSettings)

@@ -297,8 +297,9 @@ class CurvatureBlock:
         self._versions[stat] += 1
 
     def invalidate_inverse(self) -> None:
-        """Recompute the inverse at the next step, whatever the schedule."""
-        self._owner = None
+        """Recompute the inverse at the next step from the current factors, whatever the schedule (also instead
+        of the one a checkpoint restored)."""
+        self._owner, self._restored = None, None
 
     def due(self, step: int) -> set[str]:
         """The statistics to capture at ``step``."""
@@ -311,6 +312,10 @@ class CurvatureBlock:
         """Refresh ``stat`` next at ``step + interval``."""
         self._interval[stat] = interval
         self._next_due[stat] = step + interval
+
+    def retry(self, stat: str, step: int) -> None:
+        """Refresh ``stat`` again at ``step + 1`` (it has no finite estimate yet), keeping its interval."""
+        self._next_due[stat] = step + 1
 
     def capture_rows(self, keep: bool, defer: bool = False) -> None:
         """Plan the coming capture: keep the rows of statistics with few of them (a low-rank factor for the
@@ -343,8 +348,11 @@ class CurvatureBlock:
     # ---- verbs: inversion -----------------------------------------------------------------------------------
     def needs_inverse(self, due: bool) -> bool:
         """Whether to (re)compute the inverse now (``due``: an inverse-update step)."""
-        if self._restored is not None and due and self._versions != self._restored.versions:
-            self._restored = None  # refreshed since the checkpoint and due: invert the fresh factors
+        restored = self._restored
+        if restored is not None and due and (restored.stale or self._versions != restored.versions):
+            # the checkpointed run re-inverts here (its inverse was older than its factors, or they were
+            # refreshed since the checkpoint): invert the current factors, as it did
+            self._restored = None
         return self.captured and (self._owner is None or (due and not self.inverse_is_current))
 
     def inverse_job(self, method: inv.InverseMethod, damping: float, allow_low_rank: bool) -> inversion.InverseJob:
@@ -362,8 +370,10 @@ class CurvatureBlock:
         restored = self._restored
         self._owner, self._inverse = owner, inverse
         self._inverse_source, self._inverse_damping = job.factors, job.damping
-        self._inverse_versions = ({s: -1 for s in self._versions} if restored is not None and restored.stale
-                                  else dict(self._versions))
+        if restored is None:
+            self._inverse_versions = dict(self._versions)
+        else:  # built from the factors at load: a refresh since then (this step's) leaves it out of date
+            self._inverse_versions = {s: -1 for s in self._versions} if restored.stale else dict(restored.versions)
         self._restored = None
 
     # ---- verbs: checkpoints (a flat dict of named tensors and numbers) ---------------------------------------------
@@ -372,7 +382,8 @@ class CurvatureBlock:
         ``next_due.<stat>``, ``refreshes.<stat>``), ``estimated.<stat>``, and what the inverse was built from:
         ``inverse_damping``, ``inverse.<stat>`` for the factors refreshed since (the others are current) and
         ``inverse.<stat>.rows`` / ``.n`` for a low-rank one."""
-        out = fac.flatten("factor.", self._factors, rows=False)
+        # with the rows of low-rank factors: the next inversion uses them (Woodbury), as after a refresh
+        out = fac.flatten("factor.", self._factors)
         for key, values in (("interval", self._interval), ("next_due", self._next_due),
                             ("refreshes", self._refreshes)):
             out.update({f"{key}.{stat}": int(v) for stat, v in values.items()})
@@ -393,6 +404,13 @@ class CurvatureBlock:
                 raise ValueError(f"K-FAC checkpoint: layer {self.name!r} has {stat} of shape "
                                  f"{tuple(getattr(tensor, 'shape', ()))}, the model's needs "
                                  f"{shapes.get(stat)}; the checkpoint is from another model or configuration.")
+        for key, rows in state.items():
+            stat = key[len("factor."):-len(".rows")]
+            if key.startswith("factor.") and key.endswith(".rows") and (
+                    stat not in shapes or rows.dim() != 3 or rows.shape[-1] != shapes[stat][-1]):
+                raise ValueError(f"K-FAC checkpoint: layer {self.name!r} has low-rank rows of {stat} of shape "
+                                 f"{tuple(rows.shape)}, the model's need [groups, r, {shapes.get(stat, (None,))[-1]}]; "
+                                 "the checkpoint is from another model or configuration.")
         return all(bool(torch.isfinite(t).all()) for _, t in saved)
 
     def restore(self, state: dict[str, Any], valid: bool, step: int, damping: float) -> None:

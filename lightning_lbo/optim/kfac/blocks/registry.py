@@ -129,20 +129,33 @@ def make_shared_block(first: CurvatureBlock, second: CurvatureBlock) -> Curvatur
     return BlockRegistry().make_shared_block(first, second)
 
 
-def find_blocks(module: nn.Module, registry: BlockRegistry, *, exclude: Iterable[nn.Module | type] = (),
+def find_blocks(module: nn.Module, registry: BlockRegistry, *, exclude: Iterable[nn.Module | str | type] = (),
                 params: Iterable[torch.Tensor] | None = None, factor_dtype: torch.dtype = torch.float32,
                 linear_variant: str | LinearVariant = EXPAND) -> tuple[list[CurvatureBlock], list[str]]:
     """The blocks of ``module``'s supported layers, and a description of each layer with trainable parameters
     left to the plain update (a pure function of the model: no hooks, no state).
 
-    Only layers whose parameters are all in ``params`` (default: all) and require grad get a block. A block
+    Only layers whose parameters are all in ``params`` (default: all) and require grad get a block (a partly
+    frozen layer gets none: its frozen parameter has no gradient to precondition). ``exclude`` holds modules,
+    their qualified names or module types; one not in ``module`` raises ``ValueError``. A block
     that owns its submodules' parameters (``nn.MultiheadAttention``'s ``out_proj``) covers them; a parameter of
     two layers gets one block for both from the registry's shared factories (tied embeddings), or none.
     """
     allowed = None if params is None else {id(p) for p in params}
     exclude = tuple(exclude)
     excluded_types = tuple(t for t in exclude if isinstance(t, type))
-    excluded = {id(sub) for m in exclude if isinstance(m, nn.Module) for sub in m.modules()}
+    named = dict(module.named_modules())
+    ids = {id(sub) for sub in named.values()}
+    unknown = [e for e in exclude if (isinstance(e, str) and e not in named)
+               or (isinstance(e, nn.Module) and id(e) not in ids)]
+    if unknown:
+        shown = [e if isinstance(e, str) else type(e).__name__ + " (a module not in the model)" for e in unknown]
+        raise ValueError(f"exclude lists {shown}, not in {type(module).__name__}: exclude that model's own "
+                         f"modules or their qualified names ({', '.join(repr(n) for n in list(named)[1:8])}, ...).")
+    excluded_modules = [named[e] if isinstance(e, str) else e for e in exclude if not isinstance(e, type)]
+    excluded = {id(sub) for m in excluded_modules for sub in m.modules()}
+    # nn.MultiheadAttention uses out_proj's weight without calling out_proj: its own hooks would never fire
+    attention_out = {id(m.out_proj): m for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
     blocks: list[CurvatureBlock] = []
     unsupported: list[str] = []
     seen: dict[int, str] = {}
@@ -155,9 +168,21 @@ def find_blocks(module: nn.Module, registry: BlockRegistry, *, exclude: Iterable
         if allowed is not None and not all(id(p) in allowed for p in own):
             continue
         label = name or "<root>"
+        parent = attention_out.get(id(sub))
+        if parent is not None:  # its attention layer got no block (excluded or unsupported): nor does out_proj
+            if not (id(parent) in excluded or (excluded_types and isinstance(parent, excluded_types))):
+                unsupported.append(f"{label} ({type(sub).__name__}, used by its MultiheadAttention without a "
+                                   "forward call)")
+            continue
         block = registry.make_block(sub, name or type(sub).__name__, factor_dtype, linear_variant)
         if block is None or not {id(p) for p in own} <= {id(p) for p in block.params}:
             unsupported.append(f"{label} ({type(sub).__name__})")
+            continue
+        if not all(p.requires_grad for p in block.params):
+            # K-FAC preconditions a layer's parameters jointly: one without a gradient leaves nothing to apply
+            frozen = [n for n, p in (("weight", block.weight), ("bias", block.bias))
+                      if p is not None and not p.requires_grad]
+            unsupported.append(f"{label} ({type(sub).__name__}, frozen {' and '.join(frozen) or 'parameters'})")
             continue
         children = {id(p) for p in block.params} - {id(p) for p in own}
         inside.update(id(m) for m in sub.modules() if m is not sub and

@@ -1,4 +1,4 @@
-r"""Batch-norm statistics for evaluation without moving averages (pure torch, no Lightning).
+r"""Batch-norm statistics for evaluation without moving averages, and ghost batch norm (pure torch).
 
 Two estimators of the ``running_mean`` / ``running_var`` a BatchNorm layer uses in eval mode:
 
@@ -26,6 +26,11 @@ the batch means: Akiba's pooled variance, and exactly ``E[x^2] - E[x]^2`` over a
 the first term.) Across ranks the same pooling is done with two sum all-reduces over one flat buffer
 for all layers (:func:`reduce_moments`): counts and sums first, then ``M2`` about the global mean.
 
+Ghost batch norm (Hoffer, Hubara, Soudry 2017, arXiv 1705.08741): :class:`GhostBatchNorm1d` /
+``2d`` / ``3d`` normalise virtual batches of ``g`` rows of the per-device batch separately in training
+(:func:`ghost_chunk_sizes`), :func:`convert_to_ghost_batchnorm` converts a model, and
+``layer.normalized_input(x)`` gives the ghost-normalised input for curvature blocks.
+
 Convention. torch stores the *unbiased* batch variance in ``running_var``. We install
 ``running_var = M2 / (N - 1)`` with ``N`` the total count: the statistics are those a BN layer with
 ``momentum=1`` would store after one batch holding all the pooled values. Accumulation is in
@@ -41,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -396,3 +402,149 @@ def estimate_precise_stats(module: nn.Module, batches: Iterable[Any], num_batche
 
 
 _END = object()
+
+
+# ------------------------------------------------------------------------------------------- ghost BN
+
+
+def ghost_chunk_sizes(batch: int, virtual_batch_size: int) -> list[int]:
+    """Sizes of the virtual batches a ghost BN layer splits ``batch`` rows into.
+
+    ``batch // g`` chunks of ``g`` rows, then the remainder ``batch % g`` as a smaller last chunk,
+    except a remainder of one row, which joins the chunk before it (a chunk of one example would be
+    normalised by its own values alone: a zero output without spatial dims). A batch of at most ``g``
+    rows is one chunk: plain batch norm.
+    """
+    positive_int("virtual_batch_size", virtual_batch_size)
+    if batch <= virtual_batch_size:
+        return [batch]
+    sizes = [virtual_batch_size] * (batch // virtual_batch_size)
+    rest = batch % virtual_batch_size
+    if rest == 1:
+        sizes[-1] += 1
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+class _GhostBatchNorm:
+    """Forward of ghost batch norm (Hoffer, Hubara, Soudry 2017), mixed into ``nn.BatchNorm1d/2d/3d``.
+
+    In training mode (and in eval mode without running statistics, as torch's BN) the batch is split
+    into virtual batches of ``virtual_batch_size`` rows (:func:`ghost_chunk_sizes`) and each is
+    normalised by its own statistics: exactly ``F.batch_norm`` called on each chunk in turn. The
+    running statistics are updated once per chunk, in order, with the layer's ``momentum`` (or the
+    cumulative average when ``momentum=None``), so ``num_batches_tracked`` counts virtual batches.
+    In eval mode the running statistics normalise the whole batch, as in plain BN. Nothing is
+    synchronised across ranks: the chunks are per device.
+    """
+
+    virtual_batch_size: int
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - documented on the class
+        self._check_input_dim(x)
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats:
+            return super().forward(x)
+        chunks = x.split(ghost_chunk_sizes(x.shape[0], self.virtual_batch_size)) if x.shape[0] else (x,)
+        return torch.cat([self._normalize_chunk(chunk) for chunk in chunks])
+
+    def _normalize_chunk(self, chunk: Tensor) -> Tensor:
+        # the momentum logic of torch's _BatchNorm.forward, once per virtual batch
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        update = self.training and self.track_running_stats
+        return F.batch_norm(chunk, self.running_mean if update else None, self.running_var if update else None,
+                            self.weight, self.bias, True, factor, self.eps)
+
+    def normalized_input(self, x: Tensor) -> Tensor:
+        """``x_hat``: ``x`` normalised as this layer's forward does, without the affine map, updating nothing.
+
+        In training mode each virtual batch by its own statistics; in eval mode by the running
+        statistics. The hook for a curvature block (K-FAC's unit-wise BN block) whose statistic must see
+        the ghost-normalised input: ``F.batch_norm`` on the whole batch would use other statistics.
+        """
+        if not (self.training or self.running_mean is None):
+            return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        chunks = x.split(ghost_chunk_sizes(x.shape[0], self.virtual_batch_size)) if x.shape[0] else (x,)
+        return torch.cat([F.batch_norm(c, None, None, None, None, True, 0.0, self.eps) for c in chunks])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with statistics over virtual batches of ``virtual_batch_size`` rows in training.
+
+    Same arguments as ``nn.BatchNorm1d`` after ``num_features`` and ``virtual_batch_size``; same
+    parameters, buffers and ``state_dict`` keys, so a plain BN checkpoint loads (and vice versa).
+    See :class:`_GhostBatchNorm` for the forward, :meth:`normalized_input` for the curvature hook.
+
+    Example::
+
+        bn = GhostBatchNorm1d(256, virtual_batch_size=32)
+        y = bn(torch.randn(2048, 256))   # 64 virtual batches, each normalised by its own statistics
+    """
+
+    def __init__(self, num_features: int, virtual_batch_size: int, **kwargs: Any) -> None:
+        positive_int("virtual_batch_size", virtual_batch_size)
+        super().__init__(num_features, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with ghost statistics in training (see :class:`GhostBatchNorm1d`)."""
+
+    def __init__(self, num_features: int, virtual_batch_size: int, **kwargs: Any) -> None:
+        positive_int("virtual_batch_size", virtual_batch_size)
+        super().__init__(num_features, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with ghost statistics in training (see :class:`GhostBatchNorm1d`)."""
+
+    def __init__(self, num_features: int, virtual_batch_size: int, **kwargs: Any) -> None:
+        positive_int("virtual_batch_size", virtual_batch_size)
+        super().__init__(num_features, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+
+_GHOST_OF: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d, nn.BatchNorm3d: GhostBatchNorm3d,
+}
+
+
+def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` of ``module`` by its ghost version, in place; returns ``module``.
+
+    Parameters, running statistics, ``num_batches_tracked``, ``momentum``, ``eps``, ``affine``,
+    ``track_running_stats``, the training flag, device and dtype are kept (the new layer takes the old
+    layer's tensors), and so are the parameter objects: an optimizer built before the conversion still
+    steps them. Ghost layers already there get the new ``virtual_batch_size``. Convert before wrapping
+    the model in DDP and before building an optimizer that registers module hooks (K-FAC).
+
+    Raises:
+        ValueError: ``module`` holds a ``SyncBatchNorm`` (statistics across ranks; ghost BN keeps them
+            within each device): convert the model without ``SyncBatchNorm.convert_sync_batchnorm``.
+    """
+    positive_int("virtual_batch_size", virtual_batch_size)
+    if isinstance(module, _GhostBatchNorm):
+        module.virtual_batch_size = virtual_batch_size
+        return module
+    if isinstance(module, nn.SyncBatchNorm):
+        raise ValueError("convert_to_ghost_batchnorm: the model has SyncBatchNorm layers, which pool statistics "
+                         "across ranks; ghost batch norm keeps them within each device. Convert the model without "
+                         "SyncBatchNorm.convert_sync_batchnorm (or before it is applied).")
+    for name, child in list(module.named_children()):
+        ghost_type = _GHOST_OF.get(type(child))
+        if ghost_type is None:
+            convert_to_ghost_batchnorm(child, virtual_batch_size)
+            continue
+        ghost = ghost_type.__new__(ghost_type)
+        ghost.__dict__.update(child.__dict__)  # the same parameters, buffers, hooks and flags
+        ghost.virtual_batch_size = virtual_batch_size
+        setattr(module, name, ghost)
+    return module

@@ -29,8 +29,8 @@ Protocol
   the recipes' callbacks counted: :class:`lightning_lbo.compare.History`). Time and steps to target are those
   of the first evaluation at or above the target; a run stops there (or at E = 30: "not reached").
 * Same process pattern: every run is a fresh child process (:func:`lightning_lbo.compare._run_in_child`),
-  ``--threads`` torch threads (default 1) for every arm, one slot of the shared benchmark lock
-  (:mod:`benchmarks.bench_lock`) held for the run.
+  ``--threads`` torch threads (default 1) for every arm, every slot of the shared benchmark lock
+  (:mod:`benchmarks.bench_lock`, ``exclusive=True``: no other benchmark unit runs beside a timed run).
 * Seeds 0, 1, 2 (initialisation and shuffling). Interleaving: rounds, one per (seed, model); in round r the
   arms run in the order of :data:`ARMS` rotated by r, so a slow period of the machine hits every arm and no
   arm always runs first. Timings count only from a quiet machine: the lead runs this when no other job
@@ -50,7 +50,7 @@ Usage::
     PYTHONPATH=$PWD python benchmarks/time_to_target.py --dry-run        # the runs, in order
     PYTHONPATH=$PWD python benchmarks/time_to_target.py                  # on a quiet machine
     PYTHONPATH=$PWD python benchmarks/time_to_target.py --analyse
-    PYTHONPATH=$PWD python benchmarks/time_to_target.py --smoke          # 1 epoch, 1 run, a throwaway folder
+    PYTHONPATH=$PWD python benchmarks/time_to_target.py --smoke          # 3 epochs, 1 run, a throwaway folder
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def __getattr__(name: str) -> Any:  # the Lightning class is built on first use:
 
 def train(run: Run, results: Path, threads: int = 1, accelerator: str = "cpu", data_dir: str | None = None,
           runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Train ``run`` in a fresh child process holding one benchmark slot; write and return its record."""
+    """Train ``run`` in a fresh child process holding every benchmark slot; write and return its record."""
     from benchmarks.bench_lock import bench_lock
     from lightning_lbo.compare import RunSpec, _run_in_child
 
@@ -247,7 +247,7 @@ def train(run: Run, results: Path, threads: int = 1, accelerator: str = "cpu", d
                    accelerator=accelerator)
     asked = time.time()
     try:
-        with bench_lock():
+        with bench_lock(exclusive=True):
             load_before, start = os.getloadavg()[0], time.time()
             try:
                 result = asdict((runner or _run_in_child)(spec))
@@ -355,9 +355,9 @@ def analyse(results: Path, runs: Sequence[Run]) -> str:
         model_runs = [r for r in runs if r.model == model]
         lines.append(f"## {model}, batch {BATCH} (target {100 * model_runs[0].target:.2f} held-out)")
         arms = {}
-        for arm in ARMS:
+        for arm in dict.fromkeys(r.arm for r in model_runs):
             found = [records.get(r) for r in model_runs if r.arm == arm]
-            if not found or any(f is None for f in found):
+            if any(f is None for f in found):
                 lines.append(f"{arm:16s} waiting ({sum(f is not None for f in found)}/{len(found)} seeds)")
                 continue
             arms[arm] = s = summarise(found)
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the runs in order, cached or not")
     p.add_argument("--analyse", action="store_true", help="print the analysis from the cache")
     p.add_argument("--smoke", action="store_true",
-                   help="one 1-epoch MLP-BN run into a temporary folder (target and LRs default to placeholders)")
+                   help="one 3-epoch MLP-BN run into a temporary folder (target and LRs default to placeholders)")
     p.add_argument("--target", type=float, default=None, help="smoke only: held-out accuracy target (fraction)")
     p.add_argument("--lr", action="append", default=[], metavar="RECIPE=LR", help="smoke only: an LR per recipe")
     return p
@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         lrs = {"kfac": 0.04, "sgd": 0.05, "lars": 0.2, **lrs}
         runs = plan_runs(v2.Cache(args.study_results), ("mlp-bn",), (0,), ("kfac-amortised",),
-                         target=0.5 if args.target is None else args.target, lrs=lrs, epochs=1)
+                         target=0.5 if args.target is None else args.target, lrs=lrs, epochs=3)
         with tempfile.TemporaryDirectory(prefix="lbo-ttt-smoke-") as tmp:
             run_all(runs, Path(tmp), log=lambda m: print(m, flush=True), **train_kwargs)
             print(analyse(Path(tmp), runs))

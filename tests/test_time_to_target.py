@@ -104,12 +104,14 @@ def test_time_to_target_run_all_caches_and_analyse_computes_ratios(tmp_path, mon
 
     import benchmarks.bench_lock as lock
 
-    monkeypatch.setattr(lock, "bench_lock", contextlib.nullcontext)
+    taken = []
+    monkeypatch.setattr(lock, "bench_lock", lambda **kw: taken.append(kw) or contextlib.nullcontext())
     fake = _fake_runner({"every": 3.0, "kfac": 1.0, "sgd": 0.6, "lars": 0.5})
     runs = ttt.plan_runs(s2.Cache(tmp_path), ("mlp-bn",), (0, 1), target=0.85,
                          lrs={"kfac": 0.04, "sgd": 0.05, "lars": 0.2})
     assert ttt.run_all(runs, tmp_path, log=lambda m: None, runner=fake) == 8
     assert ttt.run_all(runs, tmp_path, log=lambda m: None, runner=fake) == 0  # all cached
+    assert taken == [{"exclusive": True}] * 8  # a timed run has the machine's benchmark slots to itself
     record = ttt.Records(tmp_path).get(runs[0])
     assert record["steps_to_target"] == 36 and record["seconds_to_target"] == pytest.approx(108.0)
     # kfac every step 36 x 3.0 = 108 s, amortised 36 s; sgd 72 x 0.6 = 43.2 s, lars 36 s (the best first-order)

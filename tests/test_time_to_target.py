@@ -161,3 +161,27 @@ def test_kfac_recipe_refresh_intervals_reach_the_optimizer():
     assert default.preconditioner.schedule.factor_update_interval == 1
     with pytest.raises(ValueError, match="factor_update_interval"):
         build_recipe("kfac", global_batch_size=2048, epochs=2, steps_per_epoch=10, factor_update_interval=0)
+
+
+def test_time_to_target_classifier_stops_at_the_first_evaluation_at_target(tmp_path):
+    """A real (short) MLP-BN run at 2048 stops at the first held-out evaluation at or above the target: 9 steps
+    (a third of an epoch) for a target below what one such evaluation reaches, not the 3 epochs it was given."""
+    import os
+
+    from lightning_lbo.compare import RunSpec, run_one
+    from lightning_lbo.data import locate_fashion_mnist
+
+    try:
+        locate_fashion_mnist(os.environ.get("LBO_DATA_DIR"))
+    except Exception:  # noqa: BLE001 - the real data is needed
+        pytest.skip("Fashion-MNIST not found")
+    run = ttt.Run("mlp-bn", "sgd", 0, 0.05, 0.6, epochs=3)
+    spec = RunSpec("sgd", 2048, 3, recipe_kwargs=run.recipe_kwargs(),
+                   module="benchmarks.time_to_target:TimeToTargetClassifier",
+                   module_kwargs=dict(target=run.target, model_name="mlp-bn", virtual_batch_size=128,
+                                      precise_batches=5, metrics_path=str(tmp_path / "m.json")),
+                   datamodule="benchmarks.study_v2:StudyDataModule", datamodule_kwargs=dict(shuffle_seed=0),
+                   seed=0, eval_every=ttt.eval_every(2048), threads=1, progress=False)
+    result = run_one(spec)
+    assert result.history[0][2] >= 0.6 and ttt.first_at_target(result.history, 0.6) == (9, result.history[0][1])
+    assert result.steps == 9 and len(result.history) == 1

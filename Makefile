@@ -14,7 +14,7 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 export WANDB_MODE ?= disabled
 
-.PHONY: install data data-text demo test lint bench gpu-check gpu-wheels clean
+.PHONY: install data data-text demo test lint bench gpu-check gpu-study gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench: data
 # Writes gpu_check.json / gpu_check.txt to $OUT (the device machine's result folder), else build/gpu_check.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out "$${OUT:-build/gpu_check}" $(GPU_CHECK_ARGS)
+
+# The study variant (docs/gpu.md): study v2's SmallCNN cells on one GPU in about 7 minutes (carry data/).
+gpu-study:
+	$(PYTHON) benchmarks/gpu_check.py --study --out "$${OUT:-build/gpu_study}" $(GPU_CHECK_ARGS)
 
 # Wheels the GPU machine lacks and cannot download (no package registry there): carry build/gpu_wheels.
 gpu-wheels:

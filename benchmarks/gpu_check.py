@@ -16,6 +16,10 @@ On a machine with CUDA, in one command of at most 8 minutes (its install include
    SmallCNN (batch 1024, K-FAC defaults, fp32), ASDL's K-FAC measured beside;
 6. writes ``gpu_check.json`` and ``gpu_check.txt`` (plus the tests' JUnit XML and a log) to ``--out``.
 
+``--study`` (``make gpu-study``) runs instead the ``study`` part alone, in about 7 minutes: the SmallCNN at
+E = 30 with study v2's protocol, batches 128 and 2048, ``sgd``/``lars``/``kfac``, short LR grids and seeds
+(:mod:`gpu_study`); its runs and summary are the part's figures in ``gpu_check.json``.
+
 Setup: the driver needs only the standard library. It picks the first interpreter whose torch sees CUDA
 (this one, ``python3``, ``.venv/bin/python``), puts the repository on ``PYTHONPATH`` and installs only
 missing modules with ``pip --target`` (from ``build/gpu_wheels`` when present, for machines without a
@@ -28,6 +32,7 @@ Without CUDA the driver says so, checks that it would run (interpreter, imports,
 Usage::
 
     make gpu-check                                       # on the GPU machine: report to $OUT
+    make gpu-study                                       # the SmallCNN study variant (carry data/)
     python3 benchmarks/gpu_check.py --out build/gpu_check
     python3 benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gpu_smoke
 """
@@ -56,6 +61,9 @@ TOTAL_S = 470.0
 #: Part name -> longest time in seconds on the GPU machine (the order is the run order); the parts share TOTAL_S.
 BUDGETS = {"tests": 100, "sync": 50, "amp": 80, "speed": 160, "ddp": 150}
 SMOKE_BUDGETS = {"tests": 240, "sync": 90, "amp": 150, "speed": 150, "ddp": 200}
+#: ``--study``: the study part alone (its own ~7 minutes; not part of the default check's 8)
+STUDY_BUDGETS = {"study": 420}
+SMOKE_STUDY_BUDGETS = {"study": 300}
 #: Module -> what pip installs when it is missing (``None``: required, not installable here).
 MODULES = {"torch": None, "pytorch_lightning": "pytorch-lightning>=2.1", "torchvision": None,
            "torchmetrics": "torchmetrics>=1.0", "typing_extensions": "typing-extensions", "pytest": "pytest>=7.4",
@@ -84,12 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: exercise every code path in little time")
     parser.add_argument("--dry-run", action="store_true", help="check that the check would run; run no part")
     parser.add_argument("--parts", nargs="+", choices=sorted(BUDGETS), default=None, help="run only these parts")
+    parser.add_argument("--study", action="store_true",
+                        help="run only the study part: the SmallCNN at E = 30 on the GPU (about 7 minutes)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"seconds for the whole run, install included (default {TOTAL_S:.0f}; smoke: no limit)")
     parser.add_argument("--part-timeout", nargs="*", default=[], metavar="PART=SECONDS",
                         help="override a part's budget, e.g. --part-timeout speed=200")
     # Internal modes: one part in this process, or one DDP rank under torchrun.
-    parser.add_argument("--worker", choices=("amp", "sync", "ddp", "speed"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("amp", "sync", "ddp", "speed", "study"), help=argparse.SUPPRESS)
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="nccl", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -97,18 +107,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cpu" and not (args.smoke or args.dry_run or args.worker or args.ddp_worker):
         parser.error("--device cpu runs the smoke sizes only: add --smoke (speed figures on a CPU are not the goal)")
+    if args.study and args.parts:
+        parser.error("--study runs the study part alone: drop --parts (or run the check without --study)")
+    known = STUDY_BUDGETS if args.study else BUDGETS
     for item in args.part_timeout:
         name, _, value = item.partition("=")
-        if name not in BUDGETS or not value.replace(".", "", 1).isdigit():
-            parser.error(f"Invalid --part-timeout {item!r}; use PART=SECONDS with PART in {tuple(BUDGETS)}.")
+        if name not in known or not value.replace(".", "", 1).isdigit():
+            parser.error(f"Invalid --part-timeout {item!r}; use PART=SECONDS with PART in {tuple(known)}.")
     return args
 
 
 def plan(args: argparse.Namespace) -> dict[str, float]:
     """Part -> time budget, in run order."""
-    budgets = dict(SMOKE_BUDGETS if args.smoke else BUDGETS)
+    if getattr(args, "study", False):
+        budgets = dict(SMOKE_STUDY_BUDGETS if args.smoke else STUDY_BUDGETS)
+    else:
+        budgets = dict(SMOKE_BUDGETS if args.smoke else BUDGETS)
     budgets.update({k: float(v) for k, v in (item.split("=") for item in args.part_timeout)})
-    return {name: budgets[name] for name in BUDGETS if args.parts is None or name in args.parts}
+    return {name: budgets[name] for name in budgets if args.parts is None or name in args.parts}
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -237,6 +253,10 @@ def worker_main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
+        if args.worker == "study":
+            from gpu_study import part_study
+
+            PARTS = {**PARTS, "study": part_study}  # noqa: N806 - the parts table, with the study
         data = PARTS[args.worker](PartContext(args.device, args.smoke, args.budget_s, args.work)).as_dict()
     except Exception:  # noqa: BLE001 - the report must say what broke
         data = {"status": "error", "checks": [], "figures": {}, "notes": [], "output_tail": traceback.format_exc()}
@@ -386,7 +406,7 @@ def dry_run(args: argparse.Namespace, report: dict[str, Any], chosen: dict[str, 
     report["machine"].update({k: chosen.get(k) for k in ("executable", "python", "torch", "cuda_version")})
     code = ("import gpu_check, gpu_check_parts, lightning_lbo, pytorch_lightning, torchvision; "
             "from lightning_lbo import KFAC; from lightning_lbo.strategies import KFACDDPStrategy; "
-            "from tests.gpu.accessors import layer_factors; "
+            "from tests.gpu.accessors import layer_factors; import gpu_study; "
             "print(sorted(gpu_check_parts.PARTS))")
     env = part_env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env["PYTHONPATH"]])

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_lbo._checks import positive_int
 from lightning_lbo.compat import callback_bases
 
 REFERENCE_BATCH = 256  # every paper states its LR for (or scales it from) batch 256
@@ -385,7 +386,8 @@ def akiba(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: fl
 
 def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: float = 0.04, momentum: float = 0.9,
          weight_decay: float = 5e-4, damping: float = 1e-3, warmup_epochs: float | None = None,
-         stale_threshold: float | None = None) -> Recipe:
+         stale_threshold: float | None = None, factor_update_interval: int = 1,
+         inverse_update_interval: int = 1) -> Recipe:
     """Osawa et al. 2018/2019 K-FAC: empirical Fisher, factor running average, fresh inverses, KL clip.
 
     Kronecker factors of every Linear/Conv2d refreshed every step into a running average (new
@@ -395,22 +397,27 @@ def kfac(global_batch_size: int, epochs: int, steps_per_epoch: int, base_lr: flo
     ``base_lr * B / 256`` (study-tuned 0.04) after a linear warmup from 0 over 10% of the run, then
     poly(2) decay.
     ``stale_threshold`` adds SP-NGD's stale statistics (adaptive refresh intervals) to this recipe.
+    ``factor_update_interval`` / ``inverse_update_interval`` amortise the refresh (the K-FAC class
+    default is 10 and 10; benchmarks/time_to_target.py compares both schedules on time).
     """
     from lightning_lbo.callbacks import LRSchedule
     from lightning_lbo.callbacks.kfac import KFACCallback
 
+    positive_int("factor_update_interval", factor_update_interval)
+    positive_int("inverse_update_interval", inverse_update_interval)
     warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
     schedule = LRSchedule(warmup_epochs=warmup, warmup_start_factor=0.0, decay="poly", power=2.0,
                           reference_batch_size=REFERENCE_BATCH)
-    factory = KFACFactory(base_lr, momentum, weight_decay, damping, stale_threshold=stale_threshold)
+    factory = KFACFactory(base_lr, momentum, weight_decay, damping, factor_update_interval=factor_update_interval,
+                          inverse_update_interval=inverse_update_interval, stale_threshold=stale_threshold)
     return Recipe(
         "kfac", "Osawa et al. 2019, Large-Scale Distributed Second-Order Optimization Using K-FAC (arXiv 1811.12019)",
         factory, (schedule, KFACCallback(log_every_n_steps=0)),
         dict(lr=base_lr * global_batch_size / REFERENCE_BATCH, base_lr=base_lr, momentum=momentum,
              weight_decay=weight_decay, damping=damping, fisher="empirical", factor_decay=factory.factor_decay,
-             factor_update_interval=1, inverse_update_interval=1, kl_clip=factory.kl_clip, batchnorm="plain SGD",
-             warmup_epochs=round(warmup, 4), warmup_from=0.0, decay="poly(2)",
-             stale_statistics="off" if stale_threshold is None else f"threshold {stale_threshold}"),
+             factor_update_interval=factor_update_interval, inverse_update_interval=inverse_update_interval,
+             kl_clip=factory.kl_clip, batchnorm="plain SGD", warmup_epochs=round(warmup, 4), warmup_from=0.0,
+             decay="poly(2)", stale_statistics="off" if stale_threshold is None else f"threshold {stale_threshold}"),
         paper_batch=(16384, IMAGENET, "ImageNet"))
 
 

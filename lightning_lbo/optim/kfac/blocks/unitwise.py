@@ -17,6 +17,9 @@ __all__ = ["UnitWiseBlock"]
 class UnitWiseBlock(CurvatureBlock):
     """BatchNorm1d/2d/3d or LayerNorm: unit-wise natural gradient over (gamma_u, beta_u) (SP-NGD).
 
+    Ghost batch norm layers (subclasses of ``nn.BatchNorm*d``) get this block too; their ``x_hat`` comes
+    from the layer (:meth:`input_statistics`).
+
     Per example, ``g_gamma = sum_pos g * x_hat`` and ``g_beta = sum_pos g`` for each unit (channel for
     BatchNorm, element of ``normalized_shape`` for LayerNorm); ``F_u = E_i[v_i v_i^T]`` with
     ``v_i = N * (g_gamma, g_beta)_{i,u}`` is ``2 x 2`` (``1 x 1`` without bias).
@@ -45,9 +48,18 @@ class UnitWiseBlock(CurvatureBlock):
 
     def input_statistics(self, x: torch.Tensor, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:
         """No input statistic; the context is ``x_hat`` as the layer computes it in training mode (batch
-        statistics), by the layer's own kernel without its affine map (one pass, no ``var`` over strided dims)."""
+        statistics), by the layer's own kernel without its affine map (one pass, no ``var`` over strided dims).
+
+        A layer that defines ``normalized_input(x)`` (ghost batch norm,
+        :class:`~lightning_lbo.batchnorm.GhostBatchNorm1d`: statistics per virtual batch) is asked for its
+        ``x_hat``: the per-example gamma gradient ``sum g * x_hat`` must use the statistics its forward used,
+        and whole-batch statistics would be other ones. The capture hooks run in training mode only.
+        """
         m = self.module
         x = x.to(self.factor_dtype)
+        normalized_input = getattr(m, "normalized_input", None)
+        if callable(normalized_input):
+            return {}, normalized_input(x)
         if isinstance(m, nn.LayerNorm):
             return {}, F.layer_norm(x, m.normalized_shape, eps=m.eps)
         return {}, F.batch_norm(x, None, None, training=True, momentum=0.0, eps=m.eps)

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_lbo._dtensor import any_dtensor, local_tensor
 from lightning_lbo.optim._step_utils import CheckedOptimizer, check_momentum, check_non_negative, use_foreach
+from lightning_lbo.optim.kfac import placement
 from lightning_lbo.optim.kfac.blocks import KroneckerBlock
 from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
 from lightning_lbo.optim.kfac.settings import check_keywords
@@ -45,6 +47,10 @@ def _select(keep: Tensor, value: float, otherwise: float) -> Tensor:
     """``value`` where ``keep`` else ``otherwise``, as a 0-d device tensor, exact in both cases, no sync."""
     k = keep.to(torch.float32)
     return k * value + (1.0 - k) * otherwise
+
+
+def _local_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else local_tensor(t)
 
 
 def kfac_sgd(params: list[Tensor], updates: list[Tensor], bufs: list[Tensor | None], *, keep: Tensor, lr: float,
@@ -174,23 +180,29 @@ class KFAC(CheckedOptimizer):
         if not grads:
             self.preconditioner.step(lr=self.param_groups[0]["lr"])
             return loss
-        keep = self._step_keep(grads)
+        if any_dtensor(grads):  # sharded: the decision from whole-gradient norms, the same on every rank
+            keep = self._step_keep([local_tensor(g) for g in grads], placement.whole_norms(grads))
+        else:
+            keep = self._step_keep(grads)
         self.preconditioner.step(lr=self.param_groups[0]["lr"], keep=keep)
         for group in self.param_groups:
             self._update_group(group, keep)
         return loss
 
     def _update_group(self, group: dict[str, Any], keep: Tensor) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
+        sharded = [p for p in group["params"] if p.grad is not None]
+        if not sharded:
             return
+        # sharded parameters: the update is element-wise, so it runs on each rank's local rows (plain tensors)
+        params = [local_tensor(p) for p in sharded]
+        grads = [local_tensor(p.grad) for p in sharded]
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         foreach = use_foreach(group.get("foreach"), params)
-        zero = torch.zeros((), dtype=params[0].grad.dtype, device=params[0].device)
-        updates = [torch.where(keep, p.grad, zero) for p in params]  # NaN-free, zero on a skipped step
+        zero = torch.zeros((), dtype=grads[0].dtype, device=params[0].device)
+        updates = [torch.where(keep, g, zero) for g in grads]  # NaN-free, zero on a skipped step
         if wd:
-            decayed = [(d, p) for d, p in zip(updates, params, strict=True)
-                       if not (self.fold_weight_decay and id(p) in self._preconditioned)]
+            decayed = [(d, p) for d, p, whole in zip(updates, params, sharded, strict=True)
+                       if not (self.fold_weight_decay and id(whole) in self._preconditioned)]
             if decayed:
                 decay = _select(keep, wd, 0.0)
                 if foreach:
@@ -198,26 +210,31 @@ class KFAC(CheckedOptimizer):
                 else:
                     for d, p in decayed:
                         d.add_(p * decay)
-        bufs = [self.state[p].get(MOMENTUM_BUFFER) for p in params] if momentum else [None] * len(params)
+        bufs = ([_local_or_none(self.state[p].get(MOMENTUM_BUFFER)) for p in sharded] if momentum
+                else [None] * len(params))
         scale = 1.0 if group["momentum_correction"] else correction_factor(group.get("prev_lr", lr), lr,
                                                                            lr_in_buffer=False)
         update = kfac_sgd if foreach else kfac_sgd_single_tensor
         update(params, updates, bufs, keep=keep, lr=lr, momentum=momentum, momentum_scale=scale)
         if momentum:
-            for p, b, d in zip(params, bufs, updates, strict=True):
-                if b is None:
-                    self.state[p][MOMENTUM_BUFFER] = d
+            for p, b, d in zip(sharded, bufs, updates, strict=True):
+                if b is None:  # a sharded parameter's buffer is a DTensor like it (checkpoints reshard it)
+                    self.state[p][MOMENTUM_BUFFER] = placement.like_parameter(d, p)
         group["prev_lr"] = lr
         if group["weight_rescaling"]:
-            self._rescale([p for p in params if id(p) in self._rescaled], keep, foreach)
+            self._rescale([p for p in sharded if id(p) in self._rescaled], keep, foreach)
 
     def _rescale(self, weights: list[Tensor], keep: Tensor, foreach: bool = True) -> None:
         if not weights:
             return
-        norms = torch._foreach_norm(weights) if foreach else [torch.linalg.vector_norm(w) for w in weights]
+        keys = [id(w) for w in weights]
+        if any_dtensor(weights):  # whole-weight norms (never per shard), then the local rows are scaled
+            norms, weights, foreach = placement.whole_norms(weights), [local_tensor(w) for w in weights], False
+        else:
+            norms = torch._foreach_norm(weights) if foreach else [torch.linalg.vector_norm(w) for w in weights]
         k = keep.to(torch.float32)
-        factors = [k * torch.clamp((2.0 * self._rescaled[id(w)]) ** 0.5 / n.clamp_min(1e-12), max=1.0) + (1 - k)
-                   for w, n in zip(weights, norms, strict=True)]
+        factors = [k * torch.clamp((2.0 * self._rescaled[key]) ** 0.5 / n.clamp_min(1e-12), max=1.0) + (1 - k)
+                   for key, n in zip(keys, norms, strict=True)]
         if foreach:
             torch._foreach_mul_(weights, factors)
         else:

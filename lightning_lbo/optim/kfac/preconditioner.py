@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
-from lightning_lbo.optim.kfac import inversion
+from lightning_lbo.optim.kfac import inversion, placement
 from lightning_lbo.optim.kfac.binding import check_bound, check_communicator
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
 from lightning_lbo.optim.kfac.blocks.registry import BlockRegistry, find_blocks
@@ -233,6 +234,7 @@ class KFACPreconditioner:
                           f"{', '.join(unsupported)}.", UserWarning, stacklevel=3)
         interval = int(resolve(self.factor_update_interval, 0))
         for block in blocks:
+            placement.check_shardable(block)
             block.start_schedule(interval)
             method = block.inverse_type(self.inverse_method)
             if exact_in_fp64 and method.exact_damping and (callable(damping) or damping < method.fp32_factors_from):
@@ -421,6 +423,13 @@ class KFACPreconditioner:
         damping = self.current_damping()
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
         grads, precond, scales = [], [], []
+        with ExitStack() as wholes:  # sharded parameters: whole gradients while inside, own rows written back at exit
+            for block in work:
+                wholes.enter_context(placement.whole_parameters(block, values=self.l2 > 0))
+            self._precondition_blocks(work, lr, damping, grads, precond, scales)
+
+    def _precondition_blocks(self, work: list[CurvatureBlock], lr: float | None, damping: float,
+                             grads: list[torch.Tensor], precond: list[torch.Tensor], scales: list) -> None:
         owners_only, l2, rank = self.precondition_on_owner_only, self.l2, self.comm.rank
         for block in work:
             g = block.grad_matrix()

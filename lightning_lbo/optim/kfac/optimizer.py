@@ -31,9 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lbo._dtensor import any_dtensor, local_tensor
-from lightning_lbo.optim._step_utils import CheckedOptimizer, check_momentum, check_non_negative, use_foreach
+from lightning_lbo.optim._step_utils import (
+    NONFINITE_SKIPS,
+    CheckedOptimizer,
+    check_momentum,
+    check_non_negative,
+    use_foreach,
+)
 from lightning_lbo.optim.kfac import placement
 from lightning_lbo.optim.kfac.blocks import KroneckerBlock
+from lightning_lbo.optim.kfac.checkpoint import flat_block_state, nested_block_state
 from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
 from lightning_lbo.optim.kfac.settings import check_keywords
 from lightning_lbo.optim.momentum import MOMENTUM_BUFFER, correction_factor
@@ -41,6 +48,12 @@ from lightning_lbo.optim.momentum import MOMENTUM_BUFFER, correction_factor
 #: keyword arguments ``KFAC`` passes on to :class:`KFACPreconditioner`
 PRECONDITIONER_ARGUMENTS = tuple(name for name, p in inspect.signature(KFACPreconditioner).parameters.items()
                                  if p.kind is p.KEYWORD_ONLY and name != "params")
+
+#: prefix of K-FAC's entries in the per-parameter state of each preconditioned layer's weight
+KFAC_KEY = "kfac."
+#: the preconditioner-wide counters written into every param group of ``state_dict()``
+GROUP_COUNTERS = ("kfac_steps", "kfac_skipped_refreshes", "kfac_inverse_fallbacks", "kfac_mc_seed", "kfac_mc_draws",
+                  NONFINITE_SKIPS)
 
 
 def _select(keep: Tensor, value: float, otherwise: float) -> Tensor:
@@ -154,7 +167,7 @@ class KFAC(CheckedOptimizer):
         self._preconditioned = {id(p) for block in blocks for p in block.params}
         self._rescaled = {id(b.weight): b.weight.shape[0] for b in blocks if isinstance(b, KroneckerBlock)}
         if self._pending_kfac_state is not None:
-            self.preconditioner.load_state_dict(self._pending_kfac_state)
+            self.preconditioner.load_state_dict(self._nested(self._pending_kfac_state))
             self._pending_kfac_state = None
 
     @property
@@ -242,19 +255,91 @@ class KFAC(CheckedOptimizer):
                 w.mul_(f)
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, with K-FAC's curvature twice over (the same tensors, stored once by ``torch.save``):
+
+        * ``state["kfac"]``: :meth:`KFACPreconditioner.state_dict` (the format of every K-FAC checkpoint);
+        * per preconditioned layer, its block's flat state as ``kfac.<key>`` entries of the per-parameter
+          state of its weight, and the preconditioner's counters (``kfac_steps``, ...) in every param group:
+          what ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps (it drops every
+          other top-level entry), so Lightning's sharded checkpoints save, load and reshard the curvature.
+        """
         state = super().state_dict()
-        state["kfac"] = self.preconditioner.state_dict() if self.preconditioner.bound else None
+        kfac = self.preconditioner.state_dict() if self.preconditioner.bound else None
+        state["kfac"] = kfac
+        if kfac is None:
+            return state
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for block, entry in zip(self.preconditioner.blocks, kfac["blocks"], strict=True):
+            i = index[id(block.weight)]
+            # every key, None included: torch's full-state-dict loading fails on a non-tensor key its template
+            # (this optimizer's own state_dict, before any capture) lacks
+            flat = {f"{KFAC_KEY}{k}": v for k, v in flat_block_state(entry).items()}
+            # a new dict: the packed per-parameter state is the live one
+            state["state"][i] = {**state["state"].get(i, {}), **flat, f"{KFAC_KEY}name": block.name,
+                                 f"{KFAC_KEY}type": entry["type"]}
+        counters = {"kfac_steps": kfac["steps"], "kfac_skipped_refreshes": int(kfac["skipped_refreshes"]),
+                    "kfac_inverse_fallbacks": kfac["inverse_fallbacks"],
+                    "kfac_mc_seed": kfac["mc_sampling"].get("seed"), "kfac_mc_draws": kfac["mc_sampling"].get("draws"),
+                    NONFINITE_SKIPS: int(self.nonfinite_skips)}  # host reads: saving a checkpoint is not a step
+        for group in state["param_groups"]:  # the packed copies, not the live groups
+            group.update(counters)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`, or what ``get_optimizer_state_dict`` kept of it (the curvature then comes
+        from the ``kfac.*`` per-parameter entries and the counters from the param groups), or a checkpoint
+        from before either (``skipped_steps``)."""
         state_dict = dict(state_dict)
         kfac_state = state_dict.pop("kfac", None)
         legacy = state_dict.pop("skipped_steps", None)  # checkpoints before the package-wide skip counter
-        if legacy is not None and "nonfinite_skips" not in state_dict:
-            state_dict["nonfinite_skips"] = legacy
+        if legacy is not None and NONFINITE_SKIPS not in state_dict:
+            state_dict[NONFINITE_SKIPS] = legacy
+        groups = state_dict.get("param_groups", [])
+        if NONFINITE_SKIPS not in state_dict and groups and NONFINITE_SKIPS in groups[0]:
+            state_dict[NONFINITE_SKIPS] = torch.as_tensor(groups[0][NONFINITE_SKIPS], dtype=torch.int64)
+        # the per-layer curvature, out of the per-parameter state (not momentum: it must not land in self.state)
+        saved_ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_param: dict[int, dict[str, Any]] = {}
+        per_param = {}
+        for key, entries in state_dict.get("state", {}).items():
+            if isinstance(entries, dict) and any(str(k).startswith(KFAC_KEY) for k in entries):
+                curvature = {k[len(KFAC_KEY):]: v for k, v in entries.items() if str(k).startswith(KFAC_KEY)}
+                if key in saved_ids and len(saved_ids) == len(params):
+                    by_param[id(params[saved_ids.index(key)])] = curvature
+                entries = {k: v for k, v in entries.items() if not str(k).startswith(KFAC_KEY)}
+            per_param[key] = entries
+        state_dict["state"] = per_param
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the counters are not hyperparameters: keep the live groups clean
+            for key in GROUP_COUNTERS:
+                group.pop(key, None)
+        if kfac_state is None and by_param:
+            counters = groups[0] if groups else {}
+            kfac_state = {"steps": counters.get("kfac_steps", 0), "blocks": by_param,
+                          "skipped_refreshes": torch.as_tensor(counters.get("kfac_skipped_refreshes", 0)),
+                          "inverse_fallbacks": counters.get("kfac_inverse_fallbacks", 0),
+                          "mc_sampling": {k: counters[f"kfac_mc_{k}"] for k in ("seed", "draws")
+                                          if counters.get(f"kfac_mc_{k}") is not None}}
         if kfac_state is not None:
             if self.preconditioner.bound:
-                self.preconditioner.load_state_dict(kfac_state)
+                self.preconditioner.load_state_dict(self._nested(kfac_state))
             else:
                 self._pending_kfac_state = kfac_state  # applied by bind()
+
+    def _nested(self, kfac_state: dict[str, Any]) -> dict[str, Any]:
+        """``kfac_state`` with per-parameter curvature (``blocks`` keyed by ``id`` of each block's weight, from
+        :meth:`load_state_dict`) turned into the preconditioner's list of block entries (needs the blocks)."""
+        blocks = kfac_state["blocks"]
+        if not isinstance(blocks, dict):
+            return kfac_state
+        entries = []
+        for block in self.preconditioner.blocks:
+            flat = blocks.get(id(block.weight))
+            if flat is None:
+                raise ValueError(f"K-FAC checkpoint: no curvature for layer {block.name!r} (the per-parameter "
+                                 f"'{KFAC_KEY}*' entries of its weight); saved layers: "
+                                 f"{sorted(f.get('name') for f in blocks.values())}.")
+            entries.append({"name": flat.get("name", block.name), "type": flat.get("type"),
+                            **nested_block_state(flat)})
+        return {**kfac_state, "blocks": entries}

@@ -343,8 +343,11 @@ class CurvatureBlock:
     # ---- verbs: inversion -----------------------------------------------------------------------------------
     def needs_inverse(self, due: bool) -> bool:
         """Whether to (re)compute the inverse now (``due``: an inverse-update step)."""
-        if self._restored is not None and due and self._versions != self._restored.versions:
-            self._restored = None  # refreshed since the checkpoint and due: invert the fresh factors
+        restored = self._restored
+        if restored is not None and due and (restored.stale or self._versions != restored.versions):
+            # due, and the checkpoint's inverse was older than its factors (as the uninterrupted run's would be,
+            # which now inverts its current factors) or the factors were refreshed since: invert the factors
+            self._restored = None
         return self.captured and (self._owner is None or (due and not self.inverse_is_current))
 
     def inverse_job(self, method: inv.InverseMethod, damping: float, allow_low_rank: bool) -> inversion.InverseJob:
@@ -377,9 +380,12 @@ class CurvatureBlock:
                             ("refreshes", self._refreshes)):
             out.update({f"{key}.{stat}": int(v) for stat, v in values.items()})
         out.update({f"estimated.{stat}": flag.clone() for stat, flag in self._estimated.items()})
-        out["inverse_damping"] = self._inverse_damping
+        # loaded but not stepped since: the inverse to rebuild is the checkpoint's (saving now must keep it)
+        restored = self._restored
+        source = restored.source if restored is not None else (self._inverse_source or {})
+        out["inverse_damping"] = restored.damping if restored is not None else self._inverse_damping
         current = {s: f.dense() for s, f in self._factors.items()}
-        out.update(fac.flatten("inverse.", self._inverse_source or {}, current))
+        out.update(fac.flatten("inverse.", source, current))
         return out
 
     def check_state(self, state: dict[str, Any]) -> bool:

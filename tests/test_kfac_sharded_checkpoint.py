@@ -143,3 +143,27 @@ def test_kfac_checkpoint_optimizer_state_dict_api_keeps_every_curvature_tensor()
     again = _kfac(ks.make_mlp(), Communicator())
     again.load_state_dict(opt.state_dict())
     assert_same_kfac_state(again.preconditioner.state_dict(), opt.preconditioner.state_dict())
+
+
+def _dcp_roundtrip(rank: int, world_size: int, path: str) -> None:
+    """Lightning's way (ModelParallelStrategy): dcp.save the sharded state; load into the state_dict of a fresh
+    optimizer (a template built before any capture: only its keys are read), then set_optimizer_state_dict."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_lbo.optim.kfac.distributed import default_communicator
+
+    model = ks.shard(ks.make_mlp(), world_size)
+    opt = _kfac(model, default_communicator())
+    for step in range(SAVED_AT):
+        ks.sharded_step(model, opt, "mlp", step, rank, world_size)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    fresh = ks.shard(ks.make_mlp(), world_size)
+    fresh_opt = _kfac(fresh, default_communicator())
+    template = {"optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(template, checkpoint_id=path)
+    set_optimizer_state_dict(fresh, fresh_opt, template["optim"])
+    assert_same_kfac_state(fresh_opt.preconditioner.state_dict(), opt.preconditioner.state_dict())
+
+
+def test_kfac_sharded_checkpoint_distributed_checkpoint_into_fresh_template(tmp_path):
+    spawn_gloo(_dcp_roundtrip, world_size=2, args=(str(tmp_path / "dcp"),))

@@ -62,6 +62,33 @@ def _select(keep: Tensor, value: float, otherwise: float) -> Tensor:
     return k * value + (1.0 - k) * otherwise
 
 
+def _complete(block: Any, flat: dict[str, Any]) -> dict[str, Any]:
+    """A block's flat state with every key present, so that a template built before any capture (what Lightning's
+    distributed checkpoint loads into: only the keys of the template are read) has them all: a factor not yet
+    estimated is its identity placeholder (``refreshes.<stat>`` 0 says so), the inverse source of a current inverse
+    is a copy of the factor. :func:`_trimmed` undoes both."""
+    flat = dict(flat)
+    for stat in block.stat_names:
+        flat.setdefault(f"factor.{stat}", block.identity_factor(stat))
+        if f"inverse.{stat}" not in flat:  # a copy: a checkpoint reader loads in place, into both
+            flat[f"inverse.{stat}"] = flat[f"factor.{stat}"].clone()
+    return flat
+
+
+def _trimmed(flat: dict[str, Any]) -> dict[str, Any]:
+    """Undo :func:`_complete`: drop placeholder factors (never refreshed) and inverse sources equal to the factor."""
+    flat = dict(flat)
+    for key in [k for k in flat if k.startswith("factor.") and k.count(".") == 1]:
+        stat = key.partition(".")[2]
+        source = flat.get(f"inverse.{stat}")
+        if flat.get(f"refreshes.{stat}", 1) == 0:
+            flat.pop(key)
+            flat.pop(f"inverse.{stat}", None)
+        elif isinstance(source, Tensor) and (source is flat[key] or torch.equal(source, flat[key])):
+            flat.pop(f"inverse.{stat}")
+    return flat
+
+
 def _local_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else local_tensor(t)
 
@@ -273,7 +300,7 @@ class KFAC(CheckedOptimizer):
             i = index[id(block.weight)]
             # every key, None included: torch's full-state-dict loading fails on a non-tensor key its template
             # (this optimizer's own state_dict, before any capture) lacks
-            flat = {f"{KFAC_KEY}{k}": v for k, v in flat_block_state(entry).items()}
+            flat = {f"{KFAC_KEY}{k}": v for k, v in _complete(block, flat_block_state(entry)).items()}
             # a new dict: the packed per-parameter state is the live one
             state["state"][i] = {**state["state"].get(i, {}), **flat, f"{KFAC_KEY}name": block.name,
                                  f"{KFAC_KEY}type": entry["type"]}
@@ -304,7 +331,7 @@ class KFAC(CheckedOptimizer):
         per_param = {}
         for key, entries in state_dict.get("state", {}).items():
             if isinstance(entries, dict) and any(str(k).startswith(KFAC_KEY) for k in entries):
-                curvature = {k[len(KFAC_KEY):]: v for k, v in entries.items() if str(k).startswith(KFAC_KEY)}
+                curvature = _trimmed({k[len(KFAC_KEY):]: v for k, v in entries.items() if str(k).startswith(KFAC_KEY)})
                 if key in saved_ids and len(saved_ids) == len(params):
                     by_param[id(params[saved_ids.index(key)])] = curvature
                 entries = {k: v for k, v in entries.items() if not str(k).startswith(KFAC_KEY)}

@@ -191,3 +191,40 @@ def test_kfac_checkpoint_resume_with_stale_inverse_equals_uninterrupted_run():
             ks.reference_step(fresh, resumed, "mlp", step, 2)
         for p, q in zip(fresh.parameters(), reference.parameters(), strict=True):
             assert torch.equal(p, q), f"through_api={through_api}: {ks.relative_error(p.detach(), q.detach()):.2e}"
+
+
+def _save_ddp_kfac(rank: int, world_size: int, path: str) -> None:
+    """2 DDP ranks with the communicator of ``strategy="ddp_kfac"`` (owners precondition: grad_worker_fraction 1/2)."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
+
+    model = ks.make_mlp()
+    wrapped = DistributedDataParallel(model)
+    opt = _kfac(model, TorchDistributedCommunicator(grad_worker_fraction=0.5))
+    for step in range(SAVED_AT):
+        opt.zero_grad()
+        x, y = ks.part(ks.global_batch("mlp", step), rank, world_size)
+        F.cross_entropy(wrapped(x), y).backward()
+        opt.step()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+
+
+def test_kfac_ddp_kfac_checkpoint_two_ranks_resume_in_one_process(tmp_path):
+    from lightning_lbo.optim.kfac.comm import Communicator
+
+    path = str(tmp_path / "ddp.pt")
+    spawn_gloo(_save_ddp_kfac, world_size=2, args=(path,))
+    saved = torch.load(path, weights_only=False)
+    model = ks.make_mlp()
+    model.load_state_dict(saved["model"])
+    opt = _kfac(model, Communicator())
+    opt.load_state_dict(saved["optim"])
+    assert_same_kfac_state(opt.preconditioner.state_dict(), saved["optim"]["kfac"])
+    for step in range(SAVED_AT, STEPS):
+        ks.reference_step(model, opt, "mlp", step, 2)
+    reference, _ = _uninterrupted(STEPS, 2)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert ks.relative_error(p.detach(), q.detach()) <= 1e-6

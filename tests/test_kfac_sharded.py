@@ -61,6 +61,9 @@ def _equal_to_one_process(rank: int, world_size: int, model_name: str) -> None:
             dist.all_gather(gathered, factor.contiguous())
             assert all(torch.equal(g, gathered[0]) for g in gathered), (block.name, stat)
     assert opt.preconditioner.steps == STEPS
+    # the communicator reports the whole-gradient gathers: every preconditioned weight and bias, every step
+    whole = sum(p.numel() * p.element_size() for b in opt.preconditioner.blocks for p in b.params)
+    assert opt.preconditioner.comm.stats.shard_gather_bytes == STEPS * whole
     print(f"rank {rank} {model_name} P={world_size}: worst relative error {worst:.2e}")
 
 

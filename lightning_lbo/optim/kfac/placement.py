@@ -64,7 +64,7 @@ def local_rows(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def whole_parameters(block: Any, values: bool = False) -> Iterator[None]:
+def whole_parameters(block: Any, values: bool = False, stats: Any = None) -> Iterator[None]:
     """While inside, ``block.weight`` / ``block.bias`` are plain whole tensors whose ``.grad`` is the whole
     gradient (gathered: a collective, call on every rank in the same block order); on exit the rows this
     rank owns are written back into the sharded gradients. A no-op for a block without DTensor parameters.
@@ -73,6 +73,7 @@ def whole_parameters(block: Any, values: bool = False) -> Iterator[None]:
         block: a curvature block (its ``weight`` / ``bias`` attributes).
         values: also gather the parameter values (only :meth:`param_matrix`, i.e. folded L2, reads them);
             otherwise the stand-ins hold uninitialised values of the right shape.
+        stats: a communicator's ``CommStats`` (or ``None``): its ``shard_gather_bytes`` counts the gathered bytes.
     """
     names = [n for n in ("weight", "bias") if getattr(block, n, None) is not None and is_dtensor(getattr(block, n))]
     if not names:
@@ -84,6 +85,8 @@ def whole_parameters(block: Any, values: bool = False) -> Iterator[None]:
         stand_in = nn.Parameter(whole, requires_grad=False)
         stand_in.grad = p.grad.full_tensor()
         setattr(block, name, stand_in)
+        if stats is not None:
+            stats.shard_gather_bytes += p.numel() * p.element_size() * (2 if values else 1)
     try:
         yield
     finally:

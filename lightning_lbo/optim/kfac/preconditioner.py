@@ -425,7 +425,8 @@ class KFACPreconditioner:
         grads, precond, scales = [], [], []
         with ExitStack() as wholes:  # sharded parameters: whole gradients while inside, own rows written back at exit
             for block in work:
-                wholes.enter_context(placement.whole_parameters(block, values=self.l2 > 0))
+                wholes.enter_context(placement.whole_parameters(block, values=self.l2 > 0,
+                                                                stats=getattr(self.comm, "stats", None)))
             self._precondition_blocks(work, lr, damping, grads, precond, scales)
 
     def _precondition_blocks(self, work: list[CurvatureBlock], lr: float | None, damping: float,

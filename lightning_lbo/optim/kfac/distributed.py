@@ -139,10 +139,13 @@ class CommStats:
     broadcast_bytes: int = 0  #: bytes of inverses / preconditioned gradients broadcast (packed when symmetric)
     broadcast_dense_bytes: int = 0  #: bytes the same broadcasts would carry as full tensors
     decision_bytes: int = 0  #: bytes of all_min decisions
+    #: bytes of whole gradients (and parameters, with folded L2) all-gathered for sharded parameters (payload: the
+    #: whole tensor; see :mod:`~lightning_lbo.optim.kfac.placement`)
+    shard_gather_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.factor_bytes + self.broadcast_bytes + self.decision_bytes
+        return self.factor_bytes + self.broadcast_bytes + self.decision_bytes + self.shard_gather_bytes
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total_bytes": self.total_bytes}

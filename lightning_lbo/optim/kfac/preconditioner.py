@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
-from lightning_lbo.optim.kfac import inversion
+from lightning_lbo.optim.kfac import inversion, placement
 from lightning_lbo.optim.kfac.agreement import agree_on_captures, reduce_by_block
 from lightning_lbo.optim.kfac.apply import precondition
 from lightning_lbo.optim.kfac.binding import check_bound, check_communicator
@@ -240,6 +241,7 @@ class KFACPreconditioner:
                           f"{', '.join(unsupported)}.", UserWarning, stacklevel=3)
         interval = int(resolve(self.factor_update_interval, 0))
         for block in blocks:
+            placement.check_shardable(block)
             block.start_schedule(interval)
             method = block.inverse_type(self.inverse_method)
             if exact_in_fp64 and method.exact_damping and (callable(damping) or damping < method.fp32_factors_from):
@@ -434,8 +436,12 @@ class KFACPreconditioner:
 
     def _precondition(self, lr: float | None) -> None:
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
-        nu = precondition(work, self.current_damping(), lr, l2=self.l2, kl_clip=self.kl_clip, comm=self.comm,
-                          owners_only=self.precondition_on_owner_only)
+        with ExitStack() as wholes:  # sharded parameters: whole gradients while inside, own rows written back at exit
+            for block in work:
+                wholes.enter_context(placement.whole_parameters(block, values=self.l2 > 0,
+                                                                stats=getattr(self.comm, "stats", None)))
+            nu = precondition(work, self.current_damping(), lr, l2=self.l2, kl_clip=self.kl_clip, comm=self.comm,
+                              owners_only=self.precondition_on_owner_only)
         if nu is not None:
             self.last_kl_clip_factor = nu
 

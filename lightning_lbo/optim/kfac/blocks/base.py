@@ -388,9 +388,12 @@ class CurvatureBlock:
                             ("refreshes", self._refreshes)):
             out.update({f"{key}.{stat}": int(v) for stat, v in values.items()})
         out.update({f"estimated.{stat}": flag.clone() for stat, flag in self._estimated.items()})
-        out["inverse_damping"] = self._inverse_damping
+        # loaded but not stepped since: the inverse to rebuild is the checkpoint's (saving now must keep it)
+        restored = self._restored
+        source = restored.source if restored is not None else (self._inverse_source or {})
+        out["inverse_damping"] = restored.damping if restored is not None else self._inverse_damping
         current = {s: f.dense() for s, f in self._factors.items()}
-        out.update(fac.flatten("inverse.", self._inverse_source or {}, current))
+        out.update(fac.flatten("inverse.", source, current))
         return out
 
     def check_state(self, state: dict[str, Any]) -> bool:

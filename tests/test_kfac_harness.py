@@ -10,6 +10,7 @@ from tests import optim_harness as harness
 # every step refreshes factors and inverses, so a skipped step (schedule advanced, nothing committed) leaves a run
 # equal to one that never saw the batch
 _EVERY_STEP = dict(factor_update_interval=1, inverse_update_interval=1)
+_SCHEDULE = ("kfac.next_due.", "kfac.refreshes.")  # per-parameter state entries that count steps, skipped or not
 
 
 def _factory(params, **kwargs):
@@ -29,8 +30,10 @@ def test_kfac_nonfinite_gradient_skips_the_step(bad, foreach):
     def factory(params):
         return _factory(params, foreach=foreach)
 
-    harness.check_nonfinite_gradient_skips_the_step(factory, bad, grads_kept=False)  # .grad holds the preconditioned
-    harness.check_skip_request(factory)
+    # .grad holds the preconditioned gradient; the refresh schedule and its attempt count (per-parameter state)
+    # advance on a skipped step, as K-FAC's step clock does
+    harness.check_nonfinite_gradient_skips_the_step(factory, bad, grads_kept=False, schedule_keys=_SCHEDULE)
+    harness.check_skip_request(factory, schedule_keys=_SCHEDULE)
 
 
 @pytest.mark.parametrize("foreach", [False, True])

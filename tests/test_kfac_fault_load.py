@@ -41,7 +41,13 @@ def test_kfac_load_nan_momentum_buffer_raises():
     with pytest.raises(ValueError, match=r"momentum buffer of parameter 2.*not finite"):
         other.load_state_dict(state)
     # nothing loaded: the optimizer still has its own (empty) state and K-FAC schedule
-    assert other.state_dict()["state"] == before["state"]
+    after = other.state_dict()["state"]  # per-parameter entries hold tensors (K-FAC's kfac.* curvature slots)
+    assert after.keys() == before["state"].keys()
+    for i, entries in after.items():
+        assert entries.keys() == before["state"][i].keys()
+        for key, value in entries.items():
+            old = before["state"][i][key]
+            assert torch.equal(value, old) if torch.is_tensor(value) else value == old, (i, key)
     assert other.preconditioner.steps == 0
 
 

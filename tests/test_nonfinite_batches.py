@@ -110,10 +110,16 @@ HOST_COUNTERS = ("steps_since_rescale", "steps", "next_due", "refreshes")
 SKIP_COUNTERS = ("nonfinite_skips", "skipped_steps", "skipped_refreshes")
 
 
+def _is_counter(key) -> bool:
+    """A counter's key, nested (``next_due``) or flattened into K-FAC's per-parameter and param-group entries
+    (``kfac.next_due.A``, ``kfac_steps``)."""
+    return any(part in HOST_COUNTERS + SKIP_COUNTERS for part in str(key).replace("kfac_", "kfac.").split("."))
+
+
 def _without_counters(state):
     """The optimizer state minus the skip counters and the host-side step counters, at any depth."""
     if isinstance(state, dict):
-        return {k: _without_counters(v) for k, v in state.items() if k not in HOST_COUNTERS + SKIP_COUNTERS}
+        return {k: _without_counters(v) for k, v in state.items() if not _is_counter(k)}
     if isinstance(state, (list, tuple)):
         return [_without_counters(v) for v in state]
     return state

@@ -217,3 +217,31 @@ def test_optimizer_setup_kfac_uses_the_recipe_configuration():
     assert len(callbacks) == 1
     spngd, _, _ = cbo.optimizer_setup("spngd", 0.01)
     assert spngd.fisher == "mc" and spngd.unit_wise_bn and spngd.stale_threshold == 0.5 and spngd.momentum_correction
+
+
+def test_run_cell_sgd_reproduces_the_adaptive_batch_ladder_run(monkeypatch):
+    """The runner's sgd cell is the ladder's ``const-512-x1`` run: the same validation curve (a second code path)."""
+    import warnings
+
+    import torch
+
+    monkeypatch.setattr(ab, "TRAIN_SUBSET", 8000)
+    monkeypatch.setattr(cbo, "BUDGET_MIN_STEPS", 0)  # 10 epochs, no 400-step floor: the runs stay short
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    ladder = ab.run_cell("mlp-bn", "const-512-x1", 0, epochs=2)  # LR 0.1 x 512 / 128, 4 epochs at most
+    ours = cbo.run_cell("sgd", 512, 2, 0)  # LR_128 x 2^2
+    assert ours["lr"] == pytest.approx(0.4) and len(ladder["curve"]) >= 8
+    n = min(len(ladder["curve"]), len(ours["curve"]))
+    assert ours["curve"][:n] == ladder["curve"][:n]
+
+
+def test_run_cell_stops_a_diverging_run(monkeypatch):
+    """An LR far too large stops at the divergence check instead of running the whole budget."""
+    import warnings
+
+    monkeypatch.setattr(ab, "TRAIN_SUBSET", 7000)
+    warnings.filterwarnings("ignore")
+    result = cbo.run_cell("sgd", 256, 12, 0)  # LR 409.6
+    assert result["diverged"] and result["steps_to_target"] is None
+    assert result["steps"] < result["budget_steps"]

@@ -496,6 +496,16 @@ def verdict(ratio_mean: float | None, ratios_seed: list[float | None]) -> str:
     return "inconclusive"
 
 
+def why_missing(row: dict[str, Any]) -> str:
+    """Why a batch with a finished grid is not in the fits."""
+    if row["k"] is None:
+        return "no LR reached on seed 0"
+    unrun = [s for s in SEEDS if row["steps"].get(s) is None]
+    if unrun:
+        return "seeds " + ", ".join(map(str, unrun)) + " not run yet"
+    return "not reached on seed " + ", ".join(str(s) for s in SEEDS if math.isinf(row["steps"][s]))
+
+
 def fmt(x: float | None, nd: int = 0) -> str:
     if x is None:
         return "-"
@@ -568,11 +578,12 @@ def report(batches: tuple[int, ...] = BATCHES + EXTRA_BATCHES) -> str:
         s_min = None
         if len(comp) >= 3:
             s_min = fit_line({b: statistics.mean(v) for b, v in comp.items()})[0]
-        missing = [str(b) for b in batches if b in lad and b not in comp] + \
-                  [f"{b} (grid)" for b in BATCHES if b not in lad]
+        missing = [f"{b} ({why_missing(lad[b])})" for b in batches if b in lad and b not in comp] + \
+                  [f"{b} (grid unfinished)" for b in BATCHES if b not in lad]
         results[opt] = f
         lines.append(f"| {opt} | {', '.join(map(str, comp))} | {fmt(f['mean'])} | "
-                     + ", ".join(fmt(x) for x in f["per_seed"]) + f" | {fmt(f['boot_10'])}-{fmt(f['boot_90'])} | "
+                     + ", ".join(fmt(x) for x in f["per_seed"]) + " | "
+                     + (f"{fmt(f['boot_10'])}-{fmt(f['boot_90'])}" if f["boot_10"] is not None else "-") + " | "
                      + f"{fmt(s_min)} | {fmt(f12)} | {', '.join(missing) or '-'} |")
     lines += ["", "## The hypothesis: a curvature method extends B_crit >= 2x over momentum SGD", ""]
     sgd = results.get("sgd")
@@ -637,7 +648,8 @@ def plot(ladders: dict[str, dict[int, dict[str, Any]]], results: dict[str, dict[
     ax.set_xlabel("batch size")
     ax.set_ylabel(f"optimizer steps to {TARGET:.0%} validation accuracy")
     ax.set_title("MLP-BN, constant LR tuned per batch: mean over 3 seeds (bars: min-max), fit")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)

@@ -245,3 +245,12 @@ def test_run_cell_stops_a_diverging_run(monkeypatch):
     result = cbo.run_cell("sgd", 256, 12, 0)  # LR 409.6
     assert result["diverged"] and result["steps_to_target"] is None
     assert result["steps"] < result["budget_steps"]
+
+
+def test_why_missing_names_the_reason_a_batch_is_outside_the_fits():
+    """No LR reached, seeds still to run, or a seed that did not reach: each is said."""
+    assert cbo.why_missing({"k": None, "steps": {}}) == "no LR reached on seed 0"
+    assert cbo.why_missing({"k": 1, "steps": {0: 90.0}}) == "seeds 1, 2 not run yet"
+    assert cbo.why_missing({"k": 1, "steps": {0: 90.0, 1: math.inf, 2: 80.0}}) == "not reached on seed 1"
+    lad = {128: {"k": 0, "steps": {0: 300.0, 1: 320.0, 2: 310.0}}, 512: {"k": 1, "steps": {0: 90.0, 1: math.inf}}}
+    assert cbo.complete_batches(lad) == {128: [300.0, 320.0, 310.0]}

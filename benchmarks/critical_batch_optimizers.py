@@ -303,11 +303,12 @@ def optimizer_setup(opt: str, lr: float) -> tuple[Any, list[Any], bool]:
     if opt == "adamw":
         return AdamWFactory(lr), [], False
     if opt in ("kfac", "spngd"):
-        from lightning_lbo.callbacks.kfac import KFACCallback
+        from lightning_lbo.callbacks import LRSchedule
 
-        factory = getattr(recipes, opt)(128, 1, 1).optimizer  # the recipe's K-FAC configuration
-        fields = {f: getattr(factory, f) for f in factory.__dataclass_fields__}
-        return recipes.KFACFactory(**{**fields, "lr": lr}), [KFACCallback(log_every_n_steps=0)], False
+        rec = getattr(recipes, opt)(128, 1, 1)  # the recipe's K-FAC configuration and its KFACCallback
+        fields = {f: getattr(rec.optimizer, f) for f in rec.optimizer.__dataclass_fields__}
+        callbacks = [cb for cb in rec.callbacks if not isinstance(cb, LRSchedule)]  # the schedule is ours
+        return recipes.KFACFactory(**{**fields, "lr": lr}), callbacks, False
     raise ValueError(f"Invalid optimizer: {opt!r}. Supported: {OPTIMIZERS}.")
 
 

@@ -214,7 +214,9 @@ def test_optimizer_setup_kfac_uses_the_recipe_configuration():
     assert kfac.lr == 0.08 and kfac.factor_update_interval == 1 and kfac.inverse_update_interval == 1
     assert {f: getattr(kfac, f) for f in kfac.__dataclass_fields__ if f != "lr"} == \
         {f: getattr(ref, f) for f in ref.__dataclass_fields__ if f != "lr"}
-    assert len(callbacks) == 1
+    from lightning_lbo.callbacks import KFACCallback
+
+    assert len(callbacks) == 1 and isinstance(callbacks[0], KFACCallback)
     spngd, _, _ = cbo.optimizer_setup("spngd", 0.01)
     assert spngd.fisher == "mc" and spngd.unit_wise_bn and spngd.stale_threshold == 0.5 and spngd.momentum_correction
 

@@ -536,7 +536,9 @@ def report(batches: tuple[int, ...] = BATCHES + EXTRA_BATCHES) -> str:
     lines += ["", "Next run in the plan: " + (cell_name(*nxt) if nxt else "none, the plan is complete") + ".", ""]
     lines += ["## Steps to the target", "",
               "Per optimizer and batch: the LR chosen on seed 0's grid (runs: LR -> steps; `div`: diverged, "
-              "`nr`: not reached in the budget), the steps of each seed at that LR, mean ± sd.", "",
+              "`nr`: not reached in the budget; `grid edge`: the best stayed at an edge after the "
+              f"{MAX_EXTENSIONS} extensions, so a better LR may lie beyond), the steps of each seed at that LR, "
+              "mean ± sd.", "",
               "| optimizer | batch | seed-0 grid | chosen LR | seed 0 | seed 1 | seed 2 | mean ± sd |",
               "|---|---|---|---|---|---|---|---|"]
     ladders, results = {}, {}
@@ -559,7 +561,9 @@ def report(batches: tuple[int, ...] = BATCHES + EXTRA_BATCHES) -> str:
             finite = [v for v in steps if v is not None and math.isfinite(v)]
             ms = (f"{statistics.mean(finite):.0f} ± {statistics.stdev(finite):.0f}" if len(finite) == 3 else
                   f"({len(finite)} seeds)")
-            lines.append(f"| {opt} | {b} | {cells} | {fmt(row['lr'], 4) if row['lr'] else 'none reached'} | "
+            edge = row["k"] is not None and row["k"] in (min(grid), max(grid))  # the extension limit was hit
+            chosen = (fmt(row["lr"], 4) + (" (grid edge)" if edge else "")) if row["lr"] else "none reached"
+            lines.append(f"| {opt} | {b} | {cells} | {chosen} | "
                          + " | ".join(shown) + f" | {ms} |")
     lines += ["", "## Fitted critical batch", "",
               "`S = S_min (1 + B_crit / B)` by least squares in 1/B on the batches where all 3 seeds reached; "

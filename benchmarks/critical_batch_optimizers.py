@@ -653,11 +653,11 @@ def plot(ladders: dict[str, dict[int, dict[str, Any]]], results: dict[str, dict[
                 intercept, slope = fit_line(dict(zip(bs, means, strict=True)))
                 grid = [2 ** (i / 8) for i in range(8 * 7, 8 * 13 + 1)]
                 ax.plot(grid, [intercept + slope / g for g in grid], color=colors[opt], lw=1)
-        for b, row in lad.items():  # partial: single seeds shown faintly
-            if b not in comp:
-                for v in row["steps"].values():
-                    if v is not None and math.isfinite(v):
-                        ax.plot([b], [v], marker="x", color=colors[opt], alpha=0.5)
+        partial = [(b, v) for b, row in lad.items() if b not in comp  # single seeds of incomplete batches
+                   for v in row["steps"].values() if v is not None and math.isfinite(v)]
+        if partial:
+            ax.plot(*zip(*partial, strict=True), marker="x", ls="none", color=colors[opt], alpha=0.5,
+                    label=f"{opt}: single seeds (batch incomplete)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")

@@ -610,7 +610,19 @@ def report(batches: tuple[int, ...] = BATCHES + EXTRA_BATCHES) -> str:
         r = ratio(cur["mean"], sgd["mean"])
         rs = [ratio(a, b) for a, b in zip(cur["per_seed"], sgd["per_seed"], strict=False)]
         lines.append(f"- {opt}: B_crit {fmt(cur['mean'])} vs sgd {fmt(sgd['mean'])}, ratio {fmt(r, 2)}; per seed "
-                     + ", ".join(fmt(x, 2) for x in rs) + f" -> **{verdict(r, rs)}**")
+                     + ", ".join(fmt(x, 2) for x in rs) + f" -> **{verdict(r, rs)}**"
+                     + (f" (the ratio rests on an infinite B_crit: {opt}'s steps fall like 1/B or faster somewhere "
+                        "on the ladder and the fit's S_min is <= 0, so the law does not describe its ladder; "
+                        "read the knee and the sensitivity fit beside it)" if cur["mean"] == math.inf else ""))
+    post = []
+    for opt in OPTIMIZERS:  # how much the verdict leans on the smallest batch
+        comp = complete_batches(ladders[opt])
+        rest = {b: statistics.mean(v) for b, v in comp.items() if b != BATCHES[0]}
+        if len(rest) >= 3:
+            post.append(f"{opt} {fmt(b_crit_of(rest))} (S_min {fmt(fit_line(rest)[0])})")
+    if post:
+        lines += ["", f"Sensitivity (post hoc, not part of the pre-registered verdict): the fit on the seed means "
+                  f"without batch {BATCHES[0]}: " + "; ".join(post) + "."]
     lines += ["", "## Knee (model-free check)", "",
               f"Per-doubling ratio of the mean steps between consecutive batches (0.5: perfect scaling, 1: none); "
               f"the knee is the smallest batch from which no rung is at or below {ab.KNEE_RATIO} "

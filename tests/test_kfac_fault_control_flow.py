@@ -20,7 +20,9 @@ from tests.helpers.ddp import spawn_gloo
 # Known open defect (issue 26.1): a rank of these 2-process runs aborts with SIGABRT in roughly 1 of 4 runs of this
 # file (full suite and repeated runs, several of its tests); when they finish, every assertion holds. Until the
 # cause is found they may fail without failing the suite; xpassed in the summary is the usual outcome.
-pytestmark = pytest.mark.xfail(strict=False, reason="intermittent gloo SIGABRT in 2-rank control-flow runs (open)")
+pytestmark = pytest.mark.xfail(strict=False, reason="a rank of these 2-process gloo runs aborts (SIGABRT) "
+                                                     "about 1 run in 4, cause not found yet (issue 26.1); the "
+                                                     "assertions hold whenever the runs finish")
 
 
 class _Routed(nn.Module):

@@ -174,7 +174,7 @@ def test_time_to_target_classifier_stops_at_the_first_evaluation_at_target(tmp_p
     try:
         locate_fashion_mnist(os.environ.get("LBO_DATA_DIR"))
     except Exception:  # noqa: BLE001 - the real data is needed
-        pytest.skip("Fashion-MNIST not found")
+        pytest.skip("Fashion-MNIST not found (make data)")
     run = ttt.Run("mlp-bn", "sgd", 0, 0.05, 0.6, epochs=3)
     spec = RunSpec("sgd", 2048, 3, recipe_kwargs=run.recipe_kwargs(),
                    module="benchmarks.time_to_target:TimeToTargetClassifier",

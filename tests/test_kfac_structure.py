@@ -18,12 +18,18 @@ defect (``tmp_path``), so a check that passes on the repository is one that coul
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 import lightning_lbo
+from lightning_lbo.optim.kfac import KFACPreconditioner, StaleStatistics
+from lightning_lbo.optim.kfac.settings import SETTINGS_GROUPS, describe
 
 PACKAGE_ROOT = Path(lightning_lbo.__file__).parent.parent  # the directory holding the ``lightning_lbo`` package
 KFAC = "lightning_lbo.optim.kfac"
@@ -185,6 +191,29 @@ def test_kfac_structure_blocks_import_nothing_above_them():
 def test_kfac_structure_no_file_over_the_line_limit():
     assert len(modules_of(PACKAGE_ROOT, KFAC)) > 20  # the walk is recursive (blocks/ included)
     assert long_files(PACKAGE_ROOT, KFAC, MAX_LINES) == {}
+
+
+def _logits(output):
+    return output
+
+
+def test_kfac_structure_every_setting_reads_under_its_constructor_name():
+    """The read-only attributes generated from the settings objects cover every field, each a keyword argument
+    of the constructor that reads back what was passed; the other keywords are the documented non-settings."""
+    fields = {f.name: group for group, kind in SETTINGS_GROUPS.items() for f in dataclasses.fields(kind)}
+    keywords = [n for n, p in inspect.signature(KFACPreconditioner).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert set(fields) <= set(keywords)
+    assert set(keywords) - set(fields) == {"grad_scaler", "comm", "params", "block_types", "mc_seed"}
+    given = dict(damping=2e-3, factor_decay=0.5, factor_update_interval=3, inverse_update_interval=4,
+                 inverse_method="eigen", fisher="mc", likelihood="categorical", output_to_logits=_logits,
+                 kl_clip=None, stale_statistics=StaleStatistics(threshold=0.3), exclude=(nn.Tanh,),
+                 linear_variant="reduce", l2=1e-4, low_rank_inverse=False, factor_dtype=torch.float64, classes_dim=-1)
+    assert set(given) == set(fields)
+    pre = KFACPreconditioner(None, **given)
+    for name, group in fields.items():
+        assert describe(getattr(pre, name)) == describe(given[name]) == describe(getattr(getattr(pre, group), name))
+        with pytest.raises(AttributeError):
+            setattr(pre, name, given[name])
 
 
 # ------------------------------------------------------------------ each check fails on a package with the defect

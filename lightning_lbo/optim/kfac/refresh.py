@@ -9,12 +9,14 @@
   ``all_min``, on the device), each block's ``commit`` verb (running average where finite, else the old factor);
 * :func:`update_intervals`: each statistic's next refresh (stale statistics: one host read of the agreed
   "stable" flags per refresh step);
-* :func:`refresh_inverses`: the blocks whose inverse is due, assigned to ranks, inverted with the fallback
-  ladder by their owner, installed by each block's ``install`` verb and broadcast.
+* the first-estimate retry (:class:`~.first_estimate.FirstEstimates`).
 
-:func:`refresh_inverses` follows. Functions of the blocks, the communicator and the settings (the statistics'
-commit also remembers its one-time warnings and the first estimates, :mod:`.first_estimate`): the preconditioner
-owns the counters and decides when each runs. Nothing here reads a block's private state.
+:func:`refresh_inverses` follows: the blocks whose inverse is due, assigned to ranks, inverted with the fallback
+ladder by their owner, installed by each block's ``install`` verb and broadcast.
+
+Functions of the blocks, the communicator and the settings (:class:`StatisticsRefresh` also remembers its
+one-time warnings and the first estimates): the preconditioner owns the counters and decides when each runs.
+Nothing here reads a block's private state.
 """
 
 from __future__ import annotations

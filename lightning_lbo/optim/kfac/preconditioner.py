@@ -263,21 +263,24 @@ class KFACPreconditioner:
                                           self.schedule, self.fisher)  # the statistics' refresh, when due
         if skipped is not None:
             self.skipped_refreshes += skipped.to(self.skipped_refreshes.device)
-        damping, owners_only = self.current_damping(), self.precondition_on_owner_only
-        self.inverse_fallbacks += refresh.refresh_inverses(self.blocks, self.schedule.inverse_due(self.steps),
-                                                           self.inverse_method, damping, self.comm, owners_only)
-        self._precondition(lr, damping, owners_only)
+        self._update_inverses()
+        self._precondition(lr)
         self.steps += 1
         self._plan_captures()
 
-    def _precondition(self, lr: float | None, damping: float, owners_only: bool) -> None:
+    def _update_inverses(self) -> None:
+        self.inverse_fallbacks += refresh.refresh_inverses(self.blocks, self.schedule.inverse_due(self.steps),
+                                                           self.inverse_method, self.current_damping(), self.comm,
+                                                           self.precondition_on_owner_only)
+
+    def _precondition(self, lr: float | None) -> None:
         work = [b for b in self.blocks if b.owner is not None and all(p.grad is not None for p in b.params)]
         with ExitStack() as wholes:  # sharded parameters: whole gradients while inside, own rows written back at exit
             for block in work:
                 wholes.enter_context(placement.whole_parameters(block, values=self.l2 > 0,
                                                                 stats=getattr(self.comm, "stats", None)))
-            nu = precondition(work, damping, lr, l2=self.l2, kl_clip=self.kl_clip, comm=self.comm,
-                              owners_only=owners_only)
+            nu = precondition(work, self.current_damping(), lr, l2=self.l2, kl_clip=self.kl_clip, comm=self.comm,
+                              owners_only=self.precondition_on_owner_only)
         if nu is not None:
             self.last_kl_clip_factor = nu
 

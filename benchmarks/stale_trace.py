@@ -35,27 +35,27 @@ def trace(recipe: str, batch: int, base_lr: float, epochs: int, extra: dict[str,
     from dataclasses import asdict
 
     from lightning_lbo.compare import RunSpec, run_one
-    from lightning_lbo.optim.kfac.preconditioner import KFACPreconditioner
+    from lightning_lbo.optim.kfac import refresh
 
     events: list[tuple[int, str, str, float, int]] = []
-    original = KFACPreconditioner._update_intervals
+    original = refresh.update_intervals
 
-    def recording(self, news, ok, rel):
-        original(self, news, ok, rel)
-        for j, (block, stat, _) in enumerate(news):
-            change = float(rel[j]) if j in rel else float("nan")
-            events.append((self.steps, block.name, stat, change, block.interval[stat]))
+    def recording(news, ok, changes, base, policy, comm, step):
+        original(news, ok, changes, base, policy, comm, step)
+        for (block, stat, _), change in zip(news, changes, strict=True):
+            events.append((step, block.name, stat, float("nan") if change is None else float(change),
+                           block.interval[stat]))
 
     config = StudyConfig()
     spe = steps_per_epoch(config, batch)
     kwargs = {**STUDY_RECIPE_KWARGS[recipe], "base_lr": base_lr, **extra}
     spec = RunSpec(recipe, batch, epochs, recipe_kwargs=kwargs, model=model, seed=seed, eval_every=max(1, spe // 4),
                    threads=1, progress=False, val_size=config.val_size, test=True)
-    KFACPreconditioner._update_intervals = recording
+    refresh.update_intervals = recording  # the statistics' refresh looks it up in its module at each call
     try:
         result = asdict(run_one(spec))
     finally:
-        KFACPreconditioner._update_intervals = original
+        refresh.update_intervals = original
     steps = result["steps"]
     summary = {}
     for key in dict.fromkeys((e[1], e[2]) for e in events):

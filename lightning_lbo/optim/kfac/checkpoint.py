@@ -7,12 +7,18 @@ state; :class:`~lightning_lbo.optim.kfac.KFACPreconditioner` checkpoints keep th
 ``inverse_factors``) that earlier checkpoints have, so those load unchanged, plus ``low_rank``
 (``{stat: (rows, n)}``, the Woodbury rows of current low-rank factors: the next inversion uses them).
 Loading validates every entry (:func:`check_block_states`) before any block is restored.
+
+:func:`preconditioner_state` assembles a preconditioner's checkpoint from its blocks and counters;
+:func:`read_preconditioner_state` checks one against the bound blocks and returns what to restore
+(:class:`LoadedState`); the preconditioner restores it (each block through its ``restore`` verb).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
 
 from lightning_lbo.optim.kfac import factors as fac
 
@@ -74,7 +80,7 @@ def check_schedule(block: Any, state: dict[str, Any], steps: int, max_interval: 
 
 
 def check_block_states(blocks: list[Any], states: list[dict[str, Any]], steps: Any = 0,
-                       max_interval: int | None = None) -> list[bool]:
+                       max_interval: int | None = None, stacklevel: int = 3) -> list[bool]:
     """Validate every block's flat state before any is restored: the checkpoint's ``steps`` and each schedule
     (:func:`check_schedule`) and factor shape raise ``ValueError`` naming the entry; a block with non-finite
     factors is reported (False) with a warning: it is reset and re-estimated."""
@@ -87,5 +93,40 @@ def check_block_states(blocks: list[Any], states: list[dict[str, Any]], steps: A
         if not ok:
             warnings.warn(f"K-FAC checkpoint: layer {block.name!r} has non-finite factors; its statistics are reset "
                           "and re-estimated at the next step (the running average would never recover from NaN).",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel)
     return valid
+
+
+def preconditioner_state(blocks: list[Any], steps: int, skipped_refreshes: torch.Tensor, inverse_fallbacks: int,
+                         mc_sampling: dict[str, Any]) -> dict[str, Any]:
+    """A preconditioner's checkpoint: per block its name, type and nested entry (:func:`nested_block_state` of its
+    flat ``state()``), and the preconditioner-wide counters."""
+    entries = [{"name": block.name, "type": block.description, **nested_block_state(block.state())}
+               for block in blocks]
+    return {"steps": steps, "blocks": entries, "skipped_refreshes": skipped_refreshes.clone(),
+            "inverse_fallbacks": inverse_fallbacks, "mc_sampling": mc_sampling}
+
+
+class LoadedState(NamedTuple):
+    """A checked preconditioner checkpoint: the counters, and per block its flat state and whether it is finite."""
+
+    steps: int
+    skipped_refreshes: torch.Tensor
+    inverse_fallbacks: int
+    mc_sampling: dict[str, Any]
+    block_states: list[dict[str, Any]]
+    valid: list[bool]
+
+
+def read_preconditioner_state(state: dict[str, Any], blocks: list[Any], max_interval: int | None) -> LoadedState:
+    """Check a :func:`preconditioner_state` against the bound ``blocks`` (same layers in the same order, each entry
+    by :func:`check_block_states`) before anything is restored; raises ``ValueError`` naming what differs."""
+    entries = state.get("blocks", [])
+    names = [block.name for block in blocks]
+    if [e["name"] for e in entries] != names:
+        raise ValueError(f"K-FAC checkpoint layers {[e['name'] for e in entries]} do not match the model's {names}.")
+    flats = [flat_block_state(entry) for entry in entries]
+    steps = state.get("steps", 0)
+    valid = check_block_states(blocks, flats, steps, max_interval, stacklevel=4)
+    return LoadedState(steps, state.get("skipped_refreshes", torch.zeros((), dtype=torch.long)),
+                       int(state.get("inverse_fallbacks", 0)), state.get("mc_sampling", {}), flats, valid)

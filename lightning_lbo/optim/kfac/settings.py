@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -24,7 +25,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac.blocks.linear import LinearVariant
 from lightning_lbo.optim.kfac.fisher import Fisher, Likelihood, parse_enum
-from lightning_lbo.optim.kfac.inverses import InverseMethod, parse_inverse_method
+from lightning_lbo.optim.kfac.inverses import BlockInverse, InverseMethod, parse_inverse_method
 from lightning_lbo.optim.kfac.stale import StaleStatistics
 
 FloatSchedule = float | Callable[[int], float]
@@ -38,7 +39,23 @@ def resolve(value: Any, step: int) -> Any:
 
 @dataclass(frozen=True)
 class CurvatureSettings:
-    """What the curvature estimates: see :class:`~lightning_lbo.optim.kfac.KFACPreconditioner`'s arguments."""
+    """What the curvature estimates (``pre.curvature``). Each field is an argument of
+    :class:`~lightning_lbo.optim.kfac.KFACPreconditioner` (and ``KFAC``) and reads as ``pre.<field>``.
+
+    Attributes:
+        fisher: ``"empirical"`` or ``"mc"`` (one sampled label per example; see ``output_to_logits``).
+        likelihood: for ``fisher="mc"``: ``"categorical"`` (default; logits ``[N, C, *]``) or ``"gaussian"``;
+            passing it with the empirical Fisher (which uses the training loss) raises ``ValueError``.
+        output_to_logits: maps the root module's forward output to the logits (e.g. ``lambda o: o[0]``).
+        linear_variant: :class:`LinearVariant` (or ``"expand"`` / ``"reduce"``) for Linear inputs ``[N, T, in]``.
+        factor_dtype: dtype of the factors; ``None``: fp64 for a model with fp64 weights, else fp32, except
+            for blocks whose inverse damps exactly (eigen, embeddings, unit-wise below damping 1e-3): fp64.
+        exclude: modules, their qualified names or module types to leave to the plain update (e.g.
+            ``[model.fc]``, ``["fc"]``, ``nn.Embedding``); a module or name not in the bound model raises.
+        classes_dim: for ``fisher="mc"`` with categorical logits: their classes axis (``1`` for
+            ``[N, C, *]``, ``-1`` for ``[N, T, V]``); ``None`` (default): the module's
+            ``logits_classes_dim`` attribute if it declares one (``lightning_lbo.lm.GPT`` does), else ``1``.
+    """
 
     fisher: Fisher = Fisher.EMPIRICAL
     likelihood: Likelihood | None = None  # None: categorical (passing one with the empirical Fisher raises)
@@ -69,7 +86,15 @@ class CurvatureSettings:
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """When statistics and inverses are refreshed, and the running average of factors."""
+    """When statistics and inverses are refreshed, and the running average of factors (``pre.schedule``).
+
+    Attributes:
+        factor_update_interval / inverse_update_interval: steps between refreshes (int or ``step -> int``).
+        factor_decay: weight of a new statistic in the running average of factors,
+            ``factor <- (1 - factor_decay) * factor + factor_decay * new``; ``1.0`` (default) keeps fresh
+            statistics (Osawa et al., 32K); ``0.05`` averages over about 20 refreshes.
+        stale_statistics: a :class:`StaleStatistics` policy (per-statistic adaptive intervals) or ``None``.
+    """
 
     factor_update_interval: IntSchedule = 10
     inverse_update_interval: IntSchedule = 10
@@ -88,10 +113,28 @@ class ScheduleSettings:
             raise TypeError("stale_statistics must be a StaleStatistics policy, got "
                             f"{type(self.stale_statistics).__name__}.")
 
+    def factor_interval(self, step: int) -> int:
+        """Steps from a refresh at ``step`` to the next one of a statistic (without stale statistics)."""
+        return max(1, int(resolve(self.factor_update_interval, step)))
+
+    def inverse_due(self, step: int) -> bool:
+        """Whether ``step`` is an inverse-update step."""
+        return step % max(1, int(resolve(self.inverse_update_interval, step))) == 0
+
 
 @dataclass(frozen=True)
 class InverseSettings:
-    """Damping and inverse method, and the shape of the update (KL clip, L2 folded in)."""
+    """Damping and inverse method, and the shape of the update (KL clip, L2 folded in) (``pre.inverses``).
+
+    Attributes:
+        damping: Tikhonov damping ``lambda``, a float or ``step -> float``.
+        inverse_method: ``"cholesky"`` (factored Tikhonov, fastest) or ``"eigen"`` (exact damping).
+        low_rank_inverse: with fresh statistics, the cholesky method and one process, apply
+            ``(A + delta I)^{-1}`` through the Woodbury identity when a batch has fewer rows than half of ``d``.
+        kl_clip: scale the update so that ``lr^2 * sum <P, grad>`` is at most ``kl_clip``; ``None`` off.
+        l2: L2 folded in: ``l2 * w`` is added to each preconditioned gradient and the damping becomes
+            ``max(damping, l2)``.
+    """
 
     damping: FloatSchedule = 1e-3
     inverse_method: InverseMethod = InverseMethod.CHOLESKY
@@ -118,8 +161,49 @@ class InverseSettings:
                              "floats.")
         return max(damping, self.l2)
 
+    def needs_fp64_factors(self, method: type[BlockInverse]) -> bool:
+        """Whether factors inverted by ``method`` (a block's inverse class) are held in fp64 when the user left
+        the precision to K-FAC: an exactly damped inverse whose (fixed, or scheduled) damping is below where
+        fp32 rounding of the factors stays negligible."""
+        return method.exact_damping and (callable(self.damping) or self.damping < method.fp32_factors_from)
+
+    def warn_fp32_eigen(self, factor_dtype: torch.dtype, stacklevel: int) -> None:
+        """Warn that fp32 factors chosen by the user cannot carry an eigen-damping below 1e-3."""
+        damping = self.damping
+        if (self.inverse_method is InverseMethod.EIGEN and factor_dtype == torch.float32 and not callable(damping)
+                and damping < 1e-3):
+            warnings.warn(f"inverse_method='eigen' with damping {damping:g} < 1e-3 and fp32 factors: the "
+                          "factors' rounding (~1e-7 of their norm) exceeds the damping; pass "
+                          "factor_dtype=torch.float64.", UserWarning, stacklevel=stacklevel + 1)
+
 
 SETTINGS_TYPES = (CurvatureSettings, ScheduleSettings, InverseSettings)
+#: the attribute of each settings object on a preconditioner (:func:`expose_settings`)
+SETTINGS_GROUPS = {"curvature": CurvatureSettings, "schedule": ScheduleSettings, "inverses": InverseSettings}
+
+
+def model_factor_dtype(module: nn.Module) -> torch.dtype:
+    """The factors' default precision for ``module``: fp64 for a model with fp64 weights, else fp32."""
+    weights = [p for p in module.parameters() if p.is_floating_point()]
+    return torch.float64 if weights and weights[0].dtype == torch.float64 else torch.float32
+
+
+def expose_settings(cls: type) -> type:
+    """Class decorator: each field of the :data:`SETTINGS_GROUPS` objects becomes a read-only property of ``cls``
+    under its constructor name (``pre.damping`` reads ``pre.inverses.damping``), unless ``cls`` defines it."""
+    for group, settings_type in SETTINGS_GROUPS.items():
+        for field in dataclasses.fields(settings_type):
+            if field.name not in vars(cls):
+                setattr(cls, field.name, property(
+                    lambda self, group=group, name=field.name: getattr(getattr(self, group), name),
+                    doc=f"``{group}.{field.name}`` (read only)."))
+    return cls
+
+
+def signature_settings(owner: Any) -> dict[str, Any]:
+    """``{"<group>.<field>": description}`` of every setting of ``owner``'s settings objects (:func:`describe`)."""
+    return {f"{group}.{key}": value for group in SETTINGS_GROUPS
+            for key, value in describe(getattr(owner, group)).items()}
 
 
 def check_keywords(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:

@@ -27,7 +27,8 @@ def _kfac(model, comm=None):
     return opt
 
 
-def _equal_to_one_process(rank: int, world_size: int, model_name: str) -> None:
+def _equal_to_one_process(rank: int, world_size: int, model_name: str, inject: bool = True) -> None:
+    """``inject=False``: nothing injected, K-FAC builds its communicator on the parameters' mesh at bind."""
     import torch.distributed as dist
 
     from lightning_lbo.optim.kfac.comm import Communicator
@@ -36,8 +37,13 @@ def _equal_to_one_process(rank: int, world_size: int, model_name: str) -> None:
     reference = ks.MODELS[model_name]()
     ref_opt = _kfac(reference, Communicator())  # one process: the no-op communicator, injected on purpose
     model = ks.shard(ks.MODELS[model_name](), world_size)
-    opt = _kfac(model, default_communicator())
+    opt = _kfac(model, default_communicator() if inject else None)
     assert any(hasattr(p, "full_tensor") for p in model.parameters())  # really sharded
+    if not inject:
+        assert opt.preconditioner.comm.is_distributed and opt.preconditioner.comm.world_size == world_size
+    kinds = {type(b).__name__ for b in opt.preconditioner.blocks}
+    if model_name == "gpt":  # the blocks whose parameters are not (only) their own weight and bias
+        assert {"MultiheadAttentionBlock", "TiedEmbeddingBlock"} <= kinds, kinds
     worst = 0.0
     for step in range(STEPS):
         ks.reference_step(reference, ref_opt, model_name, step, world_size)
@@ -75,6 +81,22 @@ def test_kfac_sharded_equals_one_process(model_name):
 @pytest.mark.slow
 def test_kfac_sharded_equals_one_process_four_ranks():
     spawn_gloo(_equal_to_one_process, world_size=4, args=("mlp",))
+
+
+def test_kfac_sharded_builds_its_communicator_on_the_mesh():
+    """Nothing injected (no KFACCallback, no set_communicator): the parameters' mesh gives the curvature group."""
+    spawn_gloo(_equal_to_one_process, world_size=2, args=("mlp", False))
+
+
+@pytest.mark.slow  # about 22 s on 2 busy cores
+def test_kfac_sharded_gpt_equals_one_process():
+    """The GPT of lightning_lbo.lm: nn.MultiheadAttention (in_proj_weight, out_proj) and tied embeddings."""
+    spawn_gloo(_equal_to_one_process, world_size=2, args=("gpt", False))
+
+
+@pytest.mark.slow
+def test_kfac_sharded_gpt_equals_one_process_four_ranks():
+    spawn_gloo(_equal_to_one_process, world_size=4, args=("gpt", False))
 
 
 def _snapshot(model, opt):

@@ -252,6 +252,10 @@ class KFACPreconditioner:
                                output_to_logits=self.output_to_logits, on_statistic=self._reduce,
                                classes_dim=self.classes_dim, sampler=self.label_sampler)
         self.capture.grad_scaler = self._grad_scaler
+        if not self._comm_injected and not self.comm.is_distributed:  # sharded parameters carry their mesh
+            comm = placement.sharded_communicator(blocks)
+            if comm is not None:
+                self.set_communicator(comm)
         self.skipped_refreshes = self.skipped_refreshes.to(blocks[0].weight.device)
         self._plan_captures()
 

@@ -8,6 +8,7 @@ bit for bit, and 3 more steps equal 6 uninterrupted ones (float64, <= 1e-6 relat
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,7 +29,8 @@ def _kfac(model, comm):
     from lightning_lbo import KFAC
 
     opt = KFAC(model, **ks.KFAC_SETTINGS)
-    opt.preconditioner.set_communicator(comm)
+    if comm is not None:  # None: what K-FAC chose at bind (on sharded parameters, the mesh's group)
+        opt.preconditioner.set_communicator(comm)
     return opt
 
 
@@ -228,3 +230,89 @@ def test_kfac_ddp_kfac_checkpoint_two_ranks_resume_in_one_process(tmp_path):
     reference, _ = _uninterrupted(STEPS, 2)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert ks.relative_error(p.detach(), q.detach()) <= 1e-6
+
+
+# ---- resharding across 1, 2 and 4 ranks: full state dicts (Lightning's save_distributed_checkpoint=False) and
+# torch.distributed.checkpoint (its default), whose load reshards the saved DTensor shards to the new layout
+def _build(world_size: int):
+    from lightning_lbo.optim.kfac.comm import Communicator
+
+    if world_size == 1:  # a plain model in one process
+        model = ks.make_mlp()
+        return model, _kfac(model, Communicator())
+    model = ks.shard(ks.make_mlp(), world_size)
+    return model, _kfac(model, None)  # its communicator: built on the mesh at bind
+
+
+def _step(model, opt, step: int, rank: int, world_size: int) -> None:
+    if world_size == 1:
+        ks.reference_step(model, opt, "mlp", step, 1)
+    else:
+        ks.sharded_step(model, opt, "mlp", step, rank, world_size)
+
+
+def _save_at(rank: int, world_size: int, path: str, distributed: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    model, opt = _build(world_size)
+    for step in range(SAVED_AT):
+        _step(model, opt, step, rank, world_size)
+    kfac = opt.preconditioner.state_dict()
+    if distributed:
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=path)
+    else:
+        saved = {"model": get_model_state_dict(model, options=FULL),
+                 "optim": get_optimizer_state_dict(model, opt, options=FULL)}
+        if rank == 0:
+            torch.save(saved, path)
+    if rank == 0:
+        torch.save({"kfac": kfac, "skips": int(opt.nonfinite_skips)}, path + ".kfac")
+
+
+def _resume_at(rank: int, world_size: int, path: str, distributed: bool) -> None:
+    """Load what ``_save_at`` wrote (any world size) at ``world_size`` ranks: the whole K-FAC state bit for bit,
+    no curvature tensor dropped, and 3 more steps == 6 uninterrupted ones."""
+    import torch.distributed.checkpoint as dcp
+
+    model, opt = _build(world_size)
+    if distributed:  # Lightning's way: the fresh optimizer's state dict is the template dcp.load fills in
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=path)
+        options = StateDictOptions()
+    else:
+        state = torch.load(path, weights_only=False)
+        options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, opt, state["optim"], options=options)
+    saved = torch.load(path + ".kfac", weights_only=False)
+    assert_same_kfac_state(opt.preconditioner.state_dict(), saved["kfac"])
+    assert int(opt.nonfinite_skips) == saved["skips"]
+    for p in model.parameters():  # momentum resharded like its parameter (a DTensor iff the parameter is one)
+        assert hasattr(opt.state[p]["momentum_buffer"], "full_tensor") == hasattr(p, "full_tensor")
+    for step in range(SAVED_AT, STEPS):
+        _step(model, opt, step, rank, world_size)
+    reference, ref_opt = _uninterrupted(STEPS, world_size)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        error = ks.relative_error(ks.full(p.detach()), q.detach())
+        assert error <= 1e-6, f"rank {rank} of {world_size}: relative error {error:.2e}"
+    for block, ref_block in zip(opt.preconditioner.blocks, ref_opt.preconditioner.blocks, strict=True):
+        for stat, factor in block.factors.items():
+            assert ks.relative_error(factor, ref_block.factors[stat]) <= 1e-6, (block.name, stat)
+
+
+def _run(fn, world_size: int, *args) -> None:
+    if world_size == 1:
+        fn(0, 1, *args)
+    else:
+        spawn_gloo(fn, world_size=world_size, args=args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_at", "resumed_at", "distributed"),
+                         [(4, 2, False), (4, 1, False), (1, 4, False), (2, 4, False), (4, 2, True), (4, 1, True)],
+                         ids=["full-4to2", "full-4to1", "full-1to4", "full-2to4", "dcp-4to2", "dcp-4to1"])
+def test_kfac_sharded_checkpoint_reshards_across_world_sizes(tmp_path, saved_at, resumed_at, distributed):
+    path = str(tmp_path / ("dcp" if distributed else "full.pt"))
+    _run(_save_at, saved_at, path, distributed)
+    _run(_resume_at, resumed_at, path, distributed)

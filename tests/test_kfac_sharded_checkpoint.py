@@ -147,6 +147,17 @@ def test_kfac_checkpoint_optimizer_state_dict_api_keeps_every_curvature_tensor()
     assert_same_kfac_state(again.preconditioner.state_dict(), opt.preconditioner.state_dict())
 
 
+def test_kfac_checkpoint_flattened_optimizer_state_dict_fails_at_save():
+    """``flatten_optimizer_state_dict=True`` (not Lightning's default): its loader would keep only the entries a fresh
+    optimizer has, dropping the curvature; saving already fails, loudly (torch flattens no string entries, and each
+    layer's curvature names its layer), so no checkpoint that silently restarts K-FAC can be written."""
+    import pytest
+
+    model, opt = _uninterrupted(SAVED_AT, 1)
+    with pytest.raises(NotImplementedError, match="Flattening optimizer state_dict only supports"):
+        get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
 def _dcp_roundtrip(rank: int, world_size: int, path: str) -> None:
     """Lightning's way (ModelParallelStrategy): dcp.save the sharded state; load into the state_dict of a fresh
     optimizer (a template built before any capture: only its keys are read), then set_optimizer_state_dict."""

@@ -70,16 +70,19 @@ def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, rtol: float
 
 
 # ---- Lightning: the setup shared by tests/scripts/sharded_optim_lightning.py and kfac_sharded_lightning.py --------
-def model_parallel_trainer(world_size: int, directory: str | None = None, callbacks: list | None = None, **kwargs):
+def model_parallel_trainer(world_size: int, directory: str | None = None, callbacks: list | None = None,
+                           nodes: int = 1, **kwargs):
     """A ``Trainer(strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1))`` on CPU
-    ranks, quiet, with no sampler (each rank's split is explicit in its data) and no automatic checkpoint."""
+    ranks (``world_size / nodes`` per node), quiet, with no sampler (each rank's split is explicit in its data) and
+    no automatic checkpoint."""
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     strategy = kwargs.pop("strategy", None) or ModelParallelStrategy(data_parallel_size=world_size,
                                                                      tensor_parallel_size=1)
-    return pl.Trainer(accelerator="cpu", devices=world_size, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    return pl.Trainer(accelerator="cpu", devices=world_size // nodes, num_nodes=nodes, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False,
                       default_root_dir=directory, callbacks=callbacks or [], strategy=strategy, **kwargs)
 
 

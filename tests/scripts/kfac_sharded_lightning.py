@@ -7,7 +7,8 @@ single-process loop over the same global batches (float64, <= 1e-6 relative). Th
 (distributed) checkpoint: 3 steps, ``trainer.save_checkpoint``, a new Trainer, this time with a user's
 ``KFACCallback()``, resumes with ``ckpt_path`` for 3 more == 6 uninterrupted steps, and K-FAC keeps the one
 communicator it built (the callback adds none). The module, Trainer and oracle are tests/helpers/sharded.py's.
-Run by tests/test_kfac_sharded_lightning.py.
+With ``--nodes 2`` under ``torchrun --nnodes 2`` (one rank per "node" on 127.0.0.1): the first fit only, with
+``Trainer(num_nodes=2, devices=1)``. Run by tests/test_kfac_sharded_lightning.py.
 """
 
 from __future__ import annotations
@@ -61,16 +62,21 @@ def check_communicator(trainer, module) -> None:
 
 
 def main() -> None:
-    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("kfac_sharded_ckpt")
+    args = sys.argv[1:]
+    nodes = int(args[args.index("--nodes") + 1]) if "--nodes" in args else 1  # under torchrun: one rank per node
+    directory = Path(args[0]) if args and not args[0].startswith("--") else Path("kfac_sharded_ckpt")
     module = sharded.sharded_net(sharded_kfac, WORLD, STEPS)
-    fit = sharded.model_parallel_trainer(WORLD, str(directory), strategy=strategy(), max_steps=STEPS)
+    fit = sharded.model_parallel_trainer(WORLD, str(directory), nodes=nodes, strategy=strategy(), max_steps=STEPS)
     fit.fit(module)
     check_communicator(fit, module)
     worst = sharded.check_equals_one_process(module, sharded.one_process_run(one_process_kfac, list(range(STEPS)),
                                                                              WORLD), "KFAC without a callback")
+    print(f"rank {fit.global_rank} of {fit.world_size} on node {fit.node_rank}: equal to one process")
     if fit.global_rank == 0:
         print(f"sharded Lightning KFAC without KFACCallback == one process over {STEPS} steps "
               f"(worst relative error {worst:.1e})")
+    if nodes > 1:
+        return  # the multi-node launch checks the fit; the checkpoint round trip is the single-node run's
 
     first = sharded.model_parallel_trainer(WORLD, str(directory), strategy=strategy(), max_epochs=1)
     first.fit(sharded.sharded_net(sharded_kfac, WORLD, 3))

@@ -143,3 +143,19 @@ def _refuses_unsupported_placement(rank: int, world_size: int) -> None:
 
 def test_kfac_sharded_refuses_column_sharded_weight():
     spawn_gloo(_refuses_unsupported_placement, world_size=2)
+
+
+def _refuses_fsdp1(rank: int, world_size: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(ks.make_mlp(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"FSDP1 parameters .* Shard with fully_shard \(FSDP2"):
+            _kfac(model)
+
+
+def test_kfac_refuses_fsdp1_parameters():
+    """FSDP1 (what Lightning's FSDPStrategy wraps with; on CPU through torch directly): refused at bind, naming
+    fully_shard (before: use_orig_params=False said "no layer K-FAC supports ... use a first-order optimizer", which
+    refuse FSDP1 too; use_orig_params=True bound to the flattened pieces)."""
+    spawn_gloo(_refuses_fsdp1, world_size=2)

@@ -28,12 +28,23 @@ from torch import nn
 
 from lightning_lbo._dtensor import is_dtensor, local_tensor
 
-__all__ = ["check_shardable", "sharded_communicator", "whole_parameters", "local_rows", "whole_norms",
+__all__ = ["refuse_fsdp1", "check_shardable", "sharded_communicator", "whole_parameters", "local_rows", "whole_norms",
            "like_parameter"]
 
 
 def _shard_dims(t: Any) -> tuple[int, ...]:
     return tuple(p.dim for p in t.placements if p.is_shard())
+
+
+def refuse_fsdp1(module: nn.Module) -> None:
+    """Raise ``ValueError`` at bind when ``module``'s parameters come from FSDP1 (``FullyShardedDataParallel``,
+    Lightning's ``FSDPStrategy``), with or without ``use_orig_params``: each rank holds flattened 1-D pieces of the
+    original tensors (a piece of a weight matrix, or nothing), which no Kronecker factor matches."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in module.parameters()):
+        raise ValueError("K-FAC cannot run on FSDP1 parameters (FullyShardedDataParallel, Lightning's FSDPStrategy; "
+                         "with or without use_orig_params=True): each rank holds flattened pieces of the weights, "
+                         "which no Kronecker factor matches. Shard with fully_shard (FSDP2; Lightning's "
+                         "ModelParallelStrategy), which K-FAC supports, or use strategy='ddp_kfac'.")
 
 
 def _locations(block: Any, param: torch.Tensor) -> list[tuple[Any, str]]:

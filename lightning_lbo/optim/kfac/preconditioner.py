@@ -218,6 +218,7 @@ class KFACPreconditioner:
             return
         if self.module is not None and self.module is not module:
             raise RuntimeError("This KFACPreconditioner is already bound to another module; build a new one.")
+        placement.refuse_fsdp1(module)
         exact_in_fp64 = self.curvature.factor_dtype is None
         if self._factor_dtype is None:
             weights = [p for p in module.parameters() if p.is_floating_point()]

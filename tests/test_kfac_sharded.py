@@ -83,9 +83,23 @@ def test_kfac_sharded_equals_one_process_four_ranks():
     spawn_gloo(_equal_to_one_process, world_size=4, args=("mlp",))
 
 
+def _mesh_communicator(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    _equal_to_one_process(rank, world_size, "mlp", inject=False)
+    model = ks.shard(ks.make_mlp(), world_size)
+    opt = _kfac(model)
+    assert opt.preconditioner.comm.group is dist.group.WORLD  # the mesh's group: no new group was created
+    # what only KFACCallback provides still fails loudly, naming it: float16 output gradients without a grad scaler
+    opt.preconditioner.capture.output_grad_dtypes.add(torch.float16)
+    with pytest.raises(RuntimeError, match="no AMP grad scaler.*KFACCallback"):
+        ks.sharded_step(model, opt, "mlp", 0, rank, world_size)
+
+
 def test_kfac_sharded_builds_its_communicator_on_the_mesh():
-    """Nothing injected (no KFACCallback, no set_communicator): the parameters' mesh gives the curvature group."""
-    spawn_gloo(_equal_to_one_process, world_size=2, args=("mlp", False))
+    """Nothing injected (no KFACCallback, no set_communicator): the parameters' mesh gives the curvature group
+    (before: the first step raised, naming KFACCallback); a missing AMP grad scaler still raises, naming it."""
+    spawn_gloo(_mesh_communicator, world_size=2)
 
 
 @pytest.mark.slow  # about 22 s on 2 busy cores

@@ -14,6 +14,12 @@ global quantity, identical on every rank. With the default dim-0 sharding ``grad
 shard-local and only the ``G^-1`` side mixes rows; gathering first keeps one code path for every
 block type (an owner placement that gathers only to the owner is the memory-saving variant, not built).
 
+The whole tensors stand in for the sharded parameters at every attribute through which a block reads them
+(``nn.MultiheadAttention``'s ``in_proj_*`` and ``out_proj.*``, a tied head's weight), so every block type
+works. Sharded parameters carry their mesh: :func:`sharded_communicator` gives K-FAC its curvature
+communicator on the mesh's process group at bind, so no Lightning callback is needed. FSDP1's flattened
+parameters are refused (:func:`refuse_fsdp1`).
+
 Pure torch: no Lightning import, and no import of ``torch.distributed.tensor`` unless a DTensor exists.
 """
 

@@ -3,7 +3,9 @@
 On a machine with CUDA, in one command of at most 8 minutes (its install included), ``make gpu-check``
 
 1. ``tests``: runs the CUDA-variant tests (``tests/gpu``: K-FAC factors/steps/resume/bf16/skips, LARS and
-   LAMB on both paths, BatchNormStats, Hessian HVPs/eigenvalues/trace), each comparing CUDA to the CPU;
+   LAMB on both paths, BatchNormStats, Hessian HVPs/eigenvalues/trace), each comparing CUDA to the CPU, and
+   the FSDP1 case: ``KFAC`` and ``LARS`` under Lightning's ``FSDPStrategy`` (GPU only; ``use_orig_params``
+   both ways) refused at setup naming ``fully_shard`` (``tests/gpu/test_cuda_fsdp1.py``);
 2. ``amp``: trains a few hundred K-FAC steps under ``precision="16-mixed"`` (Lightning's real GradScaler)
    and ``"bf16-mixed"`` with non-finite batches injected: factors finite and free of the loss scale,
    skipped steps counted;

@@ -27,7 +27,8 @@ def _kfac(model, comm=None):
     return opt
 
 
-def _equal_to_one_process(rank: int, world_size: int, model_name: str) -> None:
+def _equal_to_one_process(rank: int, world_size: int, model_name: str, inject: bool = True) -> None:
+    """``inject=False``: nothing injected, K-FAC builds its communicator on the parameters' mesh at bind."""
     import torch.distributed as dist
 
     from lightning_lbo.optim.kfac.comm import Communicator
@@ -36,8 +37,13 @@ def _equal_to_one_process(rank: int, world_size: int, model_name: str) -> None:
     reference = ks.MODELS[model_name]()
     ref_opt = _kfac(reference, Communicator())  # one process: the no-op communicator, injected on purpose
     model = ks.shard(ks.MODELS[model_name](), world_size)
-    opt = _kfac(model, default_communicator())
+    opt = _kfac(model, default_communicator() if inject else None)
     assert any(hasattr(p, "full_tensor") for p in model.parameters())  # really sharded
+    if not inject:
+        assert opt.preconditioner.comm.is_distributed and opt.preconditioner.comm.world_size == world_size
+    kinds = {type(b).__name__ for b in opt.preconditioner.blocks}
+    if model_name == "gpt":  # the blocks whose parameters are not (only) their own weight and bias
+        assert {"MultiheadAttentionBlock", "TiedEmbeddingBlock"} <= kinds, kinds
     worst = 0.0
     for step in range(STEPS):
         ks.reference_step(reference, ref_opt, model_name, step, world_size)
@@ -75,6 +81,36 @@ def test_kfac_sharded_equals_one_process(model_name):
 @pytest.mark.slow
 def test_kfac_sharded_equals_one_process_four_ranks():
     spawn_gloo(_equal_to_one_process, world_size=4, args=("mlp",))
+
+
+def _mesh_communicator(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    _equal_to_one_process(rank, world_size, "mlp", inject=False)
+    model = ks.shard(ks.make_mlp(), world_size)
+    opt = _kfac(model)
+    assert opt.preconditioner.comm.group is dist.group.WORLD  # the mesh's group: no new group was created
+    # what only KFACCallback provides still fails loudly, naming it: float16 output gradients without a grad scaler
+    opt.preconditioner.capture.output_grad_dtypes.add(torch.float16)
+    with pytest.raises(RuntimeError, match="no AMP grad scaler.*KFACCallback"):
+        ks.sharded_step(model, opt, "mlp", 0, rank, world_size)
+
+
+def test_kfac_sharded_builds_its_communicator_on_the_mesh():
+    """Nothing injected (no KFACCallback, no set_communicator): the parameters' mesh gives the curvature group
+    (before: the first step raised, naming KFACCallback); a missing AMP grad scaler still raises, naming it."""
+    spawn_gloo(_mesh_communicator, world_size=2)
+
+
+@pytest.mark.slow  # about 22 s on 2 busy cores
+def test_kfac_sharded_gpt_equals_one_process():
+    """The GPT of lightning_lbo.lm: nn.MultiheadAttention (in_proj_weight, out_proj) and tied embeddings."""
+    spawn_gloo(_equal_to_one_process, world_size=2, args=("gpt", False))
+
+
+@pytest.mark.slow
+def test_kfac_sharded_gpt_equals_one_process_four_ranks():
+    spawn_gloo(_equal_to_one_process, world_size=4, args=("gpt", False))
 
 
 def _snapshot(model, opt):
@@ -121,3 +157,19 @@ def _refuses_unsupported_placement(rank: int, world_size: int) -> None:
 
 def test_kfac_sharded_refuses_column_sharded_weight():
     spawn_gloo(_refuses_unsupported_placement, world_size=2)
+
+
+def _refuses_fsdp1(rank: int, world_size: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(ks.make_mlp(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"FSDP1 parameters .* Shard with fully_shard \(FSDP2"):
+            _kfac(model)
+
+
+def test_kfac_refuses_fsdp1_parameters():
+    """FSDP1 (what Lightning's FSDPStrategy wraps with; on CPU through torch directly): refused at bind, naming
+    fully_shard (before: use_orig_params=False said "no layer K-FAC supports ... use a first-order optimizer", which
+    refuse FSDP1 too; use_orig_params=True bound to the flattened pieces)."""
+    spawn_gloo(_refuses_fsdp1, world_size=2)

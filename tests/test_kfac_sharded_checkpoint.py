@@ -8,6 +8,7 @@ bit for bit, and 3 more steps equal 6 uninterrupted ones (float64, <= 1e-6 relat
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,7 +29,8 @@ def _kfac(model, comm):
     from lightning_lbo import KFAC
 
     opt = KFAC(model, **ks.KFAC_SETTINGS)
-    opt.preconditioner.set_communicator(comm)
+    if comm is not None:  # None: what K-FAC chose at bind (on sharded parameters, the mesh's group)
+        opt.preconditioner.set_communicator(comm)
     return opt
 
 
@@ -145,6 +147,17 @@ def test_kfac_checkpoint_optimizer_state_dict_api_keeps_every_curvature_tensor()
     assert_same_kfac_state(again.preconditioner.state_dict(), opt.preconditioner.state_dict())
 
 
+def test_kfac_checkpoint_flattened_optimizer_state_dict_fails_at_save():
+    """``flatten_optimizer_state_dict=True`` (not Lightning's default): its loader would keep only the entries a fresh
+    optimizer has, dropping the curvature; saving already fails, loudly (torch flattens no string entries, and each
+    layer's curvature names its layer), so no checkpoint that silently restarts K-FAC can be written."""
+    import pytest
+
+    model, opt = _uninterrupted(SAVED_AT, 1)
+    with pytest.raises(NotImplementedError, match="Flattening optimizer state_dict only supports"):
+        get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
 def _dcp_roundtrip(rank: int, world_size: int, path: str) -> None:
     """Lightning's way (ModelParallelStrategy): dcp.save the sharded state; load into the state_dict of a fresh
     optimizer (a template built before any capture: only its keys are read), then set_optimizer_state_dict."""
@@ -228,3 +241,95 @@ def test_kfac_ddp_kfac_checkpoint_two_ranks_resume_in_one_process(tmp_path):
     reference, _ = _uninterrupted(STEPS, 2)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert ks.relative_error(p.detach(), q.detach()) <= 1e-6
+
+
+# ---- resharding across 1, 2 and 4 ranks: full state dicts (Lightning's save_distributed_checkpoint=False) and
+# torch.distributed.checkpoint (its default), whose load reshards the saved DTensor shards to the new layout
+def _build(world_size: int):
+    from lightning_lbo.optim.kfac.comm import Communicator
+
+    if world_size == 1:  # a plain model in one process
+        model = ks.make_mlp()
+        return model, _kfac(model, Communicator())
+    model = ks.shard(ks.make_mlp(), world_size)
+    return model, _kfac(model, None)  # its communicator: built on the mesh at bind
+
+
+def _step(model, opt, step: int, rank: int, world_size: int) -> None:
+    if world_size == 1:
+        ks.reference_step(model, opt, "mlp", step, 1)
+    else:
+        ks.sharded_step(model, opt, "mlp", step, rank, world_size)
+
+
+def _save_at(rank: int, world_size: int, directory: str) -> None:
+    """3 steps at ``world_size`` ranks, saved twice: a full state dict (``directory/full.pt``) and a distributed
+    checkpoint (``directory/dcp``); rank 0 also keeps the preconditioner's own state to compare with."""
+    import torch.distributed.checkpoint as dcp
+
+    model, opt = _build(world_size)
+    for step in range(SAVED_AT):
+        _step(model, opt, step, rank, world_size)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=f"{directory}/dcp")
+    saved = {"model": get_model_state_dict(model, options=FULL),
+             "optim": get_optimizer_state_dict(model, opt, options=FULL)}
+    if rank == 0:
+        torch.save(saved, f"{directory}/full.pt")
+        torch.save({"kfac": opt.preconditioner.state_dict(), "skips": int(opt.nonfinite_skips)},
+                   f"{directory}/kfac.pt")
+
+
+def _resume_at(rank: int, world_size: int, directory: str) -> None:
+    """Load both checkpoints of ``_save_at`` (any world size) at ``world_size`` ranks, each into a fresh model: the
+    whole K-FAC state bit for bit, no curvature tensor dropped, and 3 more steps == 6 uninterrupted ones."""
+    import torch.distributed.checkpoint as dcp
+
+    reference, ref_opt = _uninterrupted(STEPS, world_size)
+    saved = torch.load(f"{directory}/kfac.pt", weights_only=False)
+    for distributed in (False, True):
+        model, opt = _build(world_size)
+        if distributed:  # Lightning's way: the fresh optimizer's state dict is the template dcp.load fills in
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=f"{directory}/dcp")
+            options = StateDictOptions()
+        else:
+            state = torch.load(f"{directory}/full.pt", weights_only=False)
+            options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        assert_same_kfac_state(opt.preconditioner.state_dict(), saved["kfac"])
+        assert int(opt.nonfinite_skips) == saved["skips"]
+        for p in model.parameters():  # momentum resharded like its parameter (a DTensor iff the parameter is one)
+            assert hasattr(opt.state[p]["momentum_buffer"], "full_tensor") == hasattr(p, "full_tensor")
+        for step in range(SAVED_AT, STEPS):
+            _step(model, opt, step, rank, world_size)
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            error = ks.relative_error(ks.full(p.detach()), q.detach())
+            assert error <= 1e-6, f"rank {rank} of {world_size}, distributed={distributed}: relative error {error:.2e}"
+        for block, ref_block in zip(opt.preconditioner.blocks, ref_opt.preconditioner.blocks, strict=True):
+            for stat, factor in block.factors.items():
+                assert ks.relative_error(factor, ref_block.factors[stat]) <= 1e-6, (block.name, stat)
+
+
+def _run(fn, world_size: int, *args) -> None:
+    if world_size == 1:
+        fn(0, 1, *args)
+    else:
+        spawn_gloo(fn, world_size=world_size, args=args)
+
+
+@pytest.mark.slow
+def test_kfac_sharded_checkpoint_four_ranks_resume_at_two_and_one(tmp_path):
+    """Saved at 4 ranks (full and distributed checkpoints), resumed at 2 ranks and in 1 process."""
+    _run(_save_at, 4, str(tmp_path))
+    _run(_resume_at, 2, str(tmp_path))
+    _run(_resume_at, 1, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_at", [1, 2])
+def test_kfac_sharded_checkpoint_resume_at_four_ranks(tmp_path, saved_at):
+    """Saved in 1 process or at 2 ranks (full and distributed checkpoints), resumed at 4 ranks."""
+    _run(_save_at, saved_at, str(tmp_path))
+    _run(_resume_at, 4, str(tmp_path))

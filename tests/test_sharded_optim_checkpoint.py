@@ -87,7 +87,7 @@ def _resume_worker(rank: int, world_size: int, path: str) -> None:
         set_model_state_dict(model, checkpoint["model"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(model, opt, checkpoint["optim"], options=StateDictOptions(full_state_dict=True))
         assert opt.nonfinite_skips.item() == 1, f"{name}: nonfinite_skips lost at load"
-        assert all("nonfinite_skips" not in g for g in opt.param_groups)  # the copies stay out of the live groups
+        assert all(g["nonfinite_skips"] is None for g in opt.param_groups)  # live groups: placeholders only
         if name == "rmsprop_warmup":
             assert opt.steps_taken == SAVE_AFTER, f"steps_taken lost at load: {opt.steps_taken}"
         # the reloaded state, read back through the same API, is the saved one bit for bit
@@ -114,15 +114,18 @@ def test_sharded_optim_checkpoint_reshards_and_resumes_exactly(save_world, load_
     spawn_gloo(_resume_worker, world_size=load_world, args=(path,))
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
 @pytest.mark.parametrize("name", NAMES)
-def test_optim_state_dict_api_keeps_optimizer_wide_counters(name):
+def test_optim_state_dict_api_keeps_optimizer_wide_counters(name, flatten):
     """One process, no sharding: get/set_optimizer_state_dict round trip keeps nonfinite_skips (and
-    RMSpropWarmup's steps_taken), which that API drops when they live outside state/param_groups."""
+    RMSpropWarmup's steps_taken), which that API drops when they live outside state/param_groups; also with
+    ``flatten_optimizer_state_dict=True``, whose loader keeps only the group keys the live groups have."""
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model, opt = _build(name, 1)
     _train(model, opt, range(SAVE_AFTER), 0, 1)
-    osd = get_optimizer_state_dict(model, opt)
+    osd = get_optimizer_state_dict(model, opt, options=options)
     model2, opt2 = _build(name, 1)
-    set_optimizer_state_dict(model2, opt2, osd)
+    set_optimizer_state_dict(model2, opt2, osd, options=options)
     assert opt2.nonfinite_skips.item() == 1
     if name == "rmsprop_warmup":
         assert opt2.steps_taken == SAVE_AFTER

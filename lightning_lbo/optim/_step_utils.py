@@ -87,6 +87,10 @@ class CheckedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        # Placeholders (None) for the copies ``state_dict()`` writes into every group: the loader of
+        # ``StateDictOptions(flatten_optimizer_state_dict=True)`` keeps only the group keys the live groups have.
+        for key in self._GROUP_COPIES:
+            self.param_groups[-1].setdefault(key, None)
         if self._REFUSES_FSDP1 and any(getattr(p, "_fsdp_flattened", False) for p in self.param_groups[-1]["params"]):
             self.param_groups.pop()
             name = type(self).__name__
@@ -160,9 +164,9 @@ class CheckedOptimizer(torch.optim.Optimizer):
                 extras[key] = groups[0][key]
         self._check_loaded(state_dict, extras)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # the copies are not hyperparameters: keep the live groups clean
+        for group in self.param_groups:  # the copies are not hyperparameters: the live groups keep placeholders
             for key in self._GROUP_COPIES:
-                group.pop(key, None)
+                group[key] = None
         self._load_extras(extras)
 
     def _load_extras(self, extras: dict[str, Any]) -> None:

@@ -38,19 +38,35 @@ def make_cnn() -> nn.Module:
     return SmallCNN(in_channels=IMAGE[0], num_classes=N_CLASSES, channels=(3, 5, 6)).double()
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": make_mlp, "cnn": make_cnn}
+VOCAB, SEQ_LEN = 11, 8
+
+
+def make_gpt() -> nn.Module:
+    """The GPT of ``lightning_lbo.lm``, tiny (2 layers, width 16, 2 heads, 8 positions), tied embeddings, float64:
+    ``nn.MultiheadAttention`` (parameters besides weight/bias) and one weight shared by the embedding and head."""
+    from lightning_lbo.lm import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab_size=VOCAB, seq_len=SEQ_LEN, d_model=16, n_heads=2, n_layers=2, d_ff=24,
+               tie_embeddings=True).double()
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": make_mlp, "cnn": make_cnn, "gpt": make_gpt}
 #: models whose forward depends on the batch it sees as a whole (BatchNorm): the reference accumulates parts
 PER_RANK_STATISTICS = {"cnn"}
 
 
 def shard(model: nn.Module, world_size: int) -> nn.Module:
-    """``fully_shard`` every Linear/Conv2d, then the root, on a 1-D CPU mesh (as a user would)."""
+    """``fully_shard`` every Linear/Conv2d/transformer block, then the root, on a 1-D CPU mesh (as a user would)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size,))
+    # a transformer block as one unit (its attention and feed-forward layers with it), as users shard GPTs
+    units = (nn.TransformerEncoderLayer,) if any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()) \
+        else (nn.Linear, nn.Conv2d)
     for layer in model.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        if isinstance(layer, units):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -59,6 +75,9 @@ def shard(model: nn.Module, world_size: int) -> nn.Module:
 def global_batch(model_name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of ``step`` (``PER_RANK_BATCH * MAX_RANKS`` samples, whatever the world size)."""
     gen = torch.Generator().manual_seed(1000 + step)
+    if model_name == "gpt":  # next-token prediction: tokens and their targets, [N, T] each
+        tokens = torch.randint(0, VOCAB, (PER_RANK_BATCH * MAX_RANKS, SEQ_LEN + 1), generator=gen)
+        return tokens[:, :-1], tokens[:, 1:]
     shape = (IN_FEATURES,) if model_name == "mlp" else IMAGE
     x = torch.randn(PER_RANK_BATCH * MAX_RANKS, *shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, N_CLASSES, (PER_RANK_BATCH * MAX_RANKS,), generator=gen)
@@ -77,6 +96,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``model(x)``; for sequence logits ``[N, T, V]`` the mean over all positions."""
+    out = model(x)
+    return F.cross_entropy(out.transpose(1, 2) if out.dim() == 3 else out, y)
+
+
 def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, step: int,
                    world_size: int) -> None:
     """One step of the 1-process oracle on the global batch of ``step``."""
@@ -85,9 +110,9 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, model_nam
     if model_name in PER_RANK_STATISTICS:
         for rank in range(world_size):
             x, y = part(batch, rank, world_size)
-            (F.cross_entropy(model(x), y) / world_size).backward()
+            (loss(model, x, y) / world_size).backward()
     else:
-        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        loss(model, *batch).backward()
     optimizer.step()
 
 
@@ -99,7 +124,7 @@ def sharded_step(model: nn.Module, optimizer: torch.optim.Optimizer, model_name:
     if poison:
         x = x.clone()
         x[0].view(-1)[0] = float("nan")
-    F.cross_entropy(model(x), y).backward()
+    loss(model, x, y).backward()
     optimizer.step()
 
 

@@ -1,123 +1,97 @@
 """KFAC under Lightning's ModelParallelStrategy (fully_shard / FSDP2, 2 CPU ranks, gloo) == one process.
 
-The user writes ``fully_shard`` in ``configure_model``, ``KFAC(self, ...)`` in ``configure_optimizers`` and
-passes ``callbacks=[KFACCallback()]`` (which injects the curvature communicator). After ``fit`` the whole
-parameters must equal a plain single-process loop over the same global batches (float64, <= 1e-6 relative).
-Then through Lightning's own (distributed) checkpoint: 3 steps, ``trainer.save_checkpoint``, a new Trainer
-resumes with ``ckpt_path`` for 3 more == 6 uninterrupted steps. Finally, without the callback the run
-fails at the first step with an error naming it. Run by tests/test_kfac_sharded_lightning.py.
+The user writes ``fully_shard`` in ``configure_model`` and ``KFAC(self, ...)`` in ``configure_optimizers``,
+nothing else: no callback (K-FAC builds its curvature communicator on the parameters' mesh at bind, whose
+process group carries the strategy's timeout). After ``fit`` the whole parameters must equal a plain
+single-process loop over the same global batches (float64, <= 1e-6 relative). Then through Lightning's own
+(distributed) checkpoint: 3 steps, ``trainer.save_checkpoint``, a new Trainer, this time with a user's
+``KFACCallback()``, resumes with ``ckpt_path`` for 3 more == 6 uninterrupted steps, and K-FAC keeps the one
+communicator it built (the callback adds none). The module, Trainer and oracle are tests/helpers/sharded.py's.
+With ``--nodes 2`` under ``torchrun --nnodes 2`` (one rank per "node" on 127.0.0.1): the first fit only, with
+``Trainer(num_nodes=2, devices=1)``. Run by tests/test_kfac_sharded_lightning.py.
 """
 
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_lbo import KFAC  # noqa: E402
 from lightning_lbo.callbacks import KFACCallback  # noqa: E402
 from tests.helpers import kfac_sharded as ks  # noqa: E402
+from tests.helpers import sharded  # noqa: E402
 
 STEPS, WORLD = 6, 2
+TIMEOUT = timedelta(seconds=97)
+BUILT: dict[str, object] = {}  # the communicator of the last KFAC built on the sharded module
 
 
-class ShardedNet(pl.LightningModule):
-    def __init__(self, n_batches: int = STEPS) -> None:
-        super().__init__()
-        self.n_batches = n_batches
-        self.net = ks.make_mlp()
-        self.final: list[torch.Tensor] = []
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return KFAC(self, **ks.KFAC_SETTINGS)
-
-    def train_dataloader(self) -> DataLoader:
-        shares = [ks.part(ks.global_batch("mlp", step), self.global_rank, WORLD) for step in range(self.n_batches)]
-        x, y = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
-        return DataLoader(TensorDataset(x, y), batch_size=shares[0][0].shape[0])
-
-    def on_train_end(self) -> None:
-        self.final = [ks.full(p.detach()) for p in self.net.parameters()]  # a collective on every rank
+def sharded_kfac(module) -> KFAC:
+    opt = KFAC(module, **ks.KFAC_SETTINGS)
+    BUILT["comm"] = opt.preconditioner.comm
+    return opt
 
 
-def trainer(directory: Path, callbacks: list, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=WORLD, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                      default_root_dir=str(directory), callbacks=callbacks,
-                      strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), **kwargs)
-
-
-def reference(batches: list) -> torch.nn.Module:
+def one_process_kfac(model) -> KFAC:
     from lightning_lbo.optim.kfac.comm import Communicator
 
-    model = ks.make_mlp()
     opt = KFAC(model, **ks.KFAC_SETTINGS)
     opt.preconditioner.set_communicator(Communicator())  # one process inside a 2-rank group: on purpose
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
+    return opt
 
 
-def check(module: ShardedNet, ref: torch.nn.Module, what: str) -> float:
-    worst = 0.0
-    assert len(module.final) == len(list(ref.parameters()))
-    for got, want in zip(module.final, ref.parameters(), strict=True):
-        worst = max(worst, ks.relative_error(got, want.detach()))
-    assert worst <= 1e-6, f"{what}: relative error {worst:.2e}"
-    return worst
+def strategy() -> ModelParallelStrategy:
+    return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1, timeout=TIMEOUT)
+
+
+def check_communicator(trainer, module) -> None:
+    """One communicator, built at bind, synchronous, on the data-parallel mesh's group with the strategy's timeout."""
+    comm = trainer.optimizers[0].preconditioner.comm
+    assert comm is BUILT["comm"], "a second communicator replaced the one K-FAC built"
+    assert comm.is_distributed and not comm.async_op and comm.world_size == WORLD
+    group = module.device_mesh["data_parallel"].get_group()
+    assert comm.group is group, (comm.group, group)
+    timeout = group._get_backend(torch.device("cpu")).options._timeout  # gloo's options (private: test only)
+    assert timeout == TIMEOUT, timeout
 
 
 def main() -> None:
-    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("kfac_sharded_ckpt")
-    batches = [ks.global_batch("mlp", step) for step in range(STEPS)]
-    module = ShardedNet()
-    fit = trainer(directory, [KFACCallback()], max_steps=STEPS)
+    args = sys.argv[1:]
+    nodes = int(args[args.index("--nodes") + 1]) if "--nodes" in args else 1  # under torchrun: one rank per node
+    directory = Path(args[0]) if args and not args[0].startswith("--") else Path("kfac_sharded_ckpt")
+    module = sharded.sharded_net(sharded_kfac, WORLD, STEPS)
+    fit = sharded.model_parallel_trainer(WORLD, str(directory), nodes=nodes, strategy=strategy(), max_steps=STEPS)
     fit.fit(module)
-    worst = check(module, reference(batches), "KFAC under ModelParallelStrategy")
+    check_communicator(fit, module)
+    worst = sharded.check_equals_one_process(module, sharded.one_process_run(one_process_kfac, list(range(STEPS)),
+                                                                             WORLD), "KFAC without a callback")
+    print(f"rank {fit.global_rank} of {fit.world_size} on node {fit.node_rank}: equal to one process")
     if fit.global_rank == 0:
-        print(f"sharded Lightning KFAC == one process over {STEPS} steps (worst relative error {worst:.1e})")
+        print(f"sharded Lightning KFAC without KFACCallback == one process over {STEPS} steps "
+              f"(worst relative error {worst:.1e})")
+    if nodes > 1:
+        return  # the multi-node launch checks the fit; the checkpoint round trip is the single-node run's
 
-    first = trainer(directory, [KFACCallback()], max_epochs=1)
-    first.fit(ShardedNet(n_batches=3))
+    first = sharded.model_parallel_trainer(WORLD, str(directory), strategy=strategy(), max_epochs=1)
+    first.fit(sharded.sharded_net(sharded_kfac, WORLD, 3))
     path = directory / "kfac.ckpt"
     first.save_checkpoint(path)
-    module = ShardedNet(n_batches=3)
-    resumed = trainer(directory, [KFACCallback()], max_epochs=2)
+    module = sharded.sharded_net(sharded_kfac, WORLD, 3)
+    resumed = sharded.model_parallel_trainer(WORLD, str(directory), [KFACCallback()], strategy=strategy(),
+                                             max_epochs=2)
     resumed.fit(module, ckpt_path=path)
-    worst = check(module, reference(batches[:3] * 2), "KFAC resumed from a Lightning checkpoint")
+    check_communicator(resumed, module)
+    worst = sharded.check_equals_one_process(module, sharded.one_process_run(one_process_kfac, [0, 1, 2] * 2, WORLD),
+                                             "KFAC resumed from a Lightning checkpoint")
     if resumed.global_rank == 0:
-        print(f"Lightning checkpoint 3 + 3 steps == 6 uninterrupted steps (worst relative error {worst:.1e})")
-
-    try:
-        trainer(directory, [], max_steps=1).fit(ShardedNet(n_batches=1))
-    except RuntimeError as error:
-        assert "KFACCallback" in str(error), error
-        if resumed.global_rank == 0:
-            print("without KFACCallback: refused, naming it")
-    else:
-        raise AssertionError("KFAC without KFACCallback under ModelParallelStrategy trained")
+        print(f"Lightning checkpoint 3 + 3 steps (resumed with KFACCallback: one communicator) == 6 uninterrupted "
+              f"steps (worst relative error {worst:.1e})")
 
 
 if __name__ == "__main__":

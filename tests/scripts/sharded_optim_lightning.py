@@ -5,7 +5,8 @@ The user writes ``fully_shard`` in ``configure_model`` and ``LARS(self.parameter
 must equal a plain single-process loop over the same global batches (float64, <= 1e-6 relative).
 Then the same through Lightning's own (distributed) checkpoint: 3 steps, ``trainer.save_checkpoint``, a
 new Trainer resumes with ``ckpt_path`` for 3 more (a second epoch over the same 3 batches) == 6 steps.
-Run by tests/test_sharded_optim.py (popen ``ddp`` re-runs this script for rank 1).
+The module, Trainer and oracle are tests/helpers/sharded.py's. Run by tests/test_sharded_optim.py (popen
+``ddp`` re-runs this script for rank 1).
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import torch.distributed  # noqa: E402
 
 from lightning_lbo import LAMB, LARS, RMSpropWarmup  # noqa: E402
 from tests.helpers import sharded  # noqa: E402
@@ -34,98 +30,42 @@ FACTORIES = {
 }
 
 
-class ShardedNet(pl.LightningModule):
-    def __init__(self, optimizer: str, n_batches: int = STEPS) -> None:
-        super().__init__()
-        self.optimizer_name = optimizer
-        self.n_batches = n_batches
-        self.net = sharded.make_mlp()
-        self.final: list[torch.Tensor] = []
+def fit_and_check(name: str, directory: Path, resume: bool) -> None:
+    """``resume=False``: one fit of ``STEPS`` steps. ``resume=True``: one epoch of 3 steps, save (the strategy's
+    default distributed checkpoint), a new Trainer resumed for a second epoch. Either == one process."""
+    def optimizer(module):
+        return FACTORIES[name](module.parameters())
 
-    def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"]
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return FACTORIES[self.optimizer_name](self.parameters())
-
-    def train_dataloader(self) -> DataLoader:
-        # this rank's contiguous share of each global batch, in order (no sampler: the split is explicit)
-        shares = [sharded.rank_batch(step, self.global_rank, WORLD) for step in range(self.n_batches)]
-        x, y = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
-        return DataLoader(TensorDataset(x, y), batch_size=shares[0][0].shape[0])
-
-    def on_train_end(self) -> None:
-        self.final = [sharded.full(p.detach()) for p in self.net.parameters()]  # a collective on every rank
+    if resume:
+        first = sharded.model_parallel_trainer(WORLD, str(directory), max_epochs=1)  # checkpoint at an epoch end
+        first.fit(sharded.sharded_net(optimizer, WORLD, 3))
+        path = directory / f"{name}.ckpt"
+        first.save_checkpoint(path)
+        module = sharded.sharded_net(optimizer, WORLD, 3)
+        trainer = sharded.model_parallel_trainer(WORLD, str(directory), max_epochs=2)
+        trainer.fit(module, ckpt_path=path)
+        steps, what = [0, 1, 2] * 2, f"{name}: Lightning checkpoint 3 + 3 steps == 6 uninterrupted steps"
+        taken = getattr(trainer.optimizers[0], "steps_taken", 6)  # RMSpropWarmup's counter
+        assert taken == 6, f"{name}: steps_taken after resume: {taken}"
+    else:
+        module = sharded.sharded_net(optimizer, WORLD, STEPS)
+        trainer = sharded.model_parallel_trainer(WORLD, str(directory), max_steps=STEPS)
+        trainer.fit(module)
+        steps, what = list(range(STEPS)), f"{name}: sharded Lightning == one process over {STEPS} steps"
+    reference = sharded.one_process_run(lambda model: FACTORIES[name](model.parameters()), steps, WORLD)
+    sharded.check_equals_one_process(module, reference, what)
+    if trainer.global_rank == 0:
+        print(what)
 
 
 def main() -> None:
-    batches = [sharded.global_batch(step, WORLD) for step in range(STEPS)]
-    for name, factory in FACTORIES.items():
-        module = ShardedNet(name)
-        trainer = pl.Trainer(accelerator="cpu", devices=WORLD, max_steps=STEPS, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             use_distributed_sampler=False,
-                             strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1))
-        trainer.fit(module)
-        ref = sharded.make_mlp()
-        opt = factory(ref.parameters())
-        for bx, by in batches:
-            opt.zero_grad()
-            F.cross_entropy(ref(bx), by).backward()
-            opt.step()
-        assert len(module.final) == len(list(ref.parameters()))
-        for got, want in zip(module.final, ref.parameters(), strict=True):
-            sharded.assert_close_relative(got, want.detach(), 1e-6, f"{name} under ModelParallelStrategy")
-        moved = max((torch.linalg.vector_norm(w - w0) / torch.linalg.vector_norm(w0)).item()
-                    for w, w0 in zip(ref.parameters(), sharded.make_mlp().parameters(), strict=True))
-        assert moved > 1e-3, f"{name}: the weights barely moved ({moved:.1e}); the comparison would prove nothing"
-        if trainer.global_rank == 0:
-            print(f"{name}: sharded Lightning == one process over {STEPS} steps")
-    if trainer.global_rank == 0:
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("sharded_ckpt")
+    for name in FACTORIES:
+        fit_and_check(name, directory, resume=False)
+    if torch.distributed.get_rank() == 0:  # the group the fits initialised stays up between them
         print("sharded Lightning == one process")
-    resume_through_lightning_checkpoint(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("sharded_ckpt"))
-
-
-def resume_through_lightning_checkpoint(directory: Path) -> None:
-    """3 steps, save (ModelParallelStrategy's default distributed checkpoint), resume for 3 more == 6 steps."""
-    def trainer(max_epochs: int) -> pl.Trainer:
-        return pl.Trainer(accelerator="cpu", devices=WORLD, max_epochs=max_epochs, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          use_distributed_sampler=False, default_root_dir=str(directory),
-                          strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1))
-
-    batches = [sharded.global_batch(step, WORLD) for step in range(3)] * 2  # two epochs of 3 batches
-    for name, factory in FACTORIES.items():
-        first = trainer(1)  # one epoch of 3 batches: the checkpoint is at an epoch boundary
-        first.fit(ShardedNet(name, n_batches=3))
-        path = directory / f"{name}.ckpt"
-        first.save_checkpoint(path)
-        module = ShardedNet(name, n_batches=3)
-        resumed = trainer(2)
-        resumed.fit(module, ckpt_path=path)
-        optimizer = resumed.optimizers[0]
-        if name == "RMSpropWarmup":
-            assert optimizer.steps_taken == 6, f"steps_taken after resume: {optimizer.steps_taken}"
-        ref = sharded.make_mlp()
-        opt = factory(ref.parameters())
-        for bx, by in batches:
-            opt.zero_grad()
-            F.cross_entropy(ref(bx), by).backward()
-            opt.step()
-        for got, want in zip(module.final, ref.parameters(), strict=True):
-            sharded.assert_close_relative(got, want.detach(), 1e-6, f"{name} resumed from a Lightning checkpoint")
-        if resumed.global_rank == 0:
-            print(f"{name}: Lightning checkpoint 3 + 3 steps == 6 uninterrupted steps")
+    for name in FACTORIES:
+        fit_and_check(name, directory, resume=True)
 
 
 if __name__ == "__main__":

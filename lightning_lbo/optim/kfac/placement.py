@@ -14,6 +14,12 @@ global quantity, identical on every rank. With the default dim-0 sharding ``grad
 shard-local and only the ``G^-1`` side mixes rows; gathering first keeps one code path for every
 block type (an owner placement that gathers only to the owner is the memory-saving variant, not built).
 
+The whole tensors stand in for the sharded parameters at every attribute through which a block reads them
+(``nn.MultiheadAttention``'s ``in_proj_*`` and ``out_proj.*``, a tied head's weight), so every block type
+works. Sharded parameters carry their mesh: :func:`sharded_communicator` gives K-FAC its curvature
+communicator on the mesh's process group at bind, so no Lightning callback is needed. FSDP1's flattened
+parameters are refused (:func:`refuse_fsdp1`).
+
 Pure torch: no Lightning import, and no import of ``torch.distributed.tensor`` unless a DTensor exists.
 """
 
@@ -28,30 +34,83 @@ from torch import nn
 
 from lightning_lbo._dtensor import is_dtensor, local_tensor
 
-__all__ = ["check_shardable", "whole_parameters", "local_rows", "whole_norms", "like_parameter"]
+__all__ = ["refuse_fsdp1", "check_shardable", "sharded_communicator", "whole_parameters", "local_rows", "whole_norms",
+           "like_parameter"]
 
 
 def _shard_dims(t: Any) -> tuple[int, ...]:
     return tuple(p.dim for p in t.placements if p.is_shard())
 
 
+def refuse_fsdp1(module: nn.Module) -> None:
+    """Raise ``ValueError`` at bind when ``module``'s parameters come from FSDP1 (``FullyShardedDataParallel``,
+    Lightning's ``FSDPStrategy``), with or without ``use_orig_params``: each rank holds flattened 1-D pieces of the
+    original tensors (a piece of a weight matrix, or nothing), which no Kronecker factor matches."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in module.parameters()):
+        raise ValueError("K-FAC cannot run on FSDP1 parameters (FullyShardedDataParallel, Lightning's FSDPStrategy; "
+                         "with or without use_orig_params=True): each rank holds flattened pieces of the weights, "
+                         "which no Kronecker factor matches. Shard with fully_shard (FSDP2; Lightning's "
+                         "ModelParallelStrategy), which K-FAC supports, or use strategy='ddp_kfac'.")
+
+
+def _locations(block: Any, param: torch.Tensor) -> list[tuple[Any, str]]:
+    """Every attribute through which ``block`` reads ``param``: the block's own (``weight``, ``bias``) and the
+    parameters registered on the modules it hooks and their submodules (``nn.MultiheadAttention``'s
+    ``in_proj_weight`` and ``out_proj.weight``, a tied head's ``weight``)."""
+    found = [(block, name) for name, value in vars(block).items() if value is param]
+    seen: set[int] = set()
+    for module, _ in block.uses():
+        for sub in module.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            found.extend((sub, name) for name, value in sub.named_parameters(recurse=False) if value is param)
+    return found
+
+
 def check_shardable(block: Any) -> None:
     """Raise ``ValueError`` at bind when ``block``'s sharded parameters are not what this module can handle:
-    every DTensor parameter of the block must be ``weight`` or ``bias`` (the attributes swapped by
-    :func:`whole_parameters`), on a 1-D mesh, sharded on dim 0 or replicated (``fully_shard``'s default)."""
-    attributes = {id(block.weight)} | ({id(block.bias)} if block.bias is not None else set())
+    every DTensor parameter of the block must be reachable as an attribute of the block or of a module it hooks
+    (the attributes swapped by :func:`whole_parameters`), on a 1-D mesh, sharded on dim 0 or replicated
+    (``fully_shard``'s default)."""
     for p in block.params:
         if not is_dtensor(p):
             continue
-        if id(p) not in attributes:
+        if not _locations(block, p):
             raise ValueError(f"K-FAC cannot precondition layer {block.name!r} ({type(block).__name__}) on sharded "
-                             "parameters: it has parameters besides weight and bias. Exclude it "
-                             f"(KFAC(..., exclude=[{block.name!r}])) or do not shard it.")
+                             "parameters: one of its parameters is neither an attribute of the block nor registered "
+                             f"on a module it hooks. Exclude it (KFAC(..., exclude=[{block.name!r}])) or do not "
+                             "shard it.")
         if p.device_mesh.ndim != 1 or any(d != 0 for d in _shard_dims(p)) or any(pl.is_partial()
                                                                              for pl in p.placements):
             raise ValueError(f"K-FAC supports parameters sharded on dim 0 over a 1-D mesh (fully_shard with "
                              f"data parallelism only); layer {block.name!r} has placements {p.placements} on a "
                              f"{p.device_mesh.ndim}-D mesh. Use ModelParallelStrategy(tensor_parallel_size=1).")
+
+
+def sharded_communicator(blocks: Sequence[Any]) -> Any:
+    """The synchronous curvature communicator on the process group of the blocks' device mesh, or ``None`` when
+    no block has a DTensor parameter.
+
+    Sharded parameters carry their mesh, so K-FAC needs nothing from its surroundings to average factors over
+    the data-parallel ranks: the mesh's group is the one ``fully_shard`` itself reduces gradients over, created by
+    whoever built the mesh (Lightning's ``ModelParallelStrategy``: with ``tensor_parallel_size=1`` it is the
+    default group, with the strategy's timeout). No new group is created (no collective at bind).
+    """
+    meshes = []
+    for block in blocks:
+        for p in block.params:
+            if is_dtensor(p) and all(p.device_mesh is not m for m in meshes):
+                meshes.append(p.device_mesh)
+    if not meshes:
+        return None
+    groups = {id(mesh.get_group(0)): mesh.get_group(0) for mesh in meshes}
+    if len(groups) > 1:
+        raise ValueError(f"K-FAC's layers are sharded over {len(groups)} different process groups; every "
+                         "preconditioned parameter must be sharded over the same data-parallel mesh.")
+    from lightning_lbo.optim.kfac.distributed import TorchDistributedCommunicator
+
+    return TorchDistributedCommunicator(group=next(iter(groups.values())), async_op=False)
 
 
 def local_rows(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -65,34 +124,40 @@ def local_rows(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def whole_parameters(block: Any, values: bool = False, stats: Any = None) -> Iterator[None]:
-    """While inside, ``block.weight`` / ``block.bias`` are plain whole tensors whose ``.grad`` is the whole
-    gradient (gathered: a collective, call on every rank in the same block order); on exit the rows this
-    rank owns are written back into the sharded gradients. A no-op for a block without DTensor parameters.
+    """While inside, every DTensor parameter of ``block`` (``block.params``) is a plain whole tensor whose ``.grad``
+    is the whole gradient (gathered: a collective, call on every rank in the same block order), at every
+    attribute through which the block reads it (the block's ``weight`` / ``bias``, ``nn.MultiheadAttention``'s
+    ``in_proj_*`` and ``out_proj.*``, a tied head's ``weight``); on exit the original parameters are put back and
+    the rows this rank owns are written into their sharded gradients. A no-op for a block without DTensor
+    parameters.
 
     Args:
-        block: a curvature block (its ``weight`` / ``bias`` attributes).
+        block: a curvature block (its ``params``, its attributes and the modules it hooks).
         values: also gather the parameter values (only :meth:`param_matrix`, i.e. folded L2, reads them);
             otherwise the stand-ins hold uninitialised values of the right shape.
         stats: a communicator's ``CommStats`` (or ``None``): its ``shard_gather_bytes`` counts the gathered bytes.
     """
-    names = [n for n in ("weight", "bias") if getattr(block, n, None) is not None and is_dtensor(getattr(block, n))]
-    if not names:
+    sharded = [p for p in block.params if is_dtensor(p)]
+    if not sharded:
         yield
         return
-    sharded = {n: getattr(block, n) for n in names}
-    for name, p in sharded.items():
+    swapped = []  # (parameter, its stand-in, where it was)
+    for p in sharded:
         whole = p.detach().full_tensor() if values else torch.empty(p.shape, dtype=p.dtype, device=p.device)
         stand_in = nn.Parameter(whole, requires_grad=False)
         stand_in.grad = p.grad.full_tensor()
-        setattr(block, name, stand_in)
+        swapped.append((p, stand_in, _locations(block, p)))
         if stats is not None:
             stats.shard_gather_bytes += p.numel() * p.element_size() * (2 if values else 1)
+    for _, stand_in, where in swapped:
+        for owner, name in where:
+            setattr(owner, name, stand_in)
     try:
         yield
     finally:
-        for name, p in sharded.items():
-            stand_in = getattr(block, name)
-            setattr(block, name, p)
+        for p, stand_in, where in swapped:
+            for owner, name in where:
+                setattr(owner, name, p)
             local_tensor(p.grad).copy_(local_rows(stand_in.grad, p.grad))
 
 

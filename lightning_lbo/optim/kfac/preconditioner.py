@@ -166,6 +166,7 @@ class KFACPreconditioner:
             return
         if self.module is not None and self.module is not module:
             raise RuntimeError("This KFACPreconditioner is already bound to another module; build a new one.")
+        placement.refuse_fsdp1(module)
         if self._factor_dtype is None:
             self._factor_dtype = settings.model_factor_dtype(module)
         self.blocks = build_blocks(module, self.registry, self.curvature, self.schedule, self.inverses,
@@ -175,6 +176,10 @@ class KFACPreconditioner:
                                output_to_logits=self.output_to_logits, on_statistic=self._reduce,
                                classes_dim=self.classes_dim, sampler=self.label_sampler)
         self.capture.grad_scaler = self._grad_scaler
+        if not self._comm_injected and not self.comm.is_distributed:  # sharded parameters carry their mesh
+            comm = placement.sharded_communicator(self.blocks)
+            if comm is not None:
+                self.set_communicator(comm)
         self.skipped_refreshes = self.skipped_refreshes.to(self.blocks[0].weight.device)
         self._plan_captures()
 

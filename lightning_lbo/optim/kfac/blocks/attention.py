@@ -195,8 +195,9 @@ class MultiheadAttentionBlock(KroneckerBlock):
         return AttentionCall(query, key, value, mask), n, y
 
     def _projections(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = self.weight.detach().chunk(3)
-        b = self.bias.detach().chunk(3) if self.bias is not None else (None, None, None)
+        m = self.module  # its live attributes: under fully_shard the gathered parameters while FSDP computes
+        w = m.in_proj_weight.detach().chunk(3)
+        b = m.in_proj_bias.detach().chunk(3) if m.in_proj_bias is not None else (None, None, None)
         return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((call.query, call.key, call.value), w, b, strict=True))
 
     def input_statistics(self, x: AttentionCall, due: set[str]) -> tuple[dict[str, torch.Tensor], Any]:

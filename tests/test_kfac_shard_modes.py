@@ -129,7 +129,8 @@ WIDTH, DEPTH = 16, 8
 def _equal_blocks() -> nn.Module:
     """``DEPTH`` equal Linear blocks (curvature that divides evenly over 2 and 4 ranks), float64."""
     torch.manual_seed(0)
-    layers = [nn.Linear(ks.IN_FEATURES, WIDTH)] + [m for _ in range(DEPTH - 2) for m in (nn.Tanh(), nn.Linear(WIDTH, WIDTH))]
+    hidden = [m for _ in range(DEPTH - 2) for m in (nn.Tanh(), nn.Linear(WIDTH, WIDTH))]
+    layers = [nn.Linear(ks.IN_FEATURES, WIDTH), *hidden]
     return nn.Sequential(*layers, nn.Tanh(), nn.Linear(WIDTH, ks.N_CLASSES)).double()
 
 
@@ -139,10 +140,10 @@ def _memory(rank: int, world_size: int) -> None:
     from lightning_lbo.optim.kfac.distributed import default_communicator
     from lightning_lbo.optim.kfac.shard_modes import curvature_bytes
 
-    held = {}
+    held, comm = {}, default_communicator()
     for mode in ("replicate", "owner"):
         model = ks.shard(_equal_blocks(), world_size)
-        opt = _kfac(model, default_communicator(), mode=mode)
+        opt = _kfac(model, comm, mode=mode)
         for step in range(4):  # past a refresh after the last inversion: inverses built from older factors
             ks.sharded_step(model, opt, "mlp", step, rank, world_size)  # MLP-shaped batches
         held[mode] = curvature_bytes(opt.preconditioner)
@@ -153,6 +154,7 @@ def _memory(rank: int, world_size: int) -> None:
           f"{ratio:.3f}")
     assert ratio <= 1 / world_size + 0.1, ratios
     assert sum(ratios) >= 0.999  # the blocks are all held somewhere: together the ranks hold all the curvature
+    dist.barrier()
 
 
 def test_kfac_shard_modes_owner_memory_per_rank_two_ranks():

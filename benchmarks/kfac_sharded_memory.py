@@ -153,6 +153,14 @@ def _summary(per_rank: list[dict], world: int) -> dict:
                 row[key] = ranks[0][key]
         row["losses"] = ranks[0]["losses"]
         out[config] = row
+    for config, row in out.items():
+        for kind in ("refresh", "plain"):
+            detail = row.get(f"kfac_bytes_detail_{kind}_step")
+            if detail is not None:
+                row[f"kfac_wire_bytes_{kind}_step"] = round(_wire_bytes(detail, world, config))
+    whole = per_rank[0]["kfac_ddp"]["param_bytes"]  # DDP: every rank holds the whole model
+    out["adamw_fsdp2"]["fsdp_wire_bytes_per_step"] = round(3 * (world - 1) / world * whole)
+    out["kfac_ddp"]["ddp_wire_bytes_per_step"] = round(2 * (world - 1) / world * whole)
     base = out["kfac_ddp"]["curvature_bytes"]
     for row in out.values():
         row["curvature_vs_ddp_kfac"] = row["curvature_bytes"] / base if base else None
@@ -160,8 +168,20 @@ def _summary(per_rank: list[dict], world: int) -> dict:
     return out
 
 
+def _wire_bytes(detail: dict, world: int, config: str) -> float:
+    """Bytes per rank on the wire (sent + received, averaged over ranks) under ring/tree algorithms, from the
+    counters' payloads: an all-reduce moves ``2 (P-1)/P`` of its payload per rank, a broadcast or an all-gather
+    ``(P-1)/P``, a gather to (or scatter from) one rank ``(P-1)/P`` in all, i.e. ``(P-1)/P^2`` per rank on
+    average (the owner carries ``(P-1)/P`` of it)."""
+    p = world
+    per_rank_gather = (p - 1) / p ** 2 if config == "kfac_owner" else (p - 1) / p  # owner: gather; others: all-gather
+    return (2 * (p - 1) / p * (detail["factor_bytes"] + detail["decision_bytes"])
+            + (p - 1) / p * detail["broadcast_bytes"]
+            + per_rank_gather * (detail["shard_gather_bytes"] + detail.get("shard_scatter_bytes", 0)))
+
+
 def _markdown(results: dict, args: argparse.Namespace, timed: bool) -> str:
-    lines = [f"# K-FAC placement modes under FSDP2: memory, traffic, step time (CPU, gloo)\n",
+    lines = ["# K-FAC placement modes under FSDP2: memory, traffic, step time (CPU, gloo)\n",
              f"GPT of `lightning_lbo.lm`: d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, "
              f"seq_len {args.seq_len}, {args.per_rank} sequences per rank, float32; K-FAC on the feed-forward "
              "Linears, head, embeddings and LayerNorms (attention excluded: plain update); factor and inverse "
@@ -172,18 +192,24 @@ def _markdown(results: dict, args: argparse.Namespace, timed: bool) -> str:
     for world, summary in results.items():
         lines += [f"## P = {world}", "",
                   "| configuration | params B/rank | optimizer state B/rank | curvature B/rank | curvature vs DDP "
-                  "K-FAC | K-FAC bytes, refresh step | K-FAC bytes, plain step | step time s | vs AdamW | loss "
-                  "step 0 -> last |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "K-FAC | K-FAC payload B, refresh step | K-FAC payload B, plain step | K-FAC wire B/rank, refresh "
+                  "step | K-FAC wire B/rank, plain step | step time s | vs AdamW | loss step 0 -> last |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, row in summary.items():
             ratio = row["curvature_vs_ddp_kfac"]
             lines.append(f"| {config} | {row['param_bytes']:,} | {row['optimizer_state_bytes']:,} | "
                          f"{row['curvature_bytes']:,} | {'-' if not row['curvature_bytes'] else f'{ratio:.3f}'} | "
                          f"{row.get('kfac_bytes_refresh_step', 0):,} | {row.get('kfac_bytes_plain_step', 0):,} | "
+                         f"{row.get('kfac_wire_bytes_refresh_step', 0):,} | "
+                         f"{row.get('kfac_wire_bytes_plain_step', 0):,} | "
                          f"{row['step_time_s']:.3f} | {row['step_time_vs_adamw']:.2f} | "
                          f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f} |")
         owner, local = summary["kfac_owner"]["losses"], summary["kfac_local"]["losses"]
         worst = max(abs(a - b) for a, b in zip(owner, local, strict=True))
+        lines += ["", f"Traffic of the base engines per rank and step (estimated, wire): FSDP2 (all-gather of the "
+                      f"parameters in forward and backward, reduce-scatter of the gradients) "
+                      f"{summary['adamw_fsdp2']['fsdp_wire_bytes_per_step']:,} B; DDP (gradient all-reduce) "
+                      f"{summary['kfac_ddp']['ddp_wire_bytes_per_step']:,} B. K-FAC's columns are on top of these."]
         lines += ["", f"Shard-local vs exact (owner) training loss, per step: "
                       f"{', '.join(f'{b:.3f}/{a:.3f}' for a, b in zip(owner, local, strict=True))} "
                       f"(largest gap {worst:.3f}).", ""]

@@ -56,7 +56,8 @@ from lightning_lbo._dtensor import is_dtensor, local_tensor
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inversion, placement
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock
-from lightning_lbo.optim.kfac.blocks.kronecker import KroneckerBlock
+from lightning_lbo.optim.kfac.blocks.conv import Conv2dBlock
+from lightning_lbo.optim.kfac.blocks.linear import LinearBlock
 from lightning_lbo.optim.kfac.blocks.unitwise import UnitWiseBlock
 from lightning_lbo.optim.kfac.settings import resolve
 
@@ -492,7 +493,8 @@ _VARIANTS: dict[type, type | None] = {}
 def local_variant(block_type: type[CurvatureBlock]) -> type[CurvatureBlock] | None:
     """The shard-local variant of a block class (``None``: preconditioned exactly, whole gradient gathered)."""
     if block_type not in _VARIANTS:
-        mixin = (_LocalKronecker if issubclass(block_type, KroneckerBlock)
+        # Linear and conv weights hold output units (G's dimension) in their rows; an embedding's rows are tokens
+        mixin = (_LocalKronecker if issubclass(block_type, (LinearBlock, Conv2dBlock))
                  else _LocalUnitWise if issubclass(block_type, UnitWiseBlock) else None)
         _VARIANTS[block_type] = None if mixin is None else type(
             f"ShardLocal{block_type.__name__}", (mixin, block_type), {"__module__": __name__})

@@ -33,8 +33,8 @@ Three modes, chosen with ``KFAC(..., shard_placement=...)`` / ``KFACPrecondition
     block-diagonal over units anyway). The statistic each rank all-reduces for ``G`` is the stack of the
     ``P`` diagonal blocks (``d_g^2 / P`` numbers instead of ``d_g^2``); every rank keeps its own and inverts
     its own blocks (no inverse broadcast). Layers of other types (embeddings, attention, tied weights) are
-    preconditioned exactly as in the replicate mode. Checkpoints at P > 1 are refused (the ``G_rr`` differ
-    per rank); resume through the replicate or owner mode.
+    preconditioned exactly as in the replicate mode. Checkpoints keep the block-diagonal ``G`` of the ranks'
+    ``G_rr`` (assembled at save: a collective) and each rank takes its rows at load, at any P.
 
 Every mode records the bytes its collectives carried on the last step in :attr:`Placement.last_step_bytes`
 (the communicator's :class:`~lightning_lbo.optim.kfac.distributed.CommStats` differences).
@@ -438,6 +438,30 @@ class _LocalRows:
             new = self._restricted(new)
         return super().commit(stat, new, ok, decay, track_change)
 
+    def _rows_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a row statistic of the whole layer's shape."""
+        raise NotImplementedError
+
+    def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The whole layer's row statistic from every rank's part (rank order): what a checkpoint keeps."""
+        raise NotImplementedError
+
+    def _localised(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpointed state whose row statistic has the whole layer's shape (assembled at save, or from an
+        exact mode's checkpoint) restricted to this rank's rows; local shapes pass unchanged."""
+        whole, out = tuple(super().factor_shapes()[self.row_stat]), dict(state)
+        for key in (f"factor.{self.row_stat}", f"inverse.{self.row_stat}"):
+            value = out.get(key)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == whole:
+                out[key] = self._rows_of(value).contiguous()
+        return out
+
+    def check_state(self, state: dict[str, Any]) -> bool:
+        return super().check_state(self._localised(state))
+
+    def restore(self, state: dict[str, Any], valid: bool, step: int, damping: float) -> None:
+        super().restore(self._localised(state), valid, step, damping)
+
     @contextmanager
     def local_view(self) -> Iterator[None]:
         """While inside, ``weight`` / ``bias`` (and their ``.grad``) are this rank's rows (views: writes land)."""
@@ -473,6 +497,14 @@ class _LocalKronecker(_LocalRows):
         n = self.local_count
         return fac.DenseFactor(new.dense()[self.rank:self.rank + 1, :n, :n].contiguous())
 
+    def _rows_of(self, whole: torch.Tensor) -> torch.Tensor:
+        start, stop = self.rows
+        return whole[:, start:stop, start:stop]
+
+    def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The block-diagonal ``G`` of the ranks' ``G_rr`` (the curvature this mode uses, as one matrix)."""
+        return torch.block_diag(*[part[0] for part in parts]).unsqueeze(0)
+
 
 class _LocalUnitWise(_LocalRows):
     """Unit-wise block on its units (exact: the unit-wise Fisher is block-diagonal over units)."""
@@ -485,6 +517,13 @@ class _LocalUnitWise(_LocalRows):
     def _restricted(self, new: fac.Factor) -> fac.Factor:
         start, stop = self.rows
         return fac.DenseFactor(new.dense()[start:stop].contiguous())
+
+    def _rows_of(self, whole: torch.Tensor) -> torch.Tensor:
+        start, stop = self.rows
+        return whole[start:stop]
+
+    def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts)
 
 
 _VARIANTS: dict[type, type | None] = {}
@@ -585,8 +624,22 @@ class ShardLocalPlacement(Placement):
         self._count_step(pre)
 
     def block_states(self, pre: Any) -> list[dict[str, Any]]:
-        if pre.comm.is_distributed:
-            raise NotImplementedError("shard_placement='local' cannot checkpoint its curvature at several ranks yet "
-                                      "(each rank holds its own G_rr); train with shard_placement='owner' or "
-                                      "'replicate' where checkpoints must keep the curvature.")
-        return super().block_states(pre)
+        """Every block's state with the row statistics of the whole layer: the ranks' ``G_rr`` assembled into the
+        block-diagonal ``G`` (unit-wise: all units), one ``all_gather_object`` (a collective; a transient peak of
+        those statistics on every rank). Loading restricts them to the rows each rank holds, at any P."""
+        states = [block.state() for block in pre.blocks]
+        if not pre.comm.is_distributed:
+            return states
+        import torch.distributed as dist
+
+        local = [(i, block) for i, block in enumerate(pre.blocks) if isinstance(block, _LocalRows)]
+        keys = {i: [k for k in (f"factor.{b.row_stat}", f"inverse.{b.row_stat}")
+                    if isinstance(states[i].get(k), torch.Tensor)] for i, b in local}
+        mine = {i: {k: states[i][k].cpu() for k in keys[i]} for i, _ in local}
+        gathered: list[Any] = [None] * pre.comm.world_size
+        dist.all_gather_object(gathered, mine, group=getattr(pre.comm, "group", None))
+        for i, block in local:
+            for key in keys[i]:
+                device = states[i][key].device
+                states[i][key] = block.assemble([part[i][key] for part in gathered]).to(device)
+        return states

@@ -337,16 +337,17 @@ def _local_resume(rank: int, world_size: int) -> None:
     opt = _kfac(model, comm, mode="local")
     for step in range(SAVED_AT):
         ks.sharded_step(model, opt, "mlp", step, rank, world_size)
-    model_state = get_model_state_dict(model, options=FULL)
-    optim_state = get_optimizer_state_dict(model, opt, options=FULL)
+    whole = StateDictOptions(full_state_dict=True)  # on every rank (no cpu_offload: that keeps it on rank 0 only)
+    model_state = get_model_state_dict(model, options=whole)
+    optim_state = get_optimizer_state_dict(model, opt, options=whole)
     kfac_state = opt.preconditioner.state_dict()
     g = kfac_state["blocks"][0]["factors"]["G"]  # the block-diagonal G of the ranks' G_rr
     start, stop = opt.preconditioner.blocks[0].rows
     assert g.shape[-1] == 7 and torch.equal(g[:, start:stop, start:stop], opt.preconditioner.blocks[0].factors["G"])
     fresh = ks.shard(ks.make_mlp(), world_size)
-    set_model_state_dict(fresh, model_state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(fresh, model_state, options=whole)
     fresh_opt = _kfac(fresh, comm, mode="local")
-    set_optimizer_state_dict(fresh, fresh_opt, optim_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(fresh, fresh_opt, optim_state, options=whole)
     _assert_same_state(fresh_opt.preconditioner.state_dict(), kfac_state)
     for step in range(SAVED_AT, STEPS):
         ks.sharded_step(model, opt, "mlp", step, rank, world_size)

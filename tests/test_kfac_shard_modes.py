@@ -123,6 +123,35 @@ def test_kfac_shard_modes_owner_equals_one_process_four_ranks(model_name):
     spawn_gloo(_owner_equals_one_process, world_size=4, args=(model_name,))
 
 
+def _owner_under_ddp(rank: int, world_size: int) -> None:
+    """Replicated parameters (DDP): the owner preconditions its blocks and broadcasts P; the same run as one process."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_lbo.optim.kfac.distributed import default_communicator
+
+    reference, ref_opt = _one_process("mlp", steps=0, world_size=world_size)
+    model = ks.make_mlp()
+    wrapped = DistributedDataParallel(model)
+    opt = _kfac(model, default_communicator(), mode="owner")
+    for step in range(STEPS):
+        ks.reference_step(reference, ref_opt, "mlp", step, world_size)
+        opt.zero_grad()
+        x, y = ks.part(ks.global_batch("mlp", step), rank, world_size)
+        F.cross_entropy(wrapped(x), y).backward()
+        opt.step()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert ks.relative_error(p.detach(), q.detach()) <= 1e-6, (rank, step)
+    held = [bool(b.curvature_tensors()) for b in opt.preconditioner.blocks]
+    assert 0 < sum(held) < len(held), held  # each rank holds its share only
+    assert opt.preconditioner.placement.last_step_bytes["broadcast_bytes"] > 0  # P travels, no gradient gather
+    assert opt.preconditioner.placement.last_step_bytes["shard_gather_bytes"] == 0
+
+
+def test_kfac_shard_modes_owner_under_ddp_equals_one_process():
+    spawn_gloo(_owner_under_ddp, world_size=2)
+
+
 WIDTH, DEPTH = 16, 8
 
 

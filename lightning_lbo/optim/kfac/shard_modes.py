@@ -300,10 +300,12 @@ class OwnerPlacement(Placement):
 
         mesh = params[0].device_mesh
         group, world = mesh.get_group(0), mesh.size()
-        if world != comm_world or any(not _sharded(p) for p in params):
+        # owners are K-FAC communicator ranks; the gather runs on the mesh: the two must number ranks alike
+        if world != comm_world or mesh.get_local_rank() != rank or any(not _sharded(p) for p in params):
             raise ValueError(f"K-FAC owner placement: layer {block.name!r} has parameters sharded over {world} "
-                             f"ranks and replicated ones, or K-FAC's communicator spans {comm_world} ranks; shard "
-                             "every parameter with fully_shard over K-FAC's ranks (a 1-D data-parallel mesh).")
+                             f"ranks and replicated ones, or K-FAC's communicator ({comm_world} ranks) numbers its "
+                             "ranks unlike the mesh; shard every parameter with fully_shard over K-FAC's ranks (a "
+                             "1-D data-parallel mesh).")
         for p in params:
             _local_rows(p)  # checks the split
         dst = dist.get_global_rank(group, owner)
@@ -324,9 +326,7 @@ class OwnerPlacement(Placement):
         dist.gather(buffer, gathered, dst=dst, group=group)
         if stats is not None:
             stats.shard_gather_bytes += buffer.numel() * buffer.element_size() * world
-        dot = None
-        out = torch.empty_like(buffer)
-        scattered = None
+        dot, scattered = None, None
         if rank == owner:
             wholes, offset = [], 0
             for t, c in zip(tensors, chunks, strict=True):

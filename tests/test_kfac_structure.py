@@ -203,7 +203,7 @@ def test_kfac_structure_every_setting_reads_under_its_constructor_name():
     fields = {f.name: group for group, kind in SETTINGS_GROUPS.items() for f in dataclasses.fields(kind)}
     keywords = [n for n, p in inspect.signature(KFACPreconditioner).parameters.items() if p.kind is p.KEYWORD_ONLY]
     assert set(fields) <= set(keywords)
-    assert set(keywords) - set(fields) == {"grad_scaler", "comm", "params", "block_types", "mc_seed"}
+    assert set(keywords) - set(fields) == {"grad_scaler", "comm", "params", "block_types", "mc_seed", "shard_placement"}
     given = dict(damping=2e-3, factor_decay=0.5, factor_update_interval=3, inverse_update_interval=4,
                  inverse_method="eigen", fisher="mc", likelihood="categorical", output_to_logits=_logits,
                  kl_clip=None, stale_statistics=StaleStatistics(threshold=0.3), exclude=(nn.Tanh,),

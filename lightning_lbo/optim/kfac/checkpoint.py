@@ -97,12 +97,14 @@ def check_block_states(blocks: list[Any], states: list[dict[str, Any]], steps: A
     return valid
 
 
-def preconditioner_state(blocks: list[Any], steps: int, skipped_refreshes: torch.Tensor, inverse_fallbacks: int,
-                         mc_sampling: dict[str, Any]) -> dict[str, Any]:
+def preconditioner_state(blocks: list[Any], block_states: list[dict[str, Any]], steps: int,
+                         skipped_refreshes: torch.Tensor, inverse_fallbacks: int, mc_sampling: dict[str, Any]
+                         ) -> dict[str, Any]:
     """A preconditioner's checkpoint: per block its name, type and nested entry (:func:`nested_block_state` of its
-    flat ``state()``), and the preconditioner-wide counters."""
-    entries = [{"name": block.name, "type": block.description, **nested_block_state(block.state())}
-               for block in blocks]
+    flat state, ``block_states``: each block's ``state()``, or its owner's under the owner placement), and the
+    preconditioner-wide counters."""
+    entries = [{"name": block.name, "type": block.description, **nested_block_state(state)}
+               for block, state in zip(blocks, block_states, strict=True)]
     return {"steps": steps, "blocks": entries, "skipped_refreshes": skipped_refreshes.clone(),
             "inverse_fallbacks": inverse_fallbacks, "mc_sampling": mc_sampling}
 

@@ -142,10 +142,14 @@ class CommStats:
     #: bytes of whole gradients (and parameters, with folded L2) all-gathered for sharded parameters (payload: the
     #: whole tensor; see :mod:`~lightning_lbo.optim.kfac.placement`)
     shard_gather_bytes: int = 0
+    #: bytes of preconditioned rows scattered back from a block's owner (``shard_placement="owner"``; payload: the
+    #: whole, padded tensor)
+    shard_scatter_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.factor_bytes + self.broadcast_bytes + self.decision_bytes + self.shard_gather_bytes
+        return (self.factor_bytes + self.broadcast_bytes + self.decision_bytes + self.shard_gather_bytes
+                + self.shard_scatter_bytes)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total_bytes": self.total_bytes}

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_lbo.optim.kfac import factors as fac
 from lightning_lbo.optim.kfac import inverses as inv
-from lightning_lbo.optim.kfac import placement, refresh, settings
+from lightning_lbo.optim.kfac import placement, refresh, settings, shard_modes
 from lightning_lbo.optim.kfac.apply import precondition
 from lightning_lbo.optim.kfac.binding import build_blocks, check_bound, check_communicator
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock, LinearVariant
@@ -68,6 +68,9 @@ class KFACPreconditioner:
         comm: the :class:`Communicator` (single process: the no-op default; injected under DDP).
         params: only layers whose parameters are all among these get a block (default: all).
         block_types: ``{module type: block class}`` for this preconditioner, over the global registry.
+        shard_placement: where the curvature lives across ranks (:mod:`.shard_modes`): ``"replicate"`` (every
+            rank holds all of it), ``"owner"`` (exact; each block on one rank, about 1/P each) or ``"local"``
+            (each rank preconditions the rows it holds with its diagonal block of ``G``: an approximation).
 
     Distributed seam (all collectives go through ``self.comm``; in one process they are no-ops):
     ``reduce_factors`` as the hooks finish a statistic, ``wait`` at the start of :meth:`step`,
@@ -85,14 +88,16 @@ class KFACPreconditioner:
                  low_rank_inverse: bool = True, factor_dtype: torch.dtype | None = None,
                  comm: Communicator | None = None, params: Iterable[torch.Tensor] | None = None,
                  block_types: Mapping[type[nn.Module], type[CurvatureBlock]] | None = None,
-                 classes_dim: int | None = None, mc_seed: int | None = None) -> None:
+                 classes_dim: int | None = None, mc_seed: int | None = None,
+                 shard_placement: str = "replicate") -> None:
         self.inverses = settings.InverseSettings(damping, inverse_method, low_rank_inverse, kl_clip, l2)
         self.schedule = settings.ScheduleSettings(factor_update_interval, inverse_update_interval, factor_decay,
                                                   stale_statistics)
         self.curvature = settings.CurvatureSettings(fisher, likelihood, output_to_logits, linear_variant, factor_dtype,
                                                     tuple(exclude), classes_dim)
         check_mc_settings(self.curvature.fisher, self.curvature.likelihood, classes_dim, mc_seed)
-        self.registry = BlockRegistry.with_overrides(block_types)
+        self.placement = shard_modes.make_placement(shard_placement, stale_statistics)  # where curvature lives
+        self.registry = BlockRegistry.with_overrides(self.placement.block_types(block_types))
         self._factor_dtype = factor_dtype  # resolved at bind
         self.comm: Communicator = comm if comm is not None else Communicator()
         self.label_sampler = LabelSampler(mc_seed)  # the labels of fisher="mc"; distinct per rank
@@ -122,7 +127,8 @@ class KFACPreconditioner:
         """Rank-independent, picklable description compared across ranks: the class, each layer's block type
         and factor sizes, and every setting (derived from the settings objects: callables by qualified name,
         enums by value)."""
-        described = {**settings.signature_settings(self), "factor_dtype": settings.describe(self._factor_dtype)}
+        described = {**settings.signature_settings(self), "factor_dtype": settings.describe(self._factor_dtype),
+                     "shard_placement": self.placement.name}
         return {"class": type(self).__qualname__, "layers": [f"{b.name}: {b.description}" for b in self.blocks],
                 "settings": described}
 
@@ -268,8 +274,9 @@ class KFACPreconditioner:
                                           self.schedule, self.fisher)  # the statistics' refresh, when due
         if skipped is not None:
             self.skipped_refreshes += skipped.to(self.skipped_refreshes.device)
-        self._update_inverses()
-        self._precondition(lr)
+        self.placement.after_commit(self)
+        self.placement.update_inverses(self)
+        self.placement.precondition(self, lr)
         self.steps += 1
         self._plan_captures()
 
@@ -297,8 +304,8 @@ class KFACPreconditioner:
         Inverses are not saved: :meth:`load_state_dict` rebuilds them from exactly the factors (and low-rank
         rows) and damping the checkpointed run used, so a resume continues bit for bit.
         """
-        return preconditioner_state(self.blocks, self.steps, self.skipped_refreshes, self.inverse_fallbacks,
-                                    self.label_sampler.state_dict())
+        return preconditioner_state(self.blocks, self.placement.block_states(self), self.steps,
+                                    self.skipped_refreshes, self.inverse_fallbacks, self.label_sampler.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Factors of the wrong shape raise ``ValueError`` naming the layer; a layer
@@ -314,5 +321,6 @@ class KFACPreconditioner:
         for block, flat, ok in zip(self.blocks, loaded.block_states, loaded.valid, strict=True):
             block.restore(flat, ok, self.steps, self.current_damping())
         self._statistics.first_estimates.reset(self.blocks)
+        self.placement.after_load(self)
         self.discard_pending()
         self._plan_captures()

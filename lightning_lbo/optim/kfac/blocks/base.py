@@ -301,6 +301,18 @@ class CurvatureBlock:
         of the one a checkpoint restored)."""
         self._owner, self._restored = None, None
 
+    def release(self) -> None:
+        """Hold no factors, inverse or inverse source (another rank owns this block: the owner placement). The
+        schedule, versions and ``estimated`` flags stay, so every rank keeps capturing on the same steps."""
+        self._factors, self._inverse, self._inverse_source, self._restored = {}, None, None, None
+
+    def curvature_tensors(self) -> list[torch.Tensor]:
+        """Every curvature tensor this block holds: factors, inverse, and the factors it was built from."""
+        sources = [self._inverse_source or {}] + ([self._restored.source] if self._restored is not None else [])
+        factors = [f for d in [self._factors, *sources] for f in d.values()]
+        inverse = list(self._inverse.data.values()) if self._inverse is not None else []
+        return [t for f in factors for t in fac.wire(f)] + inverse
+
     def due(self, step: int) -> set[str]:
         """The statistics to capture at ``step``."""
         return {s for s, due in self._next_due.items() if due <= step}

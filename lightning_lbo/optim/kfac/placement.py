@@ -6,13 +6,14 @@ only the *gradient* (and the parameter) of a preconditioned layer is a ``DTensor
 (rows: output units of a Linear/Conv weight, tokens of an embedding, units of a norm layer), of which
 each rank holds ``to_local()``.
 
-Exact ("replicate") placement, the one implemented: every rank gathers the whole gradient of each
+Exact ("replicate") placement, the default (the others, ``owner`` and ``local``, are in
+:mod:`.shard_modes` and :mod:`.shard_local`, built on these helpers): every rank gathers the whole gradient of each
 preconditioned layer (one all-gather per tensor, the size of the gradient), applies the inverse to the
 whole matrix exactly as one process would, and writes back the rows it owns. Everything the
 preconditioner computes from the preconditioned matrices (the KL clip's ``sum <p, g>``) is then a
 global quantity, identical on every rank. With the default dim-0 sharding ``grad @ A^-1`` would be
 shard-local and only the ``G^-1`` side mixes rows; gathering first keeps one code path for every
-block type (an owner placement that gathers only to the owner is the memory-saving variant, not built).
+block type.
 
 The whole tensors stand in for the sharded parameters at every attribute through which a block reads them
 (``nn.MultiheadAttention``'s ``in_proj_*`` and ``out_proj.*``, a tied head's weight), so every block type

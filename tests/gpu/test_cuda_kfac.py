@@ -6,11 +6,10 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_lbo import KFAC
-from tests.gpu.accessors import layer_factors
+from tests.gpu.accessors import kfac_batches, kfac_net, layer_factors, train_steps
 from tests.gpu.conftest import assert_close_rel
 
 STEPS = 4
@@ -20,32 +19,11 @@ FACTOR_REL, WEIGHT_REL = 1e-4, 1e-4
 KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, damping=1e-2, factor_update_interval=1, inverse_update_interval=2)
 
 
-def _net() -> nn.Module:
-    """Conv2d, BatchNorm2d (unit-wise block) and Linear: one layer of each K-FAC block kind."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5))
-
-
-def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(n)]
-
-
-def _train(model: nn.Module, opt: KFAC, batches, device: torch.device, autocast: bool = False) -> None:
-    for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-        loss.backward()
-        opt.step()
-
-
 def _run(device: torch.device, method: str = "cholesky", steps: int = STEPS, autocast: bool = False
          ) -> tuple[nn.Module, KFAC]:
-    model = _net().to(device)
+    model = kfac_net().to(device)
     opt = KFAC(model, inverse_method=method, **KW)
-    _train(model, opt, _batches(steps), device, autocast)
+    train_steps(model, opt, kfac_batches(steps), device, autocast)
     return model, opt
 
 
@@ -67,21 +45,21 @@ def test_cuda_kfac_factors_and_steps_equal_cpu(device, method):
 
 def test_cuda_kfac_resume_continues_exactly_and_across_devices(device):
     """A checkpoint taken on the accelerator resumes there bit for bit, and on the CPU like the CPU run."""
-    batches = _batches(2 * STEPS)
-    model = _net().to(device)
+    batches = kfac_batches(2 * STEPS)
+    model = kfac_net().to(device)
     opt = KFAC(model, **KW)
-    _train(model, opt, batches[:STEPS], device)
+    train_steps(model, opt, batches[:STEPS], device)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    _train(model, opt, batches[STEPS:], device)
+    train_steps(model, opt, batches[STEPS:], device)
     for target in (device, torch.device("cpu")):
         buffer.seek(0)
         saved = torch.load(buffer, map_location=target, weights_only=False)
-        resumed = _net().to(target)
+        resumed = kfac_net().to(target)
         resumed.load_state_dict(saved["model"])
         resumed_opt = KFAC(resumed, **KW)
         resumed_opt.load_state_dict(saved["opt"])
-        _train(resumed, resumed_opt, batches[STEPS:], target)
+        train_steps(resumed, resumed_opt, batches[STEPS:], target)
         for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
             if target == device:
                 torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
@@ -105,15 +83,15 @@ def test_cuda_kfac_bf16_autocast_keeps_fp32_finite_factors(device):
 
 def test_cuda_kfac_nonfinite_step_counted_on_device_and_changes_nothing(device):
     """A NaN batch (on a refresh step) leaves weights, momentum and factors bit-identical; counted on the device."""
-    model = _net().to(device)
+    model = kfac_net().to(device)
     opt = KFAC(model, **KW)
-    batches = _batches(3)
-    _train(model, opt, batches[:2], device)
+    batches = kfac_batches(3)
+    train_steps(model, opt, batches[:2], device)
     weights = [p.detach().clone() for p in model.parameters()]
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     factors = layer_factors(opt)
     x, y = batches[2]
-    _train(model, opt, [(torch.full_like(x, float("nan")), y)], device)
+    train_steps(model, opt, [(torch.full_like(x, float("nan")), y)], device)
     count = opt.nonfinite_skips
     assert count.device.type == device.type and int(count) == 1
     for p, w, m in zip(model.parameters(), weights, momentum, strict=True):

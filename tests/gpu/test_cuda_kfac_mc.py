@@ -5,40 +5,20 @@ from __future__ import annotations
 import io
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lightning_lbo import KFAC
-from tests.gpu.accessors import layer_factors
+from tests.gpu.accessors import kfac_batches, kfac_net, layer_factors, train_steps
 
 KW = dict(lr=0.1, momentum=0.9, damping=1e-2, fisher="mc", factor_update_interval=1, inverse_update_interval=2)
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5))
-
-
-def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(n)]
-
-
-def _train(model: nn.Module, opt: KFAC, batches, device: torch.device) -> None:
-    for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-        opt.step()
 
 
 def test_cuda_kfac_mc_nan_batch_skipped_with_labels_drawn_on_the_device(device):
     """fisher='mc' on the accelerator: the label generator lives on the logits' device; a NaN batch on a
     refresh step raises nothing (no multinomial device assert) and changes no weight, momentum or factor."""
-    model = _net().to(device)
+    model = kfac_net().to(device)
     opt = KFAC(model, **KW)
-    batches = _batches(3)
-    _train(model, opt, batches[:2], device)
+    batches = kfac_batches(3)
+    train_steps(model, opt, batches[:2], device)
     generators = opt.preconditioner.label_sampler._generators
     assert [d.type for d in generators] == [device.type] and all(g.device.type == device.type
                                                                   for g in generators.values())
@@ -46,7 +26,7 @@ def test_cuda_kfac_mc_nan_batch_skipped_with_labels_drawn_on_the_device(device):
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     factors = layer_factors(opt)
     x, y = batches[2]
-    _train(model, opt, [(torch.full_like(x, float("nan")), y)], device)
+    train_steps(model, opt, [(torch.full_like(x, float("nan")), y)], device)
     assert int(opt.nonfinite_skips) == 1 and int(opt.preconditioner.skipped_refreshes) >= 1
     for p, w, m in zip(model.parameters(), weights, momentum, strict=True):
         assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
@@ -57,20 +37,20 @@ def test_cuda_kfac_mc_nan_batch_skipped_with_labels_drawn_on_the_device(device):
 
 def test_cuda_kfac_mc_resume_continues_bit_for_bit(device):
     """MC run checkpointed on the accelerator, resumed there under another global seed == the uninterrupted run."""
-    batches = _batches(6)
-    model = _net().to(device)
+    batches = kfac_batches(6)
+    model = kfac_net().to(device)
     opt = KFAC(model, **KW)
-    _train(model, opt, batches[:3], device)
+    train_steps(model, opt, batches[:3], device)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    _train(model, opt, batches[3:], device)
+    train_steps(model, opt, batches[3:], device)
     buffer.seek(0)
     saved = torch.load(buffer, map_location=device, weights_only=False)
-    resumed = _net().to(device)
+    resumed = kfac_net().to(device)
     resumed.load_state_dict(saved["model"])
     torch.manual_seed(1234)  # the resumed labels come from the checkpoint, not from the global seed
     resumed_opt = KFAC(resumed, **KW)
     resumed_opt.load_state_dict(saved["opt"])
-    _train(resumed, resumed_opt, batches[3:], device)
+    train_steps(resumed, resumed_opt, batches[3:], device)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name

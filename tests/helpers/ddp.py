@@ -12,6 +12,7 @@ Three ways to run ranks, for three kinds of test:
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -50,6 +51,11 @@ def _gloo_worker(rank: int, world_size: int, port: int, fn: Callable, args: tupl
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
+        # Teardown only once every rank is done with every collective, and with nothing of the run left in
+        # reference cycles (a model's hooks and its optimizer hold process groups and the rank-0 store): such
+        # objects would otherwise be destroyed during interpreter finalization, after the process groups.
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

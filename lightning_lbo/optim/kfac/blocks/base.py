@@ -302,16 +302,14 @@ class CurvatureBlock:
         self._owner, self._restored = None, None
 
     def release(self) -> None:
-        """Hold no factors, inverse or inverse source (another rank owns this block: the owner placement). The
-        schedule, versions and ``estimated`` flags stay, so every rank keeps capturing on the same steps."""
+        """Hold no curvature (owner placement: another rank owns it); the schedule stays, as on every rank."""
         self._factors, self._inverse, self._inverse_source, self._restored = {}, None, None, None
 
     def curvature_tensors(self) -> list[torch.Tensor]:
         """Every curvature tensor this block holds: factors, inverse, and the factors it was built from."""
-        sources = [self._inverse_source or {}] + ([self._restored.source] if self._restored is not None else [])
-        factors = [f for d in [self._factors, *sources] for f in d.values()]
+        held = [self._factors, self._inverse_source or {}] + ([self._restored.source] if self._restored else [])
         inverse = list(self._inverse.data.values()) if self._inverse is not None else []
-        return [t for f in factors for t in fac.wire(f)] + inverse
+        return [t for d in held for f in d.values() for t in fac.wire(f)] + inverse
 
     def due(self, step: int) -> set[str]:
         """The statistics to capture at ``step``."""

@@ -61,6 +61,52 @@ class Conv2dBlock(KroneckerBlock):
         super().__init__(module, name, factor_dtype)
         self.groups = module.groups
         self._gather_cache: dict[tuple, torch.Tensor] = {}  # see _gather_index
+        # input sizes of the forwards since the capture hooked the layer (None: a forward it did not see)
+        self._input_sizes: set[tuple[int, ...]] | None = None
+        self._live: tuple[frozenset[tuple[int, ...]], tuple[int, ...] | None] | None = None
+
+    def note_input(self, x: torch.Tensor) -> None:
+        """Record the spatial size of a forward's input (host ints, every forward the capture hooks)."""
+        if self._input_sizes is not None:
+            self._input_sizes.add(tuple(x.shape[2:]))
+
+    def track_inputs(self, hooked: bool) -> None:
+        """Start recording input sizes (the capture hooked the layer), or stop and forget them (hooks removed:
+        forwards from now on are not seen)."""
+        self._input_sizes = set() if hooked else None
+        self._live = None
+
+    def live_columns(self) -> tuple[int, ...] | None:
+        """The gradient columns (weight order) that can be nonzero, host-side: every tap that reads only zero
+        padding at every input size recorded since the capture hooked the layer has an exactly zero gradient
+        (its input is 0). ``None`` when unknown (no recorded forward, another padding mode, groups) or all live.
+        """
+        sizes = self._input_sizes
+        if not sizes or self.groups != 1 or self._zero_pads() is None:
+            return None
+        key = frozenset(sizes)
+        if self._live is None or self._live[0] != key:
+            self._live = (key, self._live_columns(key))
+        return self._live[1]
+
+    def _live_columns(self, sizes: frozenset[tuple[int, ...]]) -> tuple[int, ...] | None:
+        (kh, kw), (dh, dw), (sh, sw) = self._geometry()
+        left, _, top, _ = self._zero_pads()
+        live_taps = set()
+        for size in sizes:
+            h, w = (1, size[0]) if len(size) == 1 else size
+            oh, ow = self._output_size(h + sum(self._zero_pads()[2:]), w + sum(self._zero_pads()[:2]))
+            rows = [i for i in range(kh) if any(top <= i * dh + sh * p < top + h for p in range(oh))]
+            cols = [j for j in range(kw) if any(left <= j * dw + sw * q < left + w for q in range(ow))]
+            live_taps.update(i * kw + j for i in rows for j in cols)
+        taps = kh * kw
+        if len(live_taps) == taps:
+            return None
+        channels = self.module.in_channels
+        live = [c * taps + t for c in range(channels) for t in sorted(live_taps)]
+        if self.bias is not None:
+            live.append(channels * taps)
+        return tuple(live)
 
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         m = self.module

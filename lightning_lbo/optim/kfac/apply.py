@@ -6,6 +6,7 @@ import torch
 
 from lightning_lbo.optim.kfac.blocks import CurvatureBlock
 from lightning_lbo.optim.kfac.comm import Communicator
+from lightning_lbo.optim.kfac.inversion import WoodburyKronecker
 
 
 def precondition(blocks: list[CurvatureBlock], damping: float, lr: float | None, *, l2: float, kl_clip: float | None,
@@ -26,6 +27,9 @@ def precondition(blocks: list[CurvatureBlock], damping: float, lr: float | None,
         if owners_only:
             p = block.inverse.apply(g, damping) if block.owner == comm.rank else torch.empty_like(g)
             comm.broadcast([p], src=block.owner)
+        elif l2 == 0 and isinstance(block.inverse, WoodburyKronecker) and hasattr(block, "live_columns"):
+            # the gradient is zero on the columns of conv taps that read only padding (l2 would fill them)
+            p, scale = block.inverse.apply_unscaled(g, damping, live=block.live_columns())
         else:
             p, scale = block.inverse.apply_unscaled(g, damping)  # P = scale * p
         grads.append(g)

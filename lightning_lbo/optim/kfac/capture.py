@@ -124,6 +124,10 @@ class Capture:
                                                                   with_kwargs=True))
         self._claim(root)
         self._handles.append(root.register_forward_hook(self._root_forward_hook))
+        # blocks that record their inputs' sizes on every forward (conv: which gradient columns can be nonzero)
+        self._noting = {id(use): use for block in blocks for _, use in block.uses() if hasattr(use, "note_input")}
+        for use in self._noting.values():
+            use.track_inputs(True)
 
     # ---- interface ------------------------------------------------------------------------------------------
     def begin(self, due: dict[int, set[str]]) -> None:
@@ -195,6 +199,8 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for use in self._noting.values():  # forwards from now on are not seen
+            use.track_inputs(False)
         self.due, self.captured, self._mc_targets, self._mc_pending = {}, {}, [], {}
 
     @property
@@ -221,6 +227,9 @@ class Capture:
 
     def _forward_hook(self, block: CurvatureBlock, use: Any, counts_examples: bool, module: nn.Module, inputs: tuple,
                       kwargs: dict[str, Any], output: Any) -> None:
+        noting = self._noting.get(id(use))
+        if noting is not None and inputs:
+            noting.note_input(inputs[0])
         due = self.due.get(id(block))
         if not due or not self._recording(module):
             return

@@ -47,9 +47,14 @@ class WoodburyKronecker(BlockInverse):
     def __init__(self, **tensors: torch.Tensor) -> None:
         super().__init__(**tensors)
         self.names = tuple(tensors)  # which sides are low-rank depends on the instance
+        # the columns V uses, host-side (read once at inversion time; see apply_unscaled's ``live``)
+        self.a_columns: frozenset[int] | None = None
+        self._a_stride: tuple[int, int, int] | None = None  # A_cols as (start, step, count), if evenly spaced
 
     @classmethod
-    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False):
+    def from_factors(cls, factors, damping, dtype, out_dtype, psd_projection=False, live=None):
+        """``live``: gradient columns that can be nonzero (host-side, :meth:`apply_unscaled`): kept among the
+        columns ``V`` is stored on even where the rows are zero, so that the step can skip the others."""
         def side(stat: str) -> tuple[tuple[torch.Tensor, int] | None, torch.Tensor | None, torch.Tensor]:
             """(rows U and n, or None), (the dense factor, or None), tr / d; a low-rank side's factor is unread."""
             rows = low_rank(factors[stat])
@@ -65,7 +70,7 @@ class WoodburyKronecker(BlockInverse):
             if rows_n is not None:
                 U, n = rows_n
                 # the rows' all-zero columns (conv taps that only ever see padding) are left out
-                cols = _used_columns(U) if stat == "A" else None
+                cols = _used_columns(U, live) if stat == "A" else None
                 rows, ok_side = _whitened_rows(U if cols is None else U.index_select(2, cols), n, delta)
                 tensors[f"{stat}_rows"] = rows.to(out_dtype)
                 if cols is not None:
@@ -75,26 +80,60 @@ class WoodburyKronecker(BlockInverse):
                 inverse, ok_side = _damped_inverse(factor, delta, psd_projection)
                 tensors[f"{stat}_inv"] = inverse.to(out_dtype)
             ok = ok & ok_side
-        return cls(**tensors, scale=scale.reshape(()).to(out_dtype)), ok
+        inverse = cls(**tensors, scale=scale.reshape(()).to(out_dtype))
+        if "A_cols" in tensors:
+            cols = tensors["A_cols"].tolist()  # inversion time: one more host read
+            inverse.a_columns = frozenset(cols)
+            step = cols[1] - cols[0] if len(cols) > 1 else 1
+            if step > 0 and cols == list(range(cols[0], cols[0] + step * len(cols), step)):
+                inverse._a_stride = (cols[0], step, len(cols))
+        return inverse, ok
 
-    def apply_unscaled(self, grad, damping):
+    def apply_unscaled(self, grad, damping, live: tuple[int, ...] | None = None):
+        """``live``: the only columns of ``grad`` that can be nonzero (host-side, e.g. a conv's taps that read more
+        than zero padding). Where they are among the columns ``V`` uses (``A_cols``), both sides run on those
+        columns only: elsewhere the gradient and ``V`` are zero, so ``P`` is exactly zero there."""
         d = self.data
         p = self._cast(grad)
+        if live is not None and self.a_columns is not None and self.a_columns.issuperset(live):
+            V = d["A_rows"]
+            q = self._a_columns_of(p).contiguous()
+            q = self._g_side(torch.baddbmm(q, torch.bmm(q, V.transpose(1, 2)), V, alpha=-1))
+            return self._with_a_columns(torch.zeros_like(p), q).to(grad.dtype), d["scale"].to(grad.dtype)
         if "A_cols" in d:  # (I - V^T V) is the identity on the columns V leaves out (written back to a copy of p)
-            V, cols = d["A_rows"], d["A_cols"]
-            q = p.index_select(2, cols)
-            p = p.index_copy(2, cols, torch.baddbmm(q, torch.bmm(q, V.transpose(1, 2)), V, alpha=-1))
+            V = d["A_rows"]
+            q = self._a_columns_of(p).contiguous()
+            q = torch.baddbmm(q, torch.bmm(q, V.transpose(1, 2)), V, alpha=-1)
+            p = self._with_a_columns(p.clone(), q)
         elif "A_rows" in d:  # p (I - V^T V): one product into a copy of p (baddbmm), no elementwise pass
             V = d["A_rows"]
             p = torch.baddbmm(p, torch.bmm(p, V.transpose(1, 2)), V, alpha=-1)
         else:
             p = torch.bmm(p, d["A_inv"])
+        return self._g_side(p).to(grad.dtype), d["scale"].to(grad.dtype)
+
+    def _a_columns_of(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s ``A_cols`` columns: a strided view where they are evenly spaced (one conv tap: a gather along
+        the last dimension is ~10x slower than that copy), else a gathered copy."""
+        if self._a_stride is not None:
+            start, step, count = self._a_stride
+            return p[:, :, start:start + step * (count - 1) + 1:step]
+        return p[:, :, self.data["A_cols"]]
+
+    def _with_a_columns(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``p`` with its ``A_cols`` columns replaced by ``q`` (in place)."""
+        if self._a_stride is not None:
+            self._a_columns_of(p).copy_(q)
+            return p
+        return p.index_copy_(2, self.data["A_cols"], q)
+
+    def _g_side(self, p: torch.Tensor) -> torch.Tensor:
+        """``(I - W^T W) p`` (low-rank ``G``, unscaled) or ``G_inv p``."""
+        d = self.data
         if "G_rows" in d:
             W = d["G_rows"]
-            p = torch.baddbmm(p, W.transpose(1, 2), torch.bmm(W, p), alpha=-1)
-        else:
-            p = torch.bmm(d["G_inv"], p)
-        return p.to(grad.dtype), d["scale"].to(grad.dtype)
+            return torch.baddbmm(p, W.transpose(1, 2), torch.bmm(W, p), alpha=-1)
+        return torch.bmm(d["G_inv"], p)
 
     def apply(self, grad, damping):
         p, scale = self.apply_unscaled(grad, damping)
@@ -105,7 +144,7 @@ class WoodburyKronecker(BlockInverse):
 USED_COLUMNS_AT_MOST = 0.75
 
 
-def _used_columns(U: torch.Tensor) -> torch.Tensor | None:
+def _used_columns(U: torch.Tensor, live: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """The indices of the columns of ``U: [1, r, d]`` with a nonzero entry, or ``None`` if more than
     :data:`USED_COLUMNS_AT_MOST` of them are used (one host sync, at inversion time).
 
@@ -113,7 +152,10 @@ def _used_columns(U: torch.Tensor) -> torch.Tensor | None:
     of a padded 3x3 conv on a 1x1 input) is zero in ``V`` too, so ``I - V^T V`` leaves it unchanged: the
     step multiplies only the used columns (resnet18 layer4 at 32x32: 512 of 4608).
     """
-    cols = (U[0] != 0).any(0).nonzero().squeeze(1)
+    used = (U[0] != 0).any(0)
+    if live is not None:  # columns the gradient may fill: kept (V is zero there), see WoodburyKronecker.apply_unscaled
+        used[torch.tensor(live, device=U.device)] = True
+    cols = used.nonzero().squeeze(1)
     return cols if cols.numel() <= USED_COLUMNS_AT_MOST * U.shape[2] else None
 
 
@@ -176,7 +218,10 @@ def invert_with_fallback(jobs: list[InverseJob]) -> tuple[list[BlockInverse], li
             compute = torch.float64 if out_dtype == torch.float64 else dtype
             if methods[i] is not WoodburyKronecker:  # reads the dense factors (a deferred low-rank A is built)
                 factors = dense_factors(factors)
-            tries[i] = methods[i].from_factors(factors, damping * scale, compute, out_dtype, psd_projection)
+            extra = {}
+            if methods[i] is WoodburyKronecker and hasattr(jobs[i].block, "live_columns"):
+                extra["live"] = jobs[i].block.live_columns()
+            tries[i] = methods[i].from_factors(factors, damping * scale, compute, out_dtype, psd_projection, **extra)
         flags = torch.stack([ok.reshape(()) for _, ok in tries.values()]).tolist()
         pending = []
         for (i, (inverse, _)), ok in zip(tries.items(), flags, strict=True):

@@ -124,6 +124,24 @@ def test_kfac_shard_modes_owner_equals_one_process_four_ranks(model_name):
     spawn_gloo(_owner_equals_one_process, world_size=4, args=(model_name,))
 
 
+def _owner_refuses_attention(rank: int, world_size: int) -> None:
+    from lightning_lbo.optim.kfac.distributed import default_communicator
+
+    model = ks.shard(ks.MODELS["gpt"](), world_size)
+    opt = _kfac(model, default_communicator(), mode="owner")
+    before = [ks.full(p.detach()).clone() for p in model.parameters()]
+    # every rank refuses at the first step, before any gather (no rank left waiting in a collective)
+    with pytest.raises(ValueError, match=r"shard_placement='owner'.*MultiheadAttentionBlock.*'replicate'"):
+        ks.sharded_step(model, opt, "gpt", 0, rank, world_size)
+    assert all(torch.equal(ks.full(p.detach()), b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_kfac_shard_modes_owner_refuses_blocks_with_other_parameters():
+    """The owner mode gathers a block's weight and bias; attention (and any block reading other parameters)
+    is refused with a message naming the replicate mode, on every rank alike: no obscure error, no hang."""
+    spawn_gloo(_owner_refuses_attention, world_size=2)
+
+
 def _owner_under_ddp(rank: int, world_size: int) -> None:
     """Replicated parameters (DDP): the owner preconditions its blocks and broadcasts P; the same run as one process."""
     import torch.nn.functional as F

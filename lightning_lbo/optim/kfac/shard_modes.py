@@ -254,6 +254,11 @@ class OwnerPlacement(Placement):
                 raise RuntimeError(f"K-FAC owner placement: rank {rank} owns {block.name!r} but holds no inverse.")
             names = _names(block)
             params = [getattr(block, n) for n in names]
+            if len(params) != len(block.params):  # decided alike on every rank, before any collective
+                raise ValueError(f"K-FAC shard_placement='owner' preconditions layers whose parameters are their "
+                                 f"weight and bias; {block.name!r} ({type(block).__name__}) reads others "
+                                 "(attention's projections). Use shard_placement='replicate', or "
+                                 f"exclude the layer: KFAC(..., exclude=[{block.name!r}]).")
             if any(_sharded(p) for p in params):
                 dot = self._gathered(block, names, params, owner, rank, comm.world_size, damping, pre.l2, stats,
                                       written)

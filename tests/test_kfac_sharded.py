@@ -48,10 +48,7 @@ def _equal_to_one_process(rank: int, world_size: int, model_name: str, inject: b
     for step in range(STEPS):
         ks.reference_step(reference, ref_opt, model_name, step, world_size)
         ks.sharded_step(model, opt, model_name, step, rank, world_size)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-            error = ks.relative_error(ks.full(p.detach()), q.detach())
-            worst = max(worst, error)
-            assert error <= 1e-6, f"rank {rank}, step {step}, {name}: relative error {error:.2e}"
+        worst = max(worst, ks.assert_equal_to_reference(model, reference, f"rank {rank}, step {step}"))
     # momentum buffers equal the reference's, and stay sharded like their parameters (checkpoints reshard them)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]

@@ -130,3 +130,13 @@ def sharded_step(model: nn.Module, optimizer: torch.optim.Optimizer, model_name:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_equal_to_reference(model: nn.Module, reference: nn.Module, context: str, tol: float = 1e-6) -> float:
+    """Every (possibly sharded) parameter of ``model`` within ``tol`` relative error of ``reference``'s; the worst."""
+    worst = 0.0
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        error = relative_error(full(p.detach()), q.detach())
+        worst = max(worst, error)
+        assert error <= tol, f"{context}, {name}: relative error {error:.2e}"
+    return worst

@@ -55,19 +55,20 @@ def test_kfac_conv_shifted_gram_equals_unfold(monkeypatch, kernel, stride, paddi
     """Forced for every geometry (gain 0): strides, dilations, asymmetric kernels and padding, 'same', reflect,
     inputs smaller than the kernel's reach (offsets whose partners are all padding), with and without bias."""
     if padding_mode == "reflect" and (padding == 4 or (padding == 2 and min(size) <= 2)):
-        pytest.skip("reflect padding must be narrower than the input")
+        pytest.skip("geometry torch refuses (reflect padding must be narrower than the input): no conv to compare")
     conv = nn.Conv2d(16, 4, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode,
                      bias=bias).double()
     x = torch.randn(48, 16, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     try:
         conv(x)
     except RuntimeError:
-        pytest.skip("the input is too small for this kernel")
+        pytest.skip("geometry torch refuses (the input is smaller than the dilated kernel): no conv to compare")
     block = Conv2dBlock(conv, "conv", factor_dtype=torch.float64)
     monkeypatch.setattr(conv_blocks, "SHIFTED_GRAM_GAIN", 0.0)
     shifts = block._shifts(x)
     if shifts is None:
-        pytest.skip("fewer im2col rows than columns: the rows path")
+        pytest.skip("fewer im2col rows than columns: K-FAC keeps the im2col Gram here, the path every other "
+                    "conv factor test checks; no shifted Gram to compare")
     torch.testing.assert_close(block._shifted_gram(x, shifts)[0], _unfold_a(conv, x), rtol=1e-12, atol=1e-12)
 
 
